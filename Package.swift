@@ -1,0 +1,55 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "moqae",
+    products: [
+        .executable(name: "moqae-train", targets: ["moqae-train"]),
+        .library(name: "MoQAETraining", targets: ["MoQAETraining"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        // MARK: - System libraries
+
+        /// OpenBLAS's CBLAS interface: every matrix product goes through `cblas_sgemm`.
+        .systemLibrary(
+            name: "COpenBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+
+        // MARK: - Data flow: store → router/loss/optimizer → training, checkpoint, export
+
+        /// Calibration store I/O: a distrustful safetensors reader/writer, the manifest, split selection.
+        .target(name: "MoQAEStore"),
+
+        /// Reverse-mode autograd over router parameters, the router, the SPEC §4 loss and AdamW.
+        .target(name: "MoQAERouter", dependencies: ["COpenBLAS", "MoQAEStore"]),
+
+        /// Config, training loop, evaluation, checkpoints and the router export.
+        .target(
+            name: "MoQAETraining",
+            dependencies: ["MoQAEStore", "MoQAERouter", .product(name: "Yams", package: "Yams")]
+        ),
+
+        // MARK: - Command line
+
+        .executableTarget(
+            name: "moqae-train",
+            dependencies: ["MoQAETraining", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+
+        // MARK: - Tests
+
+        .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore"]),
+        .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAERouter"]),
+        .testTarget(
+            name: "MoQAETrainingTests",
+            dependencies: ["MoQAETraining", "moqae-train"],
+            resources: [.copy("Golden")]
+        ),
+    ]
+)

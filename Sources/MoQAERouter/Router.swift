@@ -1,0 +1,160 @@
+import MoQAEStore
+
+/// Which layers and chunks are routed: R = ceil(L / G) routers, router r reads its leader layer r·G
+/// and decides for layers r·G ..< min(L, (r+1)·G); chunks `firstRoutedChunk ..< C` of every head are
+/// routed (chunk 0 is frozen when route freezing is on; tail tokens after the last chunk never are).
+public struct RoutingLayout: Equatable, Sendable {
+    public let layers: Int
+    public let heads: Int
+    public let tokens: Int
+    public let inputDim: Int
+    public let chunkSize: Int
+    public let groupSize: Int
+    public let firstRoutedChunk: Int
+
+    public init(layers: Int, heads: Int, tokens: Int, inputDim: Int, chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool) {
+        self.layers = layers
+        self.heads = heads
+        self.tokens = tokens
+        self.inputDim = inputDim
+        self.chunkSize = chunkSize
+        self.groupSize = groupSize
+        self.firstRoutedChunk = freezeFirstChunk ? 1 : 0
+    }
+
+    /// C = floor(T / N).
+    public var chunks: Int { tokens / chunkSize }
+    /// R = ceil(L / G).
+    public var routers: Int { (layers + groupSize - 1) / groupSize }
+    public func leaderLayer(of router: Int) -> Int { router * groupSize }
+    public func layers(of router: Int) -> Range<Int> { (router * groupSize)..<min(layers, (router + 1) * groupSize) }
+    public var routedChunksPerHead: Int { max(0, chunks - firstRoutedChunk) }
+    /// Units of one router in one sequence, ordered head-major then chunk.
+    public var unitsPerRouter: Int { heads * routedChunksPerHead }
+    /// U: routed units of one sequence.
+    public var unitsPerSequence: Int { routers * unitsPerRouter }
+    /// Tokens of each head that are routed.
+    public var routedTokens: Range<Int> { (firstRoutedChunk * chunkSize)..<(chunks * chunkSize) }
+    /// Rows of one router's input matrix for one sequence: every routed token of every head.
+    public var rowsPerRouter: Int { unitsPerRouter * chunkSize }
+
+    /// (head, chunk) of unit `u` of a router.
+    public func headAndChunk(ofUnit u: Int) -> (head: Int, chunk: Int) {
+        (u / routedChunksPerHead, firstRoutedChunk + u % routedChunksPerHead)
+    }
+}
+
+/// Weights of all routers in one flat buffer, with an ordered table of tensor names and shapes:
+/// per router `W1 (D×M)`, `W2 (D×M)`, `W3 (M×M)`, row-major. The optimizer is one loop over it and
+/// a checkpoint or export writes it in table order.
+public struct RouterParameters: Equatable, Sendable {
+    public struct Entry: Equatable, Sendable {
+        public let name: String
+        public let rows: Int
+        public let cols: Int
+        public let offset: Int
+        public var count: Int { rows * cols }
+        public var range: Range<Int> { offset..<(offset + count) }
+    }
+
+    public let routers: Int
+    public let inputDim: Int
+    public let experts: Int
+    public let table: [Entry]
+    /// All weights, in table order.
+    public var values: [Float]
+
+    public init(routers: Int, inputDim: Int, experts: Int, values: [Float]) {
+        var table: [Entry] = []
+        var offset = 0
+        for r in 0..<routers {
+            for (name, rows, cols) in [("w1", inputDim, experts), ("w2", inputDim, experts), ("w3", experts, experts)] {
+                table.append(Entry(name: "router.\(r).\(name)", rows: rows, cols: cols, offset: offset))
+                offset += rows * cols
+            }
+        }
+        precondition(values.count == offset, "\(values.count) weights for \(offset) parameters")
+        self.routers = routers
+        self.inputDim = inputDim
+        self.experts = experts
+        self.table = table
+        self.values = values
+    }
+
+    public static func parameterCount(routers: Int, inputDim: Int, experts: Int) -> Int {
+        routers * (2 * inputDim * experts + experts * experts)
+    }
+
+    /// torch.nn.Linear's initialisation: W1, W2 ~ U(-1/√D, 1/√D), W3 ~ U(-1/√M, 1/√M).
+    public static func initialized(routers: Int, inputDim: Int, experts: Int, random: inout RandomGenerator) -> RouterParameters {
+        var values: [Float] = []
+        let boundD = 1 / Float(inputDim).squareRoot(), boundM = 1 / Float(experts).squareRoot()
+        for _ in 0..<routers {
+            for _ in 0..<(2 * inputDim * experts) { values.append(random.uniform(-boundD, boundD)) }
+            for _ in 0..<(experts * experts) { values.append(random.uniform(-boundM, boundM)) }
+        }
+        return RouterParameters(routers: routers, inputDim: inputDim, experts: experts, values: values)
+    }
+
+    public func entry(router: Int, _ name: String) -> Entry { table[router * 3 + ["w1", "w2", "w3"].firstIndex(of: name)!] }
+}
+
+/// One router's weights as tape leaves.
+public struct RouterVariables {
+    public let w1: Variable, w2: Variable, w3: Variable
+
+    public init(tape: Tape, parameters: RouterParameters, router: Int) {
+        func leaf(_ name: String) -> Variable {
+            let entry = parameters.entry(router: router, name)
+            return tape.parameter(Array(parameters.values[entry.range]), rows: entry.rows, cols: entry.cols)
+        }
+        w1 = leaf("w1")
+        w2 = leaf("w2")
+        w3 = leaf("w3")
+    }
+
+    /// Adds the three gradients into a flat gradient buffer laid out like `parameters.values`.
+    public func accumulateGradients(into gradient: inout [Float], parameters: RouterParameters, router: Int) {
+        for (name, variable) in [("w1", w1), ("w2", w2), ("w3", w3)] {
+            let offset = parameters.entry(router: router, name).offset
+            for i in 0..<variable.count { gradient[offset + i] += variable.grad[i] }
+        }
+    }
+}
+
+/// Token probabilities `p = softmax((SiLU(x W1) ⊙ (x W2)) W3)` for input rows `x (n, D)` → `(n, M)`.
+public func routerForward(tape: Tape, inputs x: Variable, weights: RouterVariables) -> Variable {
+    let gate = tape.silu(tape.matmul(x, weights.w1))
+    let h = tape.multiply(gate, tape.matmul(x, weights.w2))
+    return tape.softmaxRows(tape.matmul(h, weights.w3))
+}
+
+/// Decision of each chunk (Eq. 2 of the paper): the expert that is the argmax of the most tokens;
+/// a tie in counts goes to the expert with more bits `kb+vb`, then to the lower index. A token's
+/// argmax takes the lowest index among equal probabilities.
+///
+/// - Parameter probabilities: `(units · N, M)` token probabilities, unit-major.
+/// - Returns: one expert index per unit.
+public func chunkDecisions(probabilities: [Float], chunkSize: Int, experts: [Expert]) -> [Int] {
+    let M = experts.count
+    let units = probabilities.count / (chunkSize * M)
+    var decisions = [Int](repeating: 0, count: units)
+    var counts = [Int](repeating: 0, count: M)
+    for u in 0..<units {
+        for j in 0..<M { counts[j] = 0 }
+        for t in 0..<chunkSize {
+            let row = (u * chunkSize + t) * M
+            var best = 0
+            for j in 1..<M where probabilities[row + j] > probabilities[row + best] { best = j }
+            counts[best] += 1
+        }
+        var choice = 0
+        for j in 1..<M {
+            if counts[j] > counts[choice] || (counts[j] == counts[choice] && experts[j].totalBits > experts[choice].totalBits) {
+                choice = j
+            }
+        }
+        decisions[u] = choice
+    }
+    return decisions
+}

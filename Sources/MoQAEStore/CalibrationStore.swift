@@ -1,0 +1,208 @@
+/// Why a calibration store could not be opened or read; every case names the file.
+public enum StoreError: Error, CustomStringConvertible {
+    case file(FileError)
+    case manifest(path: String, ManifestError)
+    case shard(path: String, SafeTensorsError)
+    case tensor(path: String, tensor: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case let .file(error): return "\(error)"
+        case let .manifest(path, error): return "\(path): \(error)"
+        case let .shard(path, error): return "\(path): \(error)"
+        case let .tensor(path, tensor, reason): return "\(path): tensor \"\(tensor)\": \(reason)"
+        }
+    }
+}
+
+/// A `moqae-calibration` store opened for streaming: the manifest and every shard header are checked
+/// against each other at open, shards are memory-mapped, and input tensors are read layer by layer.
+public final class CalibrationStore: @unchecked Sendable {
+    /// One stored sequence and where its three tensors live.
+    public struct Sequence: Sendable {
+        public let id: UInt64
+        public let tokens: Int
+        let shard: Int
+        /// `[L, H, T, D]`, F16, BF16 or F32.
+        public let inputs: TensorInfo
+        /// `[]`, F32.
+        let nll: TensorInfo
+        /// `[L, H, C, M]`, F32.
+        let deltaNLL: TensorInfo
+    }
+
+    public let path: String
+    public let manifest: Manifest
+    public let sequences: [Sequence]
+    /// Identifies the store's content: the manifest bytes and every shard's header and length.
+    public let fingerprint: UInt64
+
+    private let shards: [MappedFile]
+    private let shardHeaders: [SafeTensorsHeader]
+
+    public var model: ModelShape { manifest.model }
+    public var chunksPerSequence: Int { manifest.chunksPerSequence }
+
+    public init(path: String) throws(StoreError) {
+        self.path = path
+        let manifestPath = path + "/manifest.json"
+        guard isDirectory(path) else { throw .file(FileError(path: path, operation: "open store (not a directory)", code: ENOTDIR_CODE)) }
+        let manifestBytes: [UInt8]
+        do { manifestBytes = try readFileBytes(manifestPath) } catch { throw .file(error) }
+        let manifest: Manifest
+        do { manifest = try Manifest.parse(manifestBytes) } catch { throw .manifest(path: manifestPath, error) }
+        self.manifest = manifest
+
+        var fingerprint = FNV1a64()
+        fingerprint.update(manifestBytes)
+        var shardIndex: [String: Int] = [:]
+        var shards: [MappedFile] = []
+        var headers: [SafeTensorsHeader] = []
+        for name in manifest.sequences.map(\.shard) where shardIndex[name] == nil {
+            let shardPath = path + "/" + name
+            let file: MappedFile
+            do { file = try MappedFile(path: shardPath) } catch { throw .file(error) }
+            let header: SafeTensorsHeader
+            do { header = try SafeTensorsHeader(file: file.bytes) } catch { throw .shard(path: shardPath, error) }
+            fingerprint.update(header.headerBytes)
+            fingerprint.update(UInt64(file.bytes.count))
+            shardIndex[name] = shards.count
+            shards.append(file)
+            headers.append(header)
+        }
+        self.shards = shards
+        self.shardHeaders = headers
+        self.fingerprint = fingerprint.value
+
+        let (L, H, D) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.model.headDim)
+        let (C, M) = (manifest.chunksPerSequence, manifest.experts.count)
+        var claimed = Array(repeating: Set<String>(), count: shards.count)
+        var sequences: [Sequence] = []
+        for entry in manifest.sequences {
+            let shard = shardIndex[entry.shard]!
+            let shardPath = path + "/" + entry.shard
+            func tensor(_ suffix: String, dtypes: [DType], shape: [Int]) throws(StoreError) -> TensorInfo {
+                let name = "seq.\(entry.id).\(suffix)"
+                guard let info = headers[shard].tensor(named: name) else {
+                    throw .tensor(path: shardPath, tensor: name, reason: "listed in the manifest but missing from the shard")
+                }
+                guard dtypes.contains(info.dtype) else {
+                    throw .tensor(path: shardPath, tensor: name, reason: "dtype \(info.dtype.rawValue), expected \(dtypes.map(\.rawValue).joined(separator: " or "))")
+                }
+                guard info.shape == shape else {
+                    throw .tensor(path: shardPath, tensor: name, reason: "shape \(info.shape), expected \(shape)")
+                }
+                claimed[shard].insert(name)
+                return info
+            }
+            sequences.append(Sequence(
+                id: entry.id, tokens: entry.tokens, shard: shard,
+                inputs: try tensor("inputs", dtypes: [.f16, .bf16, .f32], shape: [L, H, entry.tokens, D]),
+                nll: try tensor("nll", dtypes: [.f32], shape: []),
+                deltaNLL: try tensor("delta_nll", dtypes: [.f32], shape: [L, H, C, M])))
+        }
+        for (index, header) in headers.enumerated() {
+            if let stray = header.tensors.first(where: { !claimed[index].contains($0.name) }) {
+                throw .tensor(path: path + "/" + manifest.sequences.first { shardIndex[$0.shard] == index }!.shard,
+                              tensor: stray.name, reason: "not listed in the manifest")
+            }
+        }
+        self.sequences = sequences
+        for sequence in sequences { try checkLossTensors(sequence) }
+    }
+
+    /// The shard file that holds a sequence.
+    public func shardPath(of sequence: Sequence) -> String { shards[sequence.shard].path }
+
+    /// Mean NLL (nats) of the unquantized model over the sequence.
+    public func nll(of sequence: Sequence) -> Float { readFloats(sequence.shard, sequence.nll)[0] }
+
+    /// `delta_nll[L, H, C, M]` of a sequence, row-major.
+    public func deltaNLL(of sequence: Sequence) -> [Float] { readFloats(sequence.shard, sequence.deltaNLL) }
+
+    /// Byte range of one layer's `[H, T, D]` inputs block inside the shard file.
+    private func layerRange(_ sequence: Sequence, layer: Int) -> Range<Int> {
+        let layerBytes = sequence.inputs.dataRange.count / model.numLayers
+        let start = shardHeaders[sequence.shard].dataOffset + sequence.inputs.dataRange.lowerBound + layer * layerBytes
+        return start..<(start + layerBytes)
+    }
+
+    /// Converts the inputs of `tokens` of one head of one layer to Float32 rows: `out` is `(tokens.count, D)`.
+    public func readInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let D = model.headDim
+        let dtype = sequence.inputs.dtype
+        let firstElement = (head * sequence.tokens + tokens.lowerBound) * D
+        let source = shards[sequence.shard].bytes.baseAddress! + layerRange(sequence, layer: layer).lowerBound + firstElement * dtype.byteSize
+        let count = tokens.count * D
+        switch dtype {
+        case .f32:
+            UnsafeMutableRawPointer(out).copyMemory(from: source, byteCount: count * 4)
+        case .f16:
+            for index in 0..<count {
+                out[index] = Float(Float16(bitPattern: source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
+            }
+        case .bf16:
+            for index in 0..<count {
+                out[index] = Float(bitPattern: UInt32(source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)) << 16)
+            }
+        default:
+            preconditionFailure("input dtype was checked at open")
+        }
+    }
+
+    /// Asks the kernel to read a layer's inputs ahead of use.
+    public func prefetchInputs(_ sequence: Sequence, layer: Int) {
+        shards[sequence.shard].willNeed(layerRange(sequence, layer: layer))
+    }
+
+    /// Drops a layer's pages from this process once it has been used.
+    public func releaseInputs(_ sequence: Sequence, layer: Int) {
+        shards[sequence.shard].release(layerRange(sequence, layer: layer))
+    }
+
+    /// Checks every input value of a sequence is finite (a full read; used by `inspect`).
+    public func checkInputsFinite(_ sequence: Sequence) throws(StoreError) {
+        let T = sequence.tokens
+        var row = [Float](repeating: 0, count: T * model.headDim)
+        for layer in 0..<model.numLayers {
+            for head in 0..<model.numKVHeads {
+                row.withUnsafeMutableBufferPointer { readInputs(sequence, layer: layer, head: head, tokens: 0..<T, into: $0.baseAddress!) }
+                if let bad = row.firstIndex(where: { !$0.isFinite }) {
+                    throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).inputs",
+                                  reason: "non-finite value \(row[bad]) at [\(layer), \(head), \(bad / model.headDim), \(bad % model.headDim)]")
+                }
+            }
+            releaseInputs(sequence, layer: layer)
+        }
+    }
+
+    private func checkLossTensors(_ sequence: Sequence) throws(StoreError) {
+        let nll = nll(of: sequence)
+        guard nll.isFinite else {
+            throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).nll", reason: "value \(nll) is not finite")
+        }
+        let delta = deltaNLL(of: sequence)
+        let M = manifest.experts.count
+        let unquantized = manifest.experts.indices.filter { manifest.experts[$0].isUnquantized }
+        for (index, value) in delta.enumerated() where !value.isFinite || (unquantized.contains(index % M) && value != 0) {
+            let M = manifest.experts.count, C = manifest.chunksPerSequence, H = model.numKVHeads
+            let position = "[\(index / (H * C * M)), \(index / (C * M) % H), \(index / M % C), \(index % M)]"
+            throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).delta_nll",
+                          reason: value.isFinite ? "the 16/16 expert's value at \(position) is \(value), expected 0"
+                                                 : "value \(value) at \(position) is not finite")
+        }
+    }
+
+    private func readFloats(_ shard: Int, _ info: TensorInfo) -> [Float] {
+        let base = shards[shard].bytes.baseAddress! + shardHeaders[shard].dataOffset + info.dataRange.lowerBound
+        return (0..<info.elementCount).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+private let ENOTDIR_CODE = ENOTDIR
+#elseif canImport(Darwin)
+import Darwin
+private let ENOTDIR_CODE = ENOTDIR
+#endif

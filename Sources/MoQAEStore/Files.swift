@@ -1,0 +1,147 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A file-system failure, naming the path and the errno text.
+public struct FileError: Error, CustomStringConvertible, Equatable {
+    public let path: String
+    public let operation: String
+    public let code: Int32
+
+    public init(path: String, operation: String, code: Int32 = errno) {
+        self.path = path
+        self.operation = operation
+        self.code = code
+    }
+
+    public var description: String { "\(path): \(operation) failed: \(String(cString: strerror(code)))" }
+}
+
+/// A read-only memory mapping of a whole file. Pages are read on demand; `release` drops pages the
+/// process no longer needs, so resident memory does not grow with the amount of data streamed.
+public final class MappedFile: @unchecked Sendable {
+    public let path: String
+    public let bytes: UnsafeRawBufferPointer
+    private let base: UnsafeMutableRawPointer?
+
+    public init(path: String) throws(FileError) {
+        self.path = path
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw FileError(path: path, operation: "open") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw FileError(path: path, operation: "stat") }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw FileError(path: path, operation: "open (not a regular file)", code: EINVAL) }
+        let size = Int(info.st_size)
+        if size == 0 {
+            base = nil
+            bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+            return
+        }
+        let pointer = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
+        guard let pointer, pointer != MAP_FAILED else { throw FileError(path: path, operation: "mmap") }
+        base = pointer
+        bytes = UnsafeRawBufferPointer(start: pointer, count: size)
+    }
+
+    /// Tells the kernel the range will be read soon.
+    public func willNeed(_ range: Range<Int>) { advise(range, MADV_WILLNEED) }
+
+    /// Drops the range's pages from this process; the page cache keeps them.
+    public func release(_ range: Range<Int>) { advise(range, MADV_DONTNEED) }
+
+    private func advise(_ range: Range<Int>, _ advice: Int32) {
+        guard let base, !range.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = range.lowerBound / page * page
+        _ = madvise(base + start, range.upperBound - start, advice)
+    }
+
+    deinit {
+        if let base { munmap(base, bytes.count) }
+    }
+}
+
+public enum AtomicFile {
+    /// Writes `bytes` to `path` so that a reader sees either the old file or the complete new one:
+    /// a temporary file in the same directory, fsync, rename over the target, fsync of the directory.
+    /// On failure the temporary file is removed and the target is untouched.
+    public static func write(_ bytes: [UInt8], to path: String) throws(FileError) {
+        let directory = parentDirectory(of: path)
+        let temporary = path + ".tmp-\(getpid())"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else { throw FileError(path: temporary, operation: "create") }
+        var failure: FileError?
+        var written = 0
+        bytes.withUnsafeBytes { buffer in
+            while written < buffer.count {
+                let result = Glibc.write(fd, buffer.baseAddress! + written, buffer.count - written)
+                if result < 0 {
+                    if errno == EINTR { continue }
+                    failure = FileError(path: path, operation: "write")
+                    return
+                }
+                written += result
+            }
+        }
+        if failure == nil, fsync(fd) != 0 { failure = FileError(path: path, operation: "fsync") }
+        if close(fd) != 0, failure == nil { failure = FileError(path: path, operation: "close") }
+        if failure == nil, rename(temporary, path) != 0 { failure = FileError(path: path, operation: "rename") }
+        if let failure {
+            unlink(temporary)
+            throw failure
+        }
+        try syncDirectory(directory)
+    }
+
+    /// Flushes a directory entry change (rename, unlink) to disk.
+    public static func syncDirectory(_ directory: String) throws(FileError) {
+        let fd = open(directory, O_RDONLY | O_DIRECTORY)
+        guard fd >= 0 else { throw FileError(path: directory, operation: "open directory") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw FileError(path: directory, operation: "fsync directory") }
+    }
+
+    public static func parentDirectory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let parent = String(path[..<slash])
+        return parent.isEmpty ? "/" : parent
+    }
+}
+
+/// Reads a whole file into memory.
+public func readFileBytes(_ path: String) throws(FileError) -> [UInt8] {
+    let file = try MappedFile(path: path)
+    return Array(file.bytes)
+}
+
+public func fileExists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+public func isDirectory(_ path: String) -> Bool {
+    var info = stat()
+    return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
+}
+
+/// Creates a directory and its parents (like `mkdir -p`).
+public func makeDirectories(_ path: String) throws(FileError) {
+    if isDirectory(path) { return }
+    let parent = AtomicFile.parentDirectory(of: path)
+    if parent != path, !parent.isEmpty, parent != "." { try makeDirectories(parent) }
+    guard mkdir(path, 0o755) == 0 || errno == EEXIST else { throw FileError(path: path, operation: "mkdir") }
+}
+
+/// Names of the entries in a directory, sorted.
+public func listDirectory(_ path: String) throws(FileError) -> [String] {
+    guard let dir = opendir(path) else { throw FileError(path: path, operation: "open directory") }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names.sorted()
+}

@@ -1,0 +1,240 @@
+/// The model dimensions a store was dumped from.
+public struct ModelShape: Equatable, Sendable {
+    public var name: String
+    public var numLayers: Int
+    public var numKVHeads: Int
+    public var headDim: Int
+
+    public init(name: String, numLayers: Int, numKVHeads: Int, headDim: Int) {
+        self.name = name
+        self.numLayers = numLayers
+        self.numKVHeads = numKVHeads
+        self.headDim = headDim
+    }
+}
+
+/// One sequence of the store: its corpus index, the shard holding its tensors, its length in tokens.
+public struct ManifestSequence: Equatable, Sendable {
+    public var id: UInt64
+    public var shard: String
+    public var tokens: Int
+
+    public init(id: UInt64, shard: String, tokens: Int) {
+        self.id = id
+        self.shard = shard
+        self.tokens = tokens
+    }
+}
+
+/// `manifest.json` of a `moqae-calibration` version 1 store.
+public struct Manifest: Equatable, Sendable {
+    public static let format = "moqae-calibration"
+    public static let version = 1
+    public static let routerInputs = ["key"]
+    public static let sensitivities = ["taylor", "fisher", "exact"]
+
+    public var model: ModelShape
+    public var routerInput: String
+    public var chunkSize: Int
+    public var valueGroup: Int
+    public var experts: [Expert]
+    public var sensitivity: String
+    public var selectionSeed: UInt64
+    public var selectionFraction: Double
+    public var corpusSource: String
+    public var tokenizer: String
+    public var seqLen: Int
+    public var numSequences: Int
+    public var sequences: [ManifestSequence]
+
+    public init(model: ModelShape, routerInput: String = "key", chunkSize: Int, valueGroup: Int, experts: [Expert],
+                sensitivity: String, selectionSeed: UInt64, selectionFraction: Double, corpusSource: String,
+                tokenizer: String, seqLen: Int, numSequences: Int, sequences: [ManifestSequence]) {
+        self.model = model
+        self.routerInput = routerInput
+        self.chunkSize = chunkSize
+        self.valueGroup = valueGroup
+        self.experts = experts
+        self.sensitivity = sensitivity
+        self.selectionSeed = selectionSeed
+        self.selectionFraction = selectionFraction
+        self.corpusSource = corpusSource
+        self.tokenizer = tokenizer
+        self.seqLen = seqLen
+        self.numSequences = numSequences
+        self.sequences = sequences
+    }
+
+    /// Chunks per sequence, `C = floor(T / N)`.
+    public var chunksPerSequence: Int { seqLen / chunkSize }
+
+    public var json: JSON {
+        .object([
+            ("format", .string(Manifest.format)),
+            ("version", .int(Manifest.version)),
+            ("model", .object([
+                ("name", .string(model.name)), ("num_layers", .int(model.numLayers)),
+                ("num_kv_heads", .int(model.numKVHeads)), ("head_dim", .int(model.headDim)),
+            ])),
+            ("router_input", .string(routerInput)),
+            ("chunk_size", .int(chunkSize)),
+            ("value_group", .int(valueGroup)),
+            ("experts", .array(experts.map {
+                .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))])
+            })),
+            ("sensitivity", .string(sensitivity)),
+            ("selection", .object([("seed", .int(selectionSeed)), ("fraction", .double(selectionFraction))])),
+            ("corpus", .object([
+                ("source", .string(corpusSource)), ("tokenizer", .string(tokenizer)),
+                ("seq_len", .int(seqLen)), ("num_sequences", .int(numSequences)),
+            ])),
+            ("sequences", .array(sequences.map {
+                .object([("id", .int($0.id)), ("shard", .string($0.shard)), ("tokens", .int($0.tokens))])
+            })),
+        ])
+    }
+}
+
+/// Why a manifest was rejected: the key path and what was expected.
+public struct ManifestError: Error, CustomStringConvertible, Equatable {
+    public let key: String
+    public let reason: String
+    public var description: String { key.isEmpty ? reason : "\(key): \(reason)" }
+}
+
+extension Manifest {
+    /// Parses and checks a manifest: every field present with the right type and range, experts valid
+    /// and unique, sequence ids unique, inside the corpus and inside the store's selection, and every
+    /// sequence exactly `seq_len` tokens in a plain shard file name.
+    public static func parse(_ bytes: [UInt8]) throws(ManifestError) -> Manifest {
+        let root: JSON
+        do { root = try JSON.parse(bytes) } catch { throw ManifestError(key: "", reason: "\(error)") }
+        let reader = ManifestReader(root: root)
+
+        guard try reader.string("format") == format else { throw ManifestError(key: "format", reason: "expected \"\(format)\"") }
+        guard try reader.int("version") == version else { throw ManifestError(key: "version", reason: "expected \(version)") }
+        let model = ModelShape(
+            name: try reader.string("model.name"),
+            numLayers: try reader.int("model.num_layers", min: 1, max: 65535),
+            numKVHeads: try reader.int("model.num_kv_heads", min: 1, max: 65535),
+            headDim: try reader.int("model.head_dim", min: 1, max: 65535))
+        let routerInput = try reader.string("router_input")
+        guard routerInputs.contains(routerInput) else {
+            throw ManifestError(key: "router_input", reason: "expected one of \(routerInputs), got \"\(routerInput)\"")
+        }
+        let chunkSize = try reader.int("chunk_size", min: 1, max: 65535)
+        let valueGroup = try reader.int("value_group", min: 1, max: model.headDim)
+        guard model.headDim % valueGroup == 0 else {
+            throw ManifestError(key: "value_group", reason: "must divide head_dim \(model.headDim), got \(valueGroup)")
+        }
+
+        guard let expertItems = root["experts"]?.arrayValue, !expertItems.isEmpty, expertItems.count <= 255 else {
+            throw ManifestError(key: "experts", reason: "expected a list of 1 to 255 experts")
+        }
+        var experts: [Expert] = []
+        for index in expertItems.indices {
+            let item = ManifestReader(root: expertItems[index])
+            let key = "experts[\(index)]"
+            let expert = Expert(
+                name: try item.string("name", context: key),
+                keyBits: try item.int("key_bits", min: 1, max: 16, context: key),
+                valueBits: try item.int("value_bits", min: 1, max: 16, context: key))
+            guard Expert.isValidBits(expert.keyBits), Expert.isValidBits(expert.valueBits) else {
+                throw ManifestError(key: key, reason: "bits must be 16 or in 1...8, got (\(expert.keyBits), \(expert.valueBits))")
+            }
+            guard !experts.contains(where: { $0.name == expert.name }) else {
+                throw ManifestError(key: key, reason: "duplicate expert name \"\(expert.name)\"")
+            }
+            experts.append(expert)
+        }
+
+        let sensitivity = try reader.string("sensitivity")
+        guard sensitivities.contains(sensitivity) else {
+            throw ManifestError(key: "sensitivity", reason: "expected one of \(sensitivities), got \"\(sensitivity)\"")
+        }
+        guard let seed = root["selection"]?["seed"]?.uint64Value else {
+            throw ManifestError(key: "selection.seed", reason: "expected an unsigned 64-bit integer")
+        }
+        let fraction = try reader.double("selection.fraction")
+        guard fraction > 0, fraction <= 1 else { throw ManifestError(key: "selection.fraction", reason: "expected a value in (0, 1], got \(fraction)") }
+        let seqLen = try reader.int("corpus.seq_len", min: 1, max: Int(Int32.max))
+        let numSequences = try reader.int("corpus.num_sequences", min: 0, max: Int.max)
+
+        guard let sequenceItems = root["sequences"]?.arrayValue, !sequenceItems.isEmpty else {
+            throw ManifestError(key: "sequences", reason: "expected a non-empty list")
+        }
+        var sequences: [ManifestSequence] = []
+        var seenIDs = Set<UInt64>()
+        for index in sequenceItems.indices {
+            let item = ManifestReader(root: sequenceItems[index])
+            let key = "sequences[\(index)]"
+            guard let id = sequenceItems[index]["id"]?.uint64Value else {
+                throw ManifestError(key: key + ".id", reason: "expected a non-negative integer")
+            }
+            let shard = try item.string("shard", context: key)
+            guard isPlainShardName(shard) else {
+                throw ManifestError(key: key + ".shard", reason: "expected a file name ending in .safetensors inside the store, got \"\(shard)\"")
+            }
+            let tokens = try item.int("tokens", min: 1, max: Int(Int32.max), context: key)
+            guard tokens == seqLen else { throw ManifestError(key: key + ".tokens", reason: "expected corpus.seq_len = \(seqLen), got \(tokens)") }
+            guard id < UInt64(numSequences) else {
+                throw ManifestError(key: key + ".id", reason: "id \(id) is outside the corpus of \(numSequences) sequences")
+            }
+            guard seenIDs.insert(id).inserted else { throw ManifestError(key: key + ".id", reason: "duplicate sequence id \(id)") }
+            let u = Selection.unitValue(id: id, seed: seed)
+            guard u < fraction else {
+                throw ManifestError(key: key + ".id", reason: "sequence \(id) is not in the store's selection (u = \(u) >= fraction \(fraction))")
+            }
+            sequences.append(ManifestSequence(id: id, shard: shard, tokens: tokens))
+        }
+
+        return Manifest(
+            model: model, routerInput: routerInput, chunkSize: chunkSize, valueGroup: valueGroup, experts: experts,
+            sensitivity: sensitivity, selectionSeed: seed, selectionFraction: fraction,
+            corpusSource: try reader.string("corpus.source"), tokenizer: try reader.string("corpus.tokenizer"),
+            seqLen: seqLen, numSequences: numSequences, sequences: sequences)
+    }
+
+    private static func isPlainShardName(_ name: String) -> Bool {
+        name.hasSuffix(".safetensors") && !name.contains("/") && !name.hasPrefix(".") && !name.contains("\0")
+    }
+}
+
+/// Typed access to dotted key paths of a JSON object, with errors that name the path.
+private struct ManifestReader {
+    let root: JSON
+
+    func value(_ path: String, context: String) throws(ManifestError) -> JSON {
+        var node = root
+        for component in path.split(separator: ".") {
+            guard let next = node[String(component)] else {
+                throw ManifestError(key: qualified(path, context), reason: "missing")
+            }
+            node = next
+        }
+        return node
+    }
+
+    func qualified(_ path: String, _ context: String) -> String { context.isEmpty ? path : context + "." + path }
+
+    func string(_ path: String, context: String = "") throws(ManifestError) -> String {
+        guard let text = try value(path, context: context).stringValue else {
+            throw ManifestError(key: qualified(path, context), reason: "expected a string")
+        }
+        return text
+    }
+
+    func int(_ path: String, min: Int = .min, max: Int = .max, context: String = "") throws(ManifestError) -> Int {
+        guard let number = try value(path, context: context).intValue, number >= min, number <= max else {
+            throw ManifestError(key: qualified(path, context), reason: "expected an integer in \(min)...\(max)")
+        }
+        return number
+    }
+
+    func double(_ path: String, context: String = "") throws(ManifestError) -> Double {
+        guard let number = try value(path, context: context).doubleValue, number.isFinite else {
+            throw ManifestError(key: qualified(path, context), reason: "expected a number")
+        }
+        return number
+    }
+}
