@@ -103,10 +103,12 @@ public struct RouterParameters: Equatable, Sendable {
 public struct RouterVariables {
     public let w1: Variable, w2: Variable, w3: Variable
 
-    public init(tape: Tape, parameters: RouterParameters, router: Int) {
+    /// - Parameter trainable: false records the weights as constants (evaluation: no gradients).
+    public init(tape: Tape, parameters: RouterParameters, router: Int, trainable: Bool = true) {
         func leaf(_ name: String) -> Variable {
             let entry = parameters.entry(router: router, name)
-            return tape.parameter(Array(parameters.values[entry.range]), rows: entry.rows, cols: entry.cols)
+            let value = Array(parameters.values[entry.range])
+            return trainable ? tape.parameter(value, rows: entry.rows, cols: entry.cols) : tape.constant(value, rows: entry.rows, cols: entry.cols)
         }
         w1 = leaf("w1")
         w2 = leaf("w2")

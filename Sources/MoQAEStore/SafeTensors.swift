@@ -164,6 +164,9 @@ public struct SafeTensorsBuilder {
         add(name, dtype: .f32, shape: shape, bytes: floats.withUnsafeBytes { Array($0) })
     }
 
+    /// The data section: every tensor's bytes in order.
+    public var dataSection: [UInt8] { entries.flatMap(\.bytes) }
+
     /// The complete file.
     public func serialized() -> [UInt8] {
         var header: [(String, JSON)] = []

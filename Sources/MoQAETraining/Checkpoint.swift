@@ -1,0 +1,198 @@
+import Foundation
+import MoQAERouter
+import MoQAEStore
+
+/// Why a checkpoint was rejected; every case names the file.
+public struct CheckpointError: Error, CustomStringConvertible {
+    public let path: String
+    public let reason: String
+    public var description: String { "\(path): \(reason)" }
+
+    public init(path: String, reason: String) {
+        self.path = path
+        self.reason = reason
+    }
+}
+
+/// Everything needed to continue a run exactly: weights, AdamW moments, data position, RNG state,
+/// the effective config and the store it trained on. One safetensors file; its `__metadata__` holds
+/// a CRC-32 over the data section and every other metadata entry.
+public struct Checkpoint: Equatable {
+    public static let format = "moqae-checkpoint"
+    public static let version = "1"
+
+    public var parameters: RouterParameters
+    public var optimizer: AdamW
+    /// Steps taken.
+    public var step: Int
+    /// Epoch of the next step and how many of its batches are done.
+    public var epoch: Int
+    public var position: Int
+    /// Generator state at the start of `epoch`: it reproduces the epoch's shuffle and everything after.
+    public var epochRandom: RandomGenerator
+    public var config: TrainingConfig
+    public var setup: RouterSetup
+    public var storeFingerprint: UInt64
+
+    public static func fileName(step: Int) -> String { "ckpt-" + String(step).leftPadded(to: 9) + ".safetensors" }
+
+    // MARK: Writing
+
+    public func serialized() -> [UInt8] {
+        var builder = SafeTensorsBuilder()
+        for entry in parameters.table {
+            let shape = [entry.rows, entry.cols]
+            builder.add(entry.name, shape: shape, floats: Array(parameters.values[entry.range]))
+            builder.add("adam.m." + entry.name, shape: shape, floats: Array(optimizer.m[entry.range]))
+            builder.add("adam.v." + entry.name, shape: shape, floats: Array(optimizer.v[entry.range]))
+        }
+        var metadata = metadataEntries
+        metadata.append(("checksum", Checkpoint.checksum(data: builder.dataSection, metadata: metadata)))
+        builder.metadata = metadata
+        return builder.serialized()
+    }
+
+    private var metadataEntries: [(String, String)] {
+        let layout = setup.layout
+        let routing = JSON.object([
+            ("layers", .int(layout.layers)), ("heads", .int(layout.heads)), ("tokens", .int(layout.tokens)),
+            ("input_dim", .int(layout.inputDim)), ("chunk_size", .int(layout.chunkSize)), ("group_size", .int(layout.groupSize)),
+            ("freeze_first_chunk", .bool(layout.firstRoutedChunk == 1)), ("value_group", .int(setup.valueGroup)),
+            ("experts", .array(setup.experts.map { .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))]) })),
+        ])
+        let state = epochRandom.state
+        return [
+            ("format", Checkpoint.format), ("version", Checkpoint.version),
+            ("step", "\(step)"), ("epoch", "\(epoch)"), ("position", "\(position)"), ("adam_step", "\(optimizer.step)"),
+            ("rng_state", [state.0, state.1, state.2, state.3].map { String($0, radix: 16) }.joined(separator: ",")),
+            ("store_fingerprint", String(storeFingerprint, radix: 16)),
+            ("routing", routing.serialized),
+            ("config", config.yaml),
+        ]
+    }
+
+    static func checksum(data: [UInt8], metadata: [(String, String)]) -> String {
+        var crc = CRC32()
+        crc.update(data)
+        for (key, value) in metadata.sorted(by: { $0.0 < $1.0 }) where key != "checksum" {
+            crc.update(Array("\(key)=\(value)\n".utf8))
+        }
+        return String(crc.value, radix: 16)
+    }
+
+    /// Writes atomically (temporary file, fsync, rename, fsync of the directory).
+    public func write(to path: String) throws(FileError) { try AtomicFile.write(serialized(), to: path) }
+
+    // MARK: Reading
+
+    /// Reads and verifies a checkpoint: safetensors structure, format and version, checksum, every
+    /// tensor's presence and shape, and the stored config.
+    public static func load(path: String) throws(CheckpointError) -> Checkpoint {
+        func fail(_ reason: String) -> CheckpointError { CheckpointError(path: path, reason: reason) }
+        let file: MappedFile
+        do { file = try MappedFile(path: path) } catch { throw fail("cannot read: \(error)") }
+        let header: SafeTensorsHeader
+        do { header = try SafeTensorsHeader(file: file.bytes) } catch { throw fail("\(error)") }
+        let metadata = header.metadata
+        guard metadata["format"] == format else { throw fail("not a moqae checkpoint (metadata format is \(metadata["format"].map { "\"\($0)\"" } ?? "missing"))") }
+        guard metadata["version"] == version else { throw fail("checkpoint version \(metadata["version"] ?? "?") is not supported (expected \(version))") }
+        let data = Array(file.bytes[header.dataOffset...])
+        guard let stored = metadata["checksum"],
+              stored == checksum(data: data, metadata: metadata.map { ($0.key, $0.value) }) else {
+            throw fail("checksum mismatch: the file is damaged")
+        }
+        func integer(_ key: String) throws(CheckpointError) -> Int {
+            guard let text = metadata[key], let value = Int(text), value >= 0 else { throw fail("metadata \(key) is not a non-negative integer") }
+            return value
+        }
+        let config: TrainingConfig
+        do { config = try TrainingConfig.load(yaml: metadata["config"] ?? "", source: "\(path) (stored config)") } catch { throw fail("\(error)") }
+        let setup = try parseRouting(metadata["routing"] ?? "", fail: fail)
+        let words = (metadata["rng_state"] ?? "").split(separator: ",").compactMap { UInt64($0, radix: 16) }
+        guard words.count == 4 else { throw fail("metadata rng_state is not four hexadecimal words") }
+        guard let fingerprint = UInt64(metadata["store_fingerprint"] ?? "", radix: 16) else { throw fail("metadata store_fingerprint is missing") }
+
+        let layout = setup.layout
+        let count = RouterParameters.parameterCount(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count)
+        var parameters = RouterParameters(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count,
+                                          values: Array(repeating: 0, count: count))
+        var m = parameters.values, v = parameters.values
+        for entry in parameters.table {
+            for (prefix, destination) in [("", 0), ("adam.m.", 1), ("adam.v.", 2)] {
+                let name = prefix + entry.name
+                guard let info = header.tensor(named: name), info.dtype == .f32, info.shape == [entry.rows, entry.cols] else {
+                    throw fail("tensor \(name) is missing or is not F32 of shape [\(entry.rows), \(entry.cols)]")
+                }
+                let base = file.bytes.baseAddress! + header.dataOffset + info.dataRange.lowerBound
+                let values = (0..<entry.count).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
+                guard values.allSatisfy(\.isFinite) else { throw fail("tensor \(name) holds a non-finite value") }
+                switch destination {
+                case 0: parameters.values.replaceSubrange(entry.range, with: values)
+                case 1: m.replaceSubrange(entry.range, with: values)
+                default: v.replaceSubrange(entry.range, with: values)
+                }
+            }
+        }
+        guard header.tensors.count == 3 * parameters.table.count else { throw fail("holds tensors beyond the routers and their moments") }
+        return Checkpoint(parameters: parameters,
+                          optimizer: AdamW(settings: config.optimizer, step: try integer("adam_step"), m: m, v: v),
+                          step: try integer("step"), epoch: try integer("epoch"), position: try integer("position"),
+                          epochRandom: RandomGenerator(state: (words[0], words[1], words[2], words[3])),
+                          config: config, setup: setup, storeFingerprint: fingerprint)
+    }
+
+    private static func parseRouting(_ text: String, fail: (String) -> CheckpointError) throws(CheckpointError) -> RouterSetup {
+        guard let json = try? JSON.parse(text) else { throw fail("metadata routing is not valid JSON") }
+        func int(_ key: String) throws(CheckpointError) -> Int {
+            guard let value = json[key]?.intValue, value > 0, value <= 1 << 30 else { throw fail("metadata routing.\(key) is not a positive integer") }
+            return value
+        }
+        guard let freeze = json["freeze_first_chunk"]?.boolValue, let expertItems = json["experts"]?.arrayValue, !expertItems.isEmpty else {
+            throw fail("metadata routing is incomplete")
+        }
+        var experts: [Expert] = []
+        for item in expertItems {
+            guard let name = item["name"]?.stringValue, let kb = item["key_bits"]?.intValue, let vb = item["value_bits"]?.intValue,
+                  Expert.isValidBits(kb), Expert.isValidBits(vb) else { throw fail("metadata routing.experts holds an invalid expert") }
+            experts.append(Expert(name: name, keyBits: kb, valueBits: vb))
+        }
+        let layout = RoutingLayout(layers: try int("layers"), heads: try int("heads"), tokens: try int("tokens"),
+                                   inputDim: try int("input_dim"), chunkSize: try int("chunk_size"), groupSize: try int("group_size"),
+                                   freezeFirstChunk: freeze)
+        return RouterSetup(layout: layout, experts: experts, valueGroup: try int("value_group"))
+    }
+}
+
+/// The checkpoints of a run directory, newest first, and their retention.
+public struct CheckpointDirectory {
+    public let path: String
+
+    public init(path: String) { self.path = path }
+
+    /// `(step, path)` of every file named like a checkpoint, newest first.
+    public func candidates() -> [(step: Int, path: String)] {
+        let names = (try? listDirectory(path)) ?? []
+        return names.compactMap { name -> (Int, String)? in
+            guard name.hasPrefix("ckpt-"), name.hasSuffix(".safetensors"),
+                  let step = Int(name.dropFirst(5).dropLast(12)) else { return nil }
+            return (step, path + "/" + name)
+        }.sorted { $0.0 > $1.0 }
+    }
+
+    /// The newest checkpoint that verifies, and the newer files that did not (with the reason).
+    public func latest() -> (checkpoint: Checkpoint, path: String, skipped: [CheckpointError])? {
+        var skipped: [CheckpointError] = []
+        for candidate in candidates() {
+            do { return (try Checkpoint.load(path: candidate.path), candidate.path, skipped) } catch { skipped.append(error) }
+        }
+        return nil
+    }
+
+    /// Deletes all but the newest `keep` checkpoints.
+    public func prune(keep: Int) throws(FileError) {
+        for candidate in candidates().dropFirst(keep) {
+            guard unlink(candidate.path) == 0 else { throw FileError(path: candidate.path, operation: "delete") }
+        }
+        try AtomicFile.syncDirectory(path)
+    }
+}

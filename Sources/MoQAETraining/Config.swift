@@ -1,0 +1,333 @@
+import Foundation
+import MoQAERouter
+import MoQAEStore
+import Yams
+
+/// A config value after type checking.
+public enum ConfigValue: Equatable, Sendable {
+    case int(Int)
+    case double(Double)
+    case bool(Bool)
+    case string(String)
+    case strings([String])
+    case doubles([Double])
+    case null
+
+    /// The value as YAML flow text.
+    var yaml: String {
+        switch self {
+        case let .int(v): return "\(v)"
+        case let .double(v): return "\(v)"
+        case let .bool(v): return v ? "true" : "false"
+        case let .string(v): return JSON.string(v).serialized
+        case let .strings(v): return "[" + v.map { JSON.string($0).serialized }.joined(separator: ", ") + "]"
+        case let .doubles(v): return "[" + v.map { "\($0)" }.joined(separator: ", ") + "]"
+        case .null: return "null"
+        }
+    }
+}
+
+/// A config mistake: where it is (file and line, or `--set`), the key path, and what was expected.
+public struct ConfigError: Error, CustomStringConvertible, Equatable {
+    public let location: String
+    public let key: String
+    public let reason: String
+
+    public var description: String { "\(location): \(key.isEmpty ? "" : key + ": ")\(reason)" }
+}
+
+/// One config key: its dotted path, type and range, default, and meaning.
+public struct ConfigKey: Sendable {
+    public enum Kind: Sendable {
+        case int(ClosedRange<Int>)
+        /// An integer in the range, or null.
+        case optionalInt(ClosedRange<Int>)
+        /// A finite number between the bounds; `open` excludes the lower bound.
+        case double(ClosedRange<Double>, lowerOpen: Bool)
+        case bool
+        case string
+        case strings
+        case doublePair(ClosedRange<Double>, upperOpen: Bool)
+    }
+
+    public let path: String
+    public let kind: Kind
+    public let defaultValue: ConfigValue
+    public let help: String
+}
+
+/// The trainer's configuration: every key, typed, with the paper's defaults.
+public struct TrainingConfig: Equatable, Sendable {
+    public static let keys: [ConfigKey] = [
+        ConfigKey(path: "store", kind: .string, defaultValue: .string("calibration/stores/wt2-byte-llama"),
+                  help: "calibration store directory (relative paths are taken from the working directory)"),
+        ConfigKey(path: "run_dir", kind: .string, defaultValue: .string("checkpoints/default"),
+                  help: "run directory: checkpoints, metrics.jsonl, eval.jsonl"),
+        ConfigKey(path: "seed", kind: .int(0...Int.max), defaultValue: .int(0),
+                  help: "run seed: initial weights and the shuffle of every epoch"),
+        ConfigKey(path: "data.calibration_fraction", kind: .double(0...1, lowerOpen: true), defaultValue: .double(0.05),
+                  help: "training split: sequences with u(id, store seed) < this fraction (the paper's 5%)"),
+        ConfigKey(path: "data.validation_fraction", kind: .double(0...1, lowerOpen: false), defaultValue: .double(0.05),
+                  help: "validation split: the next fraction after the calibration split; 0 disables validation"),
+        ConfigKey(path: "router.experts", kind: .strings, defaultValue: .strings(["fp16", "int4", "int2"]),
+                  help: "names of the store's experts the routers choose among"),
+        ConfigKey(path: "router.chunk_size", kind: .int(1...65535), defaultValue: .int(32),
+                  help: "tokens per routed chunk; must equal the store's chunk_size"),
+        ConfigKey(path: "router.group_size", kind: .int(1...65535), defaultValue: .int(3),
+                  help: "layers per router (route sharing); 1 gives one router per layer"),
+        ConfigKey(path: "router.freeze_first_chunk", kind: .bool, defaultValue: .bool(true),
+                  help: "keep chunk 0 of every sequence at 16 bits (route freezing)"),
+        ConfigKey(path: "loss.lambda", kind: .double(0...1, lowerOpen: false), defaultValue: .double(0.5),
+                  help: "λ in λ·L_model + (1−λ)·L_mem: 1 favours accuracy, 0 memory"),
+        ConfigKey(path: "train.lr", kind: .double(0...1e3, lowerOpen: true), defaultValue: .double(3e-4),
+                  help: "AdamW learning rate"),
+        ConfigKey(path: "train.betas", kind: .doublePair(0...1, upperOpen: true), defaultValue: .doubles([0.9, 0.999]),
+                  help: "AdamW β1, β2"),
+        ConfigKey(path: "train.eps", kind: .double(0...1, lowerOpen: true), defaultValue: .double(1e-8),
+                  help: "AdamW ε"),
+        ConfigKey(path: "train.weight_decay", kind: .double(0...1e3, lowerOpen: false), defaultValue: .double(0.01),
+                  help: "AdamW decoupled weight decay"),
+        ConfigKey(path: "train.batch_size", kind: .int(1...1_000_000), defaultValue: .int(8),
+                  help: "sequences per step; the last batch of an epoch holds the remainder"),
+        ConfigKey(path: "train.epochs", kind: .int(1...1_000_000), defaultValue: .int(1),
+                  help: "passes over the calibration split"),
+        ConfigKey(path: "train.max_steps", kind: .optionalInt(0...Int(Int32.max)), defaultValue: .null,
+                  help: "stop after this many steps in all (null: run every epoch); 0 writes the initial checkpoint and exits"),
+        ConfigKey(path: "train.eval_every", kind: .int(0...Int(Int32.max)), defaultValue: .int(50),
+                  help: "validation report every this many steps (0: only at the end)"),
+        ConfigKey(path: "checkpoint.every_steps", kind: .int(1...Int(Int32.max)), defaultValue: .int(50),
+                  help: "write a checkpoint every this many steps (and at the end)"),
+        ConfigKey(path: "checkpoint.keep_last", kind: .int(1...1_000_000), defaultValue: .int(3),
+                  help: "checkpoints kept in the run directory; older ones are deleted"),
+    ]
+
+    /// Every key's value, by dotted path.
+    public private(set) var values: [String: ConfigValue]
+
+    /// The defaults.
+    public init() {
+        values = Dictionary(uniqueKeysWithValues: TrainingConfig.keys.map { ($0.path, $0.defaultValue) })
+    }
+
+    // MARK: Typed access
+
+    public var storePath: String { string("store") }
+    public var runDirectory: String { string("run_dir") }
+    public var seed: UInt64 { UInt64(int("seed")) }
+    public var calibrationFraction: Double { double("data.calibration_fraction") }
+    public var validationFraction: Double { double("data.validation_fraction") }
+    public var expertNames: [String] { if case let .strings(v) = values["router.experts"] { return v } else { return [] } }
+    public var chunkSize: Int { int("router.chunk_size") }
+    public var groupSize: Int { int("router.group_size") }
+    public var freezeFirstChunk: Bool { if case let .bool(v) = values["router.freeze_first_chunk"] { return v } else { return true } }
+    public var lambda: Double { double("loss.lambda") }
+    public var batchSize: Int { int("train.batch_size") }
+    public var epochs: Int { int("train.epochs") }
+    public var maxSteps: Int? { if case let .int(v) = values["train.max_steps"] { return v } else { return nil } }
+    public var evalEvery: Int { int("train.eval_every") }
+    public var checkpointEvery: Int { int("checkpoint.every_steps") }
+    public var keepLast: Int { int("checkpoint.keep_last") }
+    public var optimizer: AdamWSettings {
+        guard case let .doubles(betas) = values["train.betas"] else { preconditionFailure("train.betas is checked") }
+        return AdamWSettings(learningRate: double("train.lr"), beta1: betas[0], beta2: betas[1],
+                             epsilon: double("train.eps"), weightDecay: double("train.weight_decay"))
+    }
+
+    private func int(_ path: String) -> Int { if case let .int(v) = values[path] { return v } else { preconditionFailure(path) } }
+    private func string(_ path: String) -> String { if case let .string(v) = values[path] { return v } else { preconditionFailure(path) } }
+    private func double(_ path: String) -> Double {
+        switch values[path] {
+        case let .double(v): return v
+        case let .int(v): return Double(v)
+        default: preconditionFailure(path)
+        }
+    }
+
+    /// Keys whose change alters the routers' shape or meaning; a resumed run must keep them.
+    public static let modelShapingKeys = ["router.experts", "router.chunk_size", "router.group_size", "router.freeze_first_chunk"]
+
+    // MARK: Loading
+
+    /// Loads YAML text (keys absent from it keep their defaults), then applies `--set` overrides.
+    /// - Parameter source: the file name used in error messages.
+    public static func load(yaml text: String, source: String, overrides: [String] = []) throws(ConfigError) -> TrainingConfig {
+        var config = TrainingConfig()
+        let root: Node?
+        do { root = try Yams.compose(yaml: text) } catch {
+            throw ConfigError(location: source, key: "", reason: "not valid YAML: \(oneLine(error))")
+        }
+        if let root {
+            guard case .mapping = root else { throw ConfigError(location: source, key: "", reason: "expected a mapping of keys at the top level") }
+            try config.merge(root, prefix: "", source: source)
+        }
+        for override in overrides { try config.apply(override: override) }
+        try config.checkCombinations(source: overrides.isEmpty ? source : "\(source) with --set")
+        return config
+    }
+
+    /// Loads a YAML file.
+    public static func load(file path: String, overrides: [String] = []) throws(ConfigError) -> TrainingConfig {
+        let bytes: [UInt8]
+        do { bytes = try readFileBytes(path) } catch { throw ConfigError(location: path, key: "", reason: "cannot read: \(error)") }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw ConfigError(location: path, key: "", reason: "not valid UTF-8")
+        }
+        return try load(yaml: text, source: path, overrides: overrides)
+    }
+
+    /// Applies one `KEY=VALUE` override; the value is read as YAML (`--set router.experts=[fp16,int2]`).
+    public mutating func apply(override: String) throws(ConfigError) {
+        guard let equals = override.firstIndex(of: "=") else {
+            throw ConfigError(location: "--set", key: override, reason: "expected KEY=VALUE, for example train.lr=1e-4")
+        }
+        let path = String(override[..<equals])
+        let location = "--set \(path)"
+        guard let key = TrainingConfig.keys.first(where: { $0.path == path }) else {
+            throw ConfigError(location: "--set", key: path, reason: "unknown key\(TrainingConfig.suggestion(for: path))")
+        }
+        let node: Node?
+        do { node = try Yams.compose(yaml: String(override[override.index(after: equals)...])) } catch {
+            throw ConfigError(location: location, key: path, reason: "value is not valid YAML: \(oneLine(error))")
+        }
+        values[path] = try TrainingConfig.convert(node ?? Node("", Tag(.null), .plain), key: key, location: "--set")
+    }
+
+    private mutating func merge(_ node: Node, prefix: String, source: String) throws(ConfigError) {
+        guard case let .mapping(mapping) = node else { preconditionFailure() }
+        var seen = Set<String>()
+        for (keyNode, valueNode) in mapping {
+            let location = "\(source):\((keyNode.mark?.line).map(String.init) ?? "?")"
+            guard case let .scalar(scalar) = keyNode else { throw ConfigError(location: location, key: prefix, reason: "keys must be plain names") }
+            let path = prefix.isEmpty ? scalar.string : prefix + "." + scalar.string
+            guard seen.insert(path).inserted else { throw ConfigError(location: location, key: path, reason: "duplicate key") }
+            if let key = TrainingConfig.keys.first(where: { $0.path == path }) {
+                values[path] = try TrainingConfig.convert(valueNode, key: key, location: location)
+            } else if TrainingConfig.keys.contains(where: { $0.path.hasPrefix(path + ".") }) {
+                guard case .mapping = valueNode else { throw ConfigError(location: location, key: path, reason: "expected a mapping of keys") }
+                try merge(valueNode, prefix: path, source: source)
+            } else {
+                throw ConfigError(location: location, key: path, reason: "unknown key\(TrainingConfig.suggestion(for: path))")
+            }
+        }
+    }
+
+    private func checkCombinations(source: String) throws(ConfigError) {
+        guard calibrationFraction + validationFraction <= 1 else {
+            throw ConfigError(location: source, key: "data.validation_fraction",
+                              reason: "calibration_fraction + validation_fraction must be at most 1, got \(calibrationFraction + validationFraction)")
+        }
+        guard !expertNames.isEmpty, Set(expertNames).count == expertNames.count else {
+            throw ConfigError(location: source, key: "router.experts", reason: "expected a non-empty list of distinct expert names")
+        }
+    }
+
+    private static func convert(_ node: Node, key: ConfigKey, location: String) throws(ConfigError) -> ConfigValue {
+        let location = node.mark.map { _ in location } ?? location
+        func fail(_ expected: String) -> ConfigError {
+            ConfigError(location: location, key: key.path, reason: "expected \(expected), got \(describe(node))")
+        }
+        switch key.kind {
+        case let .int(range):
+            guard let value = plainInt(node), range.contains(value) else { throw fail("an integer in \(describe(range))") }
+            return .int(value)
+        case let .optionalInt(range):
+            if isNull(node) { return .null }
+            guard let value = plainInt(node), range.contains(value) else { throw fail("null or an integer in \(describe(range))") }
+            return .int(value)
+        case let .double(range, lowerOpen):
+            let expected = "a number in \(lowerOpen ? "(" : "[")\(range.lowerBound), \(range.upperBound)]"
+            guard let value = plainDouble(node), range.contains(value), !(lowerOpen && value == range.lowerBound) else { throw fail(expected) }
+            return .double(value)
+        case .bool:
+            guard case let .scalar(s) = node, s.style == .plain, ["true", "false"].contains(s.string.lowercased()) else { throw fail("true or false") }
+            return .bool(s.string.lowercased() == "true")
+        case .string:
+            guard case let .scalar(s) = node, !isNull(node), !s.string.isEmpty else { throw fail("a non-empty string") }
+            return .string(s.string)
+        case .strings:
+            guard case let .sequence(items) = node else { throw fail("a list of names") }
+            var names: [String] = []
+            for item in items {
+                guard case let .scalar(s) = item, !s.string.isEmpty else { throw fail("a list of names") }
+                names.append(s.string)
+            }
+            return .strings(names)
+        case let .doublePair(range, upperOpen):
+            let expected = "two numbers in [\(range.lowerBound), \(range.upperBound)\(upperOpen ? ")" : "]")"
+            guard case let .sequence(items) = node, items.count == 2 else { throw fail(expected) }
+            var pair: [Double] = []
+            for item in items {
+                guard let value = plainDouble(item), range.contains(value), !(upperOpen && value == range.upperBound) else { throw fail(expected) }
+                pair.append(value)
+            }
+            return .doubles(pair)
+        }
+    }
+
+    private static func isNull(_ node: Node) -> Bool {
+        guard case let .scalar(s) = node, s.style == .plain else { return false }
+        return ["", "~", "null", "Null", "NULL"].contains(s.string)
+    }
+
+    private static func plainInt(_ node: Node) -> Int? {
+        guard case let .scalar(s) = node, s.style == .plain else { return nil }
+        return Int(s.string)
+    }
+
+    private static func plainDouble(_ node: Node) -> Double? {
+        guard case let .scalar(s) = node, s.style == .plain, let value = Double(s.string), value.isFinite else { return nil }
+        return value
+    }
+
+    private static func describe(_ node: Node) -> String {
+        switch node {
+        case let .scalar(s): return s.style == .plain ? "\(s.string.isEmpty ? "nothing" : s.string)" : "the string \"\(s.string)\""
+        case .mapping: return "a mapping"
+        case .sequence: return "a list"
+        case .alias: return "an alias"
+        }
+    }
+
+    private static func describe(_ range: ClosedRange<Int>) -> String {
+        range.upperBound >= Int(Int32.max) ? "\(range.lowerBound) or more" : "\(range.lowerBound)...\(range.upperBound)"
+    }
+
+    private static func suggestion(for path: String) -> String {
+        let last = path.split(separator: ".").last.map(String.init) ?? path
+        let candidates = keys.filter { $0.path.split(separator: ".").last.map(String.init) == last || $0.path.hasSuffix(last) }
+        if let match = candidates.first { return " (did you mean \(match.path)?)" }
+        return " (known keys: \(keys.map(\.path).joined(separator: ", ")))"
+    }
+
+    // MARK: Output
+
+    /// The effective config as YAML, every key in schema order.
+    public var yaml: String {
+        var lines: [String] = []
+        var section = ""
+        for key in TrainingConfig.keys {
+            let parts = key.path.split(separator: ".").map(String.init)
+            if parts.count == 2 {
+                if parts[0] != section {
+                    section = parts[0]
+                    lines.append("\(section):")
+                }
+                lines.append("  \(parts[1]): \(values[key.path]!.yaml)")
+            } else {
+                section = ""
+                lines.append("\(key.path): \(values[key.path]!.yaml)")
+            }
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// Keys whose values differ from `other`'s, in schema order.
+    public func changedKeys(from other: TrainingConfig) -> [String] {
+        TrainingConfig.keys.map(\.path).filter { values[$0] != other.values[$0] }
+    }
+}
+
+func oneLine(_ error: any Error) -> String {
+    "\(error)".split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+}
+

@@ -1,0 +1,134 @@
+import MoQAERouter
+import MoQAEStore
+
+/// Why a router export was rejected.
+public struct ExportError: Error, CustomStringConvertible {
+    public let path: String
+    public let reason: String
+    public var description: String { "\(path): \(reason)" }
+}
+
+/// The router export, format `MQAE` version 1: a 32-byte header, the expert table, every router's
+/// W1, W2, W3 as binary16 or binary32, and a CRC-32 of all preceding bytes. Little-endian, no padding.
+public struct RouterExport: Equatable {
+    public enum WeightType: UInt8, Sendable {
+        case binary16 = 1
+        case binary32 = 2
+        var byteSize: Int { self == .binary16 ? 2 : 4 }
+    }
+
+    public static let magic: [UInt8] = Array("MQAE".utf8)
+    public static let version: UInt16 = 1
+    public static let headerSize = 32
+
+    public var weightType: WeightType
+    /// `(key_bits, value_bits)` of each expert.
+    public var expertBits: [(keyBits: Int, valueBits: Int)]
+    public var layers: Int
+    public var heads: Int
+    public var chunkSize: Int
+    public var groupSize: Int
+    public var freezeFirstChunk: Bool
+    /// The weights as stored (binary16 weights widened exactly to Float).
+    public var parameters: RouterParameters
+
+    public static func == (lhs: RouterExport, rhs: RouterExport) -> Bool {
+        lhs.weightType == rhs.weightType && lhs.expertBits.elementsEqual(rhs.expertBits, by: { $0 == $1 })
+            && lhs.layers == rhs.layers && lhs.heads == rhs.heads && lhs.chunkSize == rhs.chunkSize
+            && lhs.groupSize == rhs.groupSize && lhs.freezeFirstChunk == rhs.freezeFirstChunk && lhs.parameters == rhs.parameters
+    }
+
+    /// An export of a checkpoint's weights; binary16 rounds each weight to nearest even.
+    public init(parameters: RouterParameters, setup: RouterSetup, weightType: WeightType) {
+        self.weightType = weightType
+        expertBits = setup.experts.map { ($0.keyBits, $0.valueBits) }
+        layers = setup.layout.layers
+        heads = setup.layout.heads
+        chunkSize = setup.layout.chunkSize
+        groupSize = setup.layout.groupSize
+        freezeFirstChunk = setup.layout.firstRoutedChunk == 1
+        var rounded = parameters
+        if weightType == .binary16 { rounded.values = parameters.values.map { Float(Float16($0)) } }
+        self.parameters = rounded
+    }
+
+    /// File size for the given dimensions.
+    public static func fileSize(experts M: Int, inputDim D: Int, routers R: Int, weightType: WeightType) -> Int {
+        headerSize + 2 * M + R * (2 * D * M + M * M) * weightType.byteSize + 4
+    }
+
+    public func serialized() -> [UInt8] {
+        var bytes = RouterExport.magic
+        func u16(_ value: Int) { withUnsafeBytes(of: UInt16(value).littleEndian) { bytes.append(contentsOf: $0) } }
+        u16(Int(RouterExport.version))
+        bytes.append(weightType.rawValue)
+        bytes.append(UInt8(expertBits.count))
+        u16(parameters.inputDim)
+        u16(parameters.routers)
+        u16(chunkSize)
+        u16(groupSize)
+        u16(layers)
+        u16(heads)
+        bytes.append(freezeFirstChunk ? 1 : 0)
+        bytes.append(contentsOf: [UInt8](repeating: 0, count: 11))
+        for expert in expertBits { bytes.append(contentsOf: [UInt8(expert.keyBits), UInt8(expert.valueBits)]) }
+        for value in parameters.values {
+            switch weightType {
+            case .binary16: withUnsafeBytes(of: Float16(value).bitPattern.littleEndian) { bytes.append(contentsOf: $0) }
+            case .binary32: withUnsafeBytes(of: value.bitPattern.littleEndian) { bytes.append(contentsOf: $0) }
+            }
+        }
+        withUnsafeBytes(of: CRC32.checksum(bytes).littleEndian) { bytes.append(contentsOf: $0) }
+        return bytes
+    }
+
+    /// Reads and checks an export: magic, version, dtype, header fields, the exact file size the
+    /// header implies, and the CRC, before any weight is used.
+    public static func parse(_ bytes: [UInt8], path: String) throws(ExportError) -> RouterExport {
+        func fail(_ reason: String) -> ExportError { ExportError(path: path, reason: reason) }
+        guard bytes.count >= headerSize + 4 else { throw fail("file is \(bytes.count) bytes, too small for a router export") }
+        guard Array(bytes[0..<4]) == magic else { throw fail("not a router export (magic is not MQAE)") }
+        func u16(_ offset: Int) -> Int { Int(bytes[offset]) | Int(bytes[offset + 1]) << 8 }
+        guard u16(4) == Int(version) else { throw fail("export version \(u16(4)) is not supported (expected \(version))") }
+        guard let weightType = WeightType(rawValue: bytes[6]) else { throw fail("weight dtype \(bytes[6]) is unknown (expected 1 = binary16 or 2 = binary32)") }
+        let (M, D, R, N, G, L, H) = (Int(bytes[7]), u16(8), u16(10), u16(12), u16(14), u16(16), u16(18))
+        let expected = fileSize(experts: M, inputDim: D, routers: R, weightType: weightType)
+        guard bytes.count == expected else { throw fail("file is \(bytes.count) bytes, its header implies \(expected)") }
+        let stored = UInt32(bytes[expected - 4]) | UInt32(bytes[expected - 3]) << 8 | UInt32(bytes[expected - 2]) << 16 | UInt32(bytes[expected - 1]) << 24
+        guard CRC32.checksum(Array(bytes[0..<(expected - 4)])) == stored else { throw fail("CRC-32 mismatch: the file is damaged") }
+        guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail("header holds a zero dimension") }
+        guard R == (L + G - 1) / G else { throw fail("header says \(R) routers, but \(L) layers in groups of \(G) need \((L + G - 1) / G)") }
+        guard bytes[20] & ~1 == 0, bytes[21..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
+        var expertBits: [(keyBits: Int, valueBits: Int)] = []
+        for index in 0..<M {
+            let (kb, vb) = (Int(bytes[32 + 2 * index]), Int(bytes[33 + 2 * index]))
+            guard Expert.isValidBits(kb), Expert.isValidBits(vb) else { throw fail("expert \(index) has invalid bits (\(kb), \(vb))") }
+            expertBits.append((kb, vb))
+        }
+        let start = headerSize + 2 * M
+        let count = RouterParameters.parameterCount(routers: R, inputDim: D, experts: M)
+        let values: [Float] = (0..<count).map { index in
+            switch weightType {
+            case .binary16: return Float(Float16(bitPattern: UInt16(bytes[start + 2 * index]) | UInt16(bytes[start + 2 * index + 1]) << 8))
+            case .binary32:
+                let o = start + 4 * index
+                return Float(bitPattern: UInt32(bytes[o]) | UInt32(bytes[o + 1]) << 8 | UInt32(bytes[o + 2]) << 16 | UInt32(bytes[o + 3]) << 24)
+            }
+        }
+        guard values.allSatisfy(\.isFinite) else { throw fail("holds a non-finite weight") }
+        var export = RouterExport(parameters: RouterParameters(routers: R, inputDim: D, experts: M, values: values),
+                                  setup: RouterSetup(layout: RoutingLayout(layers: L, heads: H, tokens: N, inputDim: D, chunkSize: N,
+                                                                           groupSize: G, freezeFirstChunk: bytes[20] & 1 == 1),
+                                                     experts: expertBits.map { Expert(name: "k\($0.keyBits)v\($0.valueBits)", keyBits: $0.keyBits, valueBits: $0.valueBits) },
+                                                     valueGroup: D),
+                                  weightType: weightType)
+        export.parameters.values = values
+        return export
+    }
+
+    public static func load(path: String) throws(ExportError) -> RouterExport {
+        let bytes: [UInt8]
+        do { bytes = try readFileBytes(path) } catch { throw ExportError(path: path, reason: "cannot read: \(error)") }
+        return try parse(bytes, path: path)
+    }
+}

@@ -1,0 +1,115 @@
+import MoQAERouter
+import MoQAEStore
+
+/// What a router export or checkpoint needs to know about routing besides the weights.
+public struct RouterSetup: Equatable, Sendable {
+    public let layout: RoutingLayout
+    public let experts: [Expert]
+    public let valueGroup: Int
+
+    public init(layout: RoutingLayout, experts: [Expert], valueGroup: Int) {
+        self.layout = layout
+        self.experts = experts
+        self.valueGroup = valueGroup
+    }
+}
+
+/// One sequence ready for the router: its leader layers' routed rows and its loss constants.
+public struct SequenceData {
+    public let id: UInt64
+    /// Per router, `(layout.rowsPerRouter, D)`: routed tokens of every head of the leader layer.
+    public let inputs: [[Float]]
+    public let nll: Float
+    public let sensitivity: SensitivityTable
+    public let tokens: Int
+}
+
+/// A calibration store seen through a router setup: the calibration and validation splits, and
+/// sequence loading that touches only the leader layers.
+public final class RoutedStore: @unchecked Sendable {
+    public let store: CalibrationStore
+    public let setup: RouterSetup
+    /// Store column of each router expert.
+    public let expertColumns: [Int]
+    public let calibration: [CalibrationStore.Sequence]
+    public let validation: [CalibrationStore.Sequence]
+
+    public var layout: RoutingLayout { setup.layout }
+    public var experts: [Expert] { setup.experts }
+
+    /// Checks the config against the store (experts, chunk size, fractions) and selects the splits.
+    /// - Parameter source: where the config came from, for error messages.
+    public convenience init(store: CalibrationStore, config: TrainingConfig, source: String) throws(ConfigError) {
+        let manifest = store.manifest
+        var columns: [Int] = []
+        for name in config.expertNames {
+            guard let column = manifest.experts.firstIndex(where: { $0.name == name }) else {
+                throw ConfigError(location: source, key: "router.experts",
+                                  reason: "expert \"\(name)\" is not in the store \(store.path) (it has \(manifest.experts.map(\.name).joined(separator: ", ")))")
+            }
+            columns.append(column)
+        }
+        guard config.chunkSize == manifest.chunkSize else {
+            throw ConfigError(location: source, key: "router.chunk_size",
+                              reason: "is \(config.chunkSize) but the store \(store.path) was dumped with chunk_size \(manifest.chunkSize)")
+        }
+        let available = manifest.selectionFraction
+        guard config.calibrationFraction + config.validationFraction <= available + 1e-12 else {
+            throw ConfigError(location: source, key: "data.calibration_fraction",
+                              reason: "calibration_fraction + validation_fraction = \(config.calibrationFraction + config.validationFraction) exceeds the fraction \(available) the store \(store.path) holds")
+        }
+        let layout = RoutingLayout(layers: store.model.numLayers, heads: store.model.numKVHeads, tokens: manifest.seqLen,
+                                   inputDim: store.model.headDim, chunkSize: config.chunkSize, groupSize: config.groupSize,
+                                   freezeFirstChunk: config.freezeFirstChunk)
+        guard layout.unitsPerRouter > 0 else {
+            throw ConfigError(location: source, key: "router.freeze_first_chunk",
+                              reason: "the store's \(manifest.seqLen)-token sequences have \(layout.chunks) chunk(s) of \(config.chunkSize): nothing is left to route")
+        }
+        let setup = RouterSetup(layout: layout, experts: columns.map { manifest.experts[$0] }, valueGroup: manifest.valueGroup)
+        self.init(store: store, setup: setup, expertColumns: columns,
+                  calibrationFraction: config.calibrationFraction, validationFraction: config.validationFraction)
+        guard !calibration.isEmpty else {
+            throw ConfigError(location: source, key: "data.calibration_fraction",
+                              reason: "selects no sequence of the store \(store.path) (\(store.sequences.count) sequences)")
+        }
+    }
+
+    public init(store: CalibrationStore, setup: RouterSetup, expertColumns: [Int], calibrationFraction: Double, validationFraction: Double) {
+        self.store = store
+        self.setup = setup
+        self.expertColumns = expertColumns
+        let seed = store.manifest.selectionSeed
+        calibration = store.sequences.filter { Selection.contains(id: $0.id, seed: seed, lower: 0, upper: calibrationFraction) }
+        validation = store.sequences.filter {
+            Selection.contains(id: $0.id, seed: seed, lower: calibrationFraction, upper: calibrationFraction + validationFraction)
+        }
+    }
+
+    /// Hints the kernel to read a sequence's leader layers ahead of use.
+    public func prefetch(_ sequence: CalibrationStore.Sequence) {
+        for router in 0..<layout.routers { store.prefetchInputs(sequence, layer: layout.leaderLayer(of: router)) }
+    }
+
+    /// Reads a sequence's leader layers (converted to Float32) and its loss constants.
+    public func load(_ sequence: CalibrationStore.Sequence) -> SequenceData {
+        let layout = self.layout
+        let rowsPerHead = layout.routedTokens.count
+        let D = layout.inputDim
+        var inputs: [[Float]] = []
+        for router in 0..<layout.routers {
+            let leader = layout.leaderLayer(of: router)
+            var rows = [Float](repeating: 0, count: layout.rowsPerRouter * D)
+            rows.withUnsafeMutableBufferPointer { buffer in
+                for head in 0..<layout.heads {
+                    store.readInputs(sequence, layer: leader, head: head, tokens: layout.routedTokens,
+                                     into: buffer.baseAddress! + head * rowsPerHead * D)
+                }
+            }
+            store.releaseInputs(sequence, layer: leader)
+            inputs.append(rows)
+        }
+        let sensitivity = SensitivityTable(values: store.deltaNLL(of: sequence), heads: layout.heads, chunks: layout.chunks,
+                                           storeExperts: store.manifest.experts.count, columns: expertColumns)
+        return SequenceData(id: sequence.id, inputs: inputs, nll: store.nll(of: sequence), sensitivity: sensitivity, tokens: sequence.tokens)
+    }
+}

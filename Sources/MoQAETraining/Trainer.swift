@@ -1,0 +1,226 @@
+import Foundation
+import MoQAERouter
+import MoQAEStore
+
+/// Why training stopped before it could start or finish.
+public enum TrainingError: Error, CustomStringConvertible {
+    case config(ConfigError)
+    case store(StoreError)
+    case checkpoint(CheckpointError)
+    case file(FileError)
+    case run(String)
+
+    public var description: String {
+        switch self {
+        case let .config(error): return "\(error)"
+        case let .store(error): return "\(error)"
+        case let .checkpoint(error): return "\(error)"
+        case let .file(error): return "\(error)"
+        case let .run(message): return message
+        }
+    }
+}
+
+/// Where to continue from.
+public enum ResumeSource: Equatable, Sendable {
+    /// The newest checkpoint of the run directory whose checksum holds.
+    case latest
+    case path(String)
+}
+
+public enum TrainingOutcome: Equatable, Sendable {
+    case finished
+    /// Stopped on request after a step; a checkpoint of that step was written.
+    case interrupted
+}
+
+/// The training loop: batches of the calibration split in a seeded order, the paper's loss, AdamW,
+/// per-step metrics, periodic validation reports and checkpoints.
+public final class Trainer {
+    public let config: TrainingConfig
+    public let data: RoutedStore
+    /// The state a checkpoint would hold now.
+    public private(set) var state: Checkpoint
+    private var random: RandomGenerator
+    private var order: [Int]
+    private let progress: ProgressReporter
+    private let metricsPath: String
+    private let evalPath: String
+
+    public var stepsPerEpoch: Int { (data.calibration.count + config.batchSize - 1) / config.batchSize }
+    public var totalSteps: Int { min(config.maxSteps ?? Int.max, config.epochs * stepsPerEpoch) }
+
+    /// Opens the store, checks the config against it, and either starts fresh or resumes.
+    public init(config: TrainingConfig, configSource: String, resume: ResumeSource?, progress: ProgressReporter) throws(TrainingError) {
+        self.config = config
+        self.progress = progress
+        let store: CalibrationStore
+        do { store = try CalibrationStore(path: config.storePath) } catch { throw .store(error) }
+        do { data = try RoutedStore(store: store, config: config, source: configSource) } catch { throw .config(error) }
+        let runDirectory = config.runDirectory
+        metricsPath = runDirectory + "/metrics.jsonl"
+        evalPath = runDirectory + "/eval.jsonl"
+
+        if let resume {
+            let checkpoint: Checkpoint
+            switch resume {
+            case .latest:
+                guard let found = CheckpointDirectory(path: runDirectory).latest() else {
+                    throw .run("\(runDirectory): no checkpoint that verifies to resume from")
+                }
+                for skipped in found.skipped { progress.log("skipped damaged checkpoint \(skipped)") }
+                progress.log("resuming from \(found.path) (step \(found.checkpoint.step))")
+                checkpoint = found.checkpoint
+            case let .path(path):
+                do { checkpoint = try Checkpoint.load(path: path) } catch { throw .checkpoint(error) }
+                progress.log("resuming from \(path) (step \(checkpoint.step))")
+            }
+            try Trainer.checkCompatible(checkpoint, with: config, data: data, progress: progress)
+            state = checkpoint
+            state.config = config
+            state.optimizer.settings = config.optimizer
+            do {
+                try makeDirectories(runDirectory)
+                try Trainer.truncateLog(metricsPath, afterStep: checkpoint.step)
+                try Trainer.truncateLog(evalPath, afterStep: checkpoint.step)
+            } catch { throw .file(error) }
+        } else {
+            if !CheckpointDirectory(path: runDirectory).candidates().isEmpty || fileExists(metricsPath) {
+                throw .run("\(runDirectory) already holds a run; pass --resume latest to continue it, or set run_dir to a new directory")
+            }
+            do { try makeDirectories(runDirectory) } catch { throw .file(error) }
+            var random = RandomGenerator(seed: config.seed)
+            let layout = data.layout
+            let parameters = RouterParameters.initialized(routers: layout.routers, inputDim: layout.inputDim,
+                                                          experts: data.experts.count, random: &random)
+            state = Checkpoint(parameters: parameters,
+                               optimizer: AdamW(settings: config.optimizer, parameterCount: parameters.values.count),
+                               step: 0, epoch: 0, position: 0, epochRandom: random, config: config, setup: data.setup,
+                               storeFingerprint: store.fingerprint)
+        }
+        random = state.epochRandom
+        order = random.permutation(data.calibration.count)
+    }
+
+    private static func checkCompatible(_ checkpoint: Checkpoint, with config: TrainingConfig, data: RoutedStore,
+                                        progress: ProgressReporter) throws(TrainingError) {
+        for key in TrainingConfig.modelShapingKeys where checkpoint.config.values[key] != config.values[key] {
+            throw .run("cannot resume: \(key) is \(config.values[key]!.yaml) but the checkpoint was trained with \(checkpoint.config.values[key]!.yaml)")
+        }
+        let (old, new) = (checkpoint.setup.layout, data.layout)
+        guard old == new, checkpoint.setup.experts == data.experts, checkpoint.setup.valueGroup == data.setup.valueGroup else {
+            throw .run("cannot resume: store shape changed: the checkpoint has \(old.layers) layers × \(old.heads) heads × \(old.tokens) tokens × \(old.inputDim) dims, the store \(new.layers) × \(new.heads) × \(new.tokens) × \(new.inputDim)")
+        }
+        for key in config.changedKeys(from: checkpoint.config) {
+            progress.log("resuming with changed \(key): \(checkpoint.config.values[key]!.yaml) -> \(config.values[key]!.yaml)")
+        }
+        if checkpoint.storeFingerprint != data.store.fingerprint {
+            progress.log("warning: the store's content differs from the one the checkpoint trained on (fingerprint \(String(checkpoint.storeFingerprint, radix: 16)) -> \(String(data.store.fingerprint, radix: 16)))")
+        }
+    }
+
+    /// Keeps the lines of a JSON-lines log whose "step" is at most `step` (drops what a crash left behind).
+    static func truncateLog(_ path: String, afterStep step: Int) throws(FileError) {
+        guard fileExists(path) else { return }
+        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
+        let kept = text.split(separator: "\n").filter { line in
+            guard let json = try? JSON.parse(String(line)), let lineStep = json["step"]?.intValue else { return false }
+            return lineStep <= step
+        }
+        try AtomicFile.write(Array(kept.map { $0 + "\n" }.joined().utf8), to: path)
+    }
+
+    /// Writes the current state as a checkpoint and prunes old ones.
+    @discardableResult
+    public func writeCheckpoint() throws(TrainingError) -> String {
+        let path = config.runDirectory + "/" + Checkpoint.fileName(step: state.step)
+        do {
+            try state.write(to: path)
+            try CheckpointDirectory(path: config.runDirectory).prune(keep: config.keepLast)
+        } catch { throw .file(error) }
+        return path
+    }
+
+    /// Runs until `totalSteps` or until `shouldStop` answers true after a step.
+    public func run(shouldStop: () -> Bool = { false }) throws(TrainingError) -> TrainingOutcome {
+        let layout = data.layout
+        progress.begin(total: totalSteps, done: state.step)
+        progress.log("training \(layout.routers) router(s) on \(data.calibration.count) calibration sequences (\(stepsPerEpoch) steps per epoch), validating on \(data.validation.count); \(state.parameters.values.count) parameters")
+        var lastCheckpointStep = -1
+        while state.step < totalSteps {
+            try step()
+            if config.evalEvery > 0, state.step % config.evalEvery == 0, state.step < totalSteps { try evaluate() }
+            if state.step % config.checkpointEvery == 0 {
+                try writeCheckpoint()
+                lastCheckpointStep = state.step
+            }
+            if shouldStop() {
+                if lastCheckpointStep != state.step { try writeCheckpoint() }
+                progress.finish()
+                progress.log("interrupted: checkpoint of step \(state.step) written to \(config.runDirectory)")
+                return .interrupted
+            }
+        }
+        progress.finish()
+        try evaluate()
+        if lastCheckpointStep != state.step { progress.log("final checkpoint: \(try writeCheckpoint())") }
+        return .finished
+    }
+
+    private func step() throws(TrainingError) {
+        let started = Date()
+        let epoch = state.epoch
+        let B = config.batchSize, n = data.calibration.count
+        let batchIndices = order[(state.position * B)..<min(n, (state.position + 1) * B)]
+        let sequences = batchIndices.map { data.calibration[$0] }
+        let batch = sequences.map(data.load)
+        let (gradient, figures, _) = batchGradient(batch, parameters: state.parameters, setup: data.setup, lambda: config.lambda)
+        let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+        guard figures.loss.isFinite, gradientNorm.isFinite else {
+            throw .run("step \(state.step + 1): loss or gradient is not finite on sequences \(sequences.map(\.id)) of \(data.store.path)")
+        }
+        var optimizer = state.optimizer
+        optimizer.update(&state.parameters.values, gradient: gradient)
+        state.optimizer = optimizer
+        state.step += 1
+        state.position += 1
+        if state.position == stepsPerEpoch {
+            state.epoch += 1
+            state.position = 0
+            state.epochRandom = random
+            order = random.permutation(n)
+        }
+        let seconds = Date().timeIntervalSince(started)
+        let vectors = Double(batch.count * data.layout.routers * data.layout.rowsPerRouter)
+        let totalDecisions = Double(max(1, figures.decisionCounts.reduce(0, +)))
+        let line = JSON.object([
+            ("step", .int(state.step)), ("epoch", .int(epoch)),
+            ("sequence_ids", .array(sequences.map { .int($0.id) })),
+            ("loss", .double(figures.loss)), ("l_model", .double(figures.modelTerm)), ("l_mem", .double(figures.memoryTerm)),
+            ("mean_l_nll", .double(figures.meanEstimatedNLL)), ("avg_bits", .double(figures.payloadBits)),
+            ("expert_fractions", .object(zip(data.experts, figures.decisionCounts).map { ($0.name, .double(Double($1) / totalDecisions)) })),
+            ("lr", .double(config.optimizer.learningRate)), ("grad_norm", .double(gradientNorm)),
+            ("step_seconds", .double(seconds)), ("vectors_per_second", .double(vectors / max(seconds, 1e-9))),
+        ])
+        do { try appendLine(line.serialized, to: metricsPath) } catch { throw .file(error) }
+        progress.update(done: state.step, status: String(format: "loss %.5f bits %.2f %.0f vec/s", figures.loss, figures.payloadBits, vectors / max(seconds, 1e-9)))
+    }
+
+    /// Prints the validation report and appends it to `eval.jsonl`.
+    public func evaluate() throws(TrainingError) {
+        guard let report = validationReport(data: data, parameters: state.parameters) else {
+            progress.log("no validation sequences (data.validation_fraction selects none): no validation report")
+            return
+        }
+        progress.report("step \(state.step) " + report.text)
+        guard case let .object(fields) = report.json else { return }
+        do { try appendLine(JSON.object([("step", .int(state.step))] + fields).serialized, to: evalPath) } catch { throw .file(error) }
+    }
+}
+
+/// Appends one line to a file, creating it if needed.
+func appendLine(_ line: String, to path: String) throws(FileError) {
+    guard let file = fopen(path, "a") else { throw FileError(path: path, operation: "open for append") }
+    defer { fclose(file) }
+    guard fputs(line + "\n", file) >= 0, fflush(file) == 0 else { throw FileError(path: path, operation: "write") }
+}

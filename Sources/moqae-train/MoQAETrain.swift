@@ -1,0 +1,308 @@
+import ArgumentParser
+import Foundation
+import MoQAERouter
+import MoQAEStore
+import MoQAETraining
+import Synchronization
+
+@main
+struct MoQAETrain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "moqae-train",
+        abstract: "Train MoQAE routers that pick a KV-cache bit-width for every chunk of tokens.",
+        subcommands: [Train.self, Export.self, Evaluate.self, Inspect.self, Synth.self],
+        defaultSubcommand: Train.self)
+}
+
+/// Runs `body`, turning any error into one line on stderr and exit status 1.
+func reportingErrors(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let exit as ExitCode {
+        throw exit
+    } catch {
+        FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+        throw ExitCode.failure
+    }
+}
+
+struct ConfigOptions: ParsableArguments {
+    @Option(help: "YAML config file.")
+    var config: String = "configs/default.yaml"
+
+    @Option(name: .customLong("set"), help: ArgumentHelp("Override a config key, e.g. --set train.lr=1e-4 (repeatable).", valueName: "KEY=VALUE"))
+    var overrides: [String] = []
+}
+
+// MARK: - train
+
+/// Set by SIGINT: the loop finishes its step, writes a checkpoint and exits 130.
+let interruptRequested = Atomic<Bool>(false)
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Train routers on a calibration store (the default command).")
+
+    @OptionGroup var options: ConfigOptions
+
+    @Option(help: ArgumentHelp("Continue a run: 'latest' (newest checkpoint of run_dir that verifies) or a checkpoint file.", valueName: "latest|PATH"))
+    var resume: String?
+
+    @Option(help: "Stop after this many steps in all (same as --set train.max_steps=N); 0 writes the initial checkpoint and exits.")
+    var maxSteps: Int?
+
+    func run() throws {
+        try reportingErrors {
+            let overrides = options.overrides + (maxSteps.map { ["train.max_steps=\($0)"] } ?? [])
+            let config = try TrainingConfig.load(file: options.config, overrides: overrides)
+            let progress = ProgressReporter()
+            progress.report("effective config (\(options.config)\(overrides.isEmpty ? "" : " with --set")):\n"
+                            + config.yaml.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+            let trainer = try Trainer(config: config, configSource: options.config,
+                                      resume: resume.map { $0 == "latest" ? .latest : .path($0) }, progress: progress)
+            if config.maxSteps == 0 {
+                progress.log("initial checkpoint (step \(trainer.state.step)): \(try trainer.writeCheckpoint())")
+                return
+            }
+            signal(SIGINT) { _ in
+                interruptRequested.store(true, ordering: .relaxed)
+                signal(SIGINT, SIG_DFL)
+            }
+            let outcome = try trainer.run { interruptRequested.load(ordering: .relaxed) }
+            if outcome == .interrupted { throw ExitCode(130) }
+        }
+    }
+}
+
+// MARK: - export
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Write a checkpoint's routers as an MQAE export (about 1.6 KB per router).")
+
+    @Argument(help: "A checkpoint file, or a run directory (its newest checkpoint that verifies).")
+    var checkpoint: String
+
+    @Option(help: "Output file.")
+    var out: String = "router.bin"
+
+    @Option(help: "Weight type: f16 (binary16, default) or f32 (binary32).")
+    var dtype: String = "f16"
+
+    func validate() throws {
+        guard ["f16", "f32"].contains(dtype) else { throw ValidationError("--dtype must be f16 or f32, got '\(dtype)'") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            let (checkpoint, path) = try loadCheckpoint(self.checkpoint)
+            let export = RouterExport(parameters: checkpoint.parameters, setup: checkpoint.setup,
+                                      weightType: dtype == "f16" ? .binary16 : .binary32)
+            let bytes = export.serialized()
+            try AtomicFile.write(bytes, to: out)
+            print("wrote \(out): \(bytes.count) bytes, \(checkpoint.parameters.routers) router(s), step \(checkpoint.step) of \(path)")
+        }
+    }
+}
+
+/// A checkpoint file, or the newest verifying checkpoint of a run directory.
+func loadCheckpoint(_ path: String) throws -> (Checkpoint, String) {
+    guard isDirectory(path) else { return (try Checkpoint.load(path: path), path) }
+    let directory = CheckpointDirectory(path: path)
+    guard let found = directory.latest() else { throw CheckpointError(path: path, reason: "no checkpoint that verifies") }
+    for skipped in found.skipped { FileHandle.standardError.write(Data("skipped damaged checkpoint \(skipped)\n".utf8)) }
+    return (found.checkpoint, found.path)
+}
+
+// MARK: - eval
+
+struct Evaluate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "eval",
+        abstract: "Print the validation report for a checkpoint or an export.",
+        discussion: "A checkpoint is evaluated with its stored config; an export with --config. --set overrides either (e.g. store=DIR).")
+
+    @Argument(help: "A checkpoint, a run directory, or an MQAE export.")
+    var file: String
+
+    @Option(help: "YAML config for an export (store and splits).")
+    var config: String = "configs/default.yaml"
+
+    @Option(name: .customLong("set"), help: ArgumentHelp("Override a config key (repeatable).", valueName: "KEY=VALUE"))
+    var overrides: [String] = []
+
+    @Flag(help: "Print the report as JSON.")
+    var json = false
+
+    func run() throws {
+        try reportingErrors {
+            let parameters: RouterParameters
+            var config: TrainingConfig
+            let source: String
+            var exportSetup: RouterSetup?
+            if !isDirectory(file), let bytes = try? readFileBytes(file), bytes.starts(with: RouterExport.magic) {
+                let export = try RouterExport.parse(bytes, path: file)
+                config = try TrainingConfig.load(file: self.config, overrides: overrides)
+                parameters = export.parameters
+                source = self.config
+                exportSetup = RouterSetup(layout: RoutingLayout(layers: export.layers, heads: export.heads, tokens: 0,
+                                                                inputDim: export.parameters.inputDim, chunkSize: export.chunkSize,
+                                                                groupSize: export.groupSize, freezeFirstChunk: export.freezeFirstChunk),
+                                          experts: export.expertBits.map { Expert(name: "", keyBits: $0.keyBits, valueBits: $0.valueBits) },
+                                          valueGroup: 0)
+            } else {
+                let (checkpoint, path) = try loadCheckpoint(file)
+                config = checkpoint.config
+                for override in overrides { try config.apply(override: override) }
+                parameters = checkpoint.parameters
+                source = "\(path) (stored config)"
+            }
+            let store = try CalibrationStore(path: config.storePath)
+            if let exportSetup {
+                config = try configMatching(export: exportSetup, store: store, base: config)
+            }
+            let data = try RoutedStore(store: store, config: config, source: source)
+            guard data.layout.routers == parameters.routers, data.layout.inputDim == parameters.inputDim,
+                  data.experts.count == parameters.experts else {
+                throw ValidationError("\(file): routers (\(parameters.routers) × D \(parameters.inputDim) × M \(parameters.experts)) do not fit the store \(store.path) under this config")
+            }
+            guard let report = validationReport(data: data, parameters: parameters) else {
+                throw ValidationError("data.validation_fraction selects no sequence of \(store.path)")
+            }
+            print(json ? report.json.serialized : report.text)
+        }
+    }
+
+    /// The config with the export's routing (chunk size, group size, freezing, experts by bits).
+    private func configMatching(export setup: RouterSetup, store: CalibrationStore, base: TrainingConfig) throws -> TrainingConfig {
+        var config = base
+        var names: [String] = []
+        for expert in setup.experts {
+            guard let match = store.manifest.experts.first(where: { $0.keyBits == expert.keyBits && $0.valueBits == expert.valueBits }) else {
+                throw ValidationError("\(file): expert (\(expert.keyBits), \(expert.valueBits)) is not in the store \(store.path)")
+            }
+            names.append(match.name)
+        }
+        guard setup.layout.layers == store.model.numLayers, setup.layout.heads == store.model.numKVHeads else {
+            throw ValidationError("\(file): routers for \(setup.layout.layers) layers × \(setup.layout.heads) heads, the store \(store.path) has \(store.model.numLayers) × \(store.model.numKVHeads)")
+        }
+        try config.apply(override: "router.experts=[\(names.joined(separator: ","))]")
+        try config.apply(override: "router.chunk_size=\(setup.layout.chunkSize)")
+        try config.apply(override: "router.group_size=\(setup.layout.groupSize)")
+        try config.apply(override: "router.freeze_first_chunk=\(setup.layout.firstRoutedChunk == 1)")
+        return config
+    }
+}
+
+// MARK: - inspect
+
+struct Inspect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Summarise and verify a store, a checkpoint or an export; exits non-zero on a damaged file.")
+
+    @Argument(help: "A store directory, a checkpoint, an MQAE export, or a safetensors file.")
+    var file: String
+
+    @Flag(help: "For a store: skip reading every input value (structure and delta_nll are still checked).")
+    var quick = false
+
+    func run() throws {
+        try reportingErrors {
+            if isDirectory(file) {
+                try inspectStore()
+                return
+            }
+            let bytes = try readFileBytes(file)
+            if bytes.starts(with: RouterExport.magic) {
+                let export = try RouterExport.parse(bytes, path: file)
+                let experts = export.expertBits.map { "k\($0.keyBits)v\($0.valueBits)" }.joined(separator: ", ")
+                print("""
+                \(file): MQAE router export version 1, OK (CRC-32 verified)
+                  \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
+                  \(export.parameters.routers) router(s), D = \(export.parameters.inputDim), experts: \(experts)
+                  \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed")
+                """)
+                return
+            }
+            let parsed = bytes.withUnsafeBytes { buffer in Result { () throws(SafeTensorsError) in try SafeTensorsHeader(file: buffer) } }
+            let header: SafeTensorsHeader
+            switch parsed {
+            case let .success(parsedHeader): header = parsedHeader
+            case let .failure(error): throw StoreError.shard(path: file, error)
+            }
+            if header.metadata["format"] == Checkpoint.format {
+                let checkpoint = try Checkpoint.load(path: file)
+                let layout = checkpoint.setup.layout
+                print("""
+                \(file): moqae checkpoint, OK (checksum verified)
+                  step \(checkpoint.step), epoch \(checkpoint.epoch), batch \(checkpoint.position) of the epoch, AdamW step \(checkpoint.optimizer.step)
+                  \(layout.routers) router(s) × \(checkpoint.parameters.values.count / max(1, layout.routers)) parameters; experts \(checkpoint.setup.experts.map(\.name).joined(separator: ", "))
+                  store: \(checkpoint.config.storePath) (fingerprint \(String(checkpoint.storeFingerprint, radix: 16))), \(layout.layers) layers × \(layout.heads) heads × \(layout.tokens) tokens × \(layout.inputDim) dims
+                """)
+            } else {
+                print("\(file): safetensors, OK: \(header.tensors.count) tensors, \(bytes.count) bytes")
+                for tensor in header.tensors.prefix(20) { print("  \(tensor.name) \(tensor.dtype.rawValue) \(tensor.shape)") }
+            }
+        }
+    }
+
+    private func inspectStore() throws {
+        let store = try CalibrationStore(path: file)
+        let manifest = store.manifest
+        if !quick {
+            for sequence in store.sequences { try store.checkInputsFinite(sequence) }
+        }
+        let shards = Set(manifest.sequences.map(\.shard)).count
+        print("""
+        \(file): moqae-calibration store version 1, OK (\(quick ? "structure and delta_nll verified" : "every tensor verified"))
+          model \(manifest.model.name): \(manifest.model.numLayers) layers, \(manifest.model.numKVHeads) KV heads, head_dim \(manifest.model.headDim)
+          \(store.sequences.count) sequences of \(manifest.seqLen) tokens in \(shards) shard(s), inputs \(store.sequences.first.map { $0.inputs.dtype.rawValue } ?? "?")
+          chunk \(manifest.chunkSize), value_group \(manifest.valueGroup), sensitivity \(manifest.sensitivity), experts \(manifest.experts.map(\.description).joined(separator: ", "))
+          selection: seed \(manifest.selectionSeed), fraction \(manifest.selectionFraction) of \(manifest.numSequences) corpus sequences
+          fingerprint \(String(store.fingerprint, radix: 16))
+        """)
+    }
+}
+
+// MARK: - synth
+
+struct Synth: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a synthetic store in a real model's shape (random inputs; for tests and benchmarks only).")
+
+    @Option(help: "Shape: \(SyntheticStore.shapes.map(\.name).joined(separator: ", ")).")
+    var shape: String = "tiny"
+
+    @Option(help: "Number of sequences.")
+    var sequences: Int = 64
+
+    @Option(help: "Output store directory (must not exist).")
+    var out: String
+
+    @Option(help: "Selection seed of the store.")
+    var seed: UInt64 = 0
+
+    @Option(help: "Input dtype: f16, bf16 or f32.")
+    var dtype: String = "f16"
+
+    func validate() throws {
+        guard SyntheticStore.shapes.contains(where: { $0.name == shape }) else {
+            throw ValidationError("--shape must be one of \(SyntheticStore.shapes.map(\.name).joined(separator: ", ")), got '\(shape)'")
+        }
+        guard sequences >= 1 else { throw ValidationError("--sequences must be at least 1") }
+        guard ["f16", "bf16", "f32"].contains(dtype) else { throw ValidationError("--dtype must be f16, bf16 or f32") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            guard !fileExists(out) else { throw ValidationError("\(out) already exists; synth writes a new store") }
+            let shape = SyntheticStore.shapes.first { $0.name == self.shape }!
+            let progress = ProgressReporter()
+            progress.begin(total: sequences, done: 0, unit: "sequence")
+            try SyntheticStore.write(shape: shape, sequences: sequences, to: out, seed: seed,
+                                     inputDType: ["f16": .f16, "bf16": .bf16, "f32": .f32][dtype]!) {
+                progress.update(done: $0, status: "")
+            }
+            progress.finish()
+            print("wrote synthetic store \(out): \(sequences) sequences of shape \(shape.name)")
+        }
+    }
+}
