@@ -44,12 +44,15 @@ let package = Package(
 
         // MARK: - Tests
 
-        .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore"]),
+        /// Small stores built in code, temporary directories, running the built binary.
+        .target(name: "MoQAETestSupport", dependencies: ["MoQAEStore"], path: "Tests/MoQAETestSupport"),
+        .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore", "MoQAETestSupport"]),
         .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAERouter"]),
         .testTarget(
             name: "MoQAETrainingTests",
-            dependencies: ["MoQAETraining", "moqae-train"],
-            resources: [.copy("Golden")]
+            dependencies: ["MoQAETraining", "MoQAETestSupport", "moqae-train"],
+            exclude: ["Golden/make_golden.py"],
+            resources: [.copy("Golden/store"), .copy("Golden/golden.safetensors")]
         ),
     ]
 )

@@ -1,0 +1,108 @@
+import Foundation
+import MoQAEStore
+import MoQAETestSupport
+import Testing
+
+@Suite struct StoreTests {
+    @Test(arguments: [DType.f32, .f16, .bf16])
+    func readsInputsInEveryDType(_ dtype: DType) throws {
+        let directory = makeTemporaryDirectory()
+        let written = try makeSmallStore(at: directory, inputDType: dtype)
+        let store = try CalibrationStore(path: directory)
+        #expect(store.sequences.map(\.id) == written.map(\.id))
+        let (L, H, T, D) = (4, 2, 96, 8)
+        for (sequence, original) in zip(store.sequences, written) {
+            #expect(store.nll(of: sequence) == original.nll)
+            #expect(store.deltaNLL(of: sequence) == original.deltaNLL)
+            var rows = [Float](repeating: 0, count: 64 * D)
+            let (layer, head) = (L - 1, H - 1)
+            rows.withUnsafeMutableBufferPointer { store.readInputs(sequence, layer: layer, head: head, tokens: 32..<96, into: $0.baseAddress!) }
+            let start = ((layer * H + head) * T + 32) * D
+            let expected = Array(original.inputs[start..<(start + 64 * D)])
+            let tolerance: Float = dtype == .f32 ? 0 : (dtype == .f16 ? 1e-3 : 8e-3)
+            #expect(zip(rows, expected).allSatisfy { abs($0 - $1) <= tolerance * max(1, abs($1)) })
+        }
+    }
+
+    /// Rewrites one shard tensor's header entry and the data it points to.
+    func rewriteManifest(_ directory: String, _ transform: (inout String) -> Void) throws {
+        var text = try String(contentsOfFile: directory + "/manifest.json", encoding: .utf8)
+        transform(&text)
+        try text.write(toFile: directory + "/manifest.json", atomically: true, encoding: .utf8)
+    }
+
+    func openError(_ directory: String) -> String? {
+        do { _ = try CalibrationStore(path: directory); return nil } catch { return "\(error)" }
+    }
+
+    @Test func rejectsTruncatedShard() throws {
+        let directory = makeTemporaryDirectory()
+        try makeSmallStore(at: directory)
+        let shard = directory + "/shard-00000.safetensors"
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: shard))
+        try bytes.dropLast(10).write(to: URL(fileURLWithPath: shard))
+        let message = try #require(openError(directory))
+        #expect(message.contains("shard-00000.safetensors") && message.contains("header implies"))
+    }
+
+    @Test func rejectsNaNInDeltaNLL() throws {
+        let directory = makeTemporaryDirectory()
+        var sequences = try makeSmallStore(at: directory)
+        sequences[1].deltaNLL[7] = .nan
+        let manifest = try Manifest.parse(Array(try Data(contentsOf: URL(fileURLWithPath: directory + "/manifest.json"))))
+        try StoreWriter.write(sequences, manifest: manifest, to: directory)
+        let message = try #require(openError(directory))
+        #expect(message.contains("seq.\(sequences[1].id).delta_nll") && message.contains("not finite"))
+    }
+
+    @Test func rejectsManifestInconsistencies() throws {
+        let directory = makeTemporaryDirectory()
+        let sequences = try makeSmallStore(at: directory)
+        let pristine = try String(contentsOfFile: directory + "/manifest.json", encoding: .utf8)
+        let cases: [(String, (inout String) -> Void)] = [
+            ("outside the corpus", { $0 = $0.replacingOccurrences(of: #""num_sequences":"#, with: #""num_sequences":1,"x":"#) }),
+            ("missing from the shard", { text in
+                let first = text.range(of: "shard-00000.safetensors")!
+                text.replaceSubrange(first, with: "shard-00001.safetensors")
+            }),
+            ("model.head_dim", { $0 = $0.replacingOccurrences(of: #""head_dim":8"#, with: #""head_dim":"8""#) }),
+            ("shape", { $0 = $0.replacingOccurrences(of: #""num_layers":4"#, with: #""num_layers":3"#) }),
+            ("expected a file name", { $0 = $0.replacingOccurrences(of: #""shard-00000.safetensors""#, with: #""../shard-00000.safetensors""#) }),
+            ("not listed in the manifest", { text in
+                let json = try! JSON.parse(text)
+                let trimmed = json.objectValue!.map { key, value -> (String, JSON) in
+                    key == "sequences" ? (key, .array(Array(value.arrayValue!.dropFirst()))) : (key, value)
+                }
+                text = JSON.object(trimmed).serialized
+            }),
+        ]
+        for (expected, transform) in cases {
+            try pristine.write(toFile: directory + "/manifest.json", atomically: true, encoding: .utf8)
+            try rewriteManifest(directory, transform)
+            let message = try #require(openError(directory), "\(expected)")
+            #expect(message.contains(expected), "\(message)")
+            #expect(message.contains(directory))
+        }
+    }
+
+    @Test func rejectsWrongDType() throws {
+        let directory = makeTemporaryDirectory()
+        let sequences = try makeSmallStore(at: directory, sequences: 1)
+        var builder = SafeTensorsBuilder()
+        let s = sequences[0]
+        builder.add("seq.\(s.id).inputs", shape: [4, 2, 96, 8], floats: s.inputs)
+        builder.add("seq.\(s.id).nll", dtype: .f64, shape: [], bytes: withUnsafeBytes(of: Double(s.nll), Array.init))
+        builder.add("seq.\(s.id).delta_nll", shape: [4, 2, 3, 3], floats: s.deltaNLL)
+        try AtomicFile.write(builder.serialized(), to: directory + "/shard-00000.safetensors")
+        let message = try #require(openError(directory))
+        #expect(message.contains("seq.\(s.id).nll") && message.contains("dtype F64"))
+    }
+
+    @Test func fingerprintFollowsContent() throws {
+        let a = makeTemporaryDirectory(), b = makeTemporaryDirectory()
+        try makeSmallStore(at: a)
+        try makeSmallStore(at: b, sequences: 5)
+        #expect(try CalibrationStore(path: a).fingerprint == CalibrationStore(path: a).fingerprint)
+        #expect(try CalibrationStore(path: a).fingerprint != CalibrationStore(path: b).fingerprint)
+    }
+}

@@ -1,0 +1,142 @@
+"""Golden values for the Swift trainer, computed independently in PyTorch float64.
+
+Writes, next to this script:
+  store/           a small calibration store (manifest.json + one shard), written with the
+                   reference safetensors library, so the Swift reader is also checked against it;
+  golden.safetensors  initial weights, loss terms, decisions, every gradient, and the weights
+                   and losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences.
+
+Run: python Tests/MoQAETrainingTests/Golden/make_golden.py   (needs torch, numpy, safetensors)
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+L, H, D, T, N, G = 4, 2, 8, 96, 32, 3          # 3 chunks, chunk 0 frozen; routers at layers 0 and 3
+EXPERTS = [("fp16", 16, 16), ("int4", 4, 4), ("int2", 2, 2)]
+M = len(EXPERTS)
+C = T // N
+R = math.ceil(L / G)
+LAMBDA = 0.5
+SELECTION_SEED, FRACTION = 0, 0.5
+MASK = (1 << 64) - 1
+
+
+def u(seq_id, seed):
+    """SPEC §2 split hash."""
+    phi = 0x9E3779B97F4A7C15
+    z = ((seq_id ^ ((seed * phi) & MASK)) + phi) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return (z ^ (z >> 31)) / 2.0**64
+
+
+def make_store(rng):
+    ids = [i for i in range(64) if u(i, SELECTION_SEED) < FRACTION][:3]
+    tensors, sequences = {}, []
+    for seq_id in ids:
+        inputs = rng.standard_normal((L, H, T, D)).astype(np.float32) * 2
+        delta = rng.uniform(0, 0.05, (L, H, C, M)).astype(np.float32)
+        delta[..., 0] = 0
+        delta[..., 2] += 0.05                    # int2 hurts more than int4
+        tensors[f"seq.{seq_id}.inputs"] = inputs
+        tensors[f"seq.{seq_id}.nll"] = np.array(2.0 + 0.1 * len(sequences), dtype=np.float32)
+        tensors[f"seq.{seq_id}.delta_nll"] = delta
+        sequences.append({"id": seq_id, "shard": "shard-00000.safetensors", "tokens": T})
+    os.makedirs(os.path.join(HERE, "store"), exist_ok=True)
+    save_file(tensors, os.path.join(HERE, "store", "shard-00000.safetensors"))
+    manifest = {
+        "format": "moqae-calibration", "version": 1,
+        "model": {"name": "golden", "num_layers": L, "num_kv_heads": H, "head_dim": D},
+        "router_input": "key", "chunk_size": N, "value_group": D,
+        "experts": [{"name": n, "key_bits": k, "value_bits": v} for n, k, v in EXPERTS],
+        "sensitivity": "taylor", "selection": {"seed": SELECTION_SEED, "fraction": FRACTION},
+        "corpus": {"source": "random (make_golden.py)", "tokenizer": "none", "seq_len": T, "num_sequences": 64},
+        "sequences": sequences,
+    }
+    with open(os.path.join(HERE, "store", "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return [(tensors[f"seq.{i}.inputs"], float(tensors[f"seq.{i}.nll"]), tensors[f"seq.{i}.delta_nll"]) for i in ids]
+
+
+def decisions_of(p):
+    """Eq. 2: the expert that is the argmax of the most tokens; ties to more bits, then lower index."""
+    counts = torch.nn.functional.one_hot(p.argmax(-1), M).sum(-2)          # (units, M)
+    total_bits = torch.tensor([k + v for _, k, v in EXPERTS], dtype=torch.float64)
+    order = torch.arange(M, dtype=torch.float64)
+    score = counts.double() * 1e6 + total_bits * 1e3 - order                 # lexicographic
+    return score.argmax(-1)
+
+
+def sequence_loss(weights, inputs, nll, delta):
+    B = torch.tensor([(k + v) / 2 for _, k, v in EXPERTS], dtype=torch.float64)
+    units_p, units_dec, lnll = [], [], torch.tensor(nll, dtype=torch.float64)
+    for r in range(R):
+        w1, w2, w3 = weights[3 * r: 3 * r + 3]
+        x = torch.from_numpy(inputs[r * G]).double()[:, N:C * N, :]          # (H, routed tokens, D)
+        p = torch.softmax((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3, -1)
+        p = p.reshape(H, C - 1, N, M)
+        dec = decisions_of(p.detach())                                       # (H, C-1)
+        for layer in range(r * G, min(L, (r + 1) * G)):
+            d = torch.from_numpy(delta[layer, :, 1:, :]).double()            # (H, C-1, M)
+            lnll = lnll + d.gather(-1, dec[..., None]).sum()
+        units_p.append(p.mean(2).gather(-1, dec[..., None]).reshape(-1))    # P_u[R_u]
+        units_dec.append(dec.reshape(-1))
+    P = torch.cat(units_p)
+    dec = torch.cat(units_dec)
+    U = P.numel()
+    l_model = (P * lnll.detach() / B[dec]).sum() / U
+    l_mem = (P * B[dec] / 16).sum() / U
+    return LAMBDA * l_model + (1 - LAMBDA) * l_mem, l_model, l_mem, lnll, dec
+
+
+def main():
+    rng = np.random.default_rng(5)
+    data = make_store(rng)
+    init = []
+    for _ in range(R):
+        init += [rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, M)),
+                 rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, M)),
+                 rng.uniform(-1 / math.sqrt(M), 1 / math.sqrt(M), (M, M))]
+    init = [np.asarray(w, dtype=np.float32) for w in init]                    # the Swift side starts from these floats
+    weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in init]
+    names = [f"router.{r}.{n}" for r in range(R) for n in ("w1", "w2", "w3")]
+
+    def batch():
+        results = [sequence_loss(weights, *item) for item in data]
+        loss = sum(r[0] for r in results) / len(results)
+        return loss, results
+
+    out = {f"init.{n}": w for n, w in zip(names, init)}
+    loss, results = batch()
+    loss.backward()
+    out["loss"] = np.array(loss.item())
+    out["l_model"] = np.array(sum(r[1].item() for r in results) / len(results))
+    out["l_mem"] = np.array(sum(r[2].item() for r in results) / len(results))
+    out["l_nll"] = np.array([r[3].item() for r in results])
+    out["decisions"] = np.stack([r[4].numpy() for r in results]).astype(np.int64)
+    for n, w in zip(names, weights):
+        out[f"grad.{n}"] = w.grad.numpy().copy()
+
+    optimizer = torch.optim.AdamW(weights, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    step_losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss, _ = batch()
+        step_losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    out["step_losses"] = np.array(step_losses)
+    for n, w in zip(names, weights):
+        out[f"after5.{n}"] = w.detach().numpy().copy()
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, os.path.join(HERE, "golden.safetensors"))
+    print("loss", out["loss"], "decisions", out["decisions"].tolist())
+
+
+if __name__ == "__main__":
+    main()
