@@ -103,6 +103,12 @@ public struct RouterParameters: Equatable, Sendable {
 public struct RouterVariables {
     public let w1: Variable, w2: Variable, w3: Variable
 
+    public init(w1: Variable, w2: Variable, w3: Variable) {
+        self.w1 = w1
+        self.w2 = w2
+        self.w3 = w3
+    }
+
     /// - Parameter trainable: false records the weights as constants (evaluation: no gradients).
     public init(tape: Tape, parameters: RouterParameters, router: Int, trainable: Bool = true) {
         func leaf(_ name: String) -> Variable {

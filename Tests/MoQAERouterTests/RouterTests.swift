@@ -1,0 +1,75 @@
+import MoQAERouter
+import MoQAEStore
+import Testing
+
+@Suite struct DecisionTests {
+    let experts = [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
+                   Expert(name: "int2", keyBits: 2, valueBits: 2)]
+
+    /// Token rows of a 4-token chunk whose argmaxes are `winners`.
+    func chunk(_ winners: [Int]) -> [Float] {
+        winners.flatMap { w in (0..<3).map { $0 == w ? Float(0.6) : Float(0.2) } }
+    }
+
+    @Test func majorityOfTokenArgmaxes() {
+        #expect(chunkDecisions(probabilities: chunk([2, 2, 1, 0]), chunkSize: 4, experts: experts) == [2])
+        #expect(chunkDecisions(probabilities: chunk([1, 1, 1, 2]) + chunk([0, 2, 2, 2]), chunkSize: 4, experts: experts) == [1, 2])
+    }
+
+    @Test func tiesGoToMoreBitsThenLowerIndex() {
+        #expect(chunkDecisions(probabilities: chunk([2, 2, 1, 1]), chunkSize: 4, experts: experts) == [1])
+        #expect(chunkDecisions(probabilities: chunk([2, 0, 0, 2]), chunkSize: 4, experts: experts) == [0])
+        let equalBits = [Expert(name: "k4v2", keyBits: 4, valueBits: 2), Expert(name: "k2v4", keyBits: 2, valueBits: 4),
+                         Expert(name: "int2", keyBits: 2, valueBits: 2)]
+        #expect(chunkDecisions(probabilities: chunk([1, 0, 1, 0]), chunkSize: 4, experts: equalBits) == [0])
+    }
+
+    @Test func layoutCountsUnits() {
+        let layout = RoutingLayout(layers: 32, heads: 8, tokens: 4100, inputDim: 128, chunkSize: 32, groupSize: 3, freezeFirstChunk: true)
+        #expect(layout.routers == 11)
+        #expect(layout.layers(of: 10) == 30..<32)
+        #expect(layout.chunks == 128)
+        #expect(layout.unitsPerRouter == 8 * 127)
+        #expect(layout.routedTokens == 32..<4096)
+        #expect(layout.headAndChunk(ofUnit: 127).head == 1 && layout.headAndChunk(ofUnit: 127).chunk == 1)
+    }
+}
+
+@Suite struct AdamWTests {
+    /// Two steps against torch.optim.AdamW's formulas written out in double precision.
+    @Test func matchesTorchFormulas() {
+        let settings = AdamWSettings(learningRate: 0.1, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0.01)
+        var optimizer = AdamW(settings: settings, parameterCount: 2)
+        var parameters: [Float] = [0.5, -1]
+        var reference: [Double] = [0.5, -1], m = [0.0, 0.0], v = [0.0, 0.0]
+        for (step, gradient) in [[0.3, -0.2], [0.1, 0.4]].enumerated() {
+            optimizer.update(&parameters, gradient: gradient.map(Float.init))
+            let t = Double(step + 1)
+            for i in 0..<2 {
+                reference[i] *= 1 - 0.1 * 0.01
+                m[i] = 0.9 * m[i] + 0.1 * gradient[i]
+                v[i] = 0.999 * v[i] + 0.001 * gradient[i] * gradient[i]
+                let denominator = v[i].squareRoot() / (1 - pow(0.999, t)).squareRoot() + 1e-8
+                reference[i] -= 0.1 / (1 - pow(0.9, t)) * m[i] / denominator
+            }
+        }
+        #expect(optimizer.step == 2)
+        // Float32 arithmetic: a few ulps of relative error.
+        for i in 0..<2 { #expect(abs(Double(parameters[i]) - reference[i]) <= 5e-6 * abs(reference[i]), "\(parameters[i]) vs \(reference[i])") }
+    }
+
+    @Test func initialisationBounds() {
+        var random = RandomGenerator(seed: 0)
+        let parameters = RouterParameters.initialized(routers: 2, inputDim: 16, experts: 3, random: &random)
+        #expect(parameters.values.count == 2 * (2 * 16 * 3 + 9))
+        #expect(parameters.table.map(\.name) == ["router.0.w1", "router.0.w2", "router.0.w3", "router.1.w1", "router.1.w2", "router.1.w3"])
+        for entry in parameters.table {
+            let bound = Float(1 / (entry.name.hasSuffix("w3") ? 3.0 : 16.0).squareRoot())
+            #expect(parameters.values[entry.range].allSatisfy { abs($0) <= bound })
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
