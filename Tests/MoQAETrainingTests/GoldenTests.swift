@@ -1,0 +1,93 @@
+import Foundation
+import MoQAERouter
+import MoQAEStore
+import MoQAETraining
+import Testing
+
+/// Compares the trainer with values PyTorch computed in float64 (`Golden/make_golden.py`): loss terms,
+/// decisions, every gradient, and the weights after 5 AdamW steps, each by name.
+@Suite struct GoldenTests {
+    /// Agreement asked of every compared tensor: max |swift − torch| ≤ 1e-4 · max |torch|.
+    static let relativeTolerance = 1e-4
+
+    let golden: SafeTensorsHeader
+    let goldenFile: MappedFile
+    let data: RoutedStore
+
+    init() throws {
+        let url = try #require(Bundle.module.url(forResource: "golden", withExtension: "safetensors"))
+        goldenFile = try MappedFile(path: url.path)
+        golden = try SafeTensorsHeader(file: goldenFile.bytes)
+        let storePath = try #require(Bundle.module.url(forResource: "store", withExtension: nil)).path
+        let store = try CalibrationStore(path: storePath)
+        let layout = RoutingLayout(layers: 4, heads: 2, tokens: 96, inputDim: 8, chunkSize: 32, groupSize: 3, freezeFirstChunk: true)
+        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 8),
+                           expertColumns: [0, 1, 2], calibrationFraction: 1, validationFraction: 0)
+    }
+
+    /// A golden tensor as doubles (F64 or I64).
+    func tensor(_ name: String) throws -> [Double] {
+        let info = try #require(golden.tensor(named: name), "golden tensor \(name)")
+        let base = goldenFile.bytes.baseAddress! + golden.dataOffset + info.dataRange.lowerBound
+        return (0..<info.elementCount).map { index in
+            switch info.dtype {
+            case .f64: return base.loadUnaligned(fromByteOffset: 8 * index, as: Double.self)
+            case .f32: return Double(base.loadUnaligned(fromByteOffset: 4 * index, as: Float.self))
+            case .i64: return Double(base.loadUnaligned(fromByteOffset: 8 * index, as: Int64.self))
+            default: return .nan
+            }
+        }
+    }
+
+    func expectClose(_ name: String, _ actual: [Double], _ expected: [Double]) {
+        #expect(actual.count == expected.count, "\(name): \(actual.count) values, golden has \(expected.count)")
+        let scale = expected.map(abs).max() ?? 0
+        let error = zip(actual, expected).map { abs($0 - $1) }.max() ?? 0
+        #expect(error <= Self.relativeTolerance * max(scale, 1e-12), "\(name): max error \(error), golden scale \(scale)")
+    }
+
+    func initialParameters() throws -> RouterParameters {
+        var parameters = RouterParameters(routers: 2, inputDim: 8, experts: 3, values: Array(repeating: 0, count: 2 * (48 + 9)))
+        for entry in parameters.table {
+            parameters.values.replaceSubrange(entry.range, with: try tensor("init." + entry.name).map(Float.init))
+        }
+        return parameters
+    }
+
+    @Test func lossTermsDecisionsAndGradients() throws {
+        let batch = data.calibration.map(data.load)
+        #expect(batch.count == 3)
+        let parameters = try initialParameters()
+        let (gradient, figures, decisions) = batchGradient(batch, parameters: parameters, setup: data.setup, lambda: 0.5)
+        expectClose("loss", [figures.loss], try tensor("loss"))
+        expectClose("l_model", [figures.modelTerm], try tensor("l_model"))
+        expectClose("l_mem", [figures.memoryTerm], try tensor("l_mem"))
+        let lNLL = zip(batch, decisions).map { item, routerDecisions in
+            estimatedNLL(nll: item.nll, decisions: routerDecisions, layout: data.layout, sensitivity: item.sensitivity)
+        }
+        expectClose("l_nll", lNLL, try tensor("l_nll"))
+        #expect(decisions.map { $0.joined().map(Double.init) }.joined().map { $0 } == (try tensor("decisions")), "decisions")
+        for entry in parameters.table {
+            expectClose("grad." + entry.name, gradient[entry.range].map(Double.init), try tensor("grad." + entry.name))
+        }
+    }
+
+    @Test func fiveAdamWSteps() throws {
+        let batch = data.calibration.map(data.load)
+        var parameters = try initialParameters()
+        var optimizer = AdamW(settings: AdamWSettings(), parameterCount: parameters.values.count)
+        var losses: [Double] = []
+        for _ in 0..<5 {
+            let (gradient, figures, _) = batchGradient(batch, parameters: parameters, setup: data.setup, lambda: 0.5)
+            losses.append(figures.loss)
+            optimizer.update(&parameters.values, gradient: gradient)
+        }
+        expectClose("step_losses", losses, try tensor("step_losses"))
+        for entry in parameters.table {
+            expectClose("after5." + entry.name, parameters.values[entry.range].map(Double.init), try tensor("after5." + entry.name))
+        }
+        // The comparison can fail: 5 steps move the weights by far more than the tolerance.
+        let initial = try initialParameters()
+        #expect(zip(initial.values, parameters.values).map { abs($0 - $1) }.max()! > 1e-3)
+    }
+}
