@@ -194,12 +194,10 @@ public struct TrainingConfig: Equatable, Sendable {
 
     private mutating func merge(_ node: Node, prefix: String, source: String) throws(ConfigError) {
         guard case let .mapping(mapping) = node else { preconditionFailure() }
-        var seen = Set<String>()
         for (keyNode, valueNode) in mapping {
             let location = "\(source):\((keyNode.mark?.line).map(String.init) ?? "?")"
             guard case let .scalar(scalar) = keyNode else { throw ConfigError(location: location, key: prefix, reason: "keys must be plain names") }
             let path = prefix.isEmpty ? scalar.string : prefix + "." + scalar.string
-            guard seen.insert(path).inserted else { throw ConfigError(location: location, key: path, reason: "duplicate key") }
             if let key = TrainingConfig.keys.first(where: { $0.path == path }) {
                 values[path] = try TrainingConfig.convert(valueNode, key: key, location: location)
             } else if TrainingConfig.keys.contains(where: { $0.path.hasPrefix(path + ".") }) {
@@ -292,11 +290,23 @@ public struct TrainingConfig: Equatable, Sendable {
         range.upperBound >= Int(Int32.max) ? "\(range.lowerBound) or more" : "\(range.lowerBound)...\(range.upperBound)"
     }
 
+    /// " (did you mean KEY?)" for the known key closest in spelling, if any is close.
     private static func suggestion(for path: String) -> String {
-        let last = path.split(separator: ".").last.map(String.init) ?? path
-        let candidates = keys.filter { $0.path.split(separator: ".").last.map(String.init) == last || $0.path.hasSuffix(last) }
-        if let match = candidates.first { return " (did you mean \(match.path)?)" }
-        return " (known keys: \(keys.map(\.path).joined(separator: ", ")))"
+        let best = keys.map { ($0.path, editDistance(Array($0.path), Array(path))) }.min { $0.1 < $1.1 }
+        guard let best, best.1 <= 3 else { return " (known keys: \(keys.map(\.path).joined(separator: ", ")))" }
+        return " (did you mean \(best.0)?)"
+    }
+
+    private static func editDistance(_ a: [Character], _ b: [Character]) -> Int {
+        var previous = Array(0...b.count)
+        for i in 1...max(1, a.count) where !a.isEmpty {
+            var current = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...max(1, b.count) where !b.isEmpty {
+                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            previous = current
+        }
+        return previous[b.count]
     }
 
     // MARK: Output
