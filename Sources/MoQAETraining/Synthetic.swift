@@ -14,6 +14,14 @@ public enum SyntheticStore {
     public struct Shape: Sendable {
         public let name: String
         public let layers: Int, heads: Int, headDim: Int, tokens: Int
+
+        public init(name: String, layers: Int, heads: Int, headDim: Int, tokens: Int) {
+            self.name = name
+            self.layers = layers
+            self.heads = heads
+            self.headDim = headDim
+            self.tokens = tokens
+        }
     }
 
     public static let shapes: [Shape] = [
