@@ -63,6 +63,10 @@ struct Train: ParsableCommand {
                 progress.log("initial checkpoint (step \(trainer.state.step)): \(try trainer.writeCheckpoint())")
                 return
             }
+            var interruptSignal = sigset_t()
+            sigemptyset(&interruptSignal)
+            sigaddset(&interruptSignal, SIGINT)
+            sigprocmask(SIG_UNBLOCK, &interruptSignal, nil)   // a parent may have left it blocked
             signal(SIGINT) { _ in
                 interruptRequested.store(true, ordering: .relaxed)
                 signal(SIGINT, SIG_DFL)

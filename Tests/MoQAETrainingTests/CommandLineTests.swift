@@ -1,0 +1,141 @@
+import Foundation
+import MoQAEStore
+import MoQAETestSupport
+import MoQAETraining
+import Testing
+
+/// Runs the built `moqae-train` the way users do, on bad inputs and on the run lifecycle.
+@Suite struct CommandLineTests {
+    let workspace = makeTemporaryDirectory("cli")
+    var store: String { workspace + "/store" }
+
+    init() throws {
+        try makeSmallStore(at: workspace + "/store", sequences: 16)
+        try """
+        store: store
+        run_dir: run
+        data: {calibration_fraction: 0.3, validation_fraction: 0.2}
+        train: {batch_size: 4, epochs: 100000, eval_every: 0}
+        checkpoint: {every_steps: 4, keep_last: 2}
+        """.write(toFile: workspace + "/config.yaml", atomically: true, encoding: .utf8)
+    }
+
+    func run(_ arguments: [String], interruptWhen: (() -> Bool)? = nil) throws -> ProcessResult {
+        try runProcess(moqaeTrainExecutable, arguments, in: workspace, interruptWhen: interruptWhen)
+    }
+
+    /// A failure must be one `error:` line naming `mentions`, exit status 1, no crash, and no run directory.
+    func expectCleanFailure(_ result: ProcessResult, mentions: [String], sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(!result.crashed, "crashed: \(result.stderr)", sourceLocation: sourceLocation)
+        #expect(result.status == 1, "status \(result.status): \(result.stderr)", sourceLocation: sourceLocation)
+        let lines = result.stderr.split(separator: "\n")
+        #expect(lines.count == 1 && lines[0].hasPrefix("error: "), "stderr: \(result.stderr)", sourceLocation: sourceLocation)
+        for text in mentions { #expect(result.stderr.contains(text), "\(result.stderr) should name \(text)", sourceLocation: sourceLocation) }
+    }
+
+    func damageShard(_ transform: (inout [UInt8]) -> Void) throws {
+        let path = store + "/shard-00000.safetensors"
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        transform(&bytes)
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+    }
+
+    @Test func truncatedShard() throws {
+        try damageShard { $0.removeLast(7) }
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["store/shard-00000.safetensors", "header implies"])
+        #expect(!fileExists(workspace + "/run"))
+        expectCleanFailure(try run(["inspect", "store"]), mentions: ["shard-00000.safetensors"])
+    }
+
+    @Test func flippedHeaderByte() throws {
+        try damageShard { $0[12] ^= 0x80 }
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["store/shard-00000.safetensors", "header"])
+    }
+
+    @Test func wrongDTypeAndOutOfBoundsOffsets() throws {
+        let path = store + "/shard-00000.safetensors"
+        let original = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let header = try original.withUnsafeBytes { try SafeTensorsHeader(file: $0) }
+        /// Rewrites header text without changing its length.
+        func headerEdit(_ from: String, _ to: String) throws {
+            var bytes = original
+            let text = String(decoding: bytes[8..<header.dataOffset], as: UTF8.self)
+            let edited = Array(text.replacingOccurrences(of: from, with: to).utf8)
+            try #require(edited.count == text.utf8.count && edited != Array(text.utf8), "edit \(from) -> \(to)")
+            bytes.replaceSubrange(8..<header.dataOffset, with: edited)
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+        }
+        let id = try CalibrationStore(path: store).sequences[0].id
+        try headerEdit(#""seq.\#(id).nll":{"dtype":"F32""#, #""seq.\#(id).nll":{"dtype":"I32""#)
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["shard-00000.safetensors", "seq.\(id).nll", "dtype I32"])
+        let end = header.tensors.map(\.dataRange.upperBound).max()!
+        let beyond = String(repeating: "9", count: String(end).count)
+        try headerEdit(",\(end)]", ",\(beyond)]")
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["shard-00000.safetensors"])
+    }
+
+    @Test func nanInDeltaNLL() throws {
+        var sequences = try makeSmallStore(at: store, sequences: 16)
+        sequences[0].deltaNLL[5] = .nan
+        let manifest = try Manifest.parse([UInt8](try Data(contentsOf: URL(fileURLWithPath: store + "/manifest.json"))))
+        try StoreWriter.write(sequences, manifest: manifest, sequencesPerShard: 4, to: store)
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["seq.\(sequences[0].id).delta_nll", "not finite"])
+    }
+
+    @Test func configTypos() throws {
+        expectCleanFailure(try run(["--config", "config.yaml", "--set", "trian.lr=1"]), mentions: ["trian.lr", "unknown key"])
+        try "train:\n  batch_sise: 4\n".write(toFile: workspace + "/typo.yaml", atomically: true, encoding: .utf8)
+        expectCleanFailure(try run(["--config", "typo.yaml"]), mentions: ["typo.yaml:2", "train.batch_sise", "did you mean train.batch_size?"])
+        expectCleanFailure(try run(["--config", "missing.yaml"]), mentions: ["missing.yaml", "cannot read"])
+        expectCleanFailure(try run(["--config", "config.yaml", "--set", "router.experts=[fp16, int3]"]), mentions: ["router.experts", "int3"])
+        #expect(!fileExists(workspace + "/run"))
+    }
+
+    @Test func lifecycle() throws {
+        // --max-steps 0: only the initial checkpoint.
+        let initial = try run(["--config", "config.yaml", "--max-steps", "0"])
+        #expect(initial.status == 0, "\(initial.stderr)")
+        #expect(CheckpointDirectory(path: workspace + "/run").candidates().map(\.step) == [0])
+        #expect(!fileExists(workspace + "/run/metrics.jsonl"))
+
+        // Ctrl-C: the step finishes, a checkpoint is written, exit 130.
+        let interrupted = try run(["--config", "config.yaml", "--resume", "latest"]) {
+            ((try? String(contentsOfFile: self.workspace + "/run/metrics.jsonl", encoding: .utf8))?.count ?? 0) > 0
+        }
+        #expect(interrupted.status == 130, "\(interrupted.stderr)")
+        let stopped = try #require(CheckpointDirectory(path: workspace + "/run").latest())
+        #expect(stopped.checkpoint.step >= 1)
+        let lines = try String(contentsOfFile: workspace + "/run/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(lines.count == stopped.checkpoint.step)
+        for field in ["step", "epoch", "sequence_ids", "loss", "l_model", "l_mem", "mean_l_nll", "avg_bits", "expert_fractions", "lr", "grad_norm", "vectors_per_second"] {
+            #expect(try JSON.parse(String(lines[0]))[field] != nil, "metrics line lacks \(field)")
+        }
+
+        // A damaged checkpoint is refused by path and skipped by 'latest'.
+        let newest = stopped.path
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: newest)))
+        bytes[bytes.count - 5] ^= 0x01   // a weight moment, inside the data section
+        try Data(bytes).write(to: URL(fileURLWithPath: newest))
+        expectCleanFailure(try run(["--config", "config.yaml", "--resume", newest]), mentions: [newest, "checksum mismatch"])
+        expectCleanFailure(try run(["inspect", newest]), mentions: [newest])
+        let resumed = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "\(stopped.checkpoint.step + 2)"])
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        #expect(resumed.stderr.contains("skipped damaged checkpoint run/\(URL(fileURLWithPath: newest).lastPathComponent): checksum mismatch"))
+        #expect(resumed.stdout.contains("validation:") && resumed.stdout.contains("oracle (same bits)"))
+
+        // Export, inspect, eval.
+        let exported = try run(["export", "run", "--out", "router.bin"])
+        #expect(exported.status == 0, "\(exported.stderr)")
+        #expect(try run(["inspect", "router.bin"]).stdout.contains("OK (CRC-32 verified)"))
+        #expect(try run(["inspect", "store"]).stdout.contains("every tensor verified"))
+        let evalExport = try run(["eval", "router.bin", "--config", "config.yaml"])
+        let evalCheckpoint = try run(["eval", "run"])
+        #expect(evalExport.status == 0 && evalCheckpoint.status == 0, "\(evalExport.stderr) \(evalCheckpoint.stderr)")
+        #expect(evalCheckpoint.stdout.contains("router ") && evalExport.stdout.contains("uniform int2"))
+        var export = [UInt8](try Data(contentsOf: URL(fileURLWithPath: workspace + "/router.bin")))
+        export[40] ^= 0x04
+        try Data(export).write(to: URL(fileURLWithPath: workspace + "/router.bin"))
+        expectCleanFailure(try run(["inspect", "router.bin"]), mentions: ["router.bin", "CRC-32 mismatch"])
+        expectCleanFailure(try run(["eval", "router.bin", "--config", "config.yaml"]), mentions: ["router.bin", "CRC-32 mismatch"])
+    }
+}
