@@ -1,3 +1,4 @@
+import Foundation
 import MoQAERouter
 import MoQAEStore
 import MoQAETestSupport
@@ -15,6 +16,16 @@ import Testing
         #expect(config.expertNames == ["fp16", "int4", "int2"])
         #expect(config.optimizer == AdamWSettings(learningRate: 3e-4, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0.01))
         #expect(config.batchSize == 8 && config.calibrationFraction == 0.05 && config.validationFraction == 0.05 && config.seed == 0)
+    }
+
+    /// The README documents every key with its default, and configs/default.yaml parses.
+    @Test func documentationCoversEveryKey() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        for key in TrainingConfig.keys {
+            #expect(readme.contains("| `\(key.path)` |"), "README lacks \(key.path)")
+        }
+        _ = try TrainingConfig.load(file: root.appendingPathComponent("configs/default.yaml").path)
     }
 
     @Test func readsNestedKeysAndOverrides() throws {
