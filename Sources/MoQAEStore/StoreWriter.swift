@@ -15,32 +15,62 @@ public struct SequenceTensors {
     }
 }
 
-/// Writes a `moqae-calibration` store: shards first, each atomically, then the manifest last, so a
-/// directory with a manifest is always complete.
-public enum StoreWriter {
-    /// Writes `sequences` into `directory`, `sequencesPerShard` to a shard, inputs stored as `inputDType`.
-    /// `manifest.sequences` is filled in here.
-    public static func write(_ sequences: [SequenceTensors], manifest: Manifest, inputDType: DType = .f32,
-                             sequencesPerShard: Int = 8, to directory: String) throws(FileError) {
+/// Writes a `moqae-calibration` store shard by shard: each shard is written atomically once it holds
+/// `sequencesPerShard` sequences, and the manifest last, so a directory with a manifest is complete.
+public final class StoreWriter {
+    private let directory: String
+    private var manifest: Manifest
+    private let inputDType: DType
+    private let sequencesPerShard: Int
+    private var pending = SafeTensorsBuilder()
+    private var pendingCount = 0
+
+    /// - Parameter manifest: everything but `sequences`, which the writer fills in.
+    public init(directory: String, manifest: Manifest, inputDType: DType = .f32, sequencesPerShard: Int = 8) throws(FileError) {
         precondition([.f32, .f16, .bf16].contains(inputDType), "inputs are F32, F16 or BF16")
         try makeDirectories(directory)
-        var manifest = manifest
-        manifest.sequences = []
+        self.directory = directory
+        self.manifest = manifest
+        self.manifest.sequences = []
+        self.inputDType = inputDType
+        self.sequencesPerShard = sequencesPerShard
+    }
+
+    public func add(_ sequence: SequenceTensors) throws(FileError) {
         let (L, H, D) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.model.headDim)
         let (C, M) = (manifest.chunksPerSequence, manifest.experts.count)
-        for (shardNumber, start) in stride(from: 0, to: sequences.count, by: sequencesPerShard).enumerated() {
-            let name = "shard-" + String(shardNumber).leftPadded(to: 5) + ".safetensors"
-            var builder = SafeTensorsBuilder()
-            for sequence in sequences[start..<min(start + sequencesPerShard, sequences.count)] {
-                let T = sequence.inputs.count / (L * H * D)
-                builder.add("seq.\(sequence.id).inputs", dtype: inputDType, shape: [L, H, T, D], bytes: encode(sequence.inputs, as: inputDType))
-                builder.add("seq.\(sequence.id).nll", shape: [], floats: [sequence.nll])
-                builder.add("seq.\(sequence.id).delta_nll", shape: [L, H, C, M], floats: sequence.deltaNLL)
-                manifest.sequences.append(ManifestSequence(id: sequence.id, shard: name, tokens: T))
-            }
-            try AtomicFile.write(builder.serialized(), to: directory + "/" + name)
-        }
+        let T = sequence.inputs.count / (L * H * D)
+        pending.add("seq.\(sequence.id).inputs", dtype: inputDType, shape: [L, H, T, D], bytes: StoreWriter.encode(sequence.inputs, as: inputDType))
+        pending.add("seq.\(sequence.id).nll", shape: [], floats: [sequence.nll])
+        pending.add("seq.\(sequence.id).delta_nll", shape: [L, H, C, M], floats: sequence.deltaNLL)
+        manifest.sequences.append(ManifestSequence(id: sequence.id, shard: shardName, tokens: T))
+        pendingCount += 1
+        if pendingCount == sequencesPerShard { try flush() }
+    }
+
+    /// Writes the last shard and then the manifest.
+    public func finish() throws(FileError) {
+        if pendingCount > 0 { try flush() }
         try AtomicFile.write(Array(manifest.json.serialized.utf8), to: directory + "/manifest.json")
+    }
+
+    /// Writes a whole store at once.
+    public static func write(_ sequences: [SequenceTensors], manifest: Manifest, inputDType: DType = .f32,
+                             sequencesPerShard: Int = 8, to directory: String) throws(FileError) {
+        let writer = try StoreWriter(directory: directory, manifest: manifest, inputDType: inputDType, sequencesPerShard: sequencesPerShard)
+        for sequence in sequences { try writer.add(sequence) }
+        try writer.finish()
+    }
+
+    private var shardName: String {
+        let shards = Set(manifest.sequences.map(\.shard)).count - (pendingCount > 0 ? 1 : 0)
+        return "shard-" + String(shards).leftPadded(to: 5) + ".safetensors"
+    }
+
+    private func flush() throws(FileError) {
+        try AtomicFile.write(pending.serialized(), to: directory + "/" + shardName)
+        pending = SafeTensorsBuilder()
+        pendingCount = 0
     }
 
     /// Little-endian bytes of `values` as F32, F16 (round to nearest even) or BF16 (round to nearest even).

@@ -38,18 +38,26 @@ public struct RouterExport: Equatable {
             && lhs.groupSize == rhs.groupSize && lhs.freezeFirstChunk == rhs.freezeFirstChunk && lhs.parameters == rhs.parameters
     }
 
+    public init(weightType: WeightType, expertBits: [(keyBits: Int, valueBits: Int)], layers: Int, heads: Int,
+                chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool, parameters: RouterParameters) {
+        self.weightType = weightType
+        self.expertBits = expertBits
+        self.layers = layers
+        self.heads = heads
+        self.chunkSize = chunkSize
+        self.groupSize = groupSize
+        self.freezeFirstChunk = freezeFirstChunk
+        self.parameters = parameters
+    }
+
     /// An export of a checkpoint's weights; binary16 rounds each weight to nearest even.
     public init(parameters: RouterParameters, setup: RouterSetup, weightType: WeightType) {
-        self.weightType = weightType
-        expertBits = setup.experts.map { ($0.keyBits, $0.valueBits) }
-        layers = setup.layout.layers
-        heads = setup.layout.heads
-        chunkSize = setup.layout.chunkSize
-        groupSize = setup.layout.groupSize
-        freezeFirstChunk = setup.layout.firstRoutedChunk == 1
         var rounded = parameters
         if weightType == .binary16 { rounded.values = parameters.values.map { Float(Float16($0)) } }
-        self.parameters = rounded
+        let layout = setup.layout
+        self.init(weightType: weightType, expertBits: setup.experts.map { ($0.keyBits, $0.valueBits) }, layers: layout.layers,
+                  heads: layout.heads, chunkSize: layout.chunkSize, groupSize: layout.groupSize,
+                  freezeFirstChunk: layout.firstRoutedChunk == 1, parameters: rounded)
     }
 
     /// File size for the given dimensions.
@@ -116,14 +124,9 @@ public struct RouterExport: Equatable {
             }
         }
         guard values.allSatisfy(\.isFinite) else { throw fail("holds a non-finite weight") }
-        var export = RouterExport(parameters: RouterParameters(routers: R, inputDim: D, experts: M, values: values),
-                                  setup: RouterSetup(layout: RoutingLayout(layers: L, heads: H, tokens: N, inputDim: D, chunkSize: N,
-                                                                           groupSize: G, freezeFirstChunk: bytes[20] & 1 == 1),
-                                                     experts: expertBits.map { Expert(name: "k\($0.keyBits)v\($0.valueBits)", keyBits: $0.keyBits, valueBits: $0.valueBits) },
-                                                     valueGroup: D),
-                                  weightType: weightType)
-        export.parameters.values = values
-        return export
+        return RouterExport(weightType: weightType, expertBits: expertBits, layers: L, heads: H, chunkSize: N, groupSize: G,
+                            freezeFirstChunk: bytes[20] & 1 == 1,
+                            parameters: RouterParameters(routers: R, inputDim: D, experts: M, values: values))
     }
 
     public static func load(path: String) throws(ExportError) -> RouterExport {

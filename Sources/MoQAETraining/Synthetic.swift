@@ -56,7 +56,8 @@ public enum SyntheticStore {
             chunkSize: chunkSize, valueGroup: D, experts: experts, sensitivity: "taylor", selectionSeed: seed,
             selectionFraction: fraction, corpusSource: "synthetic (moqae-train synth)", tokenizer: "none",
             seqLen: T, numSequences: Int(id), sequences: [])
-        var sequences: [SequenceTensors] = []
+        let writer = try StoreWriter(directory: directory, manifest: manifest, inputDType: inputDType,
+                                     sequencesPerShard: max(1, (1 << 30) / (L * H * T * D * inputDType.byteSize)))
         for (index, id) in ids.enumerated() {
             var inputs = [Float](repeating: 0, count: L * H * T * D)
             var delta = [Float](repeating: 0, count: L * H * C * M)
@@ -76,10 +77,10 @@ public enum SyntheticStore {
                     }
                 }
             }
-            sequences.append(SequenceTensors(id: id, inputs: inputs, nll: 2 + Float(random.uniform(-0.2, 0.2)), deltaNLL: delta))
+            try writer.add(SequenceTensors(id: id, inputs: inputs, nll: 2 + Float(random.uniform(-0.2, 0.2)), deltaNLL: delta))
             progress(index + 1)
         }
-        try StoreWriter.write(sequences, manifest: manifest, inputDType: inputDType, sequencesPerShard: 8, to: directory)
+        try writer.finish()
     }
 
     private static func gaussian(_ random: inout RandomGenerator) -> Float {

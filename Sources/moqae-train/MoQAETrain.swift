@@ -141,17 +141,13 @@ struct Evaluate: ParsableCommand {
             let parameters: RouterParameters
             var config: TrainingConfig
             let source: String
-            var exportSetup: RouterSetup?
+            var export: RouterExport?
             if !isDirectory(file), let bytes = try? readFileBytes(file), bytes.starts(with: RouterExport.magic) {
-                let export = try RouterExport.parse(bytes, path: file)
+                let parsed = try RouterExport.parse(bytes, path: file)
                 config = try TrainingConfig.load(file: self.config, overrides: overrides)
-                parameters = export.parameters
+                parameters = parsed.parameters
                 source = self.config
-                exportSetup = RouterSetup(layout: RoutingLayout(layers: export.layers, heads: export.heads, tokens: 0,
-                                                                inputDim: export.parameters.inputDim, chunkSize: export.chunkSize,
-                                                                groupSize: export.groupSize, freezeFirstChunk: export.freezeFirstChunk),
-                                          experts: export.expertBits.map { Expert(name: "", keyBits: $0.keyBits, valueBits: $0.valueBits) },
-                                          valueGroup: 0)
+                export = parsed
             } else {
                 let (checkpoint, path) = try loadCheckpoint(file)
                 config = checkpoint.config
@@ -160,8 +156,8 @@ struct Evaluate: ParsableCommand {
                 source = "\(path) (stored config)"
             }
             let store = try CalibrationStore(path: config.storePath)
-            if let exportSetup {
-                config = try configMatching(export: exportSetup, store: store, base: config)
+            if let export {
+                config = try configMatching(export: export, store: store, base: config)
             }
             let data = try RoutedStore(store: store, config: config, source: source)
             guard data.layout.routers == parameters.routers, data.layout.inputDim == parameters.inputDim,
@@ -176,22 +172,22 @@ struct Evaluate: ParsableCommand {
     }
 
     /// The config with the export's routing (chunk size, group size, freezing, experts by bits).
-    private func configMatching(export setup: RouterSetup, store: CalibrationStore, base: TrainingConfig) throws -> TrainingConfig {
+    private func configMatching(export: RouterExport, store: CalibrationStore, base: TrainingConfig) throws -> TrainingConfig {
         var config = base
         var names: [String] = []
-        for expert in setup.experts {
+        for expert in export.expertBits {
             guard let match = store.manifest.experts.first(where: { $0.keyBits == expert.keyBits && $0.valueBits == expert.valueBits }) else {
                 throw ValidationError("\(file): expert (\(expert.keyBits), \(expert.valueBits)) is not in the store \(store.path)")
             }
             names.append(match.name)
         }
-        guard setup.layout.layers == store.model.numLayers, setup.layout.heads == store.model.numKVHeads else {
-            throw ValidationError("\(file): routers for \(setup.layout.layers) layers × \(setup.layout.heads) heads, the store \(store.path) has \(store.model.numLayers) × \(store.model.numKVHeads)")
+        guard export.layers == store.model.numLayers, export.heads == store.model.numKVHeads else {
+            throw ValidationError("\(file): routers for \(export.layers) layers × \(export.heads) heads, the store \(store.path) has \(store.model.numLayers) × \(store.model.numKVHeads)")
         }
         try config.apply(override: "router.experts=[\(names.joined(separator: ","))]")
-        try config.apply(override: "router.chunk_size=\(setup.layout.chunkSize)")
-        try config.apply(override: "router.group_size=\(setup.layout.groupSize)")
-        try config.apply(override: "router.freeze_first_chunk=\(setup.layout.firstRoutedChunk == 1)")
+        try config.apply(override: "router.chunk_size=\(export.chunkSize)")
+        try config.apply(override: "router.group_size=\(export.groupSize)")
+        try config.apply(override: "router.freeze_first_chunk=\(export.freezeFirstChunk)")
         return config
     }
 }
