@@ -193,9 +193,13 @@ public final class CalibrationStore: @unchecked Sendable {
         }
     }
 
+    /// Copies a small F32 tensor out of the mapping and drops its pages from the process.
     private func readFloats(_ shard: Int, _ info: TensorInfo) -> [Float] {
-        let base = shards[shard].bytes.baseAddress! + shardHeaders[shard].dataOffset + info.dataRange.lowerBound
-        return (0..<info.elementCount).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
+        let offset = shardHeaders[shard].dataOffset + info.dataRange.lowerBound
+        let base = shards[shard].bytes.baseAddress! + offset
+        let values = (0..<info.elementCount).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
+        shards[shard].release(offset..<(offset + info.dataRange.count))
+        return values
     }
 }
 

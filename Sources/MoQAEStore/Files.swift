@@ -49,14 +49,16 @@ public final class MappedFile: @unchecked Sendable {
     /// Tells the kernel the range will be read soon.
     public func willNeed(_ range: Range<Int>) { advise(range, MADV_WILLNEED) }
 
-    /// Drops the range's pages from this process; the page cache keeps them.
-    public func release(_ range: Range<Int>) { advise(range, MADV_DONTNEED) }
+    /// Drops the pages around the range from this process; the page cache keeps them. The range is
+    /// widened to 2 MiB boundaries because the kernel may map a file's large folios a huge page at a
+    /// time: a small read can map far more than it touched.
+    public func release(_ range: Range<Int>) { advise(range, MADV_DONTNEED, granularity: 2 << 20) }
 
-    private func advise(_ range: Range<Int>, _ advice: Int32) {
+    private func advise(_ range: Range<Int>, _ advice: Int32, granularity: Int = Int(sysconf(Int32(_SC_PAGESIZE)))) {
         guard let base, !range.isEmpty else { return }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = range.lowerBound / page * page
-        _ = madvise(base + start, range.upperBound - start, advice)
+        let start = range.lowerBound / granularity * granularity
+        let end = min(bytes.count, (range.upperBound + granularity - 1) / granularity * granularity)
+        _ = madvise(base + start, end - start, advice)
     }
 
     deinit {
