@@ -144,6 +144,10 @@ public final class Trainer {
     /// Runs until `totalSteps` or until `shouldStop` answers true after a step.
     public func run(shouldStop: () -> Bool = { false }) throws(TrainingError) -> TrainingOutcome {
         let layout = data.layout
+        guard state.step < totalSteps else {
+            progress.log("the run is already at step \(state.step) of \(totalSteps): nothing to train (moqae-train eval shows its report)")
+            return .finished
+        }
         progress.begin(total: totalSteps, done: state.step)
         progress.log("training \(layout.routers) router(s) on \(data.calibration.count) calibration sequences (\(stepsPerEpoch) steps per epoch), validating on \(data.validation.count); \(state.parameters.values.count) parameters")
         var lastCheckpointStep = -1
