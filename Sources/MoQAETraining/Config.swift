@@ -146,6 +146,10 @@ public struct TrainingConfig: Equatable, Sendable {
     /// Keys whose change alters the routers' shape or meaning; a resumed run must keep them.
     public static let modelShapingKeys = ["router.experts", "router.chunk_size", "router.group_size", "router.freeze_first_chunk"]
 
+    /// Keys that fix the calibration split and how it is cut into batches; a checkpoint's data
+    /// position means nothing under other values, so a resumed run must keep them too.
+    public static let dataOrderKeys = ["data.calibration_fraction", "train.batch_size"]
+
     // MARK: Loading
 
     /// Loads YAML text (keys absent from it keep their defaults), then applies `--set` overrides.

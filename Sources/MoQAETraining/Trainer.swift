@@ -104,7 +104,7 @@ public final class Trainer {
 
     private static func checkCompatible(_ checkpoint: Checkpoint, with config: TrainingConfig, data: RoutedStore,
                                         progress: ProgressReporter) throws(TrainingError) {
-        for key in TrainingConfig.modelShapingKeys where checkpoint.config.values[key] != config.values[key] {
+        for key in TrainingConfig.modelShapingKeys + TrainingConfig.dataOrderKeys where checkpoint.config.values[key] != config.values[key] {
             throw .run("cannot resume: \(key) is \(config.values[key]!.yaml) but the checkpoint was trained with \(checkpoint.config.values[key]!.yaml)")
         }
         let (old, new) = (checkpoint.setup.layout, data.layout)
@@ -113,6 +113,9 @@ public final class Trainer {
         }
         for key in config.changedKeys(from: checkpoint.config) {
             progress.log("resuming with changed \(key): \(checkpoint.config.values[key]!.yaml) -> \(config.values[key]!.yaml)")
+        }
+        guard checkpoint.position * config.batchSize < data.calibration.count else {
+            throw .run("cannot resume: the checkpoint is \(checkpoint.position) batches into an epoch, but the store's calibration split has only \(data.calibration.count) sequences")
         }
         if checkpoint.storeFingerprint != data.store.fingerprint {
             progress.log("warning: the store's content differs from the one the checkpoint trained on (fingerprint \(String(checkpoint.storeFingerprint, radix: 16)) -> \(String(data.store.fingerprint, radix: 16)))")

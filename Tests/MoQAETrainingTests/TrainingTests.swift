@@ -90,6 +90,10 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
             _ = try Trainer(config: try smallConfig(store: store, run: run, ["router.group_size=2"]), configSource: "test",
                             resume: .latest, progress: ProgressReporter(interactive: false))
         } throws: { "\($0)".contains("router.group_size is 2 but the checkpoint was trained with 3") }
+        #expect {
+            _ = try Trainer(config: try smallConfig(store: store, run: run, ["train.epochs=100", "train.batch_size=3"]), configSource: "test",
+                            resume: .latest, progress: ProgressReporter(interactive: false))
+        } throws: { "\($0)".contains("train.batch_size is 3 but the checkpoint was trained with 4") }
         let resumed = try Trainer(config: try smallConfig(store: store, run: run, ["train.epochs=100", "train.max_steps=4", "train.lr=1e-4"]), configSource: "test",
                                   resume: .latest, progress: ProgressReporter(interactive: false))
         #expect(resumed.state.optimizer.settings.learningRate == 1e-4 && resumed.state.step == 4)
