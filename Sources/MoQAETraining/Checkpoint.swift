@@ -114,6 +114,9 @@ public struct Checkpoint: Equatable {
 
         let layout = setup.layout
         let count = RouterParameters.parameterCount(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count)
+        guard 3 * count == header.tensors.reduce(0, { $0 + $1.elementCount }) else {
+            throw fail("holds \(header.tensors.reduce(0, { $0 + $1.elementCount })) values, its routing metadata implies \(3 * count)")
+        }
         var parameters = RouterParameters(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count,
                                           values: Array(repeating: 0, count: count))
         var m = parameters.values, v = parameters.values
@@ -143,11 +146,13 @@ public struct Checkpoint: Equatable {
 
     private static func parseRouting(_ text: String, fail: (String) -> CheckpointError) throws(CheckpointError) -> RouterSetup {
         guard let json = try? JSON.parse(text) else { throw fail("metadata routing is not valid JSON") }
-        func int(_ key: String) throws(CheckpointError) -> Int {
-            guard let value = json[key]?.intValue, value > 0, value <= 1 << 30 else { throw fail("metadata routing.\(key) is not a positive integer") }
+        /// Limits are those of the export header (u16 fields), tokens excepted.
+        func int(_ key: String, max: Int = 65535) throws(CheckpointError) -> Int {
+            guard let value = json[key]?.intValue, value > 0, value <= max else { throw fail("metadata routing.\(key) is not an integer in 1...\(max)") }
             return value
         }
-        guard let freeze = json["freeze_first_chunk"]?.boolValue, let expertItems = json["experts"]?.arrayValue, !expertItems.isEmpty else {
+        guard let freeze = json["freeze_first_chunk"]?.boolValue, let expertItems = json["experts"]?.arrayValue,
+              (1...255).contains(expertItems.count) else {
             throw fail("metadata routing is incomplete")
         }
         var experts: [Expert] = []
@@ -156,7 +161,7 @@ public struct Checkpoint: Equatable {
                   Expert.isValidBits(kb), Expert.isValidBits(vb) else { throw fail("metadata routing.experts holds an invalid expert") }
             experts.append(Expert(name: name, keyBits: kb, valueBits: vb))
         }
-        let layout = RoutingLayout(layers: try int("layers"), heads: try int("heads"), tokens: try int("tokens"),
+        let layout = RoutingLayout(layers: try int("layers"), heads: try int("heads"), tokens: try int("tokens", max: Int(Int32.max)),
                                    inputDim: try int("input_dim"), chunkSize: try int("chunk_size"), groupSize: try int("group_size"),
                                    freezeFirstChunk: freeze)
         return RouterSetup(layout: layout, experts: experts, valueGroup: try int("value_group"))
