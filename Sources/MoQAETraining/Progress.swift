@@ -8,6 +8,7 @@ public final class ProgressReporter {
     private let interactive: Bool
     private var start = Date()
     private var lastPlainLine = Date.distantPast
+    private var lastDraw = Date.distantPast
     private var barVisible = false
 
     public init(total: Int = 0, interactive: Bool = isatty(STDERR_FILENO) == 1) {
@@ -32,6 +33,8 @@ public final class ProgressReporter {
         let total = max(1, self.total)
         let remaining = done > startDone ? elapsed / Double(done - startDone) * Double(total - done) : 0
         if interactive {
+            guard done == total || Date().timeIntervalSince(lastDraw) >= 0.1 else { return }
+            lastDraw = Date()
             let width = 30
             let filled = width * done / total
             let bar = String(repeating: "=", count: filled) + (filled < width ? ">" : "") + String(repeating: " ", count: max(0, width - filled - 1))
