@@ -1,0 +1,74 @@
+"""python -m moqae_calib dump | merge — see README.md, "Calibration stores"."""
+import argparse
+import re
+import sys
+
+from . import CalibError
+
+
+def byte_size(text):
+    match = re.fullmatch(r"(\d+)([KMG]i?B?)?", text.strip(), flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got '{text}'")
+    unit = (match.group(2) or "").upper()[:1]
+    return int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+
+
+def parser():
+    root = argparse.ArgumentParser(prog="python -m moqae_calib", description="Calibration stores for moqae-train.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    dump = commands.add_parser("dump", help="dump a store from a local Hugging Face causal LM and a text corpus")
+    dump.add_argument("--model", required=True, help="model directory (config.json and weights); never downloaded")
+    dump.add_argument("--corpus", required=True, nargs="+", help=".txt or .jsonl files (jsonl: a \"text\" field per line)")
+    dump.add_argument("--out", required=True, help="store directory to create")
+    dump.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto",
+                      help="auto: the model directory's tokenizer; bytes: raw UTF-8 bytes as ids")
+    dump.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
+    dump.add_argument("--fraction", type=float, default=0.10,
+                      help="dump the windows with u(id) < FRACTION (default 0.10: calibration and validation splits)")
+    dump.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    dump.add_argument("--chunk-size", type=int, default=32, help="tokens per unit (default 32)")
+    dump.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
+    dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
+    dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
+                      help="how delta_nll is estimated (exact: one forward per unit and expert; small models)")
+    dump.add_argument("--inputs-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                      help="dtype of the stored keys (default float16)")
+    dump.add_argument("--shard-size", type=byte_size, default=1 << 30, help="bytes per shard at most (default 1G)")
+    dump.add_argument("--resume", action="store_true", help="continue an interrupted dump into --out")
+    dump.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    dump.add_argument("--device-map", help="passed to from_pretrained, e.g. auto for models larger than one GPU")
+    dump.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                      help="auto: float32 on CPU, bfloat16 on CUDA")
+    dump.add_argument("--num-shards", type=int, default=1, help="parallel dump: number of processes")
+    dump.add_argument("--shard-index", type=int, default=0, help="parallel dump: this process's index")
+
+    merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
+    return root
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "dump":
+            from .dump import dump
+            count = dump(args)
+            print(f"wrote {count} sequences to {args.out}")
+        else:
+            from .store import merge
+            count = merge(args.out, args.parts)
+            print(f"merged {count} sequences into {args.out}")
+    except CalibError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Corpus reading and windowing: token ids split into consecutive windows of seq_len, last partial dropped."""
+import json
+import os
+
+import torch
+
+from . import CalibError
+
+
+def read_texts(paths):
+    """The texts of .txt files (whole file) and .jsonl files (the "text" field of every line)."""
+    texts = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CalibError(f"{path}: corpus file not found")
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise CalibError(f"{path}:{number}: expected an object with a string \"text\" field")
+                    texts.append(record["text"])
+        elif path.endswith(".txt"):
+            with open(path, "rb") as f:
+                texts.append(f.read().decode("utf-8", errors="strict"))
+        else:
+            raise CalibError(f"{path}: corpus files must end in .txt or .jsonl")
+    return texts
+
+
+class ByteTokenizer:
+    """Raw UTF-8 bytes as token ids (vocabulary 256), for byte-level models."""
+    name = "bytes"
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer:
+    """The tokenizer saved in the model directory (never downloaded)."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoTokenizer
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except Exception as error:  # noqa: BLE001 - transformers raises many kinds here
+            raise CalibError(f"{model_dir}: no usable tokenizer in the model directory ({type(error).__name__}); "
+                             "pass --tokenizer bytes for byte-level models") from None
+        self.name = f"{model_dir} ({type(self.tokenizer).__name__})"
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def windows(texts, tokenizer, seq_len):
+    """All texts tokenized and concatenated, cut into (num_windows, seq_len) int64 windows."""
+    ids = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text))
+    count = len(ids) // seq_len
+    if count == 0:
+        raise CalibError(f"the corpus holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)

@@ -1,0 +1,123 @@
+"""`dump`: a local Hugging Face causal LM plus a text corpus → a calibration store."""
+import os
+
+import torch
+from tqdm import tqdm
+
+from . import CalibError
+from .capture import IMPLEMENTATION
+from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
+from .experts import parse_experts
+from .selection import selected
+from .sensitivity import exact_delta, forward_with_kv_gradients, taylor_delta
+from .store import StoreWriter
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def model_shape(config):
+    """(layers, kv heads, head dim, max positions) from a transformers config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers, kv_heads, head_dim, config.max_position_embeddings
+
+
+def check_model_dir(model_dir):
+    if not os.path.isdir(model_dir):
+        raise CalibError(f"{model_dir}: model directory not found")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CalibError(f"{model_dir}/config.json: missing (expected a Hugging Face model directory)")
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in WEIGHT_FILES):
+        raise CalibError(f"{model_dir}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CalibError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def load_model(model_dir, device, device_map, dtype_name):
+    from transformers import AutoModelForCausalLM
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, attn_implementation=IMPLEMENTATION, dtype=dtype,
+            **({"device_map": device_map} if device_map else {}))
+    except (OSError, ValueError) as error:
+        raise CalibError(f"{model_dir}: cannot load the model ({str(error).splitlines()[0]})") from None
+    if not device_map:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def dump(args):
+    from transformers import AutoConfig
+    check_model_dir(args.model)
+    experts = parse_experts(args.experts)
+    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    layers, kv_heads, head_dim, max_positions = model_shape(config)
+    seq_len = args.seq_len or min(max_positions, 4096)
+    if seq_len > max_positions:
+        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    value_group = args.value_group or head_dim
+    if head_dim % value_group:
+        raise CalibError(f"--value-group {value_group} must divide the head dimension {head_dim}")
+    if seq_len // args.chunk_size < 2:
+        raise CalibError(f"--seq-len {seq_len} holds fewer than two chunks of --chunk-size {args.chunk_size}")
+    if not 0 < args.fraction <= 1:
+        raise CalibError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if not 0 <= args.shard_index < args.num_shards:
+        raise CalibError(f"--shard-index must be in 0..{args.num_shards - 1}, got {args.shard_index}")
+
+    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
+    corpus = windows(read_texts(args.corpus), tokenizer, seq_len)
+    chosen = [i for i in range(corpus.shape[0]) if selected(i, args.seed, args.fraction)]
+    if not chosen:
+        raise CalibError(f"--fraction {args.fraction} selects none of the corpus's {corpus.shape[0]} windows")
+    mine = chosen[args.shard_index:: args.num_shards]
+
+    header = {
+        "format": "moqae-calibration", "version": 1,
+        "model": {"name": os.path.basename(os.path.normpath(args.model)), "num_layers": layers,
+                  "num_kv_heads": kv_heads, "head_dim": head_dim},
+        "router_input": "key", "chunk_size": args.chunk_size, "value_group": value_group,
+        "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in experts],
+        "sensitivity": args.sensitivity, "selection": {"seed": args.seed, "fraction": args.fraction},
+        "corpus": {"source": ", ".join(os.path.basename(p) for p in args.corpus), "tokenizer": tokenizer.name,
+                   "seq_len": seq_len, "num_sequences": int(corpus.shape[0])},
+    }
+    settings = dict(header, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size,
+                    part={"index": args.shard_index, "count": args.num_shards})
+    writer = StoreWriter(args.out, header, settings, args.shard_size, resume=args.resume)
+    todo = [i for i in mine if i not in writer.done_ids]
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, args.device_map, args.model_dtype)
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.inputs_dtype]
+    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
+                    dynamic_ncols=True)
+    for seq_id in todo:
+        ids = corpus[seq_id].to(model.device)
+        if args.sensitivity == "exact":
+            nll, keys, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model)
+        else:
+            nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model)
+            delta = taylor_delta(keys, values, grad_keys, grad_values, experts, args.chunk_size, value_group,
+                                 seq_len, rule=args.sensitivity)
+        inputs = torch.stack(keys)
+        if tuple(inputs.shape) != (layers, kv_heads, seq_len, head_dim):
+            raise CalibError(f"{args.model}: captured keys of shape {tuple(inputs.shape)}, the config implies "
+                             f"{(layers, kv_heads, seq_len, head_dim)}")
+        writer.add(seq_id, inputs.to(store_dtype), nll, delta)
+        progress.update(1)
+    progress.close()
+    part = {"index": args.shard_index, "count": args.num_shards} if args.num_shards > 1 else None
+    writer.finish(part=part)
+    return len(mine)

@@ -1,0 +1,184 @@
+"""Writing `moqae-calibration` version 1 stores: shards of at most `shard_size` bytes, each written
+atomically; the manifest last, atomically, so a directory with a manifest is always complete.
+
+An interrupted dump leaves complete shards, `dump-state.json` (the settings) and no manifest; with
+`resume=True` the writer checks the settings, keeps the complete shards and continues. A parallel
+part (`--num-shards/--shard-index`) ends with `part.json` instead of a manifest; `merge` joins parts.
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import CalibError
+
+STATE = "dump-state.json"
+PART = "part.json"
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path, data):
+    """Temporary file, fsync, rename, fsync of the directory."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise CalibError(f"{path}: cannot write ({error.strerror})") from None
+    fsync_directory(os.path.dirname(path) or ".")
+
+
+def fsync_directory(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path, value):
+    atomic_write_bytes(path, (json.dumps(value, indent=1) + "\n").encode())
+
+
+def shard_name(index):
+    return f"shard-{index:05d}.safetensors"
+
+
+def completed_shards(directory):
+    """Sorted names of the shard files a dump finished (temporary files excluded)."""
+    return sorted(n for n in os.listdir(directory) if n.startswith("shard-") and n.endswith(".safetensors"))
+
+
+class StoreWriter:
+    """Collects sequences into shards and writes the manifest (or a part file) at the end.
+
+    `header`: every manifest field but "sequences". `settings`: everything that must match on resume.
+    """
+
+    def __init__(self, directory, header, settings, shard_size, resume=False):
+        self.directory, self.header, self.shard_size = directory, header, shard_size
+        self.sequences, self.pending, self.pending_bytes = [], {}, 0
+        self.pending_entries = []
+        if os.path.exists(os.path.join(directory, MANIFEST)):
+            raise CalibError(f"{directory}: already holds a complete store (manifest.json); choose another --out")
+        if resume:
+            self._resume(settings)
+        else:
+            if os.path.isdir(directory) and os.listdir(directory):
+                raise CalibError(f"{directory}: exists and is not empty; pass --resume to continue an interrupted dump")
+            os.makedirs(directory, exist_ok=True)
+            atomic_write_json(os.path.join(directory, STATE), settings)
+        self.next_shard = len(completed_shards(directory))
+
+    def _resume(self, settings):
+        state_path = os.path.join(self.directory, STATE)
+        if not os.path.isfile(state_path):
+            raise CalibError(f"{self.directory}: no interrupted dump to resume (no {STATE})")
+        with open(state_path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise CalibError(f"{self.directory}: cannot resume with different settings: {', '.join(changed)} changed")
+        for name in os.listdir(self.directory):
+            if ".tmp-" in name:
+                os.unlink(os.path.join(self.directory, name))
+        for name in completed_shards(self.directory):
+            with safe_open(os.path.join(self.directory, name), framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(".inputs"):
+                        seq_id = int(key.split(".")[1])
+                        tokens = f.get_slice(key).get_shape()[2]
+                        self.sequences.append({"id": seq_id, "shard": name, "tokens": tokens})
+
+    @property
+    def done_ids(self):
+        return {s["id"] for s in self.sequences}
+
+    def add(self, seq_id, inputs, nll, delta):
+        """inputs (L, H, T, D) in the store dtype, nll a float, delta (L, H, C, M) float32."""
+        size = inputs.numel() * inputs.element_size() + 4 + delta.numel() * 4
+        if self.pending and self.pending_bytes + size > self.shard_size:
+            self.flush()
+        self.pending[f"seq.{seq_id}.inputs"] = inputs.contiguous().cpu()
+        self.pending[f"seq.{seq_id}.nll"] = torch.tensor(nll, dtype=torch.float32)
+        self.pending[f"seq.{seq_id}.delta_nll"] = delta.to(torch.float32).contiguous().cpu()
+        self.pending_entries.append({"id": seq_id, "tokens": int(inputs.shape[2])})
+        self.pending_bytes += size
+
+    def flush(self):
+        if not self.pending:
+            return
+        name = shard_name(self.next_shard)
+        path = os.path.join(self.directory, name)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(self.pending, temporary)
+            with open(temporary, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except OSError as error:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise CalibError(f"{path}: cannot write shard ({error.strerror})") from None
+        fsync_directory(self.directory)
+        self.sequences += [dict(entry, shard=name) for entry in self.pending_entries]
+        self.next_shard += 1
+        self.pending, self.pending_entries, self.pending_bytes = {}, [], 0
+
+    def finish(self, part=None):
+        """Writes the last shard, then the manifest (or, for a parallel part, `part.json`)."""
+        self.flush()
+        body = dict(self.header, sequences=sorted(self.sequences, key=lambda s: s["id"]))
+        if part is None:
+            atomic_write_json(os.path.join(self.directory, MANIFEST), body)
+            os.unlink(os.path.join(self.directory, STATE))
+        else:
+            atomic_write_json(os.path.join(self.directory, PART), dict(body, part=part))
+
+
+def merge(out, part_dirs):
+    """Joins the parts of a parallel dump into one store; the manifest is written last."""
+    parts = []
+    for directory in part_dirs:
+        path = os.path.join(directory, PART)
+        if not os.path.isfile(path):
+            raise CalibError(f"{directory}: not a finished dump part (no {PART}); finish it with --resume")
+        with open(path) as f:
+            parts.append((directory, json.load(f)))
+    first = parts[0][1]
+    count = first["part"]["count"]
+    indices = sorted(p["part"]["index"] for _, p in parts)
+    if indices != list(range(count)):
+        raise CalibError(f"merge: expected parts 0..{count - 1} exactly once, got {indices}")
+    for directory, part in parts:
+        mismatched = [k for k in first if k not in ("sequences", "part") and part.get(k) != first[k]]
+        if mismatched:
+            raise CalibError(f"{directory}: part differs from {parts[0][0]} in {', '.join(mismatched)}")
+    if os.path.exists(out) and os.listdir(out):
+        raise CalibError(f"{out}: exists and is not empty")
+    os.makedirs(out, exist_ok=True)
+    sequences, index = [], 0
+    for directory, part in sorted(parts, key=lambda p: p[1]["part"]["index"]):
+        renamed = {}
+        for name in sorted({s["shard"] for s in part["sequences"]}):
+            renamed[name] = shard_name(index)
+            shutil.copyfile(os.path.join(directory, name), os.path.join(out, renamed[name]))
+            index += 1
+        sequences += [dict(s, shard=renamed[s["shard"]]) for s in part["sequences"]]
+    fsync_directory(out)
+    header = {k: v for k, v in first.items() if k not in ("sequences", "part")}
+    atomic_write_json(os.path.join(out, MANIFEST), dict(header, sequences=sorted(sequences, key=lambda s: s["id"])))
+    return len(sequences)
+
+
+def to_store_dtype(x, name):
+    return x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name])
+
