@@ -2,33 +2,47 @@
 SHELL := /bin/bash
 BIN := .build/release/moqae-train
 CONFIG ?= configs/default.yaml
-STORE ?= calibration/stores/synthetic-tiny
+STORE ?= calibration/stores/wt2-byte-llama
+VENV := calibration/.venv
+PY := $(VENV)/bin/python
+CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: setup build store train test clean-run
+.PHONY: setup venv build store train test clean-run
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
 	@dpkg -s libopenblas-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libopenblas-dev pkg-config; }
 
+## A virtual environment with the pinned Python packages of calibration/requirements.txt.
+venv: $(PY)
+$(PY): calibration/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r calibration/requirements.txt
+	touch $(PY)
+
 build: setup
 	swift build -c release --product moqae-train
 
-## The default store: synthetic, in the reference model's shape (until the real dumper lands).
-store: build
-	@test -f $(STORE)/manifest.json || $(BIN) synth --shape tiny --sequences 256 --out $(STORE)
+## The default store: the reference byte-level Llama's keys on WikiText-2 valid.txt (10% of its
+## 512-byte windows: the calibration and validation splits). An interrupted dump is resumed.
+store: venv
+	@if [ ! -f $(STORE)/manifest.json ]; then \
+	  $(CALIB) dump --model calibration/reference/wt2-byte-llama --corpus calibration/reference/wikitext-2/valid.txt \
+	    --tokenizer bytes --out $(STORE) $$([ -f $(STORE)/dump-state.json ] && echo --resume); fi
 
 ## Train on the default store (continuing the run if it exists), then export the router.
-train: store
+train: build store
 	$(BIN) train --config $(CONFIG) --set store=$(STORE) --set run_dir=$(RUN_DIR) \
 	  $$(ls $(RUN_DIR)/ckpt-*.safetensors >/dev/null 2>&1 && echo --resume latest) $(TRAIN_ARGS)
 	$(BIN) export $(RUN_DIR) --out $(RUN_DIR)/router.bin
 	$(BIN) inspect $(RUN_DIR)/router.bin
 
-## Every test (Swift Testing, debug build).
-test: setup
+## Every test: Swift Testing (debug build), then pytest for the Python tools.
+test: setup venv
 	swift test
+	cd calibration && ../$(PY) -m pytest -q tests
 
 clean-run:
 	rm -rf $(RUN_DIR)

@@ -1,5 +1,6 @@
 """`dump`: a local Hugging Face causal LM plus a text corpus → a calibration store."""
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -102,7 +103,7 @@ def dump(args):
     model = load_model(args.model, device, args.device_map, args.model_dtype)
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.inputs_dtype]
     progress = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
     for seq_id in todo:
         ids = corpus[seq_id].to(model.device)
         if args.sensitivity == "exact":

@@ -18,6 +18,7 @@ from . import CalibError
 STATE = "dump-state.json"
 PART = "part.json"
 MANIFEST = "manifest.json"
+HEADER_BYTES_PER_SEQUENCE = 512      # a generous bound on a sequence's three safetensors header entries
 
 
 def atomic_write_bytes(path, data):
@@ -58,7 +59,8 @@ def completed_shards(directory):
 
 
 class StoreWriter:
-    """Collects sequences into shards and writes the manifest (or a part file) at the end.
+    """Collects sequences into shards and writes the manifest (or a part file) at the end. A shard holds
+    at least one sequence, so a sequence larger than `shard_size` gets a shard of its own.
 
     `header`: every manifest field but "sequences". `settings`: everything that must match on resume.
     """
@@ -104,7 +106,7 @@ class StoreWriter:
 
     def add(self, seq_id, inputs, nll, delta):
         """inputs (L, H, T, D) in the store dtype, nll a float, delta (L, H, C, M) float32."""
-        size = inputs.numel() * inputs.element_size() + 4 + delta.numel() * 4
+        size = inputs.numel() * inputs.element_size() + 4 + delta.numel() * 4 + HEADER_BYTES_PER_SEQUENCE
         if self.pending and self.pending_bytes + size > self.shard_size:
             self.flush()
         self.pending[f"seq.{seq_id}.inputs"] = inputs.contiguous().cpu()

@@ -1,0 +1,68 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALIBRATION = os.path.dirname(HERE)
+ROOT = os.path.dirname(CALIBRATION)
+REFERENCE_MODEL = os.path.join(CALIBRATION, "reference", "wt2-byte-llama")
+VALID_TXT = os.path.join(CALIBRATION, "reference", "wikitext-2", "valid.txt")
+sys.path.insert(0, CALIBRATION)
+
+
+def run_calib(*args):
+    """Runs `python -m moqae_calib ARGS` and returns the completed process."""
+    env = dict(os.environ, PYTHONPATH=CALIBRATION)
+    return subprocess.run([sys.executable, "-m", "moqae_calib", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def moqae_train():
+    """The built moqae-train (release or debug), building it when neither exists."""
+    for config in ("release", "debug"):
+        path = os.path.join(ROOT, ".build", config, "moqae-train")
+        if os.path.isfile(path):
+            return path
+    subprocess.run(["swift", "build", "--product", "moqae-train"], cwd=ROOT, check=True)
+    return os.path.join(ROOT, ".build", "debug", "moqae-train")
+
+
+def _save_tiny(directory, config):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig
+    return _save_tiny(str(tmp_path_factory.mktemp("tiny-llama")), LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    from transformers import Qwen2Config
+    return _save_tiny(str(tmp_path_factory.mktemp("tiny-qwen2")), Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256))
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    with open(VALID_TXT, "rb") as f:
+        path.write_bytes(f.read(200_000))
+    return str(path)
+
+
+def copy_model(source, destination):
+    shutil.copytree(source, destination)
+    return destination

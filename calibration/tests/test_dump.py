@@ -1,0 +1,148 @@
+"""The dump command end to end: stores from Llama and Qwen2, resume, parallel parts, bad inputs."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REFERENCE_MODEL, copy_model, run_calib
+from moqae_calib import CalibError
+
+
+def dump(model, corpus, out, *extra):
+    return run_calib("dump", "--model", model, "--corpus", corpus, "--out", out, "--tokenizer", "bytes", *extra)
+
+
+def store_tensors(directory):
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def expect_clean_failure(result, out, *mentions):
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in mentions:
+        assert text in lines[0], lines[0]
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
+def test_dumps_llama_and_qwen2_and_the_trainer_reads_them(family, request, small_corpus, tmp_path, moqae_train):
+    model = request.getfixturevalue(family)
+    out = str(tmp_path / "store")
+    result = dump(model, small_corpus, out, "--seq-len", "128", "--fraction", "0.2", "--experts", "fp16,int8,k4v2,int2")
+    assert result.returncode == 0, result.stderr
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["corpus"]["seq_len"] == 128 and manifest["chunk_size"] == 32
+    assert [e["name"] for e in manifest["experts"]] == ["fp16", "int8", "k4v2", "int2"]
+    inspect = subprocess.run([moqae_train, "inspect", out], capture_output=True, text=True)
+    assert inspect.returncode == 0 and "every tensor verified" in inspect.stdout, inspect.stderr
+    run_dir = str(tmp_path / "run")
+    config = tmp_path / "empty.yaml"
+    config.write_text("")
+    train = subprocess.run([moqae_train, "--config", str(config), "--set", f"store={out}", "--set", f"run_dir={run_dir}",
+                            "--set", "router.experts=[fp16, k4v2, int2]", "--set", "data.calibration_fraction=0.1",
+                            "--set", "data.validation_fraction=0.1", "--max-steps", "3"], capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert "validation:" in train.stdout
+
+
+def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path, monkeypatch):
+    from moqae_calib.__main__ import parser
+    from moqae_calib import dump as dump_module
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    args = ["--model", tiny_llama, "--corpus", small_corpus, "--tokenizer", "bytes", "--seq-len", "128", "--fraction", "0.2",
+            "--shard-size", "100K"]
+    assert dump(tiny_llama, small_corpus, whole, *args[6:]).returncode == 0
+
+    real_add = dump_module.StoreWriter.add
+    calls = {"n": 0}
+
+    def interrupted_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(dump_module.StoreWriter, "add", interrupted_add)
+    with pytest.raises(KeyboardInterrupt):
+        dump_module.dump(parser().parse_args(["dump", *args, "--out", split]))
+    assert not os.path.exists(os.path.join(split, "manifest.json"))
+    assert any(n.startswith("shard-") for n in os.listdir(split))
+    monkeypatch.setattr(dump_module.StoreWriter, "add", real_add)
+    refused = dump(tiny_llama, small_corpus, split, *args[6:])
+    expect_clean_failure(refused, split, "--resume")
+    assert dump(tiny_llama, small_corpus, split, *args[6:], "--resume").returncode == 0
+    a, b = store_tensors(whole), store_tensors(split)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shards = [n for n in os.listdir(split) if n.endswith(".safetensors")]
+    assert len(shards) > 1 and all(os.path.getsize(os.path.join(split, n)) <= 100 * 1024 for n in shards)
+    assert json.load(open(os.path.join(whole, "manifest.json")))["sequences"] == \
+        json.load(open(os.path.join(split, "manifest.json")))["sequences"]
+
+
+def test_parallel_parts_merge_into_the_same_store(tiny_llama, small_corpus, tmp_path):
+    single, merged = str(tmp_path / "single"), str(tmp_path / "merged")
+    common = ["--seq-len", "128", "--fraction", "0.2"]
+    assert dump(tiny_llama, small_corpus, single, *common).returncode == 0
+    parts = []
+    for index in range(2):
+        part = str(tmp_path / f"part{index}")
+        result = dump(tiny_llama, small_corpus, part, *common, "--num-shards", "2", "--shard-index", str(index))
+        assert result.returncode == 0, result.stderr
+        assert not os.path.exists(os.path.join(part, "manifest.json"))
+        parts.append(part)
+    incomplete = run_calib("merge", "--out", merged, parts[0])
+    expect_clean_failure(incomplete, merged, "parts 0..1")
+    assert run_calib("merge", "--out", merged, *parts).returncode == 0
+    a, b = store_tensors(single), store_tensors(merged)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = lambda d: [s["id"] for s in json.load(open(os.path.join(d, "manifest.json")))["sequences"]]
+    assert ids(single) == ids(merged)
+
+
+def test_bad_inputs(tmp_path, small_corpus):
+    out = str(tmp_path / "store")
+    expect_clean_failure(dump(str(tmp_path / "nowhere"), small_corpus, out), out, "model directory not found")
+    no_weights = copy_model(REFERENCE_MODEL, str(tmp_path / "no-weights"))
+    os.unlink(os.path.join(no_weights, "model.safetensors"))
+    expect_clean_failure(dump(no_weights, small_corpus, out), out, "no weights")
+    no_config = copy_model(REFERENCE_MODEL, str(tmp_path / "no-config"))
+    os.unlink(os.path.join(no_config, "config.json"))
+    expect_clean_failure(dump(no_config, small_corpus, out), out, "config.json")
+    expect_clean_failure(dump(REFERENCE_MODEL, small_corpus, out, "--seq-len", "1024"), out, "max_position_embeddings 512")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    expect_clean_failure(dump(REFERENCE_MODEL, str(empty), out), out, "fewer than one window")
+    expect_clean_failure(dump(REFERENCE_MODEL, small_corpus, out, "--experts", "int4,int2"), out, "no 16/16 expert")
+    expect_clean_failure(dump(REFERENCE_MODEL, str(tmp_path / "missing.txt"), out), out, "missing.txt")
+    assert not os.path.exists(out)
+
+
+def test_attention_outside_the_interface_is_refused(tmp_path, small_corpus, monkeypatch):
+    """A model whose attention bypasses transformers' attention interface cannot be captured."""
+    from transformers.models.llama import modeling_llama
+    from moqae_calib.__main__ import parser
+    from moqae_calib import dump as dump_module
+
+    def bypassing_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        output, weights = modeling_llama.eager_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1)), weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", bypassing_forward)
+    out = str(tmp_path / "store")
+    with pytest.raises(CalibError, match="does not go through transformers' attention interface"):
+        dump_module.dump(parser().parse_args(["dump", "--model", REFERENCE_MODEL, "--corpus", small_corpus, "--out", out,
+                                              "--tokenizer", "bytes", "--fraction", "0.05"]))
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
