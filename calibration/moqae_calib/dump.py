@@ -21,7 +21,7 @@ def model_shape(config):
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return config.num_hidden_layers, kv_heads, head_dim, config.max_position_embeddings
+    return config.num_hidden_layers, kv_heads, head_dim, getattr(config, "max_position_embeddings", None)
 
 
 def check_model_dir(model_dir):
@@ -64,8 +64,10 @@ def dump(args):
     experts = parse_experts(args.experts)
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     layers, kv_heads, head_dim, max_positions = model_shape(config)
+    if max_positions is None and not args.seq_len:
+        raise CalibError(f"{args.model}/config.json: no max_position_embeddings; pass --seq-len")
     seq_len = args.seq_len or min(max_positions, 4096)
-    if seq_len > max_positions:
+    if max_positions is not None and seq_len > max_positions:
         raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     value_group = args.value_group or head_dim
     if head_dim % value_group:

@@ -21,20 +21,27 @@ MANIFEST = "manifest.json"
 HEADER_BYTES_PER_SEQUENCE = 512      # a generous bound on a sequence's three safetensors header entries
 
 
-def atomic_write_bytes(path, data):
-    """Temporary file, fsync, rename, fsync of the directory."""
+def atomic_write(path, write):
+    """`write(temporary_path)`, then fsync, rename over `path`, and fsync of the directory. On failure
+    the temporary file is removed and `path` is untouched."""
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(temporary)
+        with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error for a failed write
         if os.path.exists(temporary):
             os.unlink(temporary)
-        raise CalibError(f"{path}: cannot write ({error.strerror})") from None
+        raise CalibError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error})") from None
     fsync_directory(os.path.dirname(path) or ".")
+
+
+def atomic_write_bytes(path, data):
+    def write(temporary):
+        with open(temporary, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def fsync_directory(directory):
@@ -119,18 +126,7 @@ class StoreWriter:
         if not self.pending:
             return
         name = shard_name(self.next_shard)
-        path = os.path.join(self.directory, name)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            save_file(self.pending, temporary)
-            with open(temporary, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except OSError as error:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise CalibError(f"{path}: cannot write shard ({error.strerror})") from None
-        fsync_directory(self.directory)
+        atomic_write(os.path.join(self.directory, name), lambda temporary: save_file(self.pending, temporary))
         self.sequences += [dict(entry, shard=name) for entry in self.pending_entries]
         self.next_shard += 1
         self.pending, self.pending_entries, self.pending_bytes = {}, [], 0
