@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | merge — see README.md, "Calibration stores"."""
+"""python -m moqae_calib dump | eval | merge — see README.md."""
 import argparse
 import re
 import sys
@@ -44,6 +44,23 @@ def parser():
     dump.add_argument("--num-shards", type=int, default=1, help="parallel dump: number of processes")
     dump.add_argument("--shard-index", type=int, default=0, help="parallel dump: this process's index")
 
+    evaluate = commands.add_parser("eval", help="real perplexity under a router export, beside the baselines")
+    evaluate.add_argument("--model", required=True, help="model directory")
+    evaluate.add_argument("--text", required=True, help="evaluation text (.txt or .jsonl); every window is scored")
+    evaluate.add_argument("--router", required=True, help="MQAE export written by moqae-train export")
+    evaluate.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
+    evaluate.add_argument("--store", help="calibration store: its value_group, and the layer-wise baseline's search")
+    evaluate.add_argument("--calibration-fraction", type=float, default=0.05, help="the store's calibration split")
+    evaluate.add_argument("--value-group", type=int, help="value quantization group (default: the store's, else head dim)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluate.add_argument("--max-windows", type=int, help="score only the first N windows (quick checks)")
+    evaluate.add_argument("--no-baselines", action="store_true", help="score the router alone")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--device-map")
+    evaluate.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -57,6 +74,9 @@ def main(argv=None):
             from .dump import dump
             count = dump(args)
             print(f"wrote {count} sequences to {args.out}")
+        elif args.command == "eval":
+            from .evaluate import run_eval
+            run_eval(args)
         else:
             from .store import merge
             count = merge(args.out, args.parts)

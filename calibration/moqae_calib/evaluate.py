@@ -1,0 +1,383 @@
+"""`eval`: real perplexity of a model whose KV cache follows a plan, for the router and the baselines.
+
+A plan decides an expert for every unit (layer, KV head, routed chunk) of every window; the first chunk
+(when the router freezes it) and the tail tokens stay at 16 bits, as does everything a plan leaves
+unquantized (rounded to binary16, which is how a cache stores 16 bits). Every plan is scored by a
+forward pass over every window of the evaluation text with its K and V fake-quantized by the shared
+quantizer.
+"""
+import math
+import os
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from . import CalibError
+from .capture import KVHook, check_all_layers_seen
+from .quantizer import quantize_keys, quantize_values, unit_storage_bits
+from .router import route
+from .selection import unit_value
+from .sensitivity import forward_with_kv_gradients, mean_nll, taylor_delta
+
+
+class Layout:
+    """Which tokens are routed: chunks `first..C-1` of every window of `tokens` tokens."""
+
+    def __init__(self, tokens, chunk_size, first, num_layers, num_heads, head_dim, value_group):
+        self.tokens, self.chunk_size, self.first = tokens, chunk_size, first
+        self.chunks = tokens // chunk_size
+        self.routed = self.chunks - first
+        self.num_layers, self.num_heads, self.head_dim, self.value_group = num_layers, num_heads, head_dim, value_group
+        self.region = slice(first * chunk_size, self.chunks * chunk_size)
+
+
+class Plan:
+    """Decides experts per unit. `decide(layer, key, windows, layout)` returns (B, H, routed chunks)
+    indices into `experts`, or None for all at expert 0; `windows` are the batch's window indices."""
+    name = "plan"
+
+    def __init__(self, experts):
+        self.experts = experts
+
+    def decide(self, layer, key, windows, layout):
+        raise NotImplementedError
+
+
+class UniformPlan(Plan):
+    def __init__(self, expert, name=None):
+        super().__init__([expert])
+        self.name = name or f"uniform {expert.name}"
+
+    def decide(self, layer, key, windows, layout):
+        return None   # everything at expert 0
+
+
+class LayerPlan(Plan):
+    """One expert per layer (KVTuner-style)."""
+
+    def __init__(self, experts, per_layer, name="layer-wise"):
+        super().__init__(experts)
+        self.per_layer, self.name = per_layer, name
+
+    def decide(self, layer, key, windows, layout):
+        return torch.full((*key.shape[:2], layout.routed), self.per_layer[layer], dtype=torch.long)
+
+
+class RouterPlan(Plan):
+    """The export's routers: router r runs on its leader layer's keys; the decision holds for its group."""
+    name = "router"
+
+    def __init__(self, export):
+        super().__init__(export.experts)
+        self.export, self.cached = export, None
+
+    def decide(self, layer, key, windows, layout):
+        router = self.export.router_of_layer(layer)
+        if layer == self.export.leader(router):
+            self.cached = route(self.export, router, key).cpu()
+        return self.cached
+
+
+class UnitPlan(Plan):
+    """Fixed decisions per window: `decisions[window]` is (L, H, routed chunks)."""
+
+    def __init__(self, experts, decisions, name):
+        super().__init__(experts)
+        self.decisions, self.name = decisions, name
+
+    def decide(self, layer, key, windows, layout):
+        return torch.stack([self.decisions[w][layer] for w in windows])
+
+
+def apply_plan(key, value, decisions, experts, layout):
+    """Fake-quantizes K, V (B, H, T, D) by per-unit decisions (B, H, routed) (None: all at expert 0)."""
+    out_k, out_v = key.half().to(key.dtype), value.half().to(value.dtype)
+    region, N = layout.region, layout.chunk_size
+    for m, expert in enumerate(experts):
+        if expert.is_unquantized:
+            continue
+        mask = None if decisions is None else (decisions == m).to(key.device)
+        if mask is not None and not mask.any():
+            continue
+        qk = quantize_keys(key[:, :, region], expert.key_bits, N)
+        qv = quantize_values(value[:, :, region], expert.value_bits, N, layout.value_group)
+        if mask is None:
+            out_k[:, :, region], out_v[:, :, region] = qk, qv
+        else:
+            tokens = mask.repeat_interleave(N, dim=-1)[..., None]
+            out_k[:, :, region] = torch.where(tokens, qk, out_k[:, :, region])
+            out_v[:, :, region] = torch.where(tokens, qv, out_v[:, :, region])
+    return out_k, out_v
+
+
+class Result:
+    """Perplexity and memory of one plan over the evaluation windows."""
+
+    def __init__(self, name, experts, layout, windows):
+        self.name, self.experts, self.layout, self.windows = name, experts, layout, windows
+        self.nll_sum, self.tokens = 0.0, 0
+        self.counts = torch.zeros(layout.num_layers, len(experts), dtype=torch.long)   # routed units per layer, expert
+
+    @property
+    def nll(self):
+        return self.nll_sum / self.tokens
+
+    def summary(self, bytes_per_token=None):
+        lay = self.layout
+        unit_elements = 2 * lay.chunk_size * lay.head_dim
+        total_elements = self.windows * lay.num_layers * lay.num_heads * lay.tokens * lay.head_dim * 2
+        units = self.counts.sum(0).double()
+        routed_elements = units.sum().item() * unit_elements
+        payload = sum(units[m].item() * unit_elements * (e.key_bits + e.value_bits) / 2 for m, e in enumerate(self.experts))
+        constants = sum(units[m].item() * unit_storage_bits(e, lay.chunk_size, lay.head_dim, lay.value_group)
+                        for m, e in enumerate(self.experts))
+        rest = (total_elements - routed_elements) * 16
+        out = {"name": self.name, "perplexity": math.exp(self.nll), "nll": self.nll,
+               "payload_bits": (payload + rest) / total_elements, "bits_with_constants": (constants + rest) / total_elements,
+               "experts": [e.name for e in self.experts],
+               "expert_fractions": (units / max(1.0, units.sum().item())).tolist(),
+               "decisions_per_layer": self.counts.tolist()}
+        out["kv_fraction_of_fp16"] = out["bits_with_constants"] / 16
+        if bytes_per_token:
+            out["bits_per_byte"] = self.nll / math.log(2) / bytes_per_token
+        return out
+
+
+def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True):
+    """Forward passes over every window with the plan applied; returns a Result."""
+    result = Result(plan.name, plan.experts, layout, len(windows))
+    state = {}
+
+    def transform(layer, key, value):
+        decisions = plan.decide(layer, key, state["windows"], layout)
+        if decisions is None:
+            result.counts[layer, 0] += key.shape[0] * key.shape[1] * layout.routed
+        else:
+            result.counts[layer] += torch.bincount(decisions.flatten().cpu(), minlength=len(plan.experts))
+        return apply_plan(key, value, decisions, plan.experts, layout)
+
+    hook = KVHook(transform=transform)
+    bar = tqdm(total=len(windows), unit="window", desc=plan.name, disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if os.isatty(2) else 30, leave=False)
+    with torch.no_grad(), hook.active():
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start: start + batch_size].to(model.device)
+            state["windows"] = list(range(start, start + ids.shape[0]))
+            nll = mean_nll(model(ids).logits, ids)
+            result.nll_sum += nll.double().sum().item() * (ids.shape[1] - 1)
+            result.tokens += ids.numel() - ids.shape[0]
+            bar.update(ids.shape[0])
+    bar.close()
+    check_all_layers_seen(hook, layout.num_layers, model_dir)
+    return result
+
+
+def lagrangian_allocation(costs, bits, budget):
+    """Per item, the option minimising cost + μ·bits with the smallest μ ≥ 0 whose total bits fit the
+    budget (bisection). costs, bits: (items, M) → (items,) option indices."""
+    def allocate(mu):
+        choice = (costs.double() + mu * bits.double()).argmin(-1)
+        return choice, bits.double().gather(-1, choice[:, None]).sum().item()
+    choice, total = allocate(0.0)
+    if total <= budget:
+        return choice
+    low, high = 0.0, 1e-12
+    choice, total = allocate(high)
+    while total > budget and high < 1e30:
+        high *= 4
+        choice, total = allocate(high)
+    for _ in range(80):
+        middle = (low + high) / 2
+        candidate, total = allocate(middle)
+        if total <= budget:
+            high, choice = middle, candidate
+        else:
+            low = middle
+    return choice
+
+
+def routed_unit_bits(experts, layout):
+    return torch.tensor([unit_storage_bits(e, layout.chunk_size, layout.head_dim, layout.value_group) for e in experts],
+                        dtype=torch.float64)
+
+
+def oracle_plan(model, windows, experts, layout, budget_per_unit, model_dir, progress=True):
+    """Taylor delta_nll on the evaluation windows themselves, then the best per-(layer, head, chunk)
+    allocation whose mean unit bits (with constants) fit `budget_per_unit`. It sees the answers."""
+    deltas = []
+    bar = tqdm(total=len(windows), unit="window", desc="oracle sensitivities", disable=not progress,
+               dynamic_ncols=True, mininterval=0.1 if os.isatty(2) else 30, leave=False)
+    for ids in windows:
+        nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids.to(model.device), model_dir)
+        delta = taylor_delta(keys, values, grad_keys, grad_values, experts, layout.chunk_size, layout.value_group, ids.numel())
+        deltas.append(delta[:, :, layout.first: layout.chunks])
+        bar.update(1)
+    bar.close()
+    stacked = torch.stack(deltas)                                      # (windows, L, H, routed, M)
+    unit_bits = routed_unit_bits(experts, layout)
+    costs = stacked.reshape(-1, len(experts))
+    choice = lagrangian_allocation(costs, unit_bits.expand(costs.shape[0], -1), budget_per_unit * costs.shape[0])
+    decisions = choice.reshape(stacked.shape[:-1])
+    return UnitPlan(experts, {w: decisions[w] for w in range(len(windows))}, "oracle (Taylor on eval text)"), stacked
+
+
+def random_plan(experts, fractions, layout, count, seed=0):
+    """Every unit draws its expert independently from the router's expert mix."""
+    generator = torch.Generator().manual_seed(seed)
+    probabilities = torch.tensor(fractions, dtype=torch.double)
+    draws = torch.multinomial(probabilities, count * layout.num_layers * layout.num_heads * layout.routed,
+                              replacement=True, generator=generator)
+    decisions = draws.reshape(count, layout.num_layers, layout.num_heads, layout.routed)
+    return UnitPlan(experts, {w: decisions[w] for w in range(count)}, "random (router's mix)")
+
+
+def layerwise_plan(store, calibration_fraction, layout, budget_per_unit):
+    """KVTuner-style: one expert of the store per layer, chosen on the store's calibration split to
+    minimise the summed delta_nll under the budget of mean unit bits (with constants)."""
+    import json
+    manifest_path = os.path.join(store, "manifest.json")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CalibError(f"{manifest_path}: cannot read the calibration store ({error})") from None
+    from .experts import Expert
+    experts = [Expert(e["name"], e["key_bits"], e["value_bits"]) for e in manifest["experts"]]
+    if manifest["chunk_size"] != layout.chunk_size or manifest["model"]["num_layers"] != layout.num_layers:
+        raise CalibError(f"{store}: chunk size or layer count differs from the router's")
+    seed = manifest["selection"]["seed"]
+    cost = torch.zeros(layout.num_layers, len(experts), dtype=torch.float64)
+    used = 0
+    for sequence in manifest["sequences"]:
+        if unit_value(sequence["id"], seed) >= calibration_fraction:
+            continue
+        with safe_open(os.path.join(store, sequence["shard"]), framework="pt") as f:
+            delta = f.get_tensor(f"seq.{sequence['id']}.delta_nll")
+        cost += delta[:, :, layout.first: layout.chunks].double().sum(dim=(1, 2))
+        used += 1
+    if used == 0:
+        raise CalibError(f"{store}: --calibration-fraction {calibration_fraction} selects no sequence")
+    bits = routed_unit_bits(experts, layout).expand(layout.num_layers, -1)
+    choice = lagrangian_allocation(cost, bits, budget_per_unit * layout.num_layers)
+    return LayerPlan(experts, choice.tolist())
+
+
+BASELINE_EXPERTS = ("fp16", "int8", "int4", "int2", "k4v2")
+
+
+class Evaluation:
+    """The model, the evaluation windows and the router export, with every method scored on them."""
+
+    def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True):
+        config = model.config
+        from .dump import model_shape
+        layers, heads, head_dim, _ = model_shape(config)
+        if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, head_dim):
+            raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
+                             f"{export.input_dim} dims, the model has {layers} × {heads} × {head_dim}")
+        self.model, self.windows, self.export, self.model_dir = model, windows, export, model_dir
+        self.batch_size, self.progress = batch_size, progress
+        self.layout = Layout(windows.shape[1], export.chunk_size, 1 if export.freeze_first_chunk else 0,
+                             layers, heads, head_dim, value_group)
+        self.oracle_deltas = None
+
+    def score(self, plan):
+        return evaluate_plan(self.model, self.windows, plan, self.layout, self.batch_size, self.model_dir, self.progress)
+
+    def router(self):
+        return self.score(RouterPlan(self.export))
+
+    def uniform(self, names=BASELINE_EXPERTS):
+        from .experts import parse_expert
+        return [self.score(UniformPlan(parse_expert(name))) for name in names]
+
+    def budget_per_unit(self, result):
+        """Mean bits (with constants) of a routed unit under a result's decisions."""
+        bits = routed_unit_bits(result.experts, self.layout)
+        units = result.counts.sum(0).double()
+        return (units * bits).sum().item() / units.sum().item()
+
+    def oracle(self, router_result):
+        if self.oracle_deltas is None:
+            plan, self.oracle_deltas = oracle_plan(self.model, self.windows, self.export.experts, self.layout,
+                                                   self.budget_per_unit(router_result), self.model_dir, self.progress)
+        else:
+            costs = self.oracle_deltas.reshape(-1, len(self.export.experts))
+            bits = routed_unit_bits(self.export.experts, self.layout).expand(costs.shape[0], -1)
+            choice = lagrangian_allocation(costs, bits, self.budget_per_unit(router_result) * costs.shape[0])
+            decisions = choice.reshape(self.oracle_deltas.shape[:-1])
+            plan = UnitPlan(self.export.experts, {w: decisions[w] for w in range(len(self.windows))},
+                            "oracle (Taylor on eval text)")
+        return self.score(plan)
+
+    def random(self, router_result):
+        units = router_result.counts.sum(0).double()
+        return self.score(random_plan(self.export.experts, (units / units.sum()).tolist(), self.layout, len(self.windows)))
+
+    def layerwise(self, router_result, store, calibration_fraction):
+        return self.score(layerwise_plan(store, calibration_fraction, self.layout, self.budget_per_unit(router_result)))
+
+
+def format_table(summaries):
+    lines = [f"{'method':<30} {'ppl':>9} {'bits/byte':>9} {'payload bits':>12} {'bits+consts':>11} {'KV/fp16':>8}"]
+    for s in summaries:
+        bpb = f"{s['bits_per_byte']:9.4f}" if "bits_per_byte" in s else f"{'-':>9}"
+        lines.append(f"{s['name']:<30} {s['perplexity']:9.4f} {bpb} {s['payload_bits']:12.3f} "
+                     f"{s['bits_with_constants']:11.3f} {100 * s['kv_fraction_of_fp16']:7.1f}%")
+    return "\n".join(lines)
+
+
+def format_decisions(summary):
+    lines = ["router decisions per layer (share of routed units):"]
+    for layer, counts in enumerate(summary["decisions_per_layer"]):
+        total = max(1, sum(counts))
+        shares = ", ".join(f"{name} {100 * c / total:.1f}%" for name, c in zip(summary["experts"], counts))
+        lines.append(f"  layer {layer}: {shares}")
+    return "\n".join(lines)
+
+
+def run_eval(args):
+    """The eval command: the router and every baseline on every window of --text."""
+    import json
+    from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
+    from .dump import check_model_dir, load_model, model_shape, resolve_device
+    from .router import read_export
+    from transformers import AutoConfig
+
+    export = read_export(args.router)
+    check_model_dir(args.model)
+    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    _, _, head_dim, max_positions = model_shape(config)
+    seq_len = args.seq_len or min(max_positions or 4096, 4096)
+    if max_positions is not None and seq_len > max_positions:
+        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
+    text_windows = windows(read_texts([args.text]), tokenizer, seq_len)
+    if args.max_windows:
+        text_windows = text_windows[: args.max_windows]
+    value_group = args.value_group or head_dim
+    if args.store:
+        with open(os.path.join(args.store, "manifest.json")) as f:
+            value_group = json.load(f)["value_group"]
+    model = load_model(args.model, resolve_device(args.device), args.device_map, args.model_dtype)
+    evaluation = Evaluation(model, text_windows, export, value_group, args.model, args.batch_size, progress=not args.json)
+    bytes_per_token = 1 if args.tokenizer == "bytes" else None
+
+    router = evaluation.router()
+    results = [router]
+    if not args.no_baselines:
+        results += evaluation.uniform()
+        if args.store:
+            results.append(evaluation.layerwise(router, args.store, args.calibration_fraction))
+        results.append(evaluation.random(router))
+        results.append(evaluation.oracle(router))
+    summaries = [r.summary(bytes_per_token) for r in results]
+    if args.json:
+        print(json.dumps({"windows": len(text_windows), "seq_len": seq_len, "results": summaries}))
+    else:
+        print(f"{args.text}: {len(text_windows)} windows of {seq_len} tokens; {args.router}: "
+              f"{export.num_routers} router(s), experts {', '.join(e.name for e in export.experts)}")
+        print(format_table(summaries))
+        print(format_decisions(summaries[0]))
+    return summaries

@@ -1,0 +1,114 @@
+"""Reading an MQAE router export and running its routers in torch (the evaluator's side of the trainer).
+
+The export (version 1, little-endian, no padding): a 32-byte header (magic "MQAE", u16 version, u8
+weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
+chunk frozen, 11 zero bytes), M (key_bits, value_bits) pairs, per router W1 (D×M), W2 (D×M), W3 (M×M)
+row-major, and a CRC-32 of everything before it.
+"""
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from . import CalibError
+from .experts import Expert
+
+HEADER = struct.Struct("<4sHBBHHHHHHB11s")
+
+
+@dataclass
+class RouterExport:
+    experts: list           # Expert per column
+    input_dim: int          # D
+    chunk_size: int         # N
+    group_size: int         # G
+    num_layers: int         # L
+    num_kv_heads: int       # H
+    freeze_first_chunk: bool
+    weights: list           # per router: (W1 (D, M), W2 (D, M), W3 (M, M)) float32 tensors
+
+    @property
+    def num_routers(self):
+        return len(self.weights)
+
+    def leader(self, router):
+        return router * self.group_size
+
+    def router_of_layer(self, layer):
+        return layer // self.group_size
+
+
+def read_export(path):
+    """Reads and checks an export: magic, version, dtype, exact size, CRC, header fields, finite weights."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise CalibError(f"{path}: cannot read ({error.strerror})") from None
+    if len(data) < HEADER.size + 4:
+        raise CalibError(f"{path}: {len(data)} bytes, too small for a router export")
+    magic, version, dtype, M, D, R, N, G, L, H, flags, reserved = HEADER.unpack_from(data)
+    if magic != b"MQAE":
+        raise CalibError(f"{path}: not a router export (magic is not MQAE)")
+    if version != 1:
+        raise CalibError(f"{path}: export version {version} is not supported (expected 1)")
+    if dtype not in (1, 2):
+        raise CalibError(f"{path}: weight dtype {dtype} is unknown (expected 1 = binary16 or 2 = binary32)")
+    width = 2 if dtype == 1 else 4
+    expected = HEADER.size + 2 * M + R * (2 * D * M + M * M) * width + 4
+    if len(data) != expected:
+        raise CalibError(f"{path}: file is {len(data)} bytes, its header implies {expected}")
+    if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
+        raise CalibError(f"{path}: CRC-32 mismatch: the file is damaged")
+    if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
+        raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
+    if flags & ~1 or any(reserved):
+        raise CalibError(f"{path}: reserved header bits are not zero")
+    experts = []
+    for index in range(M):
+        kb, vb = data[HEADER.size + 2 * index], data[HEADER.size + 2 * index + 1]
+        if not all(b == 16 or 1 <= b <= 8 for b in (kb, vb)):
+            raise CalibError(f"{path}: expert {index} has invalid bits ({kb}, {vb})")
+        experts.append(Expert("fp16" if (kb, vb) == (16, 16) else (f"int{kb}" if kb == vb else f"k{kb}v{vb}"), kb, vb))
+    count = R * (2 * D * M + M * M)
+    values = torch.frombuffer(bytearray(data[HEADER.size + 2 * M: HEADER.size + 2 * M + count * width]),
+                              dtype=torch.float16 if dtype == 1 else torch.float32).float()
+    if not torch.isfinite(values).all():
+        raise CalibError(f"{path}: holds a non-finite weight")
+    weights, offset = [], 0
+    for _ in range(R):
+        w1 = values[offset: offset + D * M].reshape(D, M)
+        w2 = values[offset + D * M: offset + 2 * D * M].reshape(D, M)
+        w3 = values[offset + 2 * D * M: offset + 2 * D * M + M * M].reshape(M, M)
+        weights.append((w1, w2, w3))
+        offset += 2 * D * M + M * M
+    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), weights)
+
+
+def token_probabilities(x, weights):
+    """p = softmax((SiLU(x W1) ⊙ (x W2)) W3) for token vectors x (..., D), in float32."""
+    w1, w2, w3 = (w.to(x.device) for w in weights)
+    x = x.float()
+    return torch.softmax((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3, dim=-1)
+
+
+def chunk_decisions(probabilities, experts, chunk_size):
+    """Eq. 2: per chunk of N tokens, the expert that is the argmax of the most tokens; a tie goes to the
+    expert with more bits, then to the lower index. probabilities (..., C·N, M) → (..., C)."""
+    M = probabilities.shape[-1]
+    tokens = probabilities.reshape(*probabilities.shape[:-2], -1, chunk_size, M)
+    counts = torch.nn.functional.one_hot(tokens.argmax(-1), M).sum(-2)            # (..., C, M)
+    total_bits = torch.tensor([e.key_bits + e.value_bits for e in experts], device=counts.device)
+    score = counts * 1_000_000 + total_bits * 1_000 - torch.arange(M, device=counts.device)
+    return score.argmax(-1)
+
+
+def route(export, router, keys):
+    """Decisions of one router for leader-layer keys (..., T, D) over the routed chunks: (..., C) with
+    chunk 0 (when frozen) and the tail left out: returns decisions for chunks first..C-1."""
+    first = 1 if export.freeze_first_chunk else 0
+    C = keys.shape[-2] // export.chunk_size
+    routed = keys[..., first * export.chunk_size: C * export.chunk_size, :]
+    return chunk_decisions(token_probabilities(routed, export.weights[router]), export.experts, export.chunk_size)
