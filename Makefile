@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: setup venv build store train test clean-run
+.PHONY: setup venv build store train pareto test clean-run
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -38,6 +38,16 @@ train: build store
 	  $$(ls $(RUN_DIR)/ckpt-*.safetensors >/dev/null 2>&1 && echo --resume latest) $(TRAIN_ARGS)
 	$(BIN) export $(RUN_DIR) --out $(RUN_DIR)/router.bin
 	$(BIN) inspect $(RUN_DIR)/router.bin
+
+## Routers at λ = 0.1 … 0.9 scored by real perplexity on the first PARETO_WINDOWS windows of
+## WikiText-2 test.txt beside every baseline: PARETO_OUT/pareto.{json,md,png}.
+PARETO_OUT ?= checkpoints/pareto
+PARETO_WINDOWS ?= 600
+PARETO_ARGS ?=
+pareto: build store
+	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) \
+	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
+	  --out $(PARETO_OUT) --max-windows $(PARETO_WINDOWS) $(PARETO_ARGS)
 
 ## Every test: Swift Testing (debug build), then pytest for the Python tools.
 test: setup venv

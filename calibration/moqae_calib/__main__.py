@@ -61,6 +61,21 @@ def parser():
     evaluate.add_argument("--device-map")
     evaluate.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
 
+    pareto = commands.add_parser("pareto", help="routers at several λ against every baseline: table and plot")
+    pareto.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
+    pareto.add_argument("--config", default="configs/default.yaml", help="moqae-train config")
+    pareto.add_argument("--store", required=True, help="calibration store to train on")
+    pareto.add_argument("--model", required=True)
+    pareto.add_argument("--text", required=True, help="evaluation text")
+    pareto.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
+    pareto.add_argument("--out", required=True, help="directory for the runs, pareto.json, pareto.md, pareto.png")
+    pareto.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,0.9")
+    pareto.add_argument("--max-windows", type=int, help="score only the first N windows of the text")
+    pareto.add_argument("--calibration-fraction", type=float, default=0.05)
+    pareto.add_argument("--batch-size", type=int, default=8)
+    pareto.add_argument("--device", default="auto")
+    pareto.add_argument("--train-arg", action="append", help="extra moqae-train argument (repeatable), e.g. --train-arg=--max-steps=20")
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -74,6 +89,9 @@ def main(argv=None):
             from .dump import dump
             count = dump(args)
             print(f"wrote {count} sequences to {args.out}")
+        elif args.command == "pareto":
+            from .pareto import run_pareto
+            run_pareto(args)
         elif args.command == "eval":
             from .evaluate import run_eval
             run_eval(args)

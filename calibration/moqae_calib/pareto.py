@@ -1,0 +1,126 @@
+"""`pareto`: routers trained at several λ, each scored by real perplexity on evaluation text beside the
+baselines, drawn as perplexity against average KV bits.
+
+For each λ, moqae-train trains a router on the store (continuing a run that exists) and exports it;
+`moqae-train eval` gives its estimated perplexity on the store's validation split. The model then runs
+over the evaluation windows under every method; fp16, the uniform experts and the oracle's
+sensitivities are computed once and shared.
+"""
+import json
+import os
+import subprocess
+
+from . import CalibError
+from .evaluate import Evaluation, format_table
+
+
+def train_router(moqae_train, config, store, run_dir, lam, extra):
+    """Trains (or finishes) the λ run and exports its router; returns (export path, estimated report)."""
+    resume = ["--resume", "latest"] if os.path.isdir(run_dir) and any(n.startswith("ckpt-") for n in os.listdir(run_dir)) else []
+    command = [moqae_train, "train", "--config", config, "--set", f"store={store}", "--set", f"run_dir={run_dir}",
+               "--set", f"loss.lambda={lam}", "--set", "train.eval_every=0", *resume, *extra]
+    for step in (command, [moqae_train, "export", run_dir, "--out", os.path.join(run_dir, "router.bin")]):
+        result = subprocess.run(step, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CalibError(f"{' '.join(step[:2])} failed for λ={lam}: {result.stderr.strip().splitlines()[-1:]}")
+    estimate = subprocess.run([moqae_train, "eval", run_dir, "--json"], capture_output=True, text=True)
+    if estimate.returncode != 0:
+        raise CalibError(f"moqae-train eval failed for λ={lam}: {estimate.stderr.strip()}")
+    return os.path.join(run_dir, "router.bin"), json.loads(estimate.stdout)
+
+
+def plot(rows, shared, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
+    routers = sorted(rows, key=lambda r: r["router"]["payload_bits"])
+    axis.plot([r["router"]["payload_bits"] for r in routers], [r["router"][key] for r in routers], "o-",
+              color="C3", label="router (paper loss), λ as labelled")
+    for r in routers:
+        axis.annotate(f"λ={r['lambda']}", (r["router"]["payload_bits"], r["router"][key]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=8)
+    for method, style, color in (("layer-wise", "s", "C2"), ("random", "x", "C7"), ("oracle", "^", "C0")):
+        axis.scatter([r[method]["payload_bits"] for r in routers], [r[method][key] for r in routers], marker=style,
+                     color=color, label={"layer-wise": "layer-wise (KVTuner-style) at the router's bits",
+                                         "random": "random with the router's mix",
+                                         "oracle": "oracle (Taylor on eval text) at the router's bits"}[method])
+    for summary in shared:
+        axis.scatter([summary["payload_bits"]], [summary[key]], marker="D", color="k")
+        axis.annotate(summary["name"].replace("uniform ", ""), (summary["payload_bits"], summary[key]),
+                      textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axis.scatter([], [], marker="D", color="k", label="fp16 and uniform quantization")
+    axis.set_xlabel("average KV bits (payload)")
+    axis.set_ylabel("bits per byte" if key == "bits_per_byte" else "perplexity")
+    axis.set_title("Real quality against KV memory")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def markdown(rows, shared):
+    key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
+    label = "bits/byte" if key == "bits_per_byte" else "ppl"
+    lines = [f"| method | λ | payload bits | bits+consts | {label} | ppl | est. ppl (trainer) |", "|---|---|---|---|---|---|---|"]
+    for s in shared:
+        lines.append(f"| {s['name']} | | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | {s['perplexity']:.4f} | |")
+    for r in rows:
+        for method in ("router", "layer-wise", "random", "oracle"):
+            s = r[method]
+            estimate = f"{r['estimated_perplexity']:.4f}" if method == "router" else ""
+            lines.append(f"| {s['name']} | {r['lambda']} | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | "
+                         f"{s[key]:.4f} | {s['perplexity']:.4f} | {estimate} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_pareto(args):
+    from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
+    from .dump import load_model, resolve_device
+    from .router import read_export
+
+    lambdas = [float(x) for x in args.lambdas.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    exports = {}
+    for lam in lambdas:
+        exports[lam] = train_router(args.moqae_train, args.config, args.store, os.path.join(args.out, f"lambda-{lam}"),
+                                    lam, args.train_arg or [])
+        print(f"λ={lam}: trained and exported", flush=True)
+    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
+    with open(os.path.join(args.store, "manifest.json")) as f:
+        manifest = json.load(f)
+    text_windows = windows(read_texts([args.text]), tokenizer, manifest["corpus"]["seq_len"])
+    if args.max_windows:
+        text_windows = text_windows[: args.max_windows]
+    model = load_model(args.model, resolve_device(args.device), None, "auto")
+    bytes_per_token = 1 if args.tokenizer == "bytes" else None
+
+    shared, oracle_deltas, rows = None, None, []
+    for lam in lambdas:
+        path, estimate = exports[lam]
+        evaluation = Evaluation(model, text_windows, read_export(path), manifest["value_group"], args.model,
+                                args.batch_size, progress=os.isatty(2))
+        evaluation.oracle_deltas = oracle_deltas
+        if shared is None:
+            shared = [r.summary(bytes_per_token) for r in evaluation.uniform()]
+        router = evaluation.router()
+        row = {"lambda": lam, "estimated_perplexity": estimate["router"]["perplexity"],
+               "estimated_payload_bits": estimate["router"]["payload_bits"],
+               "router": router.summary(bytes_per_token),
+               "layer-wise": evaluation.layerwise(router, args.store, args.calibration_fraction).summary(bytes_per_token),
+               "random": evaluation.random(router).summary(bytes_per_token),
+               "oracle": evaluation.oracle(router).summary(bytes_per_token)}
+        oracle_deltas = evaluation.oracle_deltas
+        rows.append(row)
+        print(f"λ={lam}:\n" + format_table([row[m] for m in ("router", "layer-wise", "random", "oracle")]), flush=True)
+    result = {"text": args.text, "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
+              "shared": shared, "lambdas": rows}
+    with open(os.path.join(args.out, "pareto.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "pareto.md"), "w") as f:
+        f.write(markdown(rows, shared))
+    plot(rows, shared, os.path.join(args.out, "pareto.png"))
+    print(format_table(shared))
+    print(f"wrote {args.out}/pareto.json, pareto.md, pareto.png")
