@@ -72,6 +72,15 @@ import Testing
         }
     }
 
+    /// The Swift export of the initial weights equals the one the Python script wrote on its own.
+    @Test func exportMatchesIndependentWriter() throws {
+        let url = try #require(Bundle.module.url(forResource: "router-init", withExtension: "bin"))
+        let expected = [UInt8](try Data(contentsOf: url))
+        let export = RouterExport(parameters: try initialParameters(), setup: data.setup, weightType: .binary32)
+        #expect(export.serialized() == expected)
+        #expect(try RouterExport.parse(expected, path: url.path) == export)
+    }
+
     @Test func fiveAdamWSteps() throws {
         let batch = data.calibration.map(data.load)
         var parameters = try initialParameters()

@@ -4,13 +4,18 @@ Writes, next to this script:
   store/           a small calibration store (manifest.json + one shard), written with the
                    reference safetensors library, so the Swift reader is also checked against it;
   golden.safetensors  initial weights, loss terms, decisions, every gradient, and the weights
-                   and losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences.
+                   and losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences;
+  router-init.bin  the initial weights as an MQAE export (binary32), written here independently of
+                   the Swift writer, so the two can be compared byte for byte and the Python
+                   evaluator's decisions checked against the golden ones.
 
 Run: python Tests/MoQAETrainingTests/Golden/make_golden.py   (needs torch, numpy, safetensors)
 """
 import json
 import math
 import os
+import struct
+import zlib
 
 import numpy as np
 import torch
@@ -95,6 +100,15 @@ def sequence_loss(weights, inputs, nll, delta):
     return LAMBDA * l_model + (1 - LAMBDA) * l_mem, l_model, l_mem, lnll, dec
 
 
+def write_export(weights, path):
+    """SPEC §5: header, expert table, W1, W2, W3 per router as binary32, CRC-32."""
+    header = struct.pack("<4sHBBHHHHHHB11s", b"MQAE", 1, 2, M, D, R, N, G, L, H, 1, bytes(11))
+    body = header + bytes(b for _, k, v in EXPERTS for b in (k, v))
+    body += b"".join(np.asarray(w, dtype="<f4").tobytes() for w in weights)
+    with open(path, "wb") as f:
+        f.write(body + struct.pack("<I", zlib.crc32(body)))
+
+
 def main():
     rng = np.random.default_rng(5)
     data = make_store(rng)
@@ -104,6 +118,7 @@ def main():
                  rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, M)),
                  rng.uniform(-1 / math.sqrt(M), 1 / math.sqrt(M), (M, M))]
     init = [np.asarray(w, dtype=np.float32) for w in init]                    # the Swift side starts from these floats
+    write_export(init, os.path.join(HERE, "router-init.bin"))
     weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in init]
     names = [f"router.{r}.{n}" for r in range(R) for n in ("w1", "w2", "w3")]
 

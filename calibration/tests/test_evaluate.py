@@ -1,0 +1,77 @@
+"""The evaluator: plans against direct fake-quantized forwards, router decisions against the trainer's
+golden ones, and export damage."""
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REFERENCE_MODEL, ROOT, VALID_TXT, run_calib
+from moqae_calib import CalibError
+from moqae_calib.capture import KVHook
+from moqae_calib.corpus import ByteTokenizer, read_texts, windows
+from moqae_calib.dump import load_model
+from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan
+from moqae_calib.experts import parse_expert
+from moqae_calib.quantizer import quantize_keys, quantize_values
+from moqae_calib.router import read_export, route
+from moqae_calib.sensitivity import mean_nll
+
+GOLDEN = os.path.join(ROOT, "Tests", "MoQAETrainingTests", "Golden")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = load_model(REFERENCE_MODEL, "cpu", None, "float32")
+    return model, windows(read_texts([VALID_TXT]), ByteTokenizer(), 512)[:6]
+
+
+def test_uniform_plan_equals_a_direct_fake_quantized_forward(reference):
+    model, text = reference
+    layout = Layout(512, 32, 1, 4, 2, 64, 64)
+    for name in ("int4", "k4v2"):
+        expert = parse_expert(name)
+        result = evaluate_plan(model, text, UniformPlan(expert), layout, batch_size=4, model_dir=REFERENCE_MODEL, progress=False)
+
+        def direct(layer, key, value):   # chunk 0 and the tail at binary16, chunks 1..15 quantized
+            k, v = key.half().float(), value.half().float()
+            k[:, :, 32:512] = quantize_keys(key[:, :, 32:512], expert.key_bits, 32)
+            v[:, :, 32:512] = quantize_values(value[:, :, 32:512], expert.value_bits, 32, 64)
+            return k, v
+
+        with torch.no_grad(), KVHook(transform=direct).active():
+            expected = torch.cat([mean_nll(model(w[None]).logits, w[None]) for w in text]).double().mean().item()
+        assert abs(result.nll - expected) < 1e-6
+        summary = result.summary(bytes_per_token=1)
+        assert summary["payload_bits"] == pytest.approx((16 + 15 * (expert.key_bits + expert.value_bits) / 2) / 16)
+        assert summary["bits_per_byte"] == pytest.approx(result.nll / torch.log(torch.tensor(2.0)).item())
+
+
+def test_router_decisions_equal_the_trainers():
+    """router-init.bin holds the golden initial weights; golden.safetensors the decisions that both the
+    Swift trainer and PyTorch float64 make with them on the golden store."""
+    export = read_export(os.path.join(GOLDEN, "router-init.bin"))
+    golden = load_file(os.path.join(GOLDEN, "golden.safetensors"))["decisions"]
+    store = load_file(os.path.join(GOLDEN, "store", "shard-00000.safetensors"))
+    ids = sorted(int(k.split(".")[1]) for k in store if k.endswith(".inputs"))
+    for row, seq_id in enumerate(ids):
+        keys = store[f"seq.{seq_id}.inputs"]
+        decisions = torch.cat([route(export, r, keys[export.leader(r)]).flatten() for r in range(export.num_routers)])
+        assert torch.equal(decisions, golden[row])
+
+
+def test_damaged_exports_are_rejected(tmp_path):
+    source = os.path.join(GOLDEN, "router-init.bin")
+    data = bytearray(open(source, "rb").read())
+    cases = {"flipped": data[:40] + bytes([data[40] ^ 1]) + data[41:], "truncated": data[:-3],
+             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x02" + data[5:]}
+    reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic", "version": "version 2"}
+    for name, damaged in cases.items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CalibError, match=reasons[name]):
+            read_export(str(path))
+    result = run_calib("eval", "--model", REFERENCE_MODEL, "--text", VALID_TXT, "--tokenizer", "bytes",
+                       "--router", str(tmp_path / "flipped.bin"))
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {tmp_path / 'flipped.bin'}: CRC-32 mismatch: the file is damaged"]
