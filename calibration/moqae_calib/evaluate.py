@@ -361,7 +361,10 @@ def run_eval(args):
         with open(os.path.join(args.store, "manifest.json")) as f:
             value_group = json.load(f)["value_group"]
     model = load_model(args.model, resolve_device(args.device), args.device_map, args.model_dtype)
-    evaluation = Evaluation(model, text_windows, export, value_group, args.model, args.batch_size, progress=not args.json)
+    try:
+        evaluation = Evaluation(model, text_windows, export, value_group, args.model, args.batch_size, progress=not args.json)
+    except CalibError as error:
+        raise CalibError(f"{args.router}: {error}") from None
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
 
     router = evaluation.router()

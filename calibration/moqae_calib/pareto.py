@@ -62,17 +62,23 @@ def plot(rows, shared, path):
 
 
 def markdown(rows, shared):
+    """The table: every method's real figures; for routers also the trainer's estimate (on the store's
+    validation split, a different text) as a rise over its own fp16 estimate, beside the real rise."""
     key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
     label = "bits/byte" if key == "bits_per_byte" else "ppl"
-    lines = [f"| method | λ | payload bits | bits+consts | {label} | ppl | est. ppl (trainer) |", "|---|---|---|---|---|---|---|"]
+    fp16 = next(s for s in shared if s["name"] == "uniform fp16")["perplexity"]
+    lines = [f"| method | λ | payload bits | bits+consts | {label} | ppl | ppl vs fp16 | estimated ppl vs fp16 |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in shared:
-        lines.append(f"| {s['name']} | | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | {s['perplexity']:.4f} | |")
+        lines.append(f"| {s['name']} | | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | "
+                     f"{s['perplexity']:.4f} | {100 * (s['perplexity'] / fp16 - 1):+.2f}% | |")
     for r in rows:
         for method in ("router", "layer-wise", "random", "oracle"):
             s = r[method]
-            estimate = f"{r['estimated_perplexity']:.4f}" if method == "router" else ""
+            estimate = (f"{100 * (r['estimated_perplexity'] / r['estimated_fp16_perplexity'] - 1):+.2f}%"
+                        if method == "router" else "")
             lines.append(f"| {s['name']} | {r['lambda']} | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | "
-                         f"{s[key]:.4f} | {s['perplexity']:.4f} | {estimate} |")
+                         f"{s[key]:.4f} | {s['perplexity']:.4f} | {100 * (s['perplexity'] / fp16 - 1):+.2f}% | {estimate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +112,9 @@ def run_pareto(args):
         if shared is None:
             shared = [r.summary(bytes_per_token) for r in evaluation.uniform()]
         router = evaluation.router()
+        estimated_fp16 = next(u for u in estimate["uniform"] if u["name"] == "uniform fp16")
         row = {"lambda": lam, "estimated_perplexity": estimate["router"]["perplexity"],
+               "estimated_fp16_perplexity": estimated_fp16["perplexity"],
                "estimated_payload_bits": estimate["router"]["payload_bits"],
                "router": router.summary(bytes_per_token),
                "layer-wise": evaluation.layerwise(router, args.store, args.calibration_fraction).summary(bytes_per_token),
