@@ -202,9 +202,8 @@ def routed_unit_bits(experts, layout):
                         dtype=torch.float64)
 
 
-def oracle_plan(model, windows, experts, layout, budget_per_unit, model_dir, progress=True):
-    """Taylor delta_nll on the evaluation windows themselves, then the best per-(layer, head, chunk)
-    allocation whose mean unit bits (with constants) fit `budget_per_unit`. It sees the answers."""
+def taylor_sensitivities(model, windows, experts, layout, model_dir, progress=True):
+    """Taylor delta_nll of every routed unit of every window: (windows, L, H, routed chunks, M)."""
     deltas = []
     bar = tqdm(total=len(windows), unit="window", desc="oracle sensitivities", disable=not progress,
                dynamic_ncols=True, mininterval=0.1 if os.isatty(2) else 30, leave=False)
@@ -214,12 +213,17 @@ def oracle_plan(model, windows, experts, layout, budget_per_unit, model_dir, pro
         deltas.append(delta[:, :, layout.first: layout.chunks])
         bar.update(1)
     bar.close()
-    stacked = torch.stack(deltas)                                      # (windows, L, H, routed, M)
-    unit_bits = routed_unit_bits(experts, layout)
-    costs = stacked.reshape(-1, len(experts))
-    choice = lagrangian_allocation(costs, unit_bits.expand(costs.shape[0], -1), budget_per_unit * costs.shape[0])
-    decisions = choice.reshape(stacked.shape[:-1])
-    return UnitPlan(experts, {w: decisions[w] for w in range(len(windows))}, "oracle (Taylor on eval text)"), stacked
+    return torch.stack(deltas)
+
+
+def oracle_plan(deltas, experts, layout, budget_per_unit):
+    """The best per-(layer, head, chunk) allocation under the sensitivities of the evaluation windows
+    themselves, with mean unit bits (with constants) within `budget_per_unit`. It sees the answers."""
+    costs = deltas.reshape(-1, len(experts))
+    choice = lagrangian_allocation(costs, routed_unit_bits(experts, layout).expand(costs.shape[0], -1),
+                                   budget_per_unit * costs.shape[0])
+    decisions = choice.reshape(deltas.shape[:-1])
+    return UnitPlan(experts, {w: decisions[w] for w in range(deltas.shape[0])}, "oracle (Taylor on eval text)")
 
 
 def random_plan(experts, fractions, layout, count, seed=0):
@@ -300,16 +304,9 @@ class Evaluation:
 
     def oracle(self, router_result):
         if self.oracle_deltas is None:
-            plan, self.oracle_deltas = oracle_plan(self.model, self.windows, self.export.experts, self.layout,
-                                                   self.budget_per_unit(router_result), self.model_dir, self.progress)
-        else:
-            costs = self.oracle_deltas.reshape(-1, len(self.export.experts))
-            bits = routed_unit_bits(self.export.experts, self.layout).expand(costs.shape[0], -1)
-            choice = lagrangian_allocation(costs, bits, self.budget_per_unit(router_result) * costs.shape[0])
-            decisions = choice.reshape(self.oracle_deltas.shape[:-1])
-            plan = UnitPlan(self.export.experts, {w: decisions[w] for w in range(len(self.windows))},
-                            "oracle (Taylor on eval text)")
-        return self.score(plan)
+            self.oracle_deltas = taylor_sensitivities(self.model, self.windows, self.export.experts, self.layout,
+                                                      self.model_dir, self.progress)
+        return self.score(oracle_plan(self.oracle_deltas, self.export.experts, self.layout, self.budget_per_unit(router_result)))
 
     def random(self, router_result):
         units = router_result.counts.sum(0).double()
