@@ -180,6 +180,10 @@ public final class Trainer {
         let B = config.batchSize, n = data.calibration.count
         let batchIndices = order[(state.position * B)..<min(n, (state.position + 1) * B)]
         let sequences = batchIndices.map { data.calibration[$0] }
+        // Ask the kernel to read the next batch of this epoch while this one computes.
+        for index in order[min(n, (state.position + 1) * B)..<min(n, (state.position + 2) * B)] {
+            data.prefetch(data.calibration[index])
+        }
         let batch = sequences.map(data.load)
         let (gradient, figures, _) = batchGradient(batch, parameters: state.parameters, setup: data.setup, lambda: config.lambda)
         let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()

@@ -12,9 +12,6 @@ import torch
 from .capture import KVHook, check_all_layers_seen
 from .quantizer import quantize_groups, quantize_keys, quantize_values
 
-SENSITIVITIES = ("taylor", "fisher", "exact")
-
-
 def mean_nll(logits, ids):
     """Mean next-token NLL per batch row: logits (B, T, V), ids (B, T) → (B,)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

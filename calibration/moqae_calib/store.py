@@ -175,8 +175,3 @@ def merge(out, part_dirs):
     header = {k: v for k, v in first.items() if k not in ("sequences", "part")}
     atomic_write_json(os.path.join(out, MANIFEST), dict(header, sequences=sorted(sequences, key=lambda s: s["id"])))
     return len(sequences)
-
-
-def to_store_dtype(x, name):
-    return x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name])
-
