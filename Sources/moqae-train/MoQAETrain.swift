@@ -142,8 +142,9 @@ struct Evaluate: ParsableCommand {
             var config: TrainingConfig
             let source: String
             var export: RouterExport?
-            if !isDirectory(file), let bytes = try? readFileBytes(file), bytes.starts(with: RouterExport.magic) {
-                let parsed = try RouterExport.parse(bytes, path: file)
+            // Sniff the magic through a mapping: a checkpoint is read once, by Checkpoint.load.
+            if !isDirectory(file), let mapped = try? MappedFile(path: file), mapped.bytes.starts(with: RouterExport.magic) {
+                let parsed = try RouterExport.parse(Array(mapped.bytes), path: file)
                 config = try TrainingConfig.load(file: self.config, overrides: overrides)
                 parameters = parsed.parameters
                 source = self.config

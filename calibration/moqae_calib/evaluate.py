@@ -6,6 +6,7 @@ unquantized (rounded to binary16, which is how a cache stores 16 bits). Every pl
 forward pass over every window of the evaluation text with its K and V fake-quantized by the shared
 quantizer.
 """
+import json
 import math
 import os
 
@@ -15,8 +16,11 @@ from tqdm import tqdm
 
 from . import CalibError
 from .capture import KVHook, check_all_layers_seen
+from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
+from .dump import check_model_dir, load_model, model_shape, resolve_device
+from .experts import Expert, parse_expert
 from .quantizer import quantize_keys, quantize_values, unit_storage_bits
-from .router import route
+from .router import read_export, route
 from .selection import unit_value
 from .sensitivity import forward_with_kv_gradients, mean_nll, taylor_delta
 
@@ -239,14 +243,12 @@ def random_plan(experts, fractions, layout, count, seed=0):
 def layerwise_plan(store, calibration_fraction, layout, budget_per_unit):
     """KVTuner-style: one expert of the store per layer, chosen on the store's calibration split to
     minimise the summed delta_nll under the budget of mean unit bits (with constants)."""
-    import json
     manifest_path = os.path.join(store, "manifest.json")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as error:
         raise CalibError(f"{manifest_path}: cannot read the calibration store ({error})") from None
-    from .experts import Expert
     experts = [Expert(e["name"], e["key_bits"], e["value_bits"]) for e in manifest["experts"]]
     if manifest["chunk_size"] != layout.chunk_size or manifest["model"]["num_layers"] != layout.num_layers:
         raise CalibError(f"{store}: chunk size or layer count differs from the router's")
@@ -274,9 +276,7 @@ class Evaluation:
     """The model, the evaluation windows and the router export, with every method scored on them."""
 
     def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True):
-        config = model.config
-        from .dump import model_shape
-        layers, heads, head_dim, _ = model_shape(config)
+        layers, heads, head_dim, _ = model_shape(model.config)
         if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, head_dim):
             raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
                              f"{export.input_dim} dims, the model has {layers} × {heads} × {head_dim}")
@@ -293,7 +293,6 @@ class Evaluation:
         return self.score(RouterPlan(self.export))
 
     def uniform(self, names=BASELINE_EXPERTS):
-        from .experts import parse_expert
         return [self.score(UniformPlan(parse_expert(name))) for name in names]
 
     def budget_per_unit(self, result):
@@ -336,10 +335,6 @@ def format_decisions(summary):
 
 def run_eval(args):
     """The eval command: the router and every baseline on every window of --text."""
-    import json
-    from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
-    from .dump import check_model_dir, load_model, model_shape, resolve_device
-    from .router import read_export
     from transformers import AutoConfig
 
     export = read_export(args.router)

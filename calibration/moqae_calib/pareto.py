@@ -11,7 +11,10 @@ import os
 import subprocess
 
 from . import CalibError
+from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
+from .dump import load_model, resolve_device
 from .evaluate import Evaluation, format_table
+from .router import read_export
 
 
 def train_router(moqae_train, config, store, run_dir, lam, extra):
@@ -83,10 +86,6 @@ def markdown(rows, shared):
 
 
 def run_pareto(args):
-    from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
-    from .dump import load_model, resolve_device
-    from .router import read_export
-
     lambdas = [float(x) for x in args.lambdas.split(",")]
     os.makedirs(args.out, exist_ok=True)
     exports = {}

@@ -10,7 +10,7 @@ The 16/16 expert's column is 0 by definition.
 import torch
 
 from .capture import KVHook, check_all_layers_seen
-from .quantizer import quantize_groups, quantize_keys, quantize_values
+from .quantizer import quantize_keys, quantize_values
 
 def mean_nll(logits, ids):
     """Mean next-token NLL per batch row: logits (B, T, V), ids (B, T) → (B,)."""
@@ -83,10 +83,8 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir, batch_size=1
             for row, (job_layer, head, c, m) in enumerate(batch):
                 if job_layer == layer:
                     span = slice(c * chunk, (c + 1) * chunk)
-                    key[row, head, span] = quantize_groups(key[row, head, span], experts[m].key_bits, dim=-2)
-                    unit = value[row, head, span]
-                    grouped = unit.reshape(chunk, -1, value_group)
-                    value[row, head, span] = quantize_groups(grouped, experts[m].value_bits, dim=-1).reshape(unit.shape)
+                    key[row, head, span] = quantize_keys(key[row, head, span], experts[m].key_bits, chunk)
+                    value[row, head, span] = quantize_values(value[row, head, span], experts[m].value_bits, chunk, value_group)
             return key, value
 
         with KVHook(transform=transform).active():
