@@ -138,13 +138,9 @@ public final class CalibrationStore: @unchecked Sendable {
         case .f32:
             UnsafeMutableRawPointer(out).copyMemory(from: source, byteCount: count * 4)
         case .f16:
-            for index in 0..<count {
-                out[index] = Float(Float16(bitPattern: source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
-            }
+            HalfPrecision.decodeF16(source, count: count, into: out)
         case .bf16:
-            for index in 0..<count {
-                out[index] = Float(bitPattern: UInt32(source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)) << 16)
-            }
+            HalfPrecision.decodeBF16(source, count: count, into: out)
         default:
             preconditionFailure("input dtype was checked at open")
         }

@@ -66,28 +66,49 @@ public final class MappedFile: @unchecked Sendable {
     }
 }
 
+/// Where `AtomicFile.write(to:_:)` sends a file's bytes.
+public struct FileSink {
+    fileprivate let fd: Int32
+    fileprivate let path: String
+
+    /// Writes all of `bytes`, retrying short writes.
+    public func write(_ bytes: UnsafeRawBufferPointer) throws(FileError) {
+        var written = 0
+        while written < bytes.count {
+            let result = Glibc.write(fd, bytes.baseAddress! + written, bytes.count - written)
+            if result < 0 {
+                if errno == EINTR { continue }
+                throw FileError(path: path, operation: "write")
+            }
+            written += result
+        }
+    }
+
+    public func write(_ bytes: [UInt8]) throws(FileError) {
+        var failure: FileError?
+        bytes.withUnsafeBytes { buffer in
+            do throws(FileError) { try write(buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+}
+
 public enum AtomicFile {
-    /// Writes `bytes` to `path` so that a reader sees either the old file or the complete new one:
-    /// a temporary file in the same directory, fsync, rename over the target, fsync of the directory.
-    /// On failure the temporary file is removed and the target is untouched.
+    /// Writes `bytes` to `path` so that a reader sees either the old file or the complete new one.
     public static func write(_ bytes: [UInt8], to path: String) throws(FileError) {
+        try write(to: path) { (sink) throws(FileError) in try sink.write(bytes) }
+    }
+
+    /// Streams a file to `path` so that a reader sees either the old file or the complete new one:
+    /// `produce` writes into a temporary file in the same directory, then fsync, rename over the
+    /// target, fsync of the directory. On failure the temporary file is removed and the target is untouched.
+    public static func write(to path: String, _ produce: (FileSink) throws(FileError) -> Void) throws(FileError) {
         let directory = parentDirectory(of: path)
         let temporary = path + ".tmp-\(getpid())"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         guard fd >= 0 else { throw FileError(path: temporary, operation: "create") }
         var failure: FileError?
-        var written = 0
-        bytes.withUnsafeBytes { buffer in
-            while written < buffer.count {
-                let result = Glibc.write(fd, buffer.baseAddress! + written, buffer.count - written)
-                if result < 0 {
-                    if errno == EINTR { continue }
-                    failure = FileError(path: path, operation: "write")
-                    return
-                }
-                written += result
-            }
-        }
+        do { try produce(FileSink(fd: fd, path: path)) } catch { failure = error }
         if failure == nil, fsync(fd) != 0 { failure = FileError(path: path, operation: "fsync") }
         if close(fd) != 0, failure == nil { failure = FileError(path: path, operation: "close") }
         if failure == nil, rename(temporary, path) != 0 { failure = FileError(path: path, operation: "rename") }

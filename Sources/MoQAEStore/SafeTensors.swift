@@ -169,24 +169,32 @@ public struct SafeTensorsBuilder {
 
     /// The complete file.
     public func serialized() -> [UInt8] {
+        var file = SafeTensorsBuilder.header(tensors: entries.map { ($0.name, $0.dtype, $0.shape) }, metadata: metadata)
+        file.reserveCapacity(file.count + entries.reduce(0) { $0 + $1.bytes.count })
+        for entry in entries { file.append(contentsOf: entry.bytes) }
+        return file
+    }
+
+    /// The bytes before the data section: the header length, then the header padded with spaces to 8
+    /// bytes. Tensors follow in the given order, each as `shape × dtype size` bytes.
+    public static func header(tensors: [(name: String, dtype: DType, shape: [Int])], metadata: [(String, String)] = []) -> [UInt8] {
         var header: [(String, JSON)] = []
         if !metadata.isEmpty { header.append(("__metadata__", .object(metadata.map { ($0.0, .string($0.1)) }))) }
         var offset = 0
-        for entry in entries {
-            header.append((entry.name, .object([
-                ("dtype", .string(entry.dtype.rawValue)),
-                ("shape", .array(entry.shape.map { .int($0) })),
-                ("data_offsets", .array([.int(offset), .int(offset + entry.bytes.count)])),
+        for tensor in tensors {
+            let byteCount = tensor.shape.reduce(1, *) * tensor.dtype.byteSize
+            header.append((tensor.name, .object([
+                ("dtype", .string(tensor.dtype.rawValue)),
+                ("shape", .array(tensor.shape.map { .int($0) })),
+                ("data_offsets", .array([.int(offset), .int(offset + byteCount)])),
             ])))
-            offset += entry.bytes.count
+            offset += byteCount
         }
         var headerBytes = Array(JSON.object(header).serialized.utf8)
         while headerBytes.count % 8 != 0 { headerBytes.append(0x20) }
         var file: [UInt8] = []
-        file.reserveCapacity(8 + headerBytes.count + offset)
         withUnsafeBytes(of: UInt64(headerBytes.count).littleEndian) { file.append(contentsOf: $0) }
         file.append(contentsOf: headerBytes)
-        for entry in entries { file.append(contentsOf: entry.bytes) }
         return file
     }
 }

@@ -6,10 +6,14 @@ import MoQAEStore
 /// random and `delta_nll` follows a toy noise model, so nothing trained on them says anything about
 /// a real LLM.
 ///
-/// Each (layer, head, chunk) gets a random scale s ∈ [0.25, 2]; its inputs are Gaussian with standard
-/// deviation s, and its `delta_nll` at expert (kb, vb) is `α · s² · (e(kb) + e(vb))` with
-/// `e(b) = 1/(2^b − 1)²` (0 at 16 bits), α set so uniform int2 adds about 0.5 nats. A router can
-/// therefore learn that chunks with larger inputs are more sensitive.
+/// Each (layer, head, chunk) gets a random scale s ∈ [0.25, 2]; its inputs are approximately Gaussian
+/// (a sum of four uniforms) with standard deviation s, and its `delta_nll` at expert (kb, vb) is
+/// `α · s² · (e(kb) + e(vb))` with `e(b) = 1/(2^b − 1)²` (0 at 16 bits), α set so uniform int2 adds
+/// about 0.5 nats. A router can therefore learn that chunks with larger inputs are more sensitive.
+///
+/// Sequences are written one layer at a time (memory stays at one layer, 32 MB at llama2-7b shape),
+/// with the heads of a layer generated in parallel from their own seeds, so the output does not
+/// depend on the thread count.
 public enum SyntheticStore {
     public struct Shape: Sendable {
         public let name: String
@@ -35,7 +39,8 @@ public enum SyntheticStore {
         Expert(name: "int2", keyBits: 2, valueBits: 2),
     ]
 
-    /// Writes `sequences` sequences: the first ids `u(id, seed) < fraction` of a corpus just large enough.
+    /// Writes `sequences` sequences: the first ids `u(id, seed) < fraction` of a corpus just large
+    /// enough, in shards of at most 1 GiB (one sequence per shard when a sequence is larger).
     public static func write(shape: Shape, sequences count: Int, to directory: String, seed: UInt64 = 0, fraction: Double = 0.1,
                              chunkSize: Int = 32, experts: [Expert] = defaultExperts, inputDType: DType = .f16,
                              progress: (Int) -> Void = { _ in }) throws(FileError) {
@@ -46,45 +51,60 @@ public enum SyntheticStore {
             id += 1
         }
         let (L, H, D, T) = (shape.layers, shape.heads, shape.headDim, shape.tokens)
-        let C = T / chunkSize, M = experts.count
+        let C = T / chunkSize
         func noise(_ bits: Int) -> Double { bits >= 16 ? 0 : 1 / pow(pow(2, Double(bits)) - 1, 2) }
         let meanSquaredScale = (pow(2.0, 3) - pow(0.25, 3)) / (3 * 1.75)
         let alpha = 0.5 / (Double(L * H * C) * 2 * noise(2) * meanSquaredScale)
-        var random = RandomGenerator(seed: seed ^ 0x5EED)
         let manifest = Manifest(
             model: ModelShape(name: "synthetic-\(shape.name)", numLayers: L, numKVHeads: H, headDim: D),
             chunkSize: chunkSize, valueGroup: D, experts: experts, sensitivity: "taylor", selectionSeed: seed,
             selectionFraction: fraction, corpusSource: "synthetic (moqae-train synth)", tokenizer: "none",
             seqLen: T, numSequences: Int(id), sequences: [])
-        let writer = try StoreWriter(directory: directory, manifest: manifest, inputDType: inputDType,
-                                     sequencesPerShard: max(1, (1 << 30) / (L * H * T * D * inputDType.byteSize)))
-        for (index, id) in ids.enumerated() {
-            var inputs = [Float](repeating: 0, count: L * H * T * D)
-            var delta = [Float](repeating: 0, count: L * H * C * M)
-            var scale: Float = 1
-            for l in 0..<L {
-                for h in 0..<H {
+        let writer = try StoreWriter(directory: directory, manifest: manifest, inputDType: inputDType)
+        let sequencesPerShard = max(1, (1 << 30) / (L * H * T * D * inputDType.byteSize))
+        var written = 0
+        for shardIDs in stride(from: 0, to: ids.count, by: sequencesPerShard).map({ ids[$0..<min(ids.count, $0 + sequencesPerShard)] }) {
+            // Per sequence: the scale of every (layer, head, chunk), and the loss tensors that follow from it.
+            var scales: [[Float]] = []  // [sequence] (L, H, C)
+            var lossTensors: [SequenceLossTensors] = []
+            for id in shardIDs {
+                var random = RandomGenerator(seed: seed ^ 0x5EED ^ (id &* 0x9E37_79B9_7F4A_7C15))
+                let scale = (0..<(L * H * C)).map { _ in random.uniform(0.25, 2) }
+                let delta = scale.flatMap { s in experts.map { Float(alpha * Double(s * s) * (noise($0.keyBits) + noise($0.valueBits))) } }
+                scales.append(scale)
+                lossTensors.append(SequenceLossTensors(id: id, tokens: T, nll: 2 + random.uniform(-0.2, 0.2), deltaNLL: delta))
+            }
+            try writer.writeShard(lossTensors) { [scales, lossTensors] index, layer, out in
+                let base = UncheckedSendable(out.baseAddress!)
+                let id = lossTensors[index].id, scales = scales[index]
+                DispatchQueue.concurrentPerform(iterations: H) { head in
+                    var random = RandomGenerator(seed: seed ^ (id &* 0xD1B5_4A32_D192_ED03) ^ UInt64(layer * H + head) &* 0x9E37_79B9_7F4A_7C15)
+                    let rows = base.value + head * T * D
                     for t in 0..<T {
                         let c = t / chunkSize
-                        if t % chunkSize == 0, c < C {
-                            scale = random.uniform(0.25, 2)
-                            for (e, expert) in experts.enumerated() {
-                                delta[((l * H + h) * C + c) * M + e] = Float(alpha * Double(scale * scale) * (noise(expert.keyBits) + noise(expert.valueBits)))
-                            }
-                        }
-                        let row = ((l * H + h) * T + t) * D
-                        for d in 0..<D { inputs[row + d] = (c < C ? scale : 1) * gaussian(&random) }
+                        let s = c < C ? scales[(layer * H + head) * C + c] : 1
+                        for d in 0..<D { rows[t * D + d] = s * approximateGaussian(&random) }
                     }
                 }
+                if layer == L - 1 {
+                    written += 1
+                    progress(written)
+                }
             }
-            try writer.add(SequenceTensors(id: id, inputs: inputs, nll: 2 + Float(random.uniform(-0.2, 0.2)), deltaNLL: delta))
-            progress(index + 1)
         }
         try writer.finish()
     }
 
-    private static func gaussian(_ random: inout RandomGenerator) -> Float {
-        let u1 = max(Float(random.next() >> 40) * 0x1p-24, 0x1p-25), u2 = Float(random.next() >> 40) * 0x1p-24
-        return (-2 * log(u1)).squareRoot() * cos(2 * .pi * u2)
+    /// Mean 0, variance 1: the sum of four 16-bit uniforms from one draw, centred and scaled by √3.
+    private static func approximateGaussian(_ random: inout RandomGenerator) -> Float {
+        let bits = random.next()
+        let sum = Float(bits & 0xFFFF) + Float((bits >> 16) & 0xFFFF) + Float((bits >> 32) & 0xFFFF) + Float(bits >> 48)
+        return (sum * 0x1p-16 - 2) * 1.7320508
     }
+}
+
+/// Hands a pointer to concurrent work that writes disjoint parts of it.
+struct UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
 }
