@@ -73,9 +73,8 @@ public final class Tape {
         return output(rows: n, cols: m, inputs: [a, b], forward: { out in
             matmulForward(out, a.value, b.value, n: n, k: k, m: m)
         }, backward: { out in
-            withOptionalGrad(a) { da in
-                withOptionalGrad(b) { db in matmulBackward(da, db, out.grad, a.value, b.value, n: n, k: k, m: m) }
-            }
+            if a.requiresGrad { matmulBackwardInput(&a.grad, out.grad, b.value, n: n, k: k, m: m) }
+            if b.requiresGrad { matmulBackwardWeight(&b.grad, out.grad, a.value, n: n, k: k, m: m) }
         })
     }
 

@@ -8,23 +8,25 @@ import Darwin
 // Forward/backward kernel pairs on raw row-major buffers. A backward kernel adds (+=) into its
 // gradient outputs. Shapes are given as (rows, cols).
 
+/// Sets how many threads OpenBLAS uses inside each matrix product.
+public func setBLASThreads(_ count: Int) { openblas_set_num_threads(Int32(count)) }
+
 /// out (n,m) = a (n,k) · b (k,m), through `cblas_sgemm`.
 func matmulForward(_ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, n: Int, k: Int, m: Int) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(m), Int32(k),
                 1, a, Int32(k), b, Int32(m), 0, out, Int32(m))
 }
 
-/// da (n,k) += dout · bᵀ when `da` is given; db (k,m) += aᵀ · dout when `db` is given.
-func matmulBackward(_ da: UnsafeMutablePointer<Float>?, _ db: UnsafeMutablePointer<Float>?, _ dout: UnsafePointer<Float>,
-                    _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, n: Int, k: Int, m: Int) {
-    if let da {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(k), Int32(m),
-                    1, dout, Int32(m), b, Int32(m), 1, da, Int32(k))
-    }
-    if let db {
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(k), Int32(m), Int32(n),
-                    1, a, Int32(k), dout, Int32(m), 1, db, Int32(m))
-    }
+/// da (n,k) += dout (n,m) · bᵀ.
+func matmulBackwardInput(_ da: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>, _ b: UnsafePointer<Float>, n: Int, k: Int, m: Int) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(k), Int32(m),
+                1, dout, Int32(m), b, Int32(m), 1, da, Int32(k))
+}
+
+/// db (k,m) += aᵀ · dout, for a (n,k) and dout (n,m).
+func matmulBackwardWeight(_ db: UnsafeMutablePointer<Float>, _ dout: UnsafePointer<Float>, _ a: UnsafePointer<Float>, n: Int, k: Int, m: Int) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(k), Int32(m), Int32(n),
+                1, a, Int32(k), dout, Int32(m), 1, db, Int32(m))
 }
 
 @inline(__always) func sigmoid(_ x: Float) -> Float { 1 / (1 + expf(-x)) }

@@ -144,25 +144,28 @@ public func routerForward(tape: Tape, inputs x: Variable, weights: RouterVariabl
 /// - Parameter probabilities: `(units · N, M)` token probabilities, unit-major.
 /// - Returns: one expert index per unit.
 public func chunkDecisions(probabilities: [Float], chunkSize: Int, experts: [Expert]) -> [Int] {
+    let units = probabilities.count / (chunkSize * experts.count)
+    return probabilities.withUnsafeBufferPointer { p in
+        (0..<units).map { chunkDecision(probabilities: p.baseAddress! + $0 * chunkSize * experts.count, chunkSize: chunkSize, experts: experts) }
+    }
+}
+
+/// Decision of one chunk from its `(N, M)` token probabilities, as `chunkDecisions`.
+@inline(__always)
+func chunkDecision(probabilities p: UnsafePointer<Float>, chunkSize: Int, experts: [Expert]) -> Int {
     let M = experts.count
-    let units = probabilities.count / (chunkSize * M)
-    var decisions = [Int](repeating: 0, count: units)
-    var counts = [Int](repeating: 0, count: M)
-    for u in 0..<units {
-        for j in 0..<M { counts[j] = 0 }
+    return withUnsafeTemporaryAllocation(of: Int.self, capacity: M) { counts in
+        counts.initialize(repeating: 0)
         for t in 0..<chunkSize {
-            let row = (u * chunkSize + t) * M
+            let row = p + t * M
             var best = 0
-            for j in 1..<M where probabilities[row + j] > probabilities[row + best] { best = j }
+            for j in 1..<M where row[j] > row[best] { best = j }
             counts[best] += 1
         }
         var choice = 0
-        for j in 1..<M {
-            if counts[j] > counts[choice] || (counts[j] == counts[choice] && experts[j].totalBits > experts[choice].totalBits) {
-                choice = j
-            }
+        for j in 1..<M where counts[j] > counts[choice] || (counts[j] == counts[choice] && experts[j].totalBits > experts[choice].totalBits) {
+            choice = j
         }
-        decisions[u] = choice
+        return choice
     }
-    return decisions
 }

@@ -120,11 +120,13 @@ public final class CalibrationStore: @unchecked Sendable {
     /// `delta_nll[L, H, C, M]` of a sequence, row-major.
     public func deltaNLL(of sequence: Sequence) -> [Float] { readFloats(sequence.shard, sequence.deltaNLL) }
 
+    /// Bytes of one layer's `[H, T, D]` inputs block.
+    public func inputLayerBytes(_ sequence: Sequence) -> Int { sequence.inputs.dataRange.count / model.numLayers }
+
     /// Byte range of one layer's `[H, T, D]` inputs block inside the shard file.
     private func layerRange(_ sequence: Sequence, layer: Int) -> Range<Int> {
-        let layerBytes = sequence.inputs.dataRange.count / model.numLayers
-        let start = shardHeaders[sequence.shard].dataOffset + sequence.inputs.dataRange.lowerBound + layer * layerBytes
-        return start..<(start + layerBytes)
+        let start = shardHeaders[sequence.shard].dataOffset + sequence.inputs.dataRange.lowerBound + layer * inputLayerBytes(sequence)
+        return start..<(start + inputLayerBytes(sequence))
     }
 
     /// Converts the inputs of `tokens` of one head of one layer to Float32 rows: `out` is `(tokens.count, D)`.

@@ -95,6 +95,8 @@ public struct TrainingConfig: Equatable, Sendable {
                   help: "stop after this many steps in all (null: run every epoch); 0 writes the initial checkpoint and exits"),
         ConfigKey(path: "train.eval_every", kind: .int(0...Int(Int32.max)), defaultValue: .int(50),
                   help: "validation report every this many steps (0: only at the end)"),
+        ConfigKey(path: "train.threads", kind: .int(0...1024), defaultValue: .int(0),
+                  help: "worker threads, each streaming whole sequences (0: one per CPU core); results do not depend on it"),
         ConfigKey(path: "checkpoint.every_steps", kind: .int(1...Int(Int32.max)), defaultValue: .int(50),
                   help: "write a checkpoint every this many steps (and at the end)"),
         ConfigKey(path: "checkpoint.keep_last", kind: .int(1...1_000_000), defaultValue: .int(3),
@@ -125,6 +127,8 @@ public struct TrainingConfig: Equatable, Sendable {
     public var epochs: Int { int("train.epochs") }
     public var maxSteps: Int? { if case let .int(v) = values["train.max_steps"] { return v } else { return nil } }
     public var evalEvery: Int { int("train.eval_every") }
+    /// `train.threads`, with 0 resolved to the number of CPU cores.
+    public var threads: Int { int("train.threads") > 0 ? int("train.threads") : ProcessInfo.processInfo.activeProcessorCount }
     public var checkpointEvery: Int { int("checkpoint.every_steps") }
     public var keepLast: Int { int("checkpoint.keep_last") }
     public var optimizer: AdamWSettings {

@@ -69,7 +69,8 @@ public struct ValidationReport: Equatable, Sendable {
 /// Runs the routers over the validation split and compares their decisions with every uniform
 /// expert and with the oracle, the best per-(layer, head, chunk) allocation from `delta_nll` whose
 /// total bits (with constants) do not exceed the router's.
-public func validationReport(data: RoutedStore, parameters: RouterParameters) -> ValidationReport? {
+public func validationReport(streamer: SequenceStreamer, parameters: RouterParameters) -> ValidationReport? {
+    let data = streamer.data
     guard !data.validation.isEmpty else { return nil }
     let setup = data.setup, layout = data.layout, M = setup.experts.count
     var routerTally = BitsTally(experts: M)
@@ -79,32 +80,25 @@ public func validationReport(data: RoutedStore, parameters: RouterParameters) ->
     var baseNLL: [Double] = []        // per sequence
     var tokenWeights: [Double] = []
 
-    for sequence in data.validation {
-        let item = data.load(sequence)
-        let tape = Tape()
-        let decisions = (0..<layout.routers).map { router in
-            let weights = RouterVariables(tape: tape, parameters: parameters, router: router, trainable: false)
-            let x = tape.constant(item.inputs[router], rows: layout.rowsPerRouter, cols: layout.inputDim)
-            return chunkDecisions(probabilities: routerForward(tape: tape, inputs: x, weights: weights).value,
-                                  chunkSize: layout.chunkSize, experts: setup.experts)
-        }
-        let weight = Double(item.tokens - 1)
+    for (sequence, decisions) in zip(data.validation, streamer.decisions(data.validation, parameters: parameters)) {
+        let nll = data.store.nll(of: sequence), sensitivity = data.sensitivity(of: sequence)
+        let weight = Double(sequence.tokens - 1)
         weights += weight
         tokenWeights.append(weight)
-        baseNLL.append(Double(item.nll))
-        routerNLL += weight * estimatedNLL(nll: item.nll, decisions: decisions, layout: layout, sensitivity: item.sensitivity)
+        baseNLL.append(Double(nll))
+        routerNLL += weight * estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
         routerTally.add(decisions: decisions, layout: layout)
         for (router, routerDecisions) in decisions.enumerated() {
             for expert in routerDecisions { decisionsPerRouter[router][expert] += 1 }
         }
         for expert in 0..<M {
             let uniformDecisions = Array(repeating: Array(repeating: expert, count: layout.unitsPerRouter), count: layout.routers)
-            uniformNLL[expert] += weight * estimatedNLL(nll: item.nll, decisions: uniformDecisions, layout: layout, sensitivity: item.sensitivity)
+            uniformNLL[expert] += weight * estimatedNLL(nll: nll, decisions: uniformDecisions, layout: layout, sensitivity: sensitivity)
         }
         for layer in 0..<layout.layers {
             for head in 0..<layout.heads {
                 for chunk in layout.firstRoutedChunk..<layout.chunks {
-                    for expert in 0..<M { oracleOptions.append(item.sensitivity.delta(layer: layer, head: head, chunk: chunk, expert: expert)) }
+                    for expert in 0..<M { oracleOptions.append(sensitivity.delta(layer: layer, head: head, chunk: chunk, expert: expert)) }
                 }
             }
         }

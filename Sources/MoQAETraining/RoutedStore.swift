@@ -108,8 +108,12 @@ public final class RoutedStore: @unchecked Sendable {
             store.releaseInputs(sequence, layer: leader)
             inputs.append(rows)
         }
-        let sensitivity = SensitivityTable(values: store.deltaNLL(of: sequence), heads: layout.heads, chunks: layout.chunks,
-                                           storeExperts: store.manifest.experts.count, columns: expertColumns)
-        return SequenceData(id: sequence.id, inputs: inputs, nll: store.nll(of: sequence), sensitivity: sensitivity, tokens: sequence.tokens)
+        return SequenceData(id: sequence.id, inputs: inputs, nll: store.nll(of: sequence), sensitivity: sensitivity(of: sequence), tokens: sequence.tokens)
+    }
+
+    /// A sequence's `delta_nll`, read through the router's experts.
+    public func sensitivity(of sequence: CalibrationStore.Sequence) -> SensitivityTable {
+        SensitivityTable(values: store.deltaNLL(of: sequence), heads: layout.heads, chunks: layout.chunks,
+                         storeExperts: store.manifest.experts.count, columns: expertColumns)
     }
 }

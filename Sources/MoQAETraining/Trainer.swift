@@ -39,6 +39,8 @@ public enum TrainingOutcome: Equatable, Sendable {
 public final class Trainer {
     public let config: TrainingConfig
     public let data: RoutedStore
+    /// Streams batches and validation sequences through the routers.
+    public let streamer: SequenceStreamer
     /// The state a checkpoint would hold now.
     public private(set) var state: Checkpoint
     private var random: RandomGenerator
@@ -57,6 +59,7 @@ public final class Trainer {
         let store: CalibrationStore
         do { store = try CalibrationStore(path: config.storePath) } catch { throw .store(error) }
         do { data = try RoutedStore(store: store, config: config, source: configSource) } catch { throw .config(error) }
+        streamer = SequenceStreamer(data: data, workers: config.threads)
         let runDirectory = config.runDirectory
         metricsPath = runDirectory + "/metrics.jsonl"
         evalPath = runDirectory + "/eval.jsonl"
@@ -180,12 +183,8 @@ public final class Trainer {
         let B = config.batchSize, n = data.calibration.count
         let batchIndices = order[(state.position * B)..<min(n, (state.position + 1) * B)]
         let sequences = batchIndices.map { data.calibration[$0] }
-        // Ask the kernel to read the next batch of this epoch while this one computes.
-        for index in order[min(n, (state.position + 1) * B)..<min(n, (state.position + 2) * B)] {
-            data.prefetch(data.calibration[index])
-        }
-        let batch = sequences.map(data.load)
-        let (gradient, figures, _) = batchGradient(batch, parameters: state.parameters, setup: data.setup, lambda: config.lambda)
+        let upcoming = order[min(n, (state.position + 1) * B)..<min(n, (state.position + 2) * B)].map { data.calibration[$0] }
+        let (gradient, figures, _) = streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, lambda: config.lambda)
         let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
         guard figures.loss.isFinite, gradientNorm.isFinite else {
             throw .run("step \(state.step + 1): loss or gradient is not finite on sequences \(sequences.map(\.id)) of \(data.store.path)")
@@ -202,7 +201,7 @@ public final class Trainer {
             order = random.permutation(n)
         }
         let seconds = Date().timeIntervalSince(started)
-        let vectors = Double(batch.count * data.layout.routers * data.layout.rowsPerRouter)
+        let vectors = Double(sequences.count * data.layout.routers * data.layout.rowsPerRouter)
         let totalDecisions = Double(max(1, figures.decisionCounts.reduce(0, +)))
         let line = JSON.object([
             ("step", .int(state.step)), ("epoch", .int(epoch)),
@@ -219,7 +218,7 @@ public final class Trainer {
 
     /// Prints the validation report and appends it to `eval.jsonl`.
     public func evaluate() throws(TrainingError) {
-        guard let report = validationReport(data: data, parameters: state.parameters) else {
+        guard let report = validationReport(streamer: streamer, parameters: state.parameters) else {
             progress.log("no validation sequences (data.validation_fraction selects none): no validation report")
             return
         }

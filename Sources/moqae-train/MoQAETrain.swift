@@ -165,7 +165,7 @@ struct Evaluate: ParsableCommand {
                   data.experts.count == parameters.experts else {
                 throw ValidationError("\(file): routers (\(parameters.routers) × D \(parameters.inputDim) × M \(parameters.experts)) do not fit the store \(store.path) under this config")
             }
-            guard let report = validationReport(data: data, parameters: parameters) else {
+            guard let report = validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters) else {
                 throw ValidationError("data.validation_fraction selects no sequence of \(store.path)")
             }
             print(json ? report.json.serialized : report.text)

@@ -54,11 +54,26 @@ import Testing
         return parameters
     }
 
-    @Test func lossTermsDecisionsAndGradients() throws {
+    /// The two implementations of the loss gradient: the tape (the reference) and the streaming pass
+    /// the trainer runs, with one and with two workers.
+    enum Implementation: String, CaseIterable { case tape, streaming, streamingTwoWorkers }
+
+    func batchGradient(_ implementation: Implementation, parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+        switch implementation {
+        case .tape:
+            return MoQAETraining.batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, lambda: 0.5)
+        case .streaming, .streamingTwoWorkers:
+            let streamer = SequenceStreamer(data: data, workers: implementation == .streaming ? 1 : 2, blockChunks: 1)
+            return streamer.batchGradient(data.calibration, parameters: parameters, lambda: 0.5)
+        }
+    }
+
+    @Test(arguments: Implementation.allCases)
+    func lossTermsDecisionsAndGradients(_ implementation: Implementation) throws {
         let batch = data.calibration.map(data.load)
         #expect(batch.count == 3)
         let parameters = try initialParameters()
-        let (gradient, figures, decisions) = batchGradient(batch, parameters: parameters, setup: data.setup, lambda: 0.5)
+        let (gradient, figures, decisions) = batchGradient(implementation, parameters: parameters)
         expectClose("loss", [figures.loss], try tensor("loss"))
         expectClose("l_model", [figures.modelTerm], try tensor("l_model"))
         expectClose("l_mem", [figures.memoryTerm], try tensor("l_mem"))
@@ -81,13 +96,13 @@ import Testing
         #expect(try RouterExport.parse(expected, path: url.path) == export)
     }
 
-    @Test func fiveAdamWSteps() throws {
-        let batch = data.calibration.map(data.load)
+    @Test(arguments: Implementation.allCases)
+    func fiveAdamWSteps(_ implementation: Implementation) throws {
         var parameters = try initialParameters()
         var optimizer = AdamW(settings: AdamWSettings(), parameterCount: parameters.values.count)
         var losses: [Double] = []
         for _ in 0..<5 {
-            let (gradient, figures, _) = batchGradient(batch, parameters: parameters, setup: data.setup, lambda: 0.5)
+            let (gradient, figures, _) = batchGradient(implementation, parameters: parameters)
             losses.append(figures.loss)
             optimizer.update(&parameters.values, gradient: gradient)
         }

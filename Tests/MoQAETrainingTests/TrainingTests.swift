@@ -37,7 +37,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
                                      ["loss.lambda=\(lambda)", "train.lr=3e-3", "train.epochs=60", "train.eval_every=0",
                                       "data.calibration_fraction=0.05", "data.validation_fraction=0.05"])
         let trainer = try train(config)
-        let report = try #require(validationReport(data: trainer.data, parameters: trainer.state.parameters))
+        let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
         let fractions = report.router.expertFractions
         #expect(fractions[expectedExpert] > 0.5 && fractions.max() == fractions[expectedExpert], "λ=\(lambda): fractions \(fractions)")
     }
@@ -105,7 +105,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
 
     @Test func validationReportIsConsistent() throws {
         let trainer = try train(try smallConfig(store: store, run: makeTemporaryDirectory("run"), ["train.max_steps=2"]))
-        let report = try #require(validationReport(data: trainer.data, parameters: trainer.state.parameters))
+        let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
         let fp16 = report.uniform[0], int4 = report.uniform[1]
         #expect(fp16.memory.payloadBits == 16 && fp16.memory.fractionOfFP16 == 1)
         // 96 tokens: chunk 0 frozen, chunks 1-2 routed. int4 payload: (1/3)·16 + (2/3)·4.

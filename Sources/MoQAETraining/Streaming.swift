@@ -1,0 +1,147 @@
+import Dispatch
+import MoQAERouter
+import MoQAEStore
+
+/// Streams store sequences through `StreamingPass`es on worker threads. Worker w takes sequences
+/// w, w + workers, … of a batch; each sequence's gradient is computed whole by one worker and the
+/// batch is summed in sequence order, so results do not depend on the number of workers.
+///
+/// Each worker reads its sequences' leader layers block by block straight from the store's mapping,
+/// asks the kernel to read the next `readaheadBytes` of its work ahead (the next batch included),
+/// and drops each layer's pages from the process once used, so memory stays flat.
+public final class SequenceStreamer: @unchecked Sendable {
+    public let data: RoutedStore
+    public let workers: Int
+    /// How far ahead of its position each worker has the kernel read.
+    public let readaheadBytes: Int
+    private let passes: [StreamingPass]
+
+    /// - Parameter workers: worker threads; with more than one, OpenBLAS runs single-threaded inside each.
+    /// - Parameter blockChunks: chunks per block of rows (each block is one forward and one backward product).
+    public init(data: RoutedStore, workers: Int, blockChunks: Int = 32, readaheadBytes: Int = 64 << 20) {
+        self.data = data
+        self.workers = max(1, workers)
+        self.readaheadBytes = readaheadBytes
+        passes = (0..<self.workers).map { _ in StreamingPass(layout: data.layout, experts: data.experts, blockChunks: blockChunks) }
+        if self.workers > 1 { setBLASThreads(1) }
+    }
+
+    /// The loss gradient of a batch (mean over its sequences), laid out like `parameters.values`, with
+    /// its figures and every sequence's `[router][unit]` decisions. `upcoming` are read ahead.
+    public func batchGradient(_ batch: [CalibrationStore.Sequence], upcoming: [CalibrationStore.Sequence] = [],
+                              parameters: RouterParameters, lambda: Double) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+        let count = parameters.values.count, M = data.experts.count
+        var sequenceGradients = [Float](repeating: 0, count: batch.count * count)  // (batch, parameters)
+        var results = [(loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double)](repeating: (0, 0, 0, 0), count: batch.count)
+        var decisions = [[[Int]]](repeating: [], count: batch.count)
+        let scale = 1 / Double(batch.count)
+        sequenceGradients.withUnsafeMutableBufferPointer { gradients in
+        results.withUnsafeMutableBufferPointer { results in
+        decisions.withUnsafeMutableBufferPointer { decisions in
+            // Each index is written by one worker only.
+            let (gradients, results, decisions) = (UncheckedSendable(gradients), UncheckedSendable(results), UncheckedSendable(decisions))
+            forEachSequence(batch, upcoming: upcoming) { index, sequence, pass, readahead in
+                pass.begin(parameters: parameters, lambda: lambda)
+                stream(sequence, through: pass, backward: true, readahead: readahead)
+                results.value[index] = pass.finish(nll: data.store.nll(of: sequence), sensitivity: data.sensitivity(of: sequence),
+                                                   scale: scale, gradient: gradients.value.baseAddress! + index * count)
+                decisions.value[index] = pass.decisions
+            }
+        }}}
+        var gradient = [Float](repeating: 0, count: count)
+        for index in batch.indices {
+            for i in 0..<count { gradient[i] += sequenceGradients[index * count + i] }
+        }
+        var figures = BatchFigures(loss: 0, modelTerm: 0, memoryTerm: 0, meanEstimatedNLL: 0,
+                                   decisionCounts: Array(repeating: 0, count: M), payloadBits: 0)
+        var tally = BitsTally(experts: M)
+        for (result, sequenceDecisions) in zip(results, decisions) {
+            figures.loss += scale * result.loss
+            figures.modelTerm += scale * result.modelTerm
+            figures.memoryTerm += scale * result.memoryTerm
+            figures.meanEstimatedNLL += scale * result.estimatedNLL
+            tally.add(decisions: sequenceDecisions, layout: data.layout)
+            for routerDecisions in sequenceDecisions { for expert in routerDecisions { figures.decisionCounts[expert] += 1 } }
+        }
+        figures.payloadBits = tally.memory(setup: data.setup, sequences: batch.count).payloadBits
+        return (gradient, figures, decisions)
+    }
+
+    /// The routers' `[router][unit]` decisions for each sequence (forward only).
+    public func decisions(_ sequences: [CalibrationStore.Sequence], parameters: RouterParameters) -> [[[Int]]] {
+        var decisions = [[[Int]]](repeating: [], count: sequences.count)
+        decisions.withUnsafeMutableBufferPointer { decisions in
+            let decisions = UncheckedSendable(decisions)  // each index is written by one worker only
+            forEachSequence(sequences, upcoming: []) { index, sequence, pass, readahead in
+                pass.begin(parameters: parameters, lambda: 0)
+                stream(sequence, through: pass, backward: false, readahead: readahead)
+                decisions.value[index] = pass.decisions
+            }
+        }
+        return decisions
+    }
+
+    /// Runs `body(index, sequence, pass, readahead)` for every sequence, worker w taking indices
+    /// w, w + workers, … and reading its share of `sequences` then of `upcoming` ahead.
+    private func forEachSequence(_ sequences: [CalibrationStore.Sequence], upcoming: [CalibrationStore.Sequence],
+                                 _ body: @Sendable (Int, CalibrationStore.Sequence, StreamingPass, Readahead) -> Void) {
+        let workers = min(self.workers, max(1, sequences.count))
+        let leaders = (0..<data.layout.routers).map(data.layout.leaderLayer(of:))
+        DispatchQueue.concurrentPerform(iterations: workers) { worker in
+            let mine = Array(stride(from: worker, to: sequences.count, by: workers))
+            let next = stride(from: worker, to: upcoming.count, by: workers).map { upcoming[$0] }
+            let readahead = Readahead(store: data.store, items: (mine.map { sequences[$0] } + next).flatMap { sequence in leaders.map { (sequence, $0) } },
+                                      bytes: readaheadBytes)
+            for index in mine { body(index, sequences[index], passes[worker], readahead) }
+        }
+    }
+
+    /// Feeds one sequence's leader layers to `pass`, block by block, releasing each layer's pages after use.
+    private func stream(_ sequence: CalibrationStore.Sequence, through pass: StreamingPass, backward: Bool, readahead: Readahead) {
+        let layout = data.layout
+        for router in 0..<layout.routers {
+            let leader = layout.leaderLayer(of: router)
+            readahead.advance()
+            for head in 0..<layout.heads {
+                for firstChunk in stride(from: layout.firstRoutedChunk, to: layout.chunks, by: pass.blockChunks) {
+                    let chunks = min(pass.blockChunks, layout.chunks - firstChunk)
+                    pass.block.withUnsafeMutableBufferPointer { block in
+                        data.store.readInputs(sequence, layer: leader, head: head,
+                                              tokens: (firstChunk * layout.chunkSize)..<((firstChunk + chunks) * layout.chunkSize),
+                                              into: block.baseAddress!)
+                    }
+                    pass.process(router: router, head: head, firstChunk: firstChunk, chunks: chunks, backward: backward)
+                }
+            }
+            data.store.releaseInputs(sequence, layer: leader)
+        }
+    }
+}
+
+/// Keeps the kernel reading a worker's next leader layers: the (sequence, layer) items of its work,
+/// in order, up to `bytes` beyond the start of the item being processed.
+private final class Readahead {
+    let store: CalibrationStore
+    let items: [(sequence: CalibrationStore.Sequence, layer: Int)]
+    let bytes: Int
+    /// The item about to be processed, and the first item not yet requested.
+    private var current = 0, requested = 0
+
+    init(store: CalibrationStore, items: [(sequence: CalibrationStore.Sequence, layer: Int)], bytes: Int) {
+        self.store = store
+        self.items = items
+        self.bytes = bytes
+    }
+
+    /// Called before processing the next item.
+    func advance() {
+        requested = max(requested, current)
+        var ahead = (current..<requested).reduce(0) { $0 + store.inputLayerBytes(items[$1].sequence) }
+        while requested < items.count, requested == current || ahead < bytes {
+            store.prefetchInputs(items[requested].sequence, layer: items[requested].layer)
+            ahead += store.inputLayerBytes(items[requested].sequence)
+            requested += 1
+        }
+        current += 1
+    }
+}

@@ -1,0 +1,51 @@
+import MoQAERouter
+import MoQAEStore
+import MoQAETestSupport
+import MoQAETraining
+import Testing
+
+/// The streaming pass the trainer runs against the tape, on a store with several heads, routers and
+/// blocks per head, F16 inputs and a partial last batch.
+@Suite struct StreamingTests {
+    let data: RoutedStore
+    let parameters: RouterParameters
+
+    init() throws {
+        let path = makeTemporaryDirectory("streaming")
+        try SyntheticStore.write(shape: .init(name: "test", layers: 5, heads: 3, headDim: 16, tokens: 320), sequences: 5, to: path)
+        let store = try CalibrationStore(path: path)
+        let layout = RoutingLayout(layers: 5, heads: 3, tokens: 320, inputDim: 16, chunkSize: 32, groupSize: 2, freezeFirstChunk: true)
+        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16),
+                           expertColumns: [0, 1, 2], calibrationFraction: 0.1, validationFraction: 0)
+        var random = RandomGenerator(seed: 3)
+        parameters = RouterParameters.initialized(routers: 3, inputDim: 16, experts: 3, random: &random)
+    }
+
+    @Test(arguments: [0.0, 0.3, 1.0])
+    func matchesTheTape(lambda: Double) throws {
+        #expect(data.calibration.count == 5)
+        let reference = batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, lambda: lambda)
+        for blockChunks in [1, 4, 9] {
+            let streamed = SequenceStreamer(data: data, workers: 1, blockChunks: blockChunks)
+                .batchGradient(data.calibration, parameters: parameters, lambda: lambda)
+            #expect(streamed.decisions == reference.decisions)
+            #expect(streamed.figures.decisionCounts == reference.figures.decisionCounts)
+            #expect(abs(streamed.figures.loss - reference.figures.loss) <= 1e-6 * abs(reference.figures.loss))
+            #expect(abs(streamed.figures.meanEstimatedNLL - reference.figures.meanEstimatedNLL) <= 1e-6 * reference.figures.meanEstimatedNLL)
+            let scale = reference.gradient.map(abs).max()!
+            let error = zip(streamed.gradient, reference.gradient).map { abs($0 - $1) }.max()!
+            #expect(scale > 0 && error <= 1e-5 * scale, "block \(blockChunks): max error \(error), scale \(scale)")
+        }
+    }
+
+    /// Each sequence is summed whole by one worker, in batch order: any worker count gives the same bits.
+    @Test func workerCountDoesNotChangeTheResult() {
+        let one = SequenceStreamer(data: data, workers: 1).batchGradient(data.calibration, parameters: parameters, lambda: 0.5)
+        for workers in [2, 3, 8] {
+            let many = SequenceStreamer(data: data, workers: workers).batchGradient(data.calibration, parameters: parameters, lambda: 0.5)
+            #expect(many.gradient == one.gradient && many.figures == one.figures && many.decisions == one.decisions)
+        }
+        let decisions = SequenceStreamer(data: data, workers: 2).decisions(data.calibration, parameters: parameters)
+        #expect(decisions == one.decisions)
+    }
+}
