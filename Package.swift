@@ -21,10 +21,13 @@ let package = Package(
             providers: [.apt(["libopenblas-dev"])]
         ),
 
+        /// binary16 → binary32 with the CPU's conversion instructions (F16C) where present.
+        .target(name: "CHalfPrecision"),
+
         // MARK: - Data flow: store → router/loss/optimizer → training, checkpoint, export
 
         /// Calibration store I/O: a distrustful safetensors reader/writer, the manifest, split selection.
-        .target(name: "MoQAEStore"),
+        .target(name: "MoQAEStore", dependencies: ["CHalfPrecision"]),
 
         /// Reverse-mode autograd over router parameters, the router, the SPEC §4 loss and AdamW.
         .target(name: "MoQAERouter", dependencies: ["COpenBLAS", "MoQAEStore"]),
@@ -46,7 +49,7 @@ let package = Package(
 
         /// Small stores built in code, temporary directories, running the built binary.
         .target(name: "MoQAETestSupport", dependencies: ["MoQAEStore"], path: "Tests/MoQAETestSupport"),
-        .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore", "MoQAETestSupport"]),
+        .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore", "CHalfPrecision", "MoQAETestSupport"]),
         .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAERouter"]),
         .testTarget(
             name: "MoQAETrainingTests",

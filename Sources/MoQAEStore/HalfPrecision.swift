@@ -1,10 +1,13 @@
-/// Vectorised conversions between binary32 and the 16-bit formats a store holds (binary16, bfloat16):
-/// branch-free integer code on bit patterns that the compiler vectorises, exact, and the same on every CPU.
+import CHalfPrecision
+
+/// Vectorised conversions between binary32 and the 16-bit formats a store holds (binary16, bfloat16),
+/// exact and the same on every CPU. Encoding and bfloat16 are branch-free integer code that the
+/// compiler vectorises; binary16 decoding, on the training hot path, uses F16C instructions in C.
 public enum HalfPrecision {
-    /// `out[i] = Float(binary16 bits source[i])`, exactly (subnormals, infinities and NaNs included).
+    /// `out[i] = Float(binary16 bits source[i])`, exactly (subnormals, infinities and NaNs included),
+    /// with the CPU's F16C instructions where present.
     public static func decodeF16(_ source: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
-        let halves = source.assumingMemoryBound(to: UInt16.self)
-        for i in 0..<count { out[i] = Float(bitPattern: floatBits(fromF16: UInt32(halves[i]))) }
+        moqae_decode_f16(source.assumingMemoryBound(to: UInt16.self), out, count)
     }
 
     /// `out[i] = Float(bfloat16 bits source[i])`: the bits are the upper half of a binary32.
@@ -17,20 +20,6 @@ public enum HalfPrecision {
     public static func encodeF16(_ values: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer) {
         let halves = out.assumingMemoryBound(to: UInt16.self)
         for i in 0..<count { halves[i] = UInt16(truncatingIfNeeded: f16Bits(fromFloat: values[i].bitPattern)) }
-    }
-
-    /// half_to_float: move exponent and mantissa into place and rebias; fix up infinities/NaNs
-    /// (exponent 31) and subnormals (exponent 0, renormalised by one float subtraction).
-    @inline(__always)
-    private static func floatBits(fromF16 h: UInt32) -> UInt32 {
-        let shiftedExponent: UInt32 = 0x7C00 << 13
-        let moved = (h & 0x7FFF) << 13
-        let exponent = moved & shiftedExponent
-        let rebiased = moved &+ ((127 - 15) << 23)
-        let special = rebiased &+ ((128 - 16) << 23)
-        let renormalised = (Float(bitPattern: rebiased &+ (1 << 23)) - Float(bitPattern: 113 << 23)).bitPattern
-        let magnitude = exponent == shiftedExponent ? special : (exponent == 0 ? renormalised : rebiased)
-        return magnitude | ((h & 0x8000) << 16)
     }
 
     /// float_to_half with round to nearest even: overflow goes to infinity, subnormal results are

@@ -1,13 +1,20 @@
+import CHalfPrecision
 import MoQAEStore
 import Testing
 
 @Suite("Half-precision conversions")
 struct HalfPrecisionTests {
-    /// Every binary16 bit pattern decodes as Swift's scalar Float16 → Float conversion does.
-    @Test func decodesEveryF16BitPattern() {
+    /// Every binary16 bit pattern decodes as Swift's scalar Float16 → Float conversion does, on the
+    /// CPU's path (F16C where present) and on the portable one.
+    @Test(arguments: [true, false])
+    func decodesEveryF16BitPattern(portable: Bool) {
         let halves = (0...UInt16.max).map { $0 }
         var decoded = [Float](repeating: 0, count: halves.count)
-        halves.withUnsafeBytes { HalfPrecision.decodeF16($0.baseAddress!, count: halves.count, into: &decoded) }
+        if portable {
+            moqae_decode_f16_portable(halves, &decoded, halves.count)
+        } else {
+            halves.withUnsafeBytes { HalfPrecision.decodeF16($0.baseAddress!, count: halves.count, into: &decoded) }
+        }
         for (bits, value) in zip(halves, decoded) {
             let expected = Float(Float16(bitPattern: bits))
             if expected.isNaN {
