@@ -24,20 +24,26 @@ public final class StreamingPass {
     /// Chunks per block (fewer in a head's last block).
     public let blockChunks: Int
 
-    private let D: Int, M: Int, N: Int
+    private let D: Int, M: Int, N: Int, rows: Int
     /// Per router `(D, 2M)`: row d is `W1[d, :] ++ W2[d, :]`.
     private var w12: [Float]
     /// Per router `(M, M)`.
     private var w3: [Float]
     /// `(blockChunks·N, D)`: the rows of the block being processed; the caller fills it.
     public var block: [Float]
-    /// `(blockChunks·N, 2M)`: `x·[W1 W2]`, pre-activations a | b.
+    // Per-token values are stored expert-major, `(M, rows)` or `(2M, rows)`, so every elementwise
+    // loop runs over contiguous tokens and vectorises.
+    /// `(2M, rows)`: `[W1 W2]ᵀ · blockᵀ`, pre-activations a then b.
     private var preactivations: [Float]
-    /// `(blockChunks·N, M)` each: σ(a), h = SiLU(a) ⊙ b, p = softmax(h W3).
+    /// `(M, rows)` each: σ(a), h = SiLU(a) ⊙ b, p = softmax(h W3).
     private var sigmoids: [Float], hidden: [Float], probabilities: [Float]
-    /// `(blockChunks·N, 4M)`: per row `[α·∂/∂a, α·∂/∂b, β·∂/∂a, β·∂/∂b]` of its unit's chosen probability.
+    /// `(4M, rows)`: per token `α·∂/∂a, α·∂/∂b, β·∂/∂a, β·∂/∂b` of its unit's chosen probability.
     private var rowGradients: [Float]
-    /// Per router `(D, 4M)`: `blockᵀ · rowGradients` summed over the sequence.
+    /// `(rows, 2M)`: the forward product before it is made expert-major.
+    private var rowMajorPreactivations: [Float]
+    /// `(2M, rows)`: softmax maxima and sums of a block, or dz and dh of a chunk.
+    private var scratch: [Float]
+    /// Per router `(4M, D)`: `rowGradients · block` summed over the sequence.
     private var partsW12: [Float]
     /// Per router `(M, 2M)`: row j is `[A(j, :), B(j, :)]` of `hᵀ dz` summed over the sequence.
     private var partsW3: [Float]
@@ -47,21 +53,24 @@ public final class StreamingPass {
     /// Σ_u P_u[R_u] / B_{R_u} and Σ_u P_u[R_u] · B_{R_u} over the sequence.
     private var chosenOverBits = 0.0, chosenTimesBits = 0.0
 
-    public init(layout: RoutingLayout, experts: [Expert], blockChunks: Int = 32) {
+    public init(layout: RoutingLayout, experts: [Expert], blockChunks: Int) {
         self.layout = layout
         self.experts = experts
         self.blockChunks = max(1, min(blockChunks, layout.routedChunksPerHead))
         (D, M, N) = (layout.inputDim, experts.count, layout.chunkSize)
-        let rows = self.blockChunks * N, R = layout.routers
-        w12 = [Float](repeating: 0, count: R * D * 2 * M)
+        rows = self.blockChunks * N
+        let R = layout.routers
+        w12 = [Float](repeating: 0, count: R * 2 * M * D)
         w3 = [Float](repeating: 0, count: R * M * M)
         block = [Float](repeating: 0, count: rows * D)
-        preactivations = [Float](repeating: 0, count: rows * 2 * M)
-        sigmoids = [Float](repeating: 0, count: rows * M)
-        hidden = [Float](repeating: 0, count: rows * M)
-        probabilities = [Float](repeating: 0, count: rows * M)
-        rowGradients = [Float](repeating: 0, count: rows * 4 * M)
-        partsW12 = [Float](repeating: 0, count: R * D * 4 * M)
+        preactivations = [Float](repeating: 0, count: 2 * M * rows)
+        sigmoids = [Float](repeating: 0, count: M * rows)
+        hidden = [Float](repeating: 0, count: M * rows)
+        probabilities = [Float](repeating: 0, count: M * rows)
+        rowGradients = [Float](repeating: 0, count: 4 * M * rows)
+        rowMajorPreactivations = [Float](repeating: 0, count: rows * 2 * M)
+        scratch = [Float](repeating: 0, count: 2 * max(M, 2) * rows)
+        partsW12 = [Float](repeating: 0, count: R * 4 * M * D)
         partsW3 = [Float](repeating: 0, count: R * M * 2 * M)
         decisions = Array(repeating: Array(repeating: 0, count: layout.unitsPerRouter), count: R)
     }
@@ -89,7 +98,7 @@ public final class StreamingPass {
     /// `firstChunk`) and, when `backward`, adds their gradient parts.
     public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
-        let (D, M, N) = (self.D, self.M, self.N)
+        let (D, M, N, stride) = (self.D, self.M, self.N, self.rows)
         let rows = chunks * N
         let firstUnit = head * layout.routedChunksPerHead + firstChunk - layout.firstRoutedChunk
         let U = Double(layout.unitsPerSequence)
@@ -99,35 +108,43 @@ public final class StreamingPass {
         hidden.withUnsafeMutableBufferPointer { h in
         probabilities.withUnsafeMutableBufferPointer { p in
         rowGradients.withUnsafeMutableBufferPointer { g in
+        rowMajorPreactivations.withUnsafeMutableBufferPointer { rowMajor in
+        scratch.withUnsafeMutableBufferPointer { scratch in
         w12.withUnsafeBufferPointer { w12 in
         w3.withUnsafeBufferPointer { w3All in
             let w3 = w3All.baseAddress! + router * M * M
-            matmulForward(ab.baseAddress!, x.baseAddress!, w12.baseAddress! + router * D * 2 * M, n: rows, k: D, m: 2 * M)
-            routerHeadForward(ab.baseAddress!, w3: w3, sigmoids: s.baseAddress!, hidden: h.baseAddress!,
-                              probabilities: p.baseAddress!, rows: rows, experts: M)
+            let tokens = TokenColumns(stride: stride, preactivations: ab.baseAddress!, sigmoids: s.baseAddress!,
+                                      hidden: h.baseAddress!, probabilities: p.baseAddress!, experts: M)
+            // (rows, 2M) = block (rows, D) · [W1 W2] (D, 2M), then to expert-major (2M, rows).
+            matmulForward(rowMajor.baseAddress!, x.baseAddress!, w12.baseAddress! + router * D * 2 * M, n: rows, k: D, m: 2 * M)
+            for t in 0..<rows {
+                for j in 0..<(2 * M) { ab[j * stride + t] = rowMajor[t * 2 * M + j] }
+            }
+            routerHeadForward(tokens, w3: w3, range: 0..<rows, scratch: scratch.baseAddress!)
             for c in 0..<chunks {
-                let chunkRows = c * N
-                let choice = chunkDecision(probabilities: p.baseAddress! + chunkRows * M, chunkSize: N, experts: experts)
+                let chunkRows = (c * N)..<((c + 1) * N)
+                let choice = tokens.chunkDecision(chunkRows, experts: experts)
                 decisions[router][firstUnit + c] = choice
                 guard backward else { continue }
                 var chosen: Float = 0
-                for t in 0..<N { chosen += p[(chunkRows + t) * M + choice] }
+                for t in chunkRows { chosen += p[choice * stride + t] }
                 let bits = experts[choice].bitWidth
                 chosenOverBits += Double(chosen / Float(N)) / bits
                 chosenTimesBits += Double(chosen / Float(N)) * bits
-                let weightA = Float(lambda / (U * bits)), weightB = Float((1 - lambda) * bits / (16 * U))
                 partsW3.withUnsafeMutableBufferPointer { parts in
-                    routerHeadBackward(chunk: chunkRows, rows: N, choice: choice, preactivations: ab.baseAddress!, w3: w3,
-                                       sigmoids: s.baseAddress!, hidden: h.baseAddress!, probabilities: p.baseAddress!,
-                                       experts: M, weightA: weightA, weightB: weightB,
-                                       rowGradients: g.baseAddress!, partsW3: parts.baseAddress! + router * M * 2 * M)
+                    routerHeadBackward(tokens, w3: w3, chunk: chunkRows, choice: choice,
+                                       weightA: Float(lambda / (U * bits)), weightB: Float((1 - lambda) * bits / (16 * U)),
+                                       scratch: scratch.baseAddress!, rowGradients: g.baseAddress!,
+                                       partsW3: parts.baseAddress! + router * M * 2 * M)
                 }
             }
             guard backward else { return }
+            // (4M, D) += rowGradients (4M, rows) · block (rows, D)
             partsW12.withUnsafeMutableBufferPointer { parts in
-                matmulBackwardWeight(parts.baseAddress! + router * D * 4 * M, g.baseAddress!, x.baseAddress!, n: rows, k: D, m: 4 * M)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(4 * M), Int32(D), Int32(rows),
+                            1, g.baseAddress!, Int32(stride), x.baseAddress!, Int32(D), 1, parts.baseAddress! + router * 4 * M * D, Int32(D))
             }
-        }}}}}}}}
+        }}}}}}}}}}
     }
 
     /// Ends the sequence: its loss terms, `L_nll(s)`, and `scale ×` its gradient written (not added)
@@ -140,12 +157,11 @@ public final class StreamingPass {
         let (a, b) = (Float(scale * lNLL), Float(scale))
         var offset = 0
         for r in 0..<layout.routers {
-            let parts = r * D * 4 * M
+            let parts = r * 4 * M * D
             for d in 0..<D {
                 for j in 0..<M {
-                    let row = parts + d * 4 * M
-                    gradient[offset + d * M + j] = a * partsW12[row + j] + b * partsW12[row + 2 * M + j]
-                    gradient[offset + D * M + d * M + j] = a * partsW12[row + M + j] + b * partsW12[row + 3 * M + j]
+                    gradient[offset + d * M + j] = a * partsW12[parts + j * D + d] + b * partsW12[parts + (2 * M + j) * D + d]
+                    gradient[offset + D * M + d * M + j] = a * partsW12[parts + (M + j) * D + d] + b * partsW12[parts + (3 * M + j) * D + d]
                 }
             }
             offset += 2 * D * M
@@ -161,73 +177,137 @@ public final class StreamingPass {
     }
 }
 
-/// Per row of `(a | b) (rows, 2M)`: σ(a), h = SiLU(a) ⊙ b, p = softmax(h W3), each `(rows, M)`.
-@inline(__always)
-private func routerHeadForward(_ ab: UnsafePointer<Float>, w3: UnsafePointer<Float>, sigmoids: UnsafeMutablePointer<Float>,
-                               hidden: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>, rows: Int, experts M: Int) {
-    for t in 0..<rows {
-        let a = ab + t * 2 * M, b = a + M
-        let s = sigmoids + t * M, h = hidden + t * M, p = probabilities + t * M
-        for j in 0..<M {
-            s[j] = sigmoid(a[j])
-            h[j] = a[j] * s[j] * b[j]
+/// The per-token buffers of a block, expert-major: column j of token t is at `j·stride + t`.
+private struct TokenColumns {
+    let stride: Int
+    /// `(2M, stride)`: a then b.
+    let preactivations: UnsafeMutablePointer<Float>
+    /// `(M, stride)` each.
+    let sigmoids: UnsafeMutablePointer<Float>, hidden: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>
+    let experts: Int
+
+    func a(_ j: Int) -> UnsafeMutablePointer<Float> { preactivations + j * stride }
+    func b(_ j: Int) -> UnsafeMutablePointer<Float> { preactivations + (experts + j) * stride }
+    func s(_ j: Int) -> UnsafeMutablePointer<Float> { sigmoids + j * stride }
+    func h(_ j: Int) -> UnsafeMutablePointer<Float> { hidden + j * stride }
+    func p(_ j: Int) -> UnsafeMutablePointer<Float> { probabilities + j * stride }
+
+    /// Decision of one chunk (Eq. 2), as `chunkDecision` on row-major probabilities.
+    func chunkDecision(_ chunk: Range<Int>, experts list: [Expert]) -> Int {
+        withUnsafeTemporaryAllocation(of: Int.self, capacity: experts) { counts in
+            counts.initialize(repeating: 0)
+            for t in chunk {
+                var best = 0
+                for j in 1..<experts where p(j)[t] > p(best)[t] { best = j }
+                counts[best] += 1
+            }
+            var choice = 0
+            for j in 1..<experts where counts[j] > counts[choice] || (counts[j] == counts[choice] && list[j].totalBits > list[choice].totalBits) {
+                choice = j
+            }
+            return choice
         }
-        for k in 0..<M {
-            var z: Float = 0
-            for j in 0..<M { z += h[j] * w3[j * M + k] }
-            p[k] = z
-        }
-        var maximum = p[0]
-        for k in 1..<M { maximum = max(maximum, p[k]) }
-        var sum: Float = 0
-        for k in 0..<M {
-            p[k] = expf(p[k] - maximum)
-            sum += p[k]
-        }
-        for k in 0..<M { p[k] /= sum }
     }
 }
 
-/// Backward of one chunk's chosen probability `P[R] = (1/N) Σ_t p_t[R]` with weight 1: per row, the
-/// gradients with respect to a and b, scaled by `weightA` and `weightB` into `rowGradients (rows, 4M)`,
-/// and `weightA·hᵀdz`, `weightB·hᵀdz` added into `partsW3 (M, 2M)`.
-@inline(__always)
-private func routerHeadBackward(chunk firstRow: Int, rows: Int, choice R: Int, preactivations ab: UnsafePointer<Float>, w3: UnsafePointer<Float>,
-                                sigmoids: UnsafePointer<Float>, hidden: UnsafePointer<Float>, probabilities: UnsafePointer<Float>,
-                                experts M: Int, weightA: Float, weightB: Float,
-                                rowGradients: UnsafeMutablePointer<Float>, partsW3: UnsafeMutablePointer<Float>) {
-    let seed = 1 / Float(rows)
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * M + M * M) { scratch in
-        let dz = scratch.baseAddress!, dh = dz + M, dzW3Sum = dh + M  // (M), (M), (M, M)
-        for i in 0..<(M * M) { dzW3Sum[i] = 0 }
-        for t in firstRow..<(firstRow + rows) {
-            let a = ab + t * 2 * M, b = a + M
-            let s = sigmoids + t * M, h = hidden + t * M, p = probabilities + t * M
-            // dz = p ⊙ (e_R − p_R) / N: softmax backward of dp = e_R / N.
-            for k in 0..<M { dz[k] = p[k] * ((k == R ? 1 : 0) - p[R]) * seed }
-            for j in 0..<M {
-                var sum: Float = 0
-                for k in 0..<M {
-                    sum += dz[k] * w3[j * M + k]
-                    dzW3Sum[j * M + k] += h[j] * dz[k]
-                }
-                dh[j] = sum
-            }
-            let g = rowGradients + t * 4 * M
-            for j in 0..<M {
-                let da = dh[j] * b[j] * s[j] * (1 + a[j] * (1 - s[j]))
-                let db = dh[j] * a[j] * s[j]
-                g[j] = weightA * da
-                g[M + j] = weightA * db
-                g[2 * M + j] = weightB * da
-                g[3 * M + j] = weightB * db
-            }
-        }
-        for j in 0..<M {
-            for k in 0..<M {
-                partsW3[j * 2 * M + k] += weightA * dzW3Sum[j * M + k]
-                partsW3[j * 2 * M + M + k] += weightB * dzW3Sum[j * M + k]
-            }
+/// σ(a), h = SiLU(a) ⊙ b and p = softmax(h W3) for the tokens in `range`; `scratch` holds `2·range.count`.
+private func routerHeadForward(_ tokens: TokenColumns, w3: UnsafePointer<Float>, range: Range<Int>, scratch: UnsafeMutablePointer<Float>) {
+    let M = tokens.experts
+    for j in 0..<M {
+        let (a, b, s, h) = (tokens.a(j), tokens.b(j), tokens.s(j), tokens.h(j))
+        for t in range {
+            s[t] = 1 / (1 + vectorizableExp(-a[t]))
+            h[t] = a[t] * s[t] * b[t]
         }
     }
+    for k in 0..<M {
+        let z = tokens.p(k)
+        for t in range { z[t] = 0 }
+        for j in 0..<M {
+            let (h, weight) = (tokens.h(j), w3[j * M + k])
+            for t in range { z[t] += h[t] * weight }
+        }
+    }
+    // Softmax over k of each token, max-subtracted.
+    let maximum = scratch - range.lowerBound, sum = maximum + range.count
+    for t in range { maximum[t] = tokens.p(0)[t] }
+    for k in 1..<M {
+        let z = tokens.p(k)
+        for t in range { maximum[t] = max(maximum[t], z[t]) }
+    }
+    for t in range { sum[t] = 0 }
+    for k in 0..<M {
+        let z = tokens.p(k)
+        for t in range {
+            z[t] = vectorizableExp(z[t] - maximum[t])
+            sum[t] += z[t]
+        }
+    }
+    for k in 0..<M {
+        let p = tokens.p(k)
+        for t in range { p[t] /= sum[t] }
+    }
+}
+
+/// Backward of one chunk's chosen probability `P[R] = (1/N) Σ_t p_t[R]` with weight 1: the gradients
+/// with respect to a and b, scaled by `weightA` and `weightB` into `rowGradients (4M, stride)`, and
+/// `weightA·hᵀdz`, `weightB·hᵀdz` added into `partsW3 (M, 2M)`.
+private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>, chunk: Range<Int>, choice R: Int,
+                                weightA: Float, weightB: Float, scratch: UnsafeMutablePointer<Float>,
+                                rowGradients g: UnsafeMutablePointer<Float>, partsW3: UnsafeMutablePointer<Float>) {
+    let M = tokens.experts, stride = tokens.stride
+    let seed = 1 / Float(chunk.count)
+    let first = chunk.lowerBound
+    let dz = scratch, dh = scratch + M * chunk.count  // (M, N) each, chunk-local token index
+    let pR = tokens.p(R)
+    // dz = p ⊙ (e_R − p_R) / N: softmax backward of dp = e_R / N.
+    for k in 0..<M {
+        let p = tokens.p(k), dzk = dz + k * chunk.count
+        let indicator: Float = k == R ? 1 : 0
+        for t in chunk { dzk[t - first] = p[t] * (indicator - pR[t]) * seed }
+    }
+    for j in 0..<M {
+        let dhj = dh + j * chunk.count, h = tokens.h(j)
+        for t in 0..<chunk.count { dhj[t] = 0 }
+        for k in 0..<M {
+            let dzk = dz + k * chunk.count, weight = w3[j * M + k]
+            var hdz: Float = 0
+            for t in 0..<chunk.count {
+                dhj[t] += dzk[t] * weight
+                hdz += h[first + t] * dzk[t]
+            }
+            partsW3[j * 2 * M + k] += weightA * hdz
+            partsW3[j * 2 * M + M + k] += weightB * hdz
+        }
+        let (a, b, s, dhRow) = (tokens.a(j), tokens.b(j), tokens.s(j), dhj - first)
+        let (gaA, gbA, gaB, gbB) = (g + j * stride, g + (M + j) * stride, g + (2 * M + j) * stride, g + (3 * M + j) * stride)
+        for t in chunk {
+            let da = dhRow[t] * b[t] * s[t] * (1 + a[t] * (1 - s[t]))
+            let db = dhRow[t] * a[t] * s[t]
+            gaA[t] = weightA * da
+            gbA[t] = weightA * db
+            gaB[t] = weightB * da
+            gbB[t] = weightB * db
+        }
+    }
+}
+
+/// eˣ to about 2 ulp, branch-free and trap-free so loops that call it vectorise (the Cephes expf
+/// polynomial): x = n·ln 2 + r with |r| ≤ ln 2 / 2, eʳ by a degree-6 polynomial, 2ⁿ through the
+/// exponent bits. Inputs are clamped to [−87.3, 88.3], where the result is a normal float.
+@inline(__always)
+func vectorizableExp(_ x: Float) -> Float {
+    let x = min(max(x, -87.3), 88.3)
+    // Adding 1.5·2²³ rounds to an integer n, held in the low mantissa bits: bits = 0x4B40_0000 + n.
+    let shifted = x * 1.442_695_04 + 12_582_912
+    let n = shifted - 12_582_912
+    let r = (x - n * 0.693_359_375) + n * 2.121_944_4e-4
+    var p: Float = 1.987_569_15e-4
+    p = p * r + 1.398_199_95e-3
+    p = p * r + 8.333_451_9e-3
+    p = p * r + 4.166_579_59e-2
+    p = p * r + 0.166_666_655
+    p = p * r + 0.500_000_012
+    let er = p * r * r + r + 1
+    return er * Float(bitPattern: (shifted.bitPattern &- 0x4B40_0000 &+ 127) &<< 23)
 }

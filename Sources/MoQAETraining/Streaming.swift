@@ -18,7 +18,7 @@ public final class SequenceStreamer: @unchecked Sendable {
 
     /// - Parameter workers: worker threads; with more than one, OpenBLAS runs single-threaded inside each.
     /// - Parameter blockChunks: chunks per block of rows (each block is one forward and one backward product).
-    public init(data: RoutedStore, workers: Int, blockChunks: Int = 32, readaheadBytes: Int = 64 << 20) {
+    public init(data: RoutedStore, workers: Int, blockChunks: Int = 16, readaheadBytes: Int = 64 << 20) {
         self.data = data
         self.workers = max(1, workers)
         self.readaheadBytes = readaheadBytes

@@ -59,7 +59,7 @@ public final class Trainer {
         let store: CalibrationStore
         do { store = try CalibrationStore(path: config.storePath) } catch { throw .store(error) }
         do { data = try RoutedStore(store: store, config: config, source: configSource) } catch { throw .config(error) }
-        streamer = SequenceStreamer(data: data, workers: config.threads, blockChunks: Int(ProcessInfo.processInfo.environment["MOQAE_BLOCK"] ?? "32")!)
+        streamer = SequenceStreamer(data: data, workers: config.threads)
         let runDirectory = config.runDirectory
         metricsPath = runDirectory + "/metrics.jsonl"
         evalPath = runDirectory + "/eval.jsonl"
