@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: setup venv build store train pareto test clean-run
+.PHONY: benchmark setup venv build store train pareto test clean-run
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -48,6 +48,15 @@ pareto: build store
 	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) \
 	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
 	  --out $(PARETO_OUT) --max-windows $(PARETO_WINDOWS) $(PARETO_ARGS)
+
+## Throughput, disk streaming and memory against cat and a PyTorch step on a synthetic store:
+## docs/PERFORMANCE.md. BENCH_ARGS e.g. "--shape tiny --sequences 64" for a quick run.
+BENCH_WORK ?= checkpoints/bench
+BENCH_OUT ?= docs/PERFORMANCE.md
+BENCH_ARGS ?= --shape llama2-7b --sequences 16 --cold
+benchmark: build venv
+	cd calibration && ../$(PY) -m moqae_calib benchmark --moqae-train ../$(BIN) --work ../$(BENCH_WORK) \
+	  --out ../$(BENCH_OUT) $(BENCH_ARGS)
 
 ## Every test: Swift Testing (debug build), then pytest for the Python tools.
 test: setup venv

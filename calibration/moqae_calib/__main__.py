@@ -1,5 +1,6 @@
-"""python -m moqae_calib dump | eval | merge — see README.md."""
+"""python -m moqae_calib dump | eval | pareto | benchmark | merge — see README.md."""
 import argparse
+import os
 import re
 import sys
 
@@ -76,6 +77,16 @@ def parser():
     pareto.add_argument("--device", default="auto")
     pareto.add_argument("--train-arg", action="append", help="extra moqae-train argument (repeatable), e.g. --train-arg=--max-steps=20")
 
+    bench = commands.add_parser("benchmark", help="moqae-train against plain reads and a PyTorch step on a synthetic store")
+    bench.add_argument("--moqae-train", required=True, help="path of the moqae-train binary (release build)")
+    bench.add_argument("--shape", default="llama2-7b", help="synthetic store shape: tiny, llama2-7b, llama3-8b")
+    bench.add_argument("--sequences", type=int, default=16, help="sequences in the store (llama2-7b: 1 GiB each)")
+    bench.add_argument("--work", required=True, help="directory for the store and the run (kept for reuse)")
+    bench.add_argument("--threads", type=int, default=os.cpu_count(), help="moqae-train worker threads")
+    bench.add_argument("--cold", action="store_true", help="also measure from disk with the page cache dropped (root)")
+    bench.add_argument("--out", help="Markdown report to write")
+    bench.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -92,6 +103,9 @@ def main(argv=None):
         elif args.command == "pareto":
             from .pareto import run_pareto
             run_pareto(args)
+        elif args.command == "benchmark":
+            from .benchmark import run_benchmark
+            run_benchmark(args)
         elif args.command == "eval":
             from .evaluate import run_eval
             run_eval(args)
