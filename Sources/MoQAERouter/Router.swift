@@ -144,26 +144,29 @@ public func routerForward(tape: Tape, inputs x: Variable, weights: RouterVariabl
 /// - Parameter probabilities: `(units · N, M)` token probabilities, unit-major.
 /// - Returns: one expert index per unit.
 public func chunkDecisions(probabilities: [Float], chunkSize: Int, experts: [Expert]) -> [Int] {
-    let units = probabilities.count / (chunkSize * experts.count)
-    return probabilities.withUnsafeBufferPointer { p in
-        (0..<units).map { chunkDecision(probabilities: p.baseAddress! + $0 * chunkSize * experts.count, chunkSize: chunkSize, experts: experts) }
+    let M = experts.count
+    let units = probabilities.count / (chunkSize * M)
+    return (0..<units).map { u in
+        chunkChoice(experts: experts) { counts in
+            for t in 0..<chunkSize {
+                let row = (u * chunkSize + t) * M
+                var best = 0
+                for j in 1..<M where probabilities[row + j] > probabilities[row + best] { best = j }
+                counts[best] += 1
+            }
+        }
     }
 }
 
-/// Decision of one chunk from its `(N, M)` token probabilities, as `chunkDecisions`.
+/// The expert with the most votes; a tie goes to more bits `kb+vb`, then to the lower index.
+/// `vote` adds each token's argmax into the zeroed per-expert counts.
 @inline(__always)
-func chunkDecision(probabilities p: UnsafePointer<Float>, chunkSize: Int, experts: [Expert]) -> Int {
-    let M = experts.count
-    return withUnsafeTemporaryAllocation(of: Int.self, capacity: M) { counts in
+func chunkChoice(experts: [Expert], vote: (UnsafeMutableBufferPointer<Int>) -> Void) -> Int {
+    withUnsafeTemporaryAllocation(of: Int.self, capacity: experts.count) { counts in
         counts.initialize(repeating: 0)
-        for t in 0..<chunkSize {
-            let row = p + t * M
-            var best = 0
-            for j in 1..<M where row[j] > row[best] { best = j }
-            counts[best] += 1
-        }
+        vote(counts)
         var choice = 0
-        for j in 1..<M where counts[j] > counts[choice] || (counts[j] == counts[choice] && experts[j].totalBits > experts[choice].totalBits) {
+        for j in 1..<experts.count where counts[j] > counts[choice] || (counts[j] == counts[choice] && experts[j].totalBits > experts[choice].totalBits) {
             choice = j
         }
         return choice

@@ -192,20 +192,14 @@ private struct TokenColumns {
     func h(_ j: Int) -> UnsafeMutablePointer<Float> { hidden + j * stride }
     func p(_ j: Int) -> UnsafeMutablePointer<Float> { probabilities + j * stride }
 
-    /// Decision of one chunk (Eq. 2), as `chunkDecision` on row-major probabilities.
+    /// Decision of one chunk (Eq. 2), as `chunkDecisions` on row-major probabilities.
     func chunkDecision(_ chunk: Range<Int>, experts list: [Expert]) -> Int {
-        withUnsafeTemporaryAllocation(of: Int.self, capacity: experts) { counts in
-            counts.initialize(repeating: 0)
+        chunkChoice(experts: list) { counts in
             for t in chunk {
                 var best = 0
                 for j in 1..<experts where p(j)[t] > p(best)[t] { best = j }
                 counts[best] += 1
             }
-            var choice = 0
-            for j in 1..<experts where counts[j] > counts[choice] || (counts[j] == counts[choice] && list[j].totalBits > list[choice].totalBits) {
-                choice = j
-            }
-            return choice
         }
     }
 }

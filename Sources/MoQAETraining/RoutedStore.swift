@@ -85,11 +85,6 @@ public final class RoutedStore: @unchecked Sendable {
         }
     }
 
-    /// Hints the kernel to read a sequence's leader layers ahead of use.
-    public func prefetch(_ sequence: CalibrationStore.Sequence) {
-        for router in 0..<layout.routers { store.prefetchInputs(sequence, layer: layout.leaderLayer(of: router)) }
-    }
-
     /// Reads a sequence's leader layers (converted to Float32) and its loss constants.
     public func load(_ sequence: CalibrationStore.Sequence) -> SequenceData {
         let layout = self.layout

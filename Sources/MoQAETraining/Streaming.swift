@@ -145,3 +145,9 @@ private final class Readahead {
         current += 1
     }
 }
+
+/// Hands a pointer to concurrent work that writes disjoint parts of it.
+struct UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}

@@ -102,9 +102,3 @@ public enum SyntheticStore {
         return (sum * 0x1p-16 - 2) * 1.7320508
     }
 }
-
-/// Hands a pointer to concurrent work that writes disjoint parts of it.
-struct UncheckedSendable<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
-}

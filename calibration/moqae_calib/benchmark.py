@@ -14,15 +14,30 @@ from .torch_step import TorchTrainer
 VECTOR_BYTES = {"f16": 2, "bf16": 2, "f32": 4}
 
 
+# Runs argv[1:] from a fresh, small interpreter and prints its peak RSS (KB). A child's getrusage peak
+# starts from the peak of the process it was forked from, so measuring directly from this process
+# (torch loaded, gigabytes after the PyTorch step) would report this process's peak instead.
+PEAK_RSS_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(command, env=None):
     """Runs a command; returns (wall seconds, peak RSS in MB)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, *command], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
-    if status != 0:
-        raise CalibError(f"{' '.join(command)} failed: {process.stderr.read().decode(errors='replace')[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    if result.returncode != 0:
+        raise CalibError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
+    return seconds, int(result.stdout.split()[-1]) / 1024
 
 
 def drop_caches():
