@@ -43,6 +43,8 @@ public final class StreamingPass {
     private var rowMajorPreactivations: [Float]
     /// `(2M, rows)`: softmax maxima and sums of a block, or dz and dh of a chunk.
     private var scratch: [Float]
+    /// `(rows)`: each token's argmax expert.
+    private var tokenChoices: [Int32]
     /// Per router `(4M, D)`: `rowGradients · block` summed over the sequence.
     private var partsW12: [Float]
     /// Per router `(M, 2M)`: row j is `[A(j, :), B(j, :)]` of `hᵀ dz` summed over the sequence.
@@ -70,6 +72,7 @@ public final class StreamingPass {
         rowGradients = [Float](repeating: 0, count: 4 * M * rows)
         rowMajorPreactivations = [Float](repeating: 0, count: rows * 2 * M)
         scratch = [Float](repeating: 0, count: 2 * max(M, 2) * rows)
+        tokenChoices = [Int32](repeating: 0, count: rows)
         partsW12 = [Float](repeating: 0, count: R * 4 * M * D)
         partsW3 = [Float](repeating: 0, count: R * M * 2 * M)
         decisions = Array(repeating: Array(repeating: 0, count: layout.unitsPerRouter), count: R)
@@ -110,6 +113,7 @@ public final class StreamingPass {
         rowGradients.withUnsafeMutableBufferPointer { g in
         rowMajorPreactivations.withUnsafeMutableBufferPointer { rowMajor in
         scratch.withUnsafeMutableBufferPointer { scratch in
+        tokenChoices.withUnsafeMutableBufferPointer { tokenChoices in
         w12.withUnsafeBufferPointer { w12 in
         w3.withUnsafeBufferPointer { w3All in
             let w3 = w3All.baseAddress! + router * M * M
@@ -117,13 +121,22 @@ public final class StreamingPass {
                                       hidden: h.baseAddress!, probabilities: p.baseAddress!, experts: M)
             // (rows, 2M) = block (rows, D) · [W1 W2] (D, 2M), then to expert-major (2M, rows).
             matmulForward(rowMajor.baseAddress!, x.baseAddress!, w12.baseAddress! + router * D * 2 * M, n: rows, k: D, m: 2 * M)
-            for t in 0..<rows {
-                for j in 0..<(2 * M) { ab[j * stride + t] = rowMajor[t * 2 * M + j] }
+            for j in 0..<(2 * M) {
+                let (column, row) = (ab.baseAddress! + j * stride, rowMajor.baseAddress! + j)
+                for t in 0..<rows { column[t] = row[t &* (2 &* M)] }
             }
             routerHeadForward(tokens, w3: w3, range: 0..<rows, scratch: scratch.baseAddress!)
+            tokens.argmax(0..<rows, into: tokenChoices.baseAddress!)
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
-                let choice = tokens.chunkDecision(chunkRows, experts: experts)
+                let choice = chunkChoice(experts: experts) { counts in
+                    let chunkChoices = tokenChoices.baseAddress! + c * N
+                    for j in 0..<M {
+                        var votes: Int32 = 0
+                        for t in 0..<N { votes &+= chunkChoices[t] == j ? 1 : 0 }
+                        counts[j] = Int(votes)
+                    }
+                }
                 decisions[router][firstUnit + c] = choice
                 guard backward else { continue }
                 var chosen: Float = 0
@@ -144,7 +157,7 @@ public final class StreamingPass {
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(4 * M), Int32(D), Int32(rows),
                             1, g.baseAddress!, Int32(stride), x.baseAddress!, Int32(D), 1, parts.baseAddress! + router * 4 * M * D, Int32(D))
             }
-        }}}}}}}}}}
+        }}}}}}}}}}}
     }
 
     /// Ends the sequence: its loss terms, `L_nll(s)`, and `scale ×` its gradient written (not added)
@@ -192,14 +205,25 @@ private struct TokenColumns {
     func h(_ j: Int) -> UnsafeMutablePointer<Float> { hidden + j * stride }
     func p(_ j: Int) -> UnsafeMutablePointer<Float> { probabilities + j * stride }
 
-    /// Decision of one chunk (Eq. 2), as `chunkDecisions` on row-major probabilities.
-    func chunkDecision(_ chunk: Range<Int>, experts list: [Expert]) -> Int {
-        chunkChoice(experts: list) { counts in
-            for t in chunk {
-                var best = 0
-                for j in 1..<experts where p(j)[t] > p(best)[t] { best = j }
-                counts[best] += 1
+    /// Each token's argmax expert, the lowest index among equal probabilities (as `chunkDecisions`).
+    func argmax(_ range: Range<Int>, into choices: UnsafeMutablePointer<Int32>) {
+        var t = range.lowerBound
+        while t + 8 <= range.upperBound {
+            var best = UnsafeRawPointer(p(0) + t).loadUnaligned(as: SIMD8<Float>.self)
+            var choice = SIMD8<Int32>()
+            for j in 1..<experts {
+                let pj = UnsafeRawPointer(p(j) + t).loadUnaligned(as: SIMD8<Float>.self)
+                let better = pj .> best
+                best.replace(with: pj, where: better)
+                choice.replace(with: Int32(j), where: better)
             }
+            UnsafeMutableRawPointer(choices + t).storeBytes(of: choice, as: SIMD8<Int32>.self)
+            t += 8
+        }
+        for t in t..<range.upperBound {
+            var best: Int32 = 0
+            for j in 1..<experts where p(j)[t] > p(Int(best))[t] { best = Int32(j) }
+            choices[t] = best
         }
     }
 }
@@ -250,40 +274,56 @@ private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>
                                 weightA: Float, weightB: Float, scratch: UnsafeMutablePointer<Float>,
                                 rowGradients g: UnsafeMutablePointer<Float>, partsW3: UnsafeMutablePointer<Float>) {
     let M = tokens.experts, stride = tokens.stride
-    let seed = 1 / Float(chunk.count)
-    let first = chunk.lowerBound
-    let dz = scratch, dh = scratch + M * chunk.count  // (M, N) each, chunk-local token index
-    let pR = tokens.p(R)
+    // Pointers below are offset to the chunk's first token, so loops run over 0..<n.
+    let (first, n) = (chunk.lowerBound, chunk.count)
+    let seed = 1 / Float(n)
+    let dz = scratch, dh = scratch + M * n  // (M, n) each
+    let pR = tokens.p(R) + first
     // dz = p ⊙ (e_R − p_R) / N: softmax backward of dp = e_R / N.
     for k in 0..<M {
-        let p = tokens.p(k), dzk = dz + k * chunk.count
+        let (p, dzk) = (tokens.p(k) + first, dz + k * n)
         let indicator: Float = k == R ? 1 : 0
-        for t in chunk { dzk[t - first] = p[t] * (indicator - pR[t]) * seed }
+        for t in 0..<n { dzk[t] = p[t] * (indicator - pR[t]) * seed }
     }
     for j in 0..<M {
-        let dhj = dh + j * chunk.count, h = tokens.h(j)
-        for t in 0..<chunk.count { dhj[t] = 0 }
+        let (dhj, h) = (dh + j * n, tokens.h(j) + first)
+        for t in 0..<n { dhj[t] = 0 }
         for k in 0..<M {
-            let dzk = dz + k * chunk.count, weight = w3[j * M + k]
-            var hdz: Float = 0
-            for t in 0..<chunk.count {
-                dhj[t] += dzk[t] * weight
-                hdz += h[first + t] * dzk[t]
-            }
+            let (dzk, weight) = (dz + k * n, w3[j * M + k])
+            for t in 0..<n { dhj[t] += dzk[t] * weight }
+            let hdz = dot(h, dzk, count: n)
             partsW3[j * 2 * M + k] += weightA * hdz
             partsW3[j * 2 * M + M + k] += weightB * hdz
         }
-        let (a, b, s, dhRow) = (tokens.a(j), tokens.b(j), tokens.s(j), dhj - first)
-        let (gaA, gbA, gaB, gbB) = (g + j * stride, g + (M + j) * stride, g + (2 * M + j) * stride, g + (3 * M + j) * stride)
-        for t in chunk {
-            let da = dhRow[t] * b[t] * s[t] * (1 + a[t] * (1 - s[t]))
-            let db = dhRow[t] * a[t] * s[t]
+        let (a, b, s) = (tokens.a(j) + first, tokens.b(j) + first, tokens.s(j) + first)
+        let (gaA, gbA) = (g + j * stride + first, g + (M + j) * stride + first)
+        let (gaB, gbB) = (g + (2 * M + j) * stride + first, g + (3 * M + j) * stride + first)
+        for t in 0..<n {
+            let da = dhj[t] * b[t] * s[t] * (1 + a[t] * (1 - s[t]))
+            let db = dhj[t] * a[t] * s[t]
             gaA[t] = weightA * da
             gbA[t] = weightA * db
             gaB[t] = weightB * da
             gbB[t] = weightB * db
         }
     }
+}
+
+/// Σ a[i]·b[i], in eight interleaved partial sums so that it vectorises.
+@inline(__always)
+private func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) -> Float {
+    var sums = SIMD8<Float>()
+    var i = 0
+    while i + 8 <= count {
+        sums += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+        i += 8
+    }
+    var total = sums.sum()
+    while i < count {
+        total += a[i] * b[i]
+        i += 1
+    }
+    return total
 }
 
 /// eˣ to about 2 ulp, branch-free and trap-free so loops that call it vectorise (the Cephes expf
