@@ -12,10 +12,9 @@ import Darwin
 /// tested against.
 ///
 /// A unit's loss weight `c_u = λ·L_nll/(U·B_R) + (1−λ)·B_R/(16U)` needs `L_nll`, which is known only
-/// once every unit of the sequence is decided. Backward is linear in that weight, so each block is
-/// pushed back with weight 1 and its weight gradients are accumulated in two parts,
-/// A with weights `λ/(U·B_R)` and B with weights `(1−λ)·B_R/(16U)`; the sequence's gradient is
-/// `L_nll·A + B`.
+/// once every unit of the sequence is decided. The weight depends on the unit only through its
+/// chosen expert R, and backward is linear in it, so each chunk is pushed back with weight 1 into
+/// the part of its chosen expert; the sequence's gradient is `Σ_R c(R)·part(R)`.
 ///
 /// One instance per worker thread; buffers are allocated once, never per block or token.
 public final class StreamingPass {
@@ -37,7 +36,7 @@ public final class StreamingPass {
     private var preactivations: [Float]
     /// `(M, rows)` each: σ(a), h = SiLU(a) ⊙ b, p = softmax(h W3).
     private var sigmoids: [Float], hidden: [Float], probabilities: [Float]
-    /// `(4M, rows)`: per token `α·∂/∂a, α·∂/∂b, β·∂/∂a, β·∂/∂b` of its unit's chosen probability.
+    /// `(2M, rows)`: per token `∂/∂a, ∂/∂b` of its unit's chosen probability.
     private var rowGradients: [Float]
     /// `(rows, 2M)`: the forward product before it is made expert-major.
     private var rowMajorPreactivations: [Float]
@@ -45,9 +44,9 @@ public final class StreamingPass {
     private var scratch: [Float]
     /// `(rows)`: each token's argmax expert.
     private var tokenChoices: [Int32]
-    /// Per router `(4M, D)`: `rowGradients · block` summed over the sequence.
+    /// Per router and chosen expert `(2M, D)`: `rowGradients · block` over the sequence's chunks that chose it.
     private var partsW12: [Float]
-    /// Per router `(M, 2M)`: row j is `[A(j, :), B(j, :)]` of `hᵀ dz` summed over the sequence.
+    /// Per router and chosen expert `(M, M)`: `hᵀ dz` over the sequence's chunks that chose it.
     private var partsW3: [Float]
     /// `[router][unit]` decisions of the current sequence.
     public private(set) var decisions: [[Int]]
@@ -69,12 +68,12 @@ public final class StreamingPass {
         sigmoids = [Float](repeating: 0, count: M * rows)
         hidden = [Float](repeating: 0, count: M * rows)
         probabilities = [Float](repeating: 0, count: M * rows)
-        rowGradients = [Float](repeating: 0, count: 4 * M * rows)
+        rowGradients = [Float](repeating: 0, count: 2 * M * rows)
         rowMajorPreactivations = [Float](repeating: 0, count: rows * 2 * M)
         scratch = [Float](repeating: 0, count: 2 * max(M, 2) * rows)
         tokenChoices = [Int32](repeating: 0, count: rows)
-        partsW12 = [Float](repeating: 0, count: R * 4 * M * D)
-        partsW3 = [Float](repeating: 0, count: R * M * 2 * M)
+        partsW12 = [Float](repeating: 0, count: R * M * 2 * M * D)
+        partsW3 = [Float](repeating: 0, count: R * M * M * M)
         decisions = Array(repeating: Array(repeating: 0, count: layout.unitsPerRouter), count: R)
     }
 
@@ -104,7 +103,6 @@ public final class StreamingPass {
         let (D, M, N, stride) = (self.D, self.M, self.N, self.rows)
         let rows = chunks * N
         let firstUnit = head * layout.routedChunksPerHead + firstChunk - layout.firstRoutedChunk
-        let U = Double(layout.unitsPerSequence)
         block.withUnsafeBufferPointer { x in
         preactivations.withUnsafeMutableBufferPointer { ab in
         sigmoids.withUnsafeMutableBufferPointer { s in
@@ -144,18 +142,17 @@ public final class StreamingPass {
                 let bits = experts[choice].bitWidth
                 chosenOverBits += Double(chosen / Float(N)) / bits
                 chosenTimesBits += Double(chosen / Float(N)) * bits
+                let part = router * M + choice
                 partsW3.withUnsafeMutableBufferPointer { parts in
-                    routerHeadBackward(tokens, w3: w3, chunk: chunkRows, choice: choice,
-                                       weightA: Float(lambda / (U * bits)), weightB: Float((1 - lambda) * bits / (16 * U)),
-                                       scratch: scratch.baseAddress!, rowGradients: g.baseAddress!,
-                                       partsW3: parts.baseAddress! + router * M * 2 * M)
+                    routerHeadBackward(tokens, w3: w3, chunk: chunkRows, choice: choice, scratch: scratch.baseAddress!,
+                                       rowGradients: g.baseAddress!, partW3: parts.baseAddress! + part * M * M)
                 }
-            }
-            guard backward else { return }
-            // (4M, D) += rowGradients (4M, rows) · block (rows, D)
-            partsW12.withUnsafeMutableBufferPointer { parts in
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(4 * M), Int32(D), Int32(rows),
-                            1, g.baseAddress!, Int32(stride), x.baseAddress!, Int32(D), 1, parts.baseAddress! + router * 4 * M * D, Int32(D))
+                // part (2M, D) += rowGradients (2M, N) · chunk rows (N, D)
+                partsW12.withUnsafeMutableBufferPointer { parts in
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(2 * M), Int32(D), Int32(N),
+                                1, g.baseAddress! + chunkRows.lowerBound, Int32(stride), x.baseAddress! + chunkRows.lowerBound * D, Int32(D),
+                                1, parts.baseAddress! + part * 2 * M * D, Int32(D))
+                }
             }
         }}}}}}}}}}}
     }
@@ -167,24 +164,22 @@ public final class StreamingPass {
         let U = Double(layout.unitsPerSequence)
         let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
         let modelTerm = lNLL * chosenOverBits / U, memoryTerm = chosenTimesBits / (16 * U)
-        let (a, b) = (Float(scale * lNLL), Float(scale))
+        // c(R) of each expert, times scale.
+        let weights = experts.map { Float(scale * (lambda * lNLL / (U * $0.bitWidth) + (1 - lambda) * $0.bitWidth / (16 * U))) }
         var offset = 0
         for r in 0..<layout.routers {
-            let parts = r * 4 * M * D
-            for d in 0..<D {
-                for j in 0..<M {
-                    gradient[offset + d * M + j] = a * partsW12[parts + j * D + d] + b * partsW12[parts + (2 * M + j) * D + d]
-                    gradient[offset + D * M + d * M + j] = a * partsW12[parts + (M + j) * D + d] + b * partsW12[parts + (3 * M + j) * D + d]
+            for i in 0..<(2 * D * M + M * M) { gradient[offset + i] = 0 }
+            for k in 0..<M {
+                let (part12, part3, c) = ((r * M + k) * 2 * M * D, (r * M + k) * M * M, weights[k])
+                for d in 0..<D {
+                    for j in 0..<M {
+                        gradient[offset + d * M + j] += c * partsW12[part12 + j * D + d]
+                        gradient[offset + D * M + d * M + j] += c * partsW12[part12 + (M + j) * D + d]
+                    }
                 }
+                for i in 0..<(M * M) { gradient[offset + 2 * D * M + i] += c * partsW3[part3 + i] }
             }
-            offset += 2 * D * M
-            for i in 0..<M {
-                for j in 0..<M {
-                    let row = r * M * 2 * M + i * 2 * M
-                    gradient[offset + i * M + j] = a * partsW3[row + j] + b * partsW3[row + M + j]
-                }
-            }
-            offset += M * M
+            offset += 2 * D * M + M * M
         }
         return (lambda * modelTerm + (1 - lambda) * memoryTerm, modelTerm, memoryTerm, lNLL)
     }
@@ -268,11 +263,10 @@ private func routerHeadForward(_ tokens: TokenColumns, w3: UnsafePointer<Float>,
 }
 
 /// Backward of one chunk's chosen probability `P[R] = (1/N) Σ_t p_t[R]` with weight 1: the gradients
-/// with respect to a and b, scaled by `weightA` and `weightB` into `rowGradients (4M, stride)`, and
-/// `weightA·hᵀdz`, `weightB·hᵀdz` added into `partsW3 (M, 2M)`.
+/// with respect to a and b into `rowGradients (2M, stride)`, and `hᵀdz` added into `partW3 (M, M)`.
 private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>, chunk: Range<Int>, choice R: Int,
-                                weightA: Float, weightB: Float, scratch: UnsafeMutablePointer<Float>,
-                                rowGradients g: UnsafeMutablePointer<Float>, partsW3: UnsafeMutablePointer<Float>) {
+                                scratch: UnsafeMutablePointer<Float>, rowGradients g: UnsafeMutablePointer<Float>,
+                                partW3: UnsafeMutablePointer<Float>) {
     let M = tokens.experts, stride = tokens.stride
     // Pointers below are offset to the chunk's first token, so loops run over 0..<n.
     let (first, n) = (chunk.lowerBound, chunk.count)
@@ -291,20 +285,13 @@ private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>
         for k in 0..<M {
             let (dzk, weight) = (dz + k * n, w3[j * M + k])
             for t in 0..<n { dhj[t] += dzk[t] * weight }
-            let hdz = dot(h, dzk, count: n)
-            partsW3[j * 2 * M + k] += weightA * hdz
-            partsW3[j * 2 * M + M + k] += weightB * hdz
+            partW3[j * M + k] += dot(h, dzk, count: n)
         }
         let (a, b, s) = (tokens.a(j) + first, tokens.b(j) + first, tokens.s(j) + first)
-        let (gaA, gbA) = (g + j * stride + first, g + (M + j) * stride + first)
-        let (gaB, gbB) = (g + (2 * M + j) * stride + first, g + (3 * M + j) * stride + first)
+        let (ga, gb) = (g + j * stride + first, g + (M + j) * stride + first)
         for t in 0..<n {
-            let da = dhj[t] * b[t] * s[t] * (1 + a[t] * (1 - s[t]))
-            let db = dhj[t] * a[t] * s[t]
-            gaA[t] = weightA * da
-            gbA[t] = weightA * db
-            gaB[t] = weightB * da
-            gbB[t] = weightB * db
+            ga[t] = dhj[t] * b[t] * s[t] * (1 + a[t] * (1 - s[t]))
+            gb[t] = dhj[t] * a[t] * s[t]
         }
     }
 }
