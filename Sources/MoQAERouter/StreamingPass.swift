@@ -128,12 +128,7 @@ public final class StreamingPass {
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
                 let choice = chunkChoice(experts: experts) { counts in
-                    let chunkChoices = tokenChoices.baseAddress! + c * N
-                    for j in 0..<M {
-                        var votes: Int32 = 0
-                        for t in 0..<N { votes &+= chunkChoices[t] == j ? 1 : 0 }
-                        counts[j] = Int(votes)
-                    }
+                    for t in chunkRows { counts[Int(tokenChoices[t])] += 1 }
                 }
                 decisions[router][firstUnit + c] = choice
                 guard backward else { continue }
