@@ -85,6 +85,8 @@ def parser():
     bench.add_argument("--threads", type=int, default=os.cpu_count(), help="moqae-train worker threads")
     bench.add_argument("--cold", action="store_true", help="also measure from disk with the page cache dropped (root)")
     bench.add_argument("--out", help="Markdown report to write")
+    bench.add_argument("--disk-only", action="store_true",
+                       help="only the from-disk figures (cold cat and epoch, peak RSS): for stores larger than RAM")
     bench.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
 
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
