@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: benchmark setup venv build store train pareto test clean-run
+.PHONY: benchmark setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -57,6 +57,27 @@ BENCH_ARGS ?= --shape llama2-7b --sequences 16 --cold
 benchmark: build venv
 	cd calibration && ../$(PY) -m moqae_calib benchmark --moqae-train ../$(BIN) --work ../$(BENCH_WORK) \
 	  --out ../$(BENCH_OUT) $(BENCH_ARGS)
+
+## Kill soak: trains CONFIG while SIGKILLing moqae-train SOAK_KILLS times (some during checkpoint
+## writes), resuming each time; the result must equal an uninterrupted run (kept in SOAK_RUN_DIR.reference).
+SOAK_KILLS ?= 20
+SOAK_RUN_DIR ?= checkpoints/soak
+soak: build store
+	$(CALIB) soak --moqae-train $(BIN) --config $(CONFIG) --run-dir $(SOAK_RUN_DIR) --set store=$(STORE) --kills $(SOAK_KILLS)
+
+## libFuzzer on each parser of untrusted files (Fuzz/): `make fuzz-checkpoint`, or all of them with
+## `make fuzz`, each for FUZZ_SECONDS. New inputs go to checkpoints/fuzz/TARGET, crashes to
+## checkpoints/fuzz/TARGET-crash-*; the seeds are in Fuzz/Corpus/TARGET.
+FUZZ_TARGETS := safetensors manifest config checkpoint export
+FUZZ_SECONDS ?= 600
+FUZZ_BIN := Fuzz/.build/release
+fuzz-build: setup
+	swift build --package-path Fuzz -c release -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -use-ld=lld
+fuzz-%: fuzz-build
+	mkdir -p checkpoints/fuzz/$*
+	SWIFT_BACKTRACE=enable=no $(FUZZ_BIN)/fuzz-$* checkpoints/fuzz/$* Fuzz/Corpus/$* -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	  -artifact_prefix=checkpoints/fuzz/$*- -print_final_stats=1
+fuzz: $(addprefix fuzz-,$(FUZZ_TARGETS))
 
 ## Every test: Swift Testing (debug build), then pytest for the Python tools.
 test: setup venv

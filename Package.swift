@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .executable(name: "moqae-train", targets: ["moqae-train"]),
         .library(name: "MoQAETraining", targets: ["MoQAETraining"]),
+        .library(name: "MoQAEStore", targets: ["MoQAEStore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

@@ -111,6 +111,7 @@ public enum AtomicFile {
         do { try produce(FileSink(fd: fd, path: path)) } catch { failure = error }
         if failure == nil, fsync(fd) != 0 { failure = FileError(path: path, operation: "fsync") }
         if close(fd) != 0, failure == nil { failure = FileError(path: path, operation: "close") }
+        if failure == nil, let delay = testDelayBeforeRename { usleep(delay) }
         if failure == nil, rename(temporary, path) != 0 { failure = FileError(path: path, operation: "rename") }
         if let failure {
             unlink(temporary)
@@ -118,6 +119,11 @@ public enum AtomicFile {
         }
         try syncDirectory(directory)
     }
+
+    /// For crash tests only: `MOQAE_TEST_DELAY_BEFORE_RENAME_MS` holds every finished temporary file
+    /// that long before it is renamed into place, widening the window in which a kill leaves one behind.
+    private static let testDelayBeforeRename: useconds_t? = getenv("MOQAE_TEST_DELAY_BEFORE_RENAME_MS")
+        .flatMap { useconds_t(String(cString: $0)) }.map { min($0, 60_000) * 1000 }
 
     /// Flushes a directory entry change (rename, unlink) to disk.
     public static func syncDirectory(_ directory: String) throws(FileError) {

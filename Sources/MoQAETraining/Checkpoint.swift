@@ -88,19 +88,27 @@ public struct Checkpoint: Equatable {
     /// Reads and verifies a checkpoint: safetensors structure, format and version, checksum, every
     /// tensor's presence and shape, and the stored config.
     public static func load(path: String) throws(CheckpointError) -> Checkpoint {
-        func fail(_ reason: String) -> CheckpointError { CheckpointError(path: path, reason: reason) }
         let file: MappedFile
-        do { file = try MappedFile(path: path) } catch { throw fail("cannot read: \(error)") }
+        do { file = try MappedFile(path: path) } catch { throw CheckpointError(path: path, reason: "cannot read: \(error)") }
+        return try parse(file: file.bytes, path: path)
+    }
+
+    /// Verifies and decodes a checkpoint's bytes, as `load`; `path` names it in errors. Fuzzing builds
+    /// (`-D FUZZING`) skip the checksum so that damaged inputs reach the parsing behind it.
+    public static func parse(file bytes: UnsafeRawBufferPointer, path: String) throws(CheckpointError) -> Checkpoint {
+        func fail(_ reason: String) -> CheckpointError { CheckpointError(path: path, reason: reason) }
         let header: SafeTensorsHeader
-        do { header = try SafeTensorsHeader(file: file.bytes) } catch { throw fail("\(error)") }
+        do { header = try SafeTensorsHeader(file: bytes) } catch { throw fail("\(error)") }
         let metadata = header.metadata
         guard metadata["format"] == format else { throw fail("not a moqae checkpoint (metadata format is \(metadata["format"].map { "\"\($0)\"" } ?? "missing"))") }
         guard metadata["version"] == version else { throw fail("checkpoint version \(metadata["version"] ?? "?") is not supported (expected \(version))") }
-        let data = Array(file.bytes[header.dataOffset...])
+        #if !FUZZING
+        let data = Array(bytes[header.dataOffset...])
         guard let stored = metadata["checksum"],
               stored == checksum(data: data, metadata: metadata.map { ($0.key, $0.value) }) else {
             throw fail("checksum mismatch: the file is damaged")
         }
+        #endif
         func integer(_ key: String) throws(CheckpointError) -> Int {
             guard let text = metadata[key], let value = Int(text), value >= 0 else { throw fail("metadata \(key) is not a non-negative integer") }
             return value
@@ -126,7 +134,7 @@ public struct Checkpoint: Equatable {
                 guard let info = header.tensor(named: name), info.dtype == .f32, info.shape == [entry.rows, entry.cols] else {
                     throw fail("tensor \(name) is missing or is not F32 of shape [\(entry.rows), \(entry.cols)]")
                 }
-                let base = file.bytes.baseAddress! + header.dataOffset + info.dataRange.lowerBound
+                let base = bytes.baseAddress! + header.dataOffset + info.dataRange.lowerBound
                 let values = (0..<entry.count).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
                 guard values.allSatisfy(\.isFinite) else { throw fail("tensor \(name) holds a non-finite value") }
                 switch destination {
@@ -191,6 +199,20 @@ public struct CheckpointDirectory {
             do { return (try Checkpoint.load(path: candidate.path), candidate.path, skipped) } catch { skipped.append(error) }
         }
         return nil
+    }
+
+    /// Deletes the temporary files of atomic writes that a crash interrupted (`NAME.tmp-PID`: checkpoints,
+    /// logs being truncated, exports); returns their names.
+    public func removeInterruptedWrites() throws(FileError) -> [String] {
+        let names = ((try? listDirectory(path)) ?? []).filter { name in
+            guard let marker = name.range(of: ".tmp-", options: .backwards) else { return false }
+            let pid = name[marker.upperBound...]
+            return !pid.isEmpty && pid.allSatisfy { ("0"..."9").contains($0) }
+        }
+        for name in names {
+            guard unlink(path + "/" + name) == 0 else { throw FileError(path: path + "/" + name, operation: "delete") }
+        }
+        return names
     }
 
     /// Deletes all but the newest `keep` checkpoints.

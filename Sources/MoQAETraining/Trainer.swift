@@ -84,6 +84,9 @@ public final class Trainer {
             state.optimizer.settings = config.optimizer
             do {
                 try makeDirectories(runDirectory)
+                for name in try CheckpointDirectory(path: runDirectory).removeInterruptedWrites() {
+                    progress.log("removed \(name), left by a write that a crash interrupted")
+                }
                 try Trainer.truncateLog(metricsPath, afterStep: checkpoint.step)
                 try Trainer.truncateLog(evalPath, afterStep: checkpoint.step)
             } catch { throw .file(error) }

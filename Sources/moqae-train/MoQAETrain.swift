@@ -14,8 +14,10 @@ struct MoQAETrain: ParsableCommand {
         defaultSubcommand: Train.self)
 }
 
-/// Runs `body`, turning any error into one line on stderr and exit status 1.
+/// Runs `body`, turning any error into one line on stderr and exit status 1. A write past the
+/// file-size limit (`ulimit -f`) fails with an error instead of killing the process (SIGXFSZ ignored).
 func reportingErrors(_ body: () throws -> Void) throws {
+    signal(SIGXFSZ, SIG_IGN)
     do {
         try body()
     } catch let exit as ExitCode {

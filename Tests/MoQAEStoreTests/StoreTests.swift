@@ -57,7 +57,7 @@ import Testing
 
     @Test func rejectsManifestInconsistencies() throws {
         let directory = makeTemporaryDirectory()
-        let sequences = try makeSmallStore(at: directory)
+        _ = try makeSmallStore(at: directory)
         let pristine = try String(contentsOfFile: directory + "/manifest.json", encoding: .utf8)
         let cases: [(String, (inout String) -> Void)] = [
             ("outside the corpus", { $0 = $0.replacingOccurrences(of: #""num_sequences":"#, with: #""num_sequences":1,"x":"#) }),

@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | eval | pareto | benchmark | merge — see README.md."""
+"""python -m moqae_calib dump | eval | pareto | benchmark | soak | merge — see README.md."""
 import argparse
 import os
 import re
@@ -89,6 +89,19 @@ def parser():
                        help="only the from-disk figures (cold cat and epoch, peak RSS): for stores larger than RAM")
     bench.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
 
+    soak = commands.add_parser("soak", help="SIGKILL moqae-train at random moments, resume each time, compare with an uninterrupted run")
+    soak.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
+    soak.add_argument("--config", required=True, help="training config (the default run's, for example)")
+    soak.add_argument("--run-dir", required=True, help="run directory; the reference run is kept beside it as RUN_DIR.reference")
+    soak.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable), e.g. store=DIR")
+    soak.add_argument("--kills", type=int, default=20, help="how many times to kill the trainer")
+    soak.add_argument("--write-fraction", type=float, default=0.5, help="share of kills aimed at a checkpoint write in progress")
+    soak.add_argument("--rename-delay-ms", type=int, default=100,
+                      help="MOQAE_TEST_DELAY_BEFORE_RENAME_MS for the killed runs: how long a written checkpoint waits before its rename")
+    soak.add_argument("--min-seconds", type=float, default=0.05, help="shortest life before a random kill")
+    soak.add_argument("--max-seconds", type=float, default=1.0, help="longest life before a random kill")
+    soak.add_argument("--seed", type=int, default=0)
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -108,6 +121,9 @@ def main(argv=None):
         elif args.command == "benchmark":
             from .benchmark import run_benchmark
             run_benchmark(args)
+        elif args.command == "soak":
+            from .soak import run_soak
+            run_soak(args)
         elif args.command == "eval":
             from .evaluate import run_eval
             run_eval(args)

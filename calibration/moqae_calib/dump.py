@@ -104,23 +104,23 @@ def dump(args):
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.device_map, args.model_dtype)
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.inputs_dtype]
-    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
-                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
-    for seq_id in todo:
-        ids = corpus[seq_id].to(model.device)
-        if args.sensitivity == "exact":
-            nll, keys, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model)
-        else:
-            nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model)
-            delta = taylor_delta(keys, values, grad_keys, grad_values, experts, args.chunk_size, value_group,
-                                 seq_len, rule=args.sensitivity)
-        inputs = torch.stack(keys)
-        if tuple(inputs.shape) != (layers, kv_heads, seq_len, head_dim):
-            raise CalibError(f"{args.model}: captured keys of shape {tuple(inputs.shape)}, the config implies "
-                             f"{(layers, kv_heads, seq_len, head_dim)}")
-        writer.add(seq_id, inputs.to(store_dtype), nll, delta)
-        progress.update(1)
-    progress.close()
+    # A context manager, so that the bar is closed before an error is reported on its own line.
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
+              dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as progress:
+        for seq_id in todo:
+            ids = corpus[seq_id].to(model.device)
+            if args.sensitivity == "exact":
+                nll, keys, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model)
+            else:
+                nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model)
+                delta = taylor_delta(keys, values, grad_keys, grad_values, experts, args.chunk_size, value_group,
+                                     seq_len, rule=args.sensitivity)
+            inputs = torch.stack(keys)
+            if tuple(inputs.shape) != (layers, kv_heads, seq_len, head_dim):
+                raise CalibError(f"{args.model}: captured keys of shape {tuple(inputs.shape)}, the config implies "
+                                 f"{(layers, kv_heads, seq_len, head_dim)}")
+            writer.add(seq_id, inputs.to(store_dtype), nll, delta)
+            progress.update(1)
     part = {"index": args.shard_index, "count": args.num_shards} if args.num_shards > 1 else None
     writer.finish(part=part)
     return len(mine)
