@@ -92,6 +92,28 @@ def test_dump_on_a_full_disk_fails_cleanly_and_resumes_to_the_same_store(tiny_ll
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_dump_manifest_on_a_full_disk_fails_cleanly_and_resumes(tiny_llama, small_corpus, tmp_path):
+    # Short sequences in small shards: every shard fits under the limit, the manifest (one entry per
+    # sequence) does not.
+    args = ["--seq-len", "64", "--fraction", "0.2", "--shard-size", "40K"]
+    whole, limited_out = str(tmp_path / "whole"), str(tmp_path / "limited")
+    assert dump(tiny_llama, small_corpus, whole, *args).returncode == 0
+    largest_shard = max(os.path.getsize(path) for path in glob.glob(os.path.join(whole, "shard-*.safetensors")))
+    manifest_size = os.path.getsize(os.path.join(whole, "manifest.json"))
+    assert largest_shard < manifest_size
+    command = [sys.executable, "-m", "moqae_calib", "dump", "--model", tiny_llama, "--corpus", small_corpus, "--out", limited_out,
+               "--tokenizer", "bytes", *args]
+    full = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=CALIBRATION),
+                          preexec_fn=limited((largest_shard + manifest_size) // 2))
+    expect_one_line_error(full, "manifest.json", "File too large")
+    assert not os.path.exists(os.path.join(limited_out, "manifest.json"))
+    assert not glob.glob(os.path.join(limited_out, "*.tmp-*"))
+    assert dump(tiny_llama, small_corpus, limited_out, *args, "--resume").returncode == 0
+    a, b = store_tensors(whole), store_tensors(limited_out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert manifest_without_shards(whole) == manifest_without_shards(limited_out)
+
+
 def manifest_without_shards(store):
     with open(os.path.join(store, "manifest.json")) as f:
         manifest = json.load(f)
