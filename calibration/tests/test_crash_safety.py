@@ -74,16 +74,25 @@ def test_export_on_a_full_disk_keeps_the_previous_export(moqae_train, tmp_path):
 
 
 DUMP_ARGS = ["--seq-len", "128", "--fraction", "0.2", "--shard-size", "100K"]
+DUMP_ENV = dict(os.environ, PYTHONPATH=CALIBRATION)
+
+
+def dump_command(model, corpus, out, *extra):
+    """The `dump` command line as `test_dump.dump` runs it, for a child with limits or a kill."""
+    return [sys.executable, "-m", "moqae_calib", "dump", "--model", model, "--corpus", corpus, "--out", out,
+            "--tokenizer", "bytes", *extra]
+
+
+def limited_dump(model, corpus, out, args, max_bytes):
+    return subprocess.run(dump_command(model, corpus, out, *args), capture_output=True, text=True, env=DUMP_ENV,
+                          preexec_fn=limited(max_bytes))
 
 
 def test_dump_on_a_full_disk_fails_cleanly_and_resumes_to_the_same_store(tiny_llama, small_corpus, tmp_path):
     whole, limited_out = str(tmp_path / "whole"), str(tmp_path / "limited")
     assert dump(tiny_llama, small_corpus, whole, *DUMP_ARGS).returncode == 0
     shard = os.path.getsize(os.path.join(whole, "shard-00000.safetensors"))
-    env = dict(os.environ, PYTHONPATH=CALIBRATION)
-    command = [sys.executable, "-m", "moqae_calib", "dump", "--model", tiny_llama, "--corpus", small_corpus, "--out", limited_out,
-               "--tokenizer", "bytes", *DUMP_ARGS]
-    full = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=limited(shard // 2))
+    full = limited_dump(tiny_llama, small_corpus, limited_out, DUMP_ARGS, shard // 2)
     expect_one_line_error(full, "shard-00000.safetensors", "File too large")
     assert not os.path.exists(os.path.join(limited_out, "manifest.json"))
     assert not glob.glob(os.path.join(limited_out, "*.tmp-*"))
@@ -101,10 +110,7 @@ def test_dump_manifest_on_a_full_disk_fails_cleanly_and_resumes(tiny_llama, smal
     largest_shard = max(os.path.getsize(path) for path in glob.glob(os.path.join(whole, "shard-*.safetensors")))
     manifest_size = os.path.getsize(os.path.join(whole, "manifest.json"))
     assert largest_shard < manifest_size
-    command = [sys.executable, "-m", "moqae_calib", "dump", "--model", tiny_llama, "--corpus", small_corpus, "--out", limited_out,
-               "--tokenizer", "bytes", *args]
-    full = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=CALIBRATION),
-                          preexec_fn=limited((largest_shard + manifest_size) // 2))
+    full = limited_dump(tiny_llama, small_corpus, limited_out, args, (largest_shard + manifest_size) // 2)
     expect_one_line_error(full, "manifest.json", "File too large")
     assert not os.path.exists(os.path.join(limited_out, "manifest.json"))
     assert not glob.glob(os.path.join(limited_out, "*.tmp-*"))
@@ -124,10 +130,8 @@ def manifest_without_shards(store):
 def test_dump_killed_and_resumed_equals_an_uninterrupted_dump(tiny_llama, small_corpus, tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert dump(tiny_llama, small_corpus, whole, *DUMP_ARGS).returncode == 0
-    env = dict(os.environ, PYTHONPATH=CALIBRATION)
-    process = subprocess.Popen([sys.executable, "-m", "moqae_calib", "dump", "--model", tiny_llama, "--corpus", small_corpus,
-                                "--out", killed, "--tokenizer", "bytes", *DUMP_ARGS],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(dump_command(tiny_llama, small_corpus, killed, *DUMP_ARGS), env=DUMP_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not glob.glob(os.path.join(killed, "shard-*.safetensors")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
