@@ -23,6 +23,31 @@ public struct SensitivityTable: Sendable {
     public func delta(layer: Int, head: Int, chunk: Int, expert: Int) -> Float {
         values[((layer * heads + head) * chunks + chunk) * storeExperts + columns[expert]]
     }
+
+    /// `D_u[j] = Σ_{l in layers} delta_nll[l, head, chunk, j]`: what choosing expert j for the unit
+    /// costs over the layers its decision holds for.
+    public func unitDelta(layers: Range<Int>, head: Int, chunk: Int, expert: Int) -> Float {
+        layers.reduce(0) { $0 + delta(layer: $1, head: head, chunk: chunk, expert: expert) }
+    }
+}
+
+/// Which loss trains the routers.
+public enum LossKind: String, CaseIterable, Sendable {
+    /// SPEC §4, the paper's: every unit is pushed by the sequence's `L_nll` and its chosen expert's bits.
+    case paper
+    /// The expected per-unit cost: each unit is pushed by its own `delta_nll`, for every expert.
+    case expected
+}
+
+/// A loss and its trade-off λ between accuracy (1) and memory (0).
+public struct LossSettings: Equatable, Sendable {
+    public var kind: LossKind
+    public var lambda: Double
+
+    public init(kind: LossKind = .paper, lambda: Double) {
+        self.kind = kind
+        self.lambda = lambda
+    }
 }
 
 /// `L_nll(s) = nll(s) + Σ_u Σ_{layers l of u's group} delta_nll[l, head, c, R_u]`.
@@ -41,7 +66,7 @@ public func estimatedNLL(nll: Float, decisions: [[Int]], layout: RoutingLayout, 
     return total
 }
 
-/// The SPEC §4 loss of one sequence and the figures it was built from.
+/// The loss of one sequence and the figures it was built from.
 public struct SequenceLoss {
     /// `(1, 1)`: `λ L_model + (1 − λ) L_mem`.
     public let loss: Variable
@@ -53,16 +78,22 @@ public struct SequenceLoss {
     public let decisions: [[Int]]
 }
 
-/// Builds the paper's loss for one sequence on `tape`:
+/// Builds the loss of one sequence on `tape`. The paper's (SPEC §4):
 ///
 ///     L_model = (1/U) Σ_u P_u[R_u] · L_nll / B_{R_u}      L_mem = (1/U) Σ_u P_u[R_u] · B_{R_u} / 16
 ///
 /// Decisions `R_u` and `L_nll` are computed from the forward values first and enter as constants, so
 /// gradients reach the routers only through `P_u[R_u]`, the chunk-mean probability of the decision.
 ///
+/// The expected per-unit cost, with `D_u[j]` the unit's `delta_nll` for expert j summed over its group:
+///
+///     L_model = Σ_u Σ_j P_u[j] · D_u[j]                  L_mem = (1/U) Σ_u Σ_j P_u[j] · B_j / 16
+///
+/// Both give `λ L_model + (1 − λ) L_mem`.
+///
 /// - Parameter inputs: per router, its leader layer's routed rows `(layout.rowsPerRouter, D)`.
 public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVariables], inputs: [Variable],
-                         nll: Float, sensitivity: SensitivityTable, experts: [Expert], lambda: Double) -> SequenceLoss {
+                         nll: Float, sensitivity: SensitivityTable, experts: [Expert], loss settings: LossSettings) -> SequenceLoss {
     let U = Double(layout.unitsPerSequence)
     let tokenProbabilities = zip(routers, inputs).map { weights, x in routerForward(tape: tape, inputs: x, weights: weights) }
     let decisions = tokenProbabilities.map { chunkDecisions(probabilities: $0.value, chunkSize: layout.chunkSize, experts: experts) }
@@ -70,13 +101,26 @@ public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVari
 
     var modelTerm: Variable?
     var memoryTerm: Variable?
-    for (p, routerDecisions) in zip(tokenProbabilities, decisions) {
-        let chosen = tape.pick(tape.meanOfRowGroups(p, groupSize: layout.chunkSize), columns: routerDecisions)
-        let model = tape.weightedSum(chosen, weights: routerDecisions.map { Float(lNLL / (U * experts[$0].bitWidth)) })
-        let memory = tape.weightedSum(chosen, weights: routerDecisions.map { Float(experts[$0].bitWidth / (16 * U)) })
+    for (router, (p, routerDecisions)) in zip(tokenProbabilities, decisions).enumerated() {
+        let unitProbabilities = tape.meanOfRowGroups(p, groupSize: layout.chunkSize)  // (units, M)
+        let model: Variable, memory: Variable
+        switch settings.kind {
+        case .paper:
+            let chosen = tape.pick(unitProbabilities, columns: routerDecisions)
+            model = tape.weightedSum(chosen, weights: routerDecisions.map { Float(lNLL / (U * experts[$0].bitWidth)) })
+            memory = tape.weightedSum(chosen, weights: routerDecisions.map { Float(experts[$0].bitWidth / (16 * U)) })
+        case .expected:
+            let units = 0..<layout.unitsPerRouter
+            model = tape.weightedSum(unitProbabilities, weights: units.flatMap { unit in
+                let (head, chunk) = layout.headAndChunk(ofUnit: unit)
+                return experts.indices.map { sensitivity.unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: $0) }
+            })
+            memory = tape.weightedSum(unitProbabilities, weights: units.flatMap { _ in experts.map { Float($0.bitWidth / (16 * U)) } })
+        }
         modelTerm = modelTerm.map { tape.add($0, model) } ?? model
         memoryTerm = memoryTerm.map { tape.add($0, memory) } ?? memory
     }
+    let lambda = settings.lambda
     let loss = tape.add(tape.scale(modelTerm!, by: Float(lambda)), tape.scale(memoryTerm!, by: Float(1 - lambda)))
     return SequenceLoss(loss: loss, modelTerm: Double(modelTerm!.value[0]), memoryTerm: Double(memoryTerm!.value[0]),
                         estimatedNLL: lNLL, decisions: decisions)

@@ -6,15 +6,17 @@ import Glibc
 import Darwin
 #endif
 
-/// The SPEC §4 loss and its weight gradient for one sequence in a single streaming pass over its
+/// A sequence's loss (`LossKind`) and its weight gradient in a single streaming pass over its
 /// inputs: blocks of whole chunks go forward and backward while they are in cache, and no block
-/// is read twice. The tape (`sequenceLoss`) computes the same loss and is the reference this pass is
-/// tested against.
+/// is read twice. The tape (`sequenceLoss`) computes the same losses and is the reference this pass
+/// is tested against.
 ///
-/// A unit's loss weight `c_u = λ·L_nll/(U·B_R) + (1−λ)·B_R/(16U)` needs `L_nll`, which is known only
-/// once every unit of the sequence is decided. The weight depends on the unit only through its
-/// chosen expert R, and backward is linear in it, so each chunk is pushed back with weight 1 into
-/// the part of its chosen expert; the sequence's gradient is `Σ_R c(R)·part(R)`.
+/// Each chunk goes backward from an upstream vector `dL/dP_u` into the gradient part of its chosen
+/// expert R, and the sequence's gradient is `Σ_R c(R)·part(R)`:
+/// - paper loss: a unit's weight `c(R) = λ·L_nll/(U·B_R) + (1−λ)·B_R/(16U)` needs `L_nll`, known only
+///   once every unit is decided. It depends on the unit only through R and backward is linear in it,
+///   so the chunk goes back with upstream `e_R` and `c(R)` is applied at the end;
+/// - expected loss: the upstream `λ·D_u[j] + (1−λ)·B_j/(16U)` is known at once, and `c(R) = 1`.
 ///
 /// One instance per worker thread; buffers are allocated once, never per block or token.
 public final class StreamingPass {
@@ -48,11 +50,15 @@ public final class StreamingPass {
     private var partsW12: [Float]
     /// Per router and chosen expert `(M, M)`: `hᵀ dz` over the sequence's chunks that chose it.
     private var partsW3: [Float]
+    /// `(M)`: a chunk's `P_u`, and the upstream gradient `dL/dP_u` it goes backward from.
+    private var unitProbabilities: [Float], upstream: [Float]
     /// `[router][unit]` decisions of the current sequence.
     public private(set) var decisions: [[Int]]
-    private var lambda = 0.0
-    /// Σ_u P_u[R_u] / B_{R_u} and Σ_u P_u[R_u] · B_{R_u} over the sequence.
-    private var chosenOverBits = 0.0, chosenTimesBits = 0.0
+    private var loss = LossSettings(lambda: 0)
+    private var sensitivity: SensitivityTable?
+    /// Over the sequence. Paper: Σ_u P_u[R_u] / B_{R_u} and Σ_u P_u[R_u] · B_{R_u}.
+    /// Expected: Σ_u Σ_j P_u[j] · D_u[j] and Σ_u Σ_j P_u[j] · B_j.
+    private var modelSum = 0.0, bitsSum = 0.0
 
     public init(layout: RoutingLayout, experts: [Expert], blockChunks: Int) {
         self.layout = layout
@@ -74,12 +80,15 @@ public final class StreamingPass {
         tokenChoices = [Int32](repeating: 0, count: rows)
         partsW12 = [Float](repeating: 0, count: R * M * 2 * M * D)
         partsW3 = [Float](repeating: 0, count: R * M * M * M)
+        unitProbabilities = [Float](repeating: 0, count: M)
+        upstream = [Float](repeating: 0, count: M)
         decisions = Array(repeating: Array(repeating: 0, count: layout.unitsPerRouter), count: R)
     }
 
-    /// Starts a sequence with the current weights.
-    public func begin(parameters: RouterParameters, lambda: Double) {
-        self.lambda = lambda
+    /// Starts a sequence with the current weights; `sensitivity` is the sequence's `delta_nll`.
+    public func begin(parameters: RouterParameters, loss: LossSettings, sensitivity: SensitivityTable?) {
+        self.loss = loss
+        self.sensitivity = sensitivity
         for r in 0..<layout.routers {
             let (e1, e2, e3) = (parameters.entry(router: r, "w1"), parameters.entry(router: r, "w2"), parameters.entry(router: r, "w3"))
             for d in 0..<D {
@@ -92,14 +101,15 @@ public final class StreamingPass {
         }
         for i in partsW12.indices { partsW12[i] = 0 }
         for i in partsW3.indices { partsW3[i] = 0 }
-        chosenOverBits = 0
-        chosenTimesBits = 0
+        modelSum = 0
+        bitsSum = 0
     }
 
     /// Routes the `chunks` chunks in `block` (of router `router`, head `head`, starting at chunk
-    /// `firstChunk`) and, when `backward`, adds their gradient parts.
+    /// `firstChunk`) and, when `backward`, adds their gradient parts (which needs the sensitivity).
     public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
+        precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
         let (D, M, N, stride) = (self.D, self.M, self.N, self.rows)
         let rows = chunks * N
         let firstUnit = head * layout.routedChunksPerHead + firstChunk - layout.firstRoutedChunk
@@ -114,6 +124,8 @@ public final class StreamingPass {
         tokenChoices.withUnsafeMutableBufferPointer { tokenChoices in
         w12.withUnsafeBufferPointer { w12 in
         w3.withUnsafeBufferPointer { w3All in
+        unitProbabilities.withUnsafeMutableBufferPointer { unitP in
+        upstream.withUnsafeMutableBufferPointer { upstream in
             let w3 = w3All.baseAddress! + router * M * M
             let tokens = TokenColumns(stride: stride, preactivations: ab.baseAddress!, sigmoids: s.baseAddress!,
                                       hidden: h.baseAddress!, probabilities: p.baseAddress!, experts: M)
@@ -132,14 +144,29 @@ public final class StreamingPass {
                 }
                 decisions[router][firstUnit + c] = choice
                 guard backward else { continue }
-                var chosen: Float = 0
-                for t in chunkRows { chosen += p[choice * stride + t] }
-                let bits = experts[choice].bitWidth
-                chosenOverBits += Double(chosen / Float(N)) / bits
-                chosenTimesBits += Double(chosen / Float(N)) * bits
+                for j in 0..<M {
+                    var sum: Float = 0
+                    for t in chunkRows { sum += p[j * stride + t] }
+                    unitP[j] = sum / Float(N)
+                }
+                switch loss.kind {
+                case .paper:
+                    let bits = experts[choice].bitWidth
+                    modelSum += Double(unitP[choice]) / bits
+                    bitsSum += Double(unitP[choice]) * bits
+                    for j in 0..<M { upstream[j] = j == choice ? 1 : 0 }
+                case .expected:
+                    let (unitLayers, chunk, U) = (layout.layers(of: router), firstChunk + c, Double(layout.unitsPerSequence))
+                    for (j, expert) in experts.enumerated() {
+                        let delta = Double(sensitivity!.unitDelta(layers: unitLayers, head: head, chunk: chunk, expert: j))
+                        modelSum += Double(unitP[j]) * delta
+                        bitsSum += Double(unitP[j]) * expert.bitWidth
+                        upstream[j] = Float(loss.lambda * delta + (1 - loss.lambda) * expert.bitWidth / (16 * U))
+                    }
+                }
                 let part = router * M + choice
                 partsW3.withUnsafeMutableBufferPointer { parts in
-                    routerHeadBackward(tokens, w3: w3, chunk: chunkRows, choice: choice, scratch: scratch.baseAddress!,
+                    routerHeadBackward(tokens, w3: w3, chunk: chunkRows, upstream: upstream.baseAddress!, scratch: scratch.baseAddress!,
                                        rowGradients: g.baseAddress!, partW3: parts.baseAddress! + part * M * M)
                 }
                 // part (2M, D) += rowGradients (2M, N) · chunk rows (N, D)
@@ -149,18 +176,27 @@ public final class StreamingPass {
                                 1, parts.baseAddress! + part * 2 * M * D, Int32(D))
                 }
             }
-        }}}}}}}}}}}
+        }}}}}}}}}}}}}
     }
 
-    /// Ends the sequence: its loss terms, `L_nll(s)`, and `scale ×` its gradient written (not added)
-    /// into `gradient`, laid out like `RouterParameters.values`.
-    public func finish(nll: Float, sensitivity: SensitivityTable, scale: Double,
+    /// Ends a sequence streamed with `backward`: its loss terms, `L_nll(s)`, and `scale ×` its gradient
+    /// written (not added) into `gradient`, laid out like `RouterParameters.values`.
+    public func finish(nll: Float, scale: Double,
                        gradient: UnsafeMutablePointer<Float>) -> (loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double) {
-        let U = Double(layout.unitsPerSequence)
-        let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
-        let modelTerm = lNLL * chosenOverBits / U, memoryTerm = chosenTimesBits / (16 * U)
+        let U = Double(layout.unitsPerSequence), lambda = loss.lambda
+        let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity!)
+        let memoryTerm = bitsSum / (16 * U)
+        let modelTerm: Double
         // c(R) of each expert, times scale.
-        let weights = experts.map { Float(scale * (lambda * lNLL / (U * $0.bitWidth) + (1 - lambda) * $0.bitWidth / (16 * U))) }
+        let weights: [Float]
+        switch loss.kind {
+        case .paper:
+            modelTerm = lNLL * modelSum / U
+            weights = experts.map { Float(scale * (lambda * lNLL / (U * $0.bitWidth) + (1 - lambda) * $0.bitWidth / (16 * U))) }
+        case .expected:
+            modelTerm = modelSum
+            weights = experts.map { _ in Float(scale) }
+        }
         var offset = 0
         for r in 0..<layout.routers {
             for i in 0..<(2 * D * M + M * M) { gradient[offset + i] = 0 }
@@ -257,9 +293,9 @@ private func routerHeadForward(_ tokens: TokenColumns, w3: UnsafePointer<Float>,
     }
 }
 
-/// Backward of one chunk's chosen probability `P[R] = (1/N) Σ_t p_t[R]` with weight 1: the gradients
+/// Backward of one chunk's `P = (1/N) Σ_t p_t` from the upstream gradient `dL/dP (M)`: the gradients
 /// with respect to a and b into `rowGradients (2M, stride)`, and `hᵀdz` added into `partW3 (M, M)`.
-private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>, chunk: Range<Int>, choice R: Int,
+private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>, chunk: Range<Int>, upstream: UnsafePointer<Float>,
                                 scratch: UnsafeMutablePointer<Float>, rowGradients g: UnsafeMutablePointer<Float>,
                                 partW3: UnsafeMutablePointer<Float>) {
     let M = tokens.experts, stride = tokens.stride
@@ -267,12 +303,16 @@ private func routerHeadBackward(_ tokens: TokenColumns, w3: UnsafePointer<Float>
     let (first, n) = (chunk.lowerBound, chunk.count)
     let seed = 1 / Float(n)
     let dz = scratch, dh = scratch + M * n  // (M, n) each
-    let pR = tokens.p(R) + first
-    // dz = p ⊙ (e_R − p_R) / N: softmax backward of dp = e_R / N.
+    // dz = p ⊙ (dP − ⟨p, dP⟩) / N: softmax backward of dp = dP / N. ⟨p, dP⟩ goes in dh's place until dh is computed.
+    let inner = dh
+    for t in 0..<n { inner[t] = 0 }
+    for j in 0..<M {
+        let (p, weight) = (tokens.p(j) + first, upstream[j])
+        for t in 0..<n { inner[t] += p[t] * weight }
+    }
     for k in 0..<M {
-        let (p, dzk) = (tokens.p(k) + first, dz + k * n)
-        let indicator: Float = k == R ? 1 : 0
-        for t in 0..<n { dzk[t] = p[t] * (indicator - pR[t]) * seed }
+        let (p, dzk, weight) = (tokens.p(k) + first, dz + k * n, upstream[k])
+        for t in 0..<n { dzk[t] = p[t] * (weight - inner[t]) * seed }
     }
     for j in 0..<M {
         let (dhj, h) = (dh + j * n, tokens.h(j) + first)

@@ -30,6 +30,8 @@ public struct Checkpoint: Equatable {
     public var position: Int
     /// Generator state at the start of `epoch`: it reproduces the epoch's shuffle and everything after.
     public var epochRandom: RandomGenerator
+    /// λ of the next step: `loss.lambda`, or where the bits budget has moved it.
+    public var lambda: Double
     public var config: TrainingConfig
     public var setup: RouterSetup
     public var storeFingerprint: UInt64
@@ -65,6 +67,7 @@ public struct Checkpoint: Equatable {
             ("format", Checkpoint.format), ("version", Checkpoint.version),
             ("step", "\(step)"), ("epoch", "\(epoch)"), ("position", "\(position)"), ("adam_step", "\(optimizer.step)"),
             ("rng_state", [state.0, state.1, state.2, state.3].map { String($0, radix: 16) }.joined(separator: ",")),
+            ("lambda_bits", String(lambda.bitPattern, radix: 16)),
             ("store_fingerprint", String(storeFingerprint, radix: 16)),
             ("routing", routing.serialized),
             ("config", config.yaml),
@@ -119,6 +122,12 @@ public struct Checkpoint: Equatable {
         let words = (metadata["rng_state"] ?? "").split(separator: ",").compactMap { UInt64($0, radix: 16) }
         guard words.count == 4 else { throw fail("metadata rng_state is not four hexadecimal words") }
         guard let fingerprint = UInt64(metadata["store_fingerprint"] ?? "", radix: 16) else { throw fail("metadata store_fingerprint is missing") }
+        // λ's exact bits; absent from checkpoints written before bits budgets, whose λ was the config's.
+        var lambda = config.lambda
+        if let text = metadata["lambda_bits"] {
+            guard let bits = UInt64(text, radix: 16), (0...1).contains(Double(bitPattern: bits)) else { throw fail("metadata lambda_bits is not a λ in [0, 1]") }
+            lambda = Double(bitPattern: bits)
+        }
 
         let layout = setup.layout
         let count = RouterParameters.parameterCount(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count)
@@ -149,7 +158,7 @@ public struct Checkpoint: Equatable {
                           optimizer: AdamW(settings: config.optimizer, step: try integer("adam_step"), m: m, v: v),
                           step: try integer("step"), epoch: try integer("epoch"), position: try integer("position"),
                           epochRandom: RandomGenerator(state: (words[0], words[1], words[2], words[3])),
-                          config: config, setup: setup, storeFingerprint: fingerprint)
+                          lambda: lambda, config: config, setup: setup, storeFingerprint: fingerprint)
     }
 
     private static func parseRouting(_ text: String, fail: (String) -> CheckpointError) throws(CheckpointError) -> RouterSetup {

@@ -48,6 +48,10 @@ public struct ConfigKey: Sendable {
         case string
         case strings
         case doublePair(ClosedRange<Double>, upperOpen: Bool)
+        /// One of the names.
+        case choice([String])
+        /// A finite number in the range, or null.
+        case optionalDouble(ClosedRange<Double>)
     }
 
     public let path: String
@@ -77,8 +81,14 @@ public struct TrainingConfig: Equatable, Sendable {
                   help: "layers per router (route sharing); 1 gives one router per layer"),
         ConfigKey(path: "router.freeze_first_chunk", kind: .bool, defaultValue: .bool(true),
                   help: "keep chunk 0 of every sequence at 16 bits (route freezing)"),
+        ConfigKey(path: "router.target_bits", kind: .optionalDouble(1...16), defaultValue: .null,
+                  help: "bits budget: average payload bits per KV element to land on; λ is then adapted during training, starting at loss.lambda (null: fixed λ)"),
+        ConfigKey(path: "loss.kind", kind: .choice(LossKind.allCases.map(\.rawValue)), defaultValue: .string("paper"),
+                  help: "paper: the paper's loss (SPEC §4); expected: the expected per-unit cost, from each unit's own delta_nll"),
         ConfigKey(path: "loss.lambda", kind: .double(0...1, lowerOpen: false), defaultValue: .double(0.5),
                   help: "λ in λ·L_model + (1−λ)·L_mem: 1 favours accuracy, 0 memory"),
+        ConfigKey(path: "loss.budget_rate", kind: .double(0...100, lowerOpen: true), defaultValue: .double(0.2),
+                  help: "with router.target_bits: log((1−λ)/λ) grows by this × (batch payload bits − target) after every step"),
         ConfigKey(path: "train.lr", kind: .double(0...1e3, lowerOpen: true), defaultValue: .double(3e-4),
                   help: "AdamW learning rate"),
         ConfigKey(path: "train.betas", kind: .doublePair(0...1, upperOpen: true), defaultValue: .doubles([0.9, 0.999]),
@@ -123,6 +133,9 @@ public struct TrainingConfig: Equatable, Sendable {
     public var groupSize: Int { int("router.group_size") }
     public var freezeFirstChunk: Bool { if case let .bool(v) = values["router.freeze_first_chunk"] { return v } else { return true } }
     public var lambda: Double { double("loss.lambda") }
+    public var lossKind: LossKind { LossKind(rawValue: string("loss.kind"))! }
+    public var targetBits: Double? { if case let .double(v) = values["router.target_bits"] { return v } else { return nil } }
+    public var budgetRate: Double { double("loss.budget_rate") }
     public var batchSize: Int { int("train.batch_size") }
     public var epochs: Int { int("train.epochs") }
     public var maxSteps: Int? { if case let .int(v) = values["train.max_steps"] { return v } else { return nil } }
@@ -258,6 +271,13 @@ public struct TrainingConfig: Equatable, Sendable {
                 names.append(s.string)
             }
             return .strings(names)
+        case let .choice(names):
+            guard case let .scalar(s) = node, names.contains(s.string) else { throw fail(names.map { "\"\($0)\"" }.joined(separator: " or ")) }
+            return .string(s.string)
+        case let .optionalDouble(range):
+            if isNull(node) { return .null }
+            guard let value = plainDouble(node), range.contains(value) else { throw fail("null or a number in [\(range.lowerBound), \(range.upperBound)]") }
+            return .double(value)
         case let .doublePair(range, upperOpen):
             let expected = "two numbers in [\(range.lowerBound), \(range.upperBound)\(upperOpen ? ")" : "]")"
             guard case let .sequence(items) = node, items.count == 2 else { throw fail(expected) }

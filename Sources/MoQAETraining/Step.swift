@@ -3,7 +3,7 @@ import MoQAEStore
 
 /// Loss terms and routing figures of one batch.
 public struct BatchFigures: Equatable, Sendable {
-    /// Mean over the batch's sequences of `λ L_model + (1−λ) L_mem`.
+    /// Mean over the batch's sequences of `λ L_model + (1−λ) L_mem` (of the loss it was computed with).
     public var loss: Double
     public var modelTerm: Double
     public var memoryTerm: Double
@@ -20,7 +20,7 @@ public struct BatchFigures: Equatable, Sendable {
 /// Each sequence gets its own tape: forward, decisions and `L_nll(s)` first, then backward seeded with
 /// `1/batch`, so the gradient is that of the batch mean.
 public func batchGradient(_ batch: [SequenceData], parameters: RouterParameters, setup: RouterSetup,
-                          lambda: Double) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+                          loss: LossSettings) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
     let layout = setup.layout
     var gradient = [Float](repeating: 0, count: parameters.values.count)
     var figures = BatchFigures(loss: 0, modelTerm: 0, memoryTerm: 0, meanEstimatedNLL: 0,
@@ -33,7 +33,7 @@ public func batchGradient(_ batch: [SequenceData], parameters: RouterParameters,
         let routers = (0..<layout.routers).map { RouterVariables(tape: tape, parameters: parameters, router: $0) }
         let inputs = sequence.inputs.map { tape.constant($0, rows: layout.rowsPerRouter, cols: layout.inputDim) }
         let result = sequenceLoss(tape: tape, layout: layout, routers: routers, inputs: inputs, nll: sequence.nll,
-                                  sensitivity: sequence.sensitivity, experts: setup.experts, lambda: lambda)
+                                  sensitivity: sequence.sensitivity, experts: setup.experts, loss: loss)
         tape.backward(from: result.loss, seed: Float(scale))
         for (router, variables) in routers.enumerated() {
             variables.accumulateGradients(into: &gradient, parameters: parameters, router: router)

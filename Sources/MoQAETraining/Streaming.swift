@@ -29,7 +29,7 @@ public final class SequenceStreamer: @unchecked Sendable {
     /// The loss gradient of a batch (mean over its sequences), laid out like `parameters.values`, with
     /// its figures and every sequence's `[router][unit]` decisions. `upcoming` are read ahead.
     public func batchGradient(_ batch: [CalibrationStore.Sequence], upcoming: [CalibrationStore.Sequence] = [],
-                              parameters: RouterParameters, lambda: Double) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+                              parameters: RouterParameters, loss: LossSettings) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
         let count = parameters.values.count, M = data.experts.count
         var sequenceGradients = [Float](repeating: 0, count: batch.count * count)  // (batch, parameters)
         var results = [(loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double)](repeating: (0, 0, 0, 0), count: batch.count)
@@ -41,10 +41,10 @@ public final class SequenceStreamer: @unchecked Sendable {
             // Each index is written by one worker only.
             let (gradients, results, decisions) = (UncheckedSendable(gradients), UncheckedSendable(results), UncheckedSendable(decisions))
             forEachSequence(batch, upcoming: upcoming) { index, sequence, pass, readahead in
-                pass.begin(parameters: parameters, lambda: lambda)
+                pass.begin(parameters: parameters, loss: loss, sensitivity: data.sensitivity(of: sequence))
                 stream(sequence, through: pass, backward: true, readahead: readahead)
-                results.value[index] = pass.finish(nll: data.store.nll(of: sequence), sensitivity: data.sensitivity(of: sequence),
-                                                   scale: scale, gradient: gradients.value.baseAddress! + index * count)
+                results.value[index] = pass.finish(nll: data.store.nll(of: sequence), scale: scale,
+                                                   gradient: gradients.value.baseAddress! + index * count)
                 decisions.value[index] = pass.decisions
             }
         }}}
@@ -73,7 +73,7 @@ public final class SequenceStreamer: @unchecked Sendable {
         decisions.withUnsafeMutableBufferPointer { decisions in
             let decisions = UncheckedSendable(decisions)  // each index is written by one worker only
             forEachSequence(sequences, upcoming: []) { index, sequence, pass, readahead in
-                pass.begin(parameters: parameters, lambda: 0)
+                pass.begin(parameters: parameters, loss: LossSettings(lambda: 0), sensitivity: nil)
                 stream(sequence, through: pass, backward: false, readahead: readahead)
                 decisions.value[index] = pass.decisions
             }

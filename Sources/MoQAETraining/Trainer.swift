@@ -45,6 +45,8 @@ public final class Trainer {
     public private(set) var state: Checkpoint
     private var random: RandomGenerator
     private var order: [Int]
+    /// `router.target_bits`, when set: λ then follows the budget.
+    private let budget: BitsBudget?
     private let progress: ProgressReporter
     private let metricsPath: String
     private let evalPath: String
@@ -101,11 +103,21 @@ public final class Trainer {
                                                           experts: data.experts.count, random: &random)
             state = Checkpoint(parameters: parameters,
                                optimizer: AdamW(settings: config.optimizer, parameterCount: parameters.values.count),
-                               step: 0, epoch: 0, position: 0, epochRandom: random, config: config, setup: data.setup,
+                               step: 0, epoch: 0, position: 0, epochRandom: random, lambda: config.lambda, config: config, setup: data.setup,
                                storeFingerprint: store.fingerprint)
         }
         random = state.epochRandom
         order = random.permutation(data.calibration.count)
+        budget = config.targetBits.map { BitsBudget(targetBits: $0, rate: config.budgetRate) }
+        if let budget {
+            let reachable = BitsBudget.reachableBits(setup: data.setup)
+            guard reachable.contains(budget.targetBits) else {
+                throw .config(ConfigError(location: configSource, key: "router.target_bits",
+                                          reason: String(format: "%g is outside the %.3f...%.3f average payload bits that experts %@ can give here (chunk 0 frozen at 16 bits: %@)",
+                                                         budget.targetBits, reachable.lowerBound, reachable.upperBound,
+                                                         config.expertNames.joined(separator: ", "), config.freezeFirstChunk ? "yes" : "no")))
+            }
+        }
     }
 
     private static func checkCompatible(_ checkpoint: Checkpoint, with config: TrainingConfig, data: RoutedStore,
@@ -187,7 +199,8 @@ public final class Trainer {
         let batchIndices = order[(state.position * B)..<min(n, (state.position + 1) * B)]
         let sequences = batchIndices.map { data.calibration[$0] }
         let upcoming = order[min(n, (state.position + 1) * B)..<min(n, (state.position + 2) * B)].map { data.calibration[$0] }
-        let (gradient, figures, _) = streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, lambda: config.lambda)
+        let loss = LossSettings(kind: config.lossKind, lambda: state.lambda)
+        let (gradient, figures, _) = streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, loss: loss)
         let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
         guard figures.loss.isFinite, gradientNorm.isFinite else {
             throw .run("step \(state.step + 1): loss or gradient is not finite on sequences \(sequences.map(\.id)) of \(data.store.path)")
@@ -195,6 +208,7 @@ public final class Trainer {
         var optimizer = state.optimizer
         optimizer.update(&state.parameters.values, gradient: gradient)
         state.optimizer = optimizer
+        if let budget { state.lambda = budget.nextLambda(after: loss.lambda, bits: figures.payloadBits) }
         state.step += 1
         state.position += 1
         if state.position == stepsPerEpoch {
@@ -212,7 +226,7 @@ public final class Trainer {
             ("loss", .double(figures.loss)), ("l_model", .double(figures.modelTerm)), ("l_mem", .double(figures.memoryTerm)),
             ("mean_l_nll", .double(figures.meanEstimatedNLL)), ("avg_bits", .double(figures.payloadBits)),
             ("expert_fractions", .object(zip(data.experts, figures.decisionCounts).map { ($0.name, .double(Double($1) / totalDecisions)) })),
-            ("lr", .double(config.optimizer.learningRate)), ("grad_norm", .double(gradientNorm)),
+            ("lambda", .double(loss.lambda)), ("lr", .double(config.optimizer.learningRate)), ("grad_norm", .double(gradientNorm)),
             ("step_seconds", .double(seconds)), ("vectors_per_second", .double(vectors / max(seconds, 1e-9))),
         ])
         do { try appendLine(line.serialized, to: metricsPath) } catch { throw .file(error) }
@@ -225,9 +239,17 @@ public final class Trainer {
             progress.log("no validation sequences (data.validation_fraction selects none): no validation report")
             return
         }
-        progress.report("step \(state.step) " + report.text)
+        var text = "step \(state.step) " + report.text
+        var budgetFields: [(String, JSON)] = []
+        if let budget {
+            let bits = report.router.memory.payloadBits
+            text += String(format: "\n  bits budget: target %.3f payload bits, validation %.3f (%+.3f); λ now %.4g", budget.targetBits, bits,
+                           bits - budget.targetBits, state.lambda)
+            budgetFields = [("target_bits", .double(budget.targetBits)), ("lambda", .double(state.lambda))]
+        }
+        progress.report(text)
         guard case let .object(fields) = report.json else { return }
-        do { try appendLine(JSON.object([("step", .int(state.step))] + fields).serialized, to: evalPath) } catch { throw .file(error) }
+        do { try appendLine(JSON.object([("step", .int(state.step))] + budgetFields + fields).serialized, to: evalPath) } catch { throw .file(error) }
     }
 }
 

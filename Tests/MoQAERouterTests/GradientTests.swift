@@ -111,9 +111,10 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
     static let experts = [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
                           Expert(name: "int2", keyBits: 2, valueBits: 2)]
 
-    /// The whole SPEC §4 loss of one sequence against finite differences in every router weight.
+    /// The whole loss of one sequence against finite differences in every router weight.
     /// Decisions are constants for the gradient, so the check uses a step small enough to keep them.
-    @Test func wholeLossMatchesFiniteDifferences() {
+    @Test(arguments: LossKind.allCases)
+    func wholeLossMatchesFiniteDifferences(kind: LossKind) {
         let layout = RoutingLayout(layers: 4, heads: 2, tokens: 40, inputDim: 4, chunkSize: 8, groupSize: 3, freezeFirstChunk: true)
         var s = Sampler(state: 11)
         let inputs = (0..<layout.routers).map { _ in s.values(layout.rowsPerRouter * layout.inputDim, scale: 2) }
@@ -125,7 +126,7 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
             let routers = (0..<layout.routers).map { r in RouterVariables(w1: leaves[3 * r], w2: leaves[3 * r + 1], w3: leaves[3 * r + 2]) }
             let x = inputs.map { tape.constant($0, rows: layout.rowsPerRouter, cols: layout.inputDim) }
             let result = sequenceLoss(tape: tape, layout: layout, routers: routers, inputs: x, nll: 2.5,
-                                      sensitivity: sensitivity, experts: Self.experts, lambda: 0.7)
+                                      sensitivity: sensitivity, experts: Self.experts, loss: LossSettings(kind: kind, lambda: 0.7))
             if decisionsAtStart.isEmpty { decisionsAtStart = result.decisions }
             #expect(result.decisions == decisionsAtStart, "a finite-difference step changed a decision")
             return result.loss

@@ -4,8 +4,9 @@ import MoQAEStore
 import MoQAETraining
 import Testing
 
-/// Compares the trainer with values PyTorch computed in float64 (`Golden/make_golden.py`): loss terms,
-/// decisions, every gradient, and the weights after 5 AdamW steps, each by name.
+/// Compares the trainer with values PyTorch computed in float64 (`Golden/make_golden.py`): for the
+/// paper's and the expected loss, the loss terms, decisions, every gradient, and the weights after 5
+/// AdamW steps, each by name.
 @Suite struct GoldenTests {
     /// Agreement asked of every compared tensor: max |swift − torch| ≤ 1e-4 · max |torch|.
     static let relativeTolerance = 1e-4
@@ -58,32 +59,34 @@ import Testing
     /// the trainer runs, with one and with two workers.
     enum Implementation: String, CaseIterable { case tape, streaming, streamingTwoWorkers }
 
-    func batchGradient(_ implementation: Implementation, parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+    func batchGradient(_ implementation: Implementation, _ kind: LossKind, parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+        let loss = LossSettings(kind: kind, lambda: 0.5)
         switch implementation {
         case .tape:
-            return MoQAETraining.batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, lambda: 0.5)
+            return MoQAETraining.batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)
         case .streaming, .streamingTwoWorkers:
             let streamer = SequenceStreamer(data: data, workers: implementation == .streaming ? 1 : 2, blockChunks: 1)
-            return streamer.batchGradient(data.calibration, parameters: parameters, lambda: 0.5)
+            return streamer.batchGradient(data.calibration, parameters: parameters, loss: loss)
         }
     }
 
-    @Test(arguments: Implementation.allCases)
-    func lossTermsDecisionsAndGradients(_ implementation: Implementation) throws {
+    @Test(arguments: Implementation.allCases, LossKind.allCases)
+    func lossTermsDecisionsAndGradients(_ implementation: Implementation, _ kind: LossKind) throws {
         let batch = data.calibration.map(data.load)
         #expect(batch.count == 3)
         let parameters = try initialParameters()
-        let (gradient, figures, decisions) = batchGradient(implementation, parameters: parameters)
-        expectClose("loss", [figures.loss], try tensor("loss"))
-        expectClose("l_model", [figures.modelTerm], try tensor("l_model"))
-        expectClose("l_mem", [figures.memoryTerm], try tensor("l_mem"))
+        let (gradient, figures, decisions) = batchGradient(implementation, kind, parameters: parameters)
+        let prefix = kind.rawValue + "."
+        expectClose(prefix + "loss", [figures.loss], try tensor(prefix + "loss"))
+        expectClose(prefix + "l_model", [figures.modelTerm], try tensor(prefix + "l_model"))
+        expectClose(prefix + "l_mem", [figures.memoryTerm], try tensor(prefix + "l_mem"))
         let lNLL = zip(batch, decisions).map { item, routerDecisions in
             estimatedNLL(nll: item.nll, decisions: routerDecisions, layout: data.layout, sensitivity: item.sensitivity)
         }
         expectClose("l_nll", lNLL, try tensor("l_nll"))
         #expect(decisions.map { $0.joined().map(Double.init) }.joined().map { $0 } == (try tensor("decisions")), "decisions")
         for entry in parameters.table {
-            expectClose("grad." + entry.name, gradient[entry.range].map(Double.init), try tensor("grad." + entry.name))
+            expectClose(prefix + "grad." + entry.name, gradient[entry.range].map(Double.init), try tensor(prefix + "grad." + entry.name))
         }
     }
 
@@ -96,19 +99,20 @@ import Testing
         #expect(try RouterExport.parse(expected, path: url.path) == export)
     }
 
-    @Test(arguments: Implementation.allCases)
-    func fiveAdamWSteps(_ implementation: Implementation) throws {
+    @Test(arguments: Implementation.allCases, LossKind.allCases)
+    func fiveAdamWSteps(_ implementation: Implementation, _ kind: LossKind) throws {
+        let prefix = kind.rawValue + "."
         var parameters = try initialParameters()
         var optimizer = AdamW(settings: AdamWSettings(), parameterCount: parameters.values.count)
         var losses: [Double] = []
         for _ in 0..<5 {
-            let (gradient, figures, _) = batchGradient(implementation, parameters: parameters)
+            let (gradient, figures, _) = batchGradient(implementation, kind, parameters: parameters)
             losses.append(figures.loss)
             optimizer.update(&parameters.values, gradient: gradient)
         }
-        expectClose("step_losses", losses, try tensor("step_losses"))
+        expectClose(prefix + "step_losses", losses, try tensor(prefix + "step_losses"))
         for entry in parameters.table {
-            expectClose("after5." + entry.name, parameters.values[entry.range].map(Double.init), try tensor("after5." + entry.name))
+            expectClose(prefix + "after5." + entry.name, parameters.values[entry.range].map(Double.init), try tensor(prefix + "after5." + entry.name))
         }
         // The comparison can fail: 5 steps move the weights by far more than the tolerance.
         let initial = try initialParameters()

@@ -3,8 +3,9 @@
 Writes, next to this script:
   store/           a small calibration store (manifest.json + one shard), written with the
                    reference safetensors library, so the Swift reader is also checked against it;
-  golden.safetensors  initial weights, loss terms, decisions, every gradient, and the weights
-                   and losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences;
+  golden.safetensors  initial weights and decisions, then for each loss (paper, expected; tensor
+                   names prefixed with it) the loss terms, every gradient, and the weights and
+                   losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences;
   router-init.bin  the initial weights as an MQAE export (binary32), written here independently of
                    the Swift writer, so the two can be compared byte for byte and the Python
                    evaluator's decisions checked against the golden ones.
@@ -78,25 +79,32 @@ def decisions_of(p):
     return score.argmax(-1)
 
 
-def sequence_loss(weights, inputs, nll, delta):
+def sequence_loss(kind, weights, inputs, nll, delta):
+    """paper: SPEC §4. expected: λ Σ_u Σ_j P_u[j] D_u[j] + (1−λ) (1/U) Σ_u Σ_j P_u[j] B_j/16, with D_u[j]
+    the unit's delta_nll summed over its router's layers."""
     B = torch.tensor([(k + v) / 2 for _, k, v in EXPERTS], dtype=torch.float64)
-    units_p, units_dec, lnll = [], [], torch.tensor(nll, dtype=torch.float64)
+    units_p, units_dec, units_delta, lnll = [], [], [], torch.tensor(nll, dtype=torch.float64)
     for r in range(R):
         w1, w2, w3 = weights[3 * r: 3 * r + 3]
         x = torch.from_numpy(inputs[r * G]).double()[:, N:C * N, :]          # (H, routed tokens, D)
         p = torch.softmax((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3, -1)
         p = p.reshape(H, C - 1, N, M)
         dec = decisions_of(p.detach())                                       # (H, C-1)
-        for layer in range(r * G, min(L, (r + 1) * G)):
-            d = torch.from_numpy(delta[layer, :, 1:, :]).double()            # (H, C-1, M)
-            lnll = lnll + d.gather(-1, dec[..., None]).sum()
-        units_p.append(p.mean(2).gather(-1, dec[..., None]).reshape(-1))    # P_u[R_u]
+        group = torch.from_numpy(delta[r * G: min(L, (r + 1) * G), :, 1:, :]).double()   # (layers, H, C-1, M)
+        lnll = lnll + group.gather(-1, dec[None, ..., None].expand(group.shape[0], -1, -1, 1)).sum()
+        units_p.append(p.mean(2).reshape(-1, M))                            # P_u, (units, M)
         units_dec.append(dec.reshape(-1))
+        units_delta.append(group.sum(0).reshape(-1, M))                     # D_u, (units, M)
     P = torch.cat(units_p)
     dec = torch.cat(units_dec)
-    U = P.numel()
-    l_model = (P * lnll.detach() / B[dec]).sum() / U
-    l_mem = (P * B[dec] / 16).sum() / U
+    U = P.shape[0]
+    if kind == "paper":
+        chosen = P.gather(-1, dec[:, None]).squeeze(-1)                      # P_u[R_u]
+        l_model = (chosen * lnll.detach() / B[dec]).sum() / U
+        l_mem = (chosen * B[dec] / 16).sum() / U
+    else:
+        l_model = (P * torch.cat(units_delta)).sum()
+        l_mem = (P * B / 16).sum() / U
     return LAMBDA * l_model + (1 - LAMBDA) * l_mem, l_model, l_mem, lnll, dec
 
 
@@ -119,38 +127,39 @@ def main():
                  rng.uniform(-1 / math.sqrt(M), 1 / math.sqrt(M), (M, M))]
     init = [np.asarray(w, dtype=np.float32) for w in init]                    # the Swift side starts from these floats
     write_export(init, os.path.join(HERE, "router-init.bin"))
-    weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in init]
     names = [f"router.{r}.{n}" for r in range(R) for n in ("w1", "w2", "w3")]
-
-    def batch():
-        results = [sequence_loss(weights, *item) for item in data]
-        loss = sum(r[0] for r in results) / len(results)
-        return loss, results
-
     out = {f"init.{n}": w for n, w in zip(names, init)}
-    loss, results = batch()
-    loss.backward()
-    out["loss"] = np.array(loss.item())
-    out["l_model"] = np.array(sum(r[1].item() for r in results) / len(results))
-    out["l_mem"] = np.array(sum(r[2].item() for r in results) / len(results))
-    out["l_nll"] = np.array([r[3].item() for r in results])
-    out["decisions"] = np.stack([r[4].numpy() for r in results]).astype(np.int64)
-    for n, w in zip(names, weights):
-        out[f"grad.{n}"] = w.grad.numpy().copy()
+    for kind in ("paper", "expected"):
+        weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in init]
 
-    optimizer = torch.optim.AdamW(weights, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    step_losses = []
-    for _ in range(5):
-        optimizer.zero_grad()
-        loss, _ = batch()
-        step_losses.append(loss.item())
+        def batch():
+            results = [sequence_loss(kind, weights, *item) for item in data]
+            loss = sum(r[0] for r in results) / len(results)
+            return loss, results
+
+        loss, results = batch()
         loss.backward()
-        optimizer.step()
-    out["step_losses"] = np.array(step_losses)
-    for n, w in zip(names, weights):
-        out[f"after5.{n}"] = w.detach().numpy().copy()
+        out[f"{kind}.loss"] = np.array(loss.item())
+        out[f"{kind}.l_model"] = np.array(sum(r[1].item() for r in results) / len(results))
+        out[f"{kind}.l_mem"] = np.array(sum(r[2].item() for r in results) / len(results))
+        out["l_nll"] = np.array([r[3].item() for r in results])
+        out["decisions"] = np.stack([r[4].numpy() for r in results]).astype(np.int64)
+        for n, w in zip(names, weights):
+            out[f"{kind}.grad.{n}"] = w.grad.numpy().copy()
+
+        optimizer = torch.optim.AdamW(weights, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        step_losses = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss, _ = batch()
+            step_losses.append(loss.item())
+            loss.backward()
+            optimizer.step()
+        out[f"{kind}.step_losses"] = np.array(step_losses)
+        for n, w in zip(names, weights):
+            out[f"{kind}.after5.{n}"] = w.detach().numpy().copy()
+        print(kind, "loss", out[f"{kind}.loss"], "decisions", out["decisions"].tolist())
     save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, os.path.join(HERE, "golden.safetensors"))
-    print("loss", out["loss"], "decisions", out["decisions"].tolist())
 
 
 if __name__ == "__main__":
