@@ -2,10 +2,11 @@ import Foundation
 import MoQAERouter
 import MoQAEStore
 
-/// A bits budget (`router.target_bits`): after every step, λ moves so that the routers' average
-/// payload bits approach the target. With μ = (1−λ)/λ, the price of memory against accuracy, this is
-/// dual ascent on the budget constraint in log space: `log μ += rate · (bits − target)`, where bits
-/// are those the batch's decisions use.
+/// A bits budget (`router.target_bits`): λ starts where the per-unit allocation of the first batch
+/// that minimises its `delta_nll` meets the budget, and after every step moves so that the routers'
+/// average payload bits approach the target. With μ = (1−λ)/λ, the price of memory against accuracy,
+/// the move is dual ascent on the budget constraint in log space: `log μ += rate · (bits − target)`,
+/// where bits are those the batch's decisions use.
 public struct BitsBudget: Equatable, Sendable {
     public let targetBits: Double
     public let rate: Double
@@ -20,6 +21,40 @@ public struct BitsBudget: Equatable, Sendable {
         let clamped = min(max(lambda, 1e-9), 1 - 1e-9)
         let logPrice = log((1 - clamped) / clamped) + rate * (bits - targetBits)
         return 1 / (1 + exp(min(max(logPrice, -40), 40)))
+    }
+
+    /// λ at which routing every unit of `sequences` to `argmin_j λ D_u[j] + (1−λ) B_j/(16U)` (what a
+    /// router trained with the expected loss converges to, if it could see `delta_nll`) uses the target's
+    /// payload bits, found by bisection on log μ.
+    public func startingLambda(sensitivities: [SensitivityTable], setup: RouterSetup) -> Double {
+        let layout = setup.layout, experts = setup.experts
+        let U = Double(layout.unitsPerSequence)
+        // (sequence, router, unit, expert) D_u[j]
+        let unitDeltas = sensitivities.map { sensitivity in
+            (0..<layout.routers).map { router in
+                (0..<layout.unitsPerRouter).map { unit in
+                    let (head, chunk) = layout.headAndChunk(ofUnit: unit)
+                    return experts.indices.map { Double(sensitivity.unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: $0)) }
+                }
+            }
+        }
+        func bits(logPrice: Double) -> Double {
+            let price = exp(logPrice)
+            var tally = BitsTally(experts: experts.count)
+            for sequence in unitDeltas {
+                tally.add(decisions: sequence.map { router in
+                    router.map { delta in experts.indices.min { delta[$0] + price * experts[$0].bitWidth / (16 * U) < delta[$1] + price * experts[$1].bitWidth / (16 * U) }! }
+                }, layout: layout)
+            }
+            return tally.memory(setup: setup, sequences: unitDeltas.count).payloadBits
+        }
+        // Bits fall as the price rises.
+        var low = -40.0, high = 40.0
+        for _ in 0..<60 {
+            let middle = (low + high) / 2
+            if bits(logPrice: middle) > targetBits { low = middle } else { high = middle }
+        }
+        return 1 / (1 + exp(high))
     }
 
     /// The payload bits an allocation can reach: every routed unit at the cheapest expert, or at the dearest.

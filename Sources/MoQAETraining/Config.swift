@@ -82,7 +82,7 @@ public struct TrainingConfig: Equatable, Sendable {
         ConfigKey(path: "router.freeze_first_chunk", kind: .bool, defaultValue: .bool(true),
                   help: "keep chunk 0 of every sequence at 16 bits (route freezing)"),
         ConfigKey(path: "router.target_bits", kind: .optionalDouble(1...16), defaultValue: .null,
-                  help: "bits budget: average payload bits per KV element to land on; λ is then adapted during training, starting at loss.lambda (null: fixed λ)"),
+                  help: "bits budget: average payload bits per KV element to land on; λ then follows it during training, from where the first batch's best per-unit allocation meets it (null: fixed λ = loss.lambda)"),
         ConfigKey(path: "loss.kind", kind: .choice(LossKind.allCases.map(\.rawValue)), defaultValue: .string("paper"),
                   help: "paper: the paper's loss (SPEC §4); expected: the expected per-unit cost, from each unit's own delta_nll"),
         ConfigKey(path: "loss.lambda", kind: .double(0...1, lowerOpen: false), defaultValue: .double(0.5),

@@ -199,6 +199,10 @@ public final class Trainer {
         let batchIndices = order[(state.position * B)..<min(n, (state.position + 1) * B)]
         let sequences = batchIndices.map { data.calibration[$0] }
         let upcoming = order[min(n, (state.position + 1) * B)..<min(n, (state.position + 2) * B)].map { data.calibration[$0] }
+        if let budget, state.step == 0 {
+            state.lambda = budget.startingLambda(sensitivities: sequences.map(data.sensitivity), setup: data.setup)
+            progress.log(String(format: "bits budget %.3f: λ starts at %.4g, where the first batch's best per-unit allocation meets it", budget.targetBits, state.lambda))
+        }
         let loss = LossSettings(kind: config.lossKind, lambda: state.lambda)
         let (gradient, figures, _) = streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, loss: loss)
         let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()

@@ -28,26 +28,30 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
     ///
     /// The paper's loss only ever lowers the chosen expert's probability, by a weight that is smallest for
     /// the expert the loss prefers, so routing settles in a mix where that expert holds the majority
-    /// (about 55-80% in our runs), not all of it. The test asks for that majority.
-    @Test(arguments: [(0.0, 2), (1.0, 0)])
-    func lambdaExtremes(lambda: Double, expectedExpert: Int) throws {
+    /// (about 55-80% in our runs), not all of it. The test asks for that majority, of both losses.
+    @Test(arguments: LossKind.allCases, [(0.0, 2), (1.0, 0)])
+    func lambdaExtremes(kind: LossKind, extreme: (lambda: Double, expectedExpert: Int)) throws {
+        let (lambda, expectedExpert) = extreme
         let store = makeTemporaryDirectory("synthetic")
         try SyntheticStore.write(shape: .init(name: "test", layers: 4, heads: 2, headDim: 16, tokens: 128), sequences: 48, to: store)
         let config = try smallConfig(store: store, run: makeTemporaryDirectory("run"),
-                                     ["loss.lambda=\(lambda)", "train.lr=3e-3", "train.epochs=60", "train.eval_every=0",
+                                     ["loss.kind=\(kind.rawValue)", "loss.lambda=\(lambda)", "train.lr=3e-3", "train.epochs=60", "train.eval_every=0",
                                       "data.calibration_fraction=0.05", "data.validation_fraction=0.05"])
         let trainer = try train(config)
         let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
         let fractions = report.router.expertFractions
-        #expect(fractions[expectedExpert] > 0.5 && fractions.max() == fractions[expectedExpert], "λ=\(lambda): fractions \(fractions)")
+        #expect(fractions[expectedExpert] > 0.5 && fractions.max() == fractions[expectedExpert], "\(kind) λ=\(lambda): fractions \(fractions)")
     }
 
-    /// Stop after 5 steps, resume, and finish: checkpoint, export and logs equal an uninterrupted run's.
-    @Test func resumeIsBitIdentical() throws {
+    /// Stop after 5 steps, resume, and finish: checkpoint, export and logs equal an uninterrupted run's,
+    /// also under a bits budget, whose λ changes every step.
+    @Test(arguments: [[], ["loss.kind=expected", "router.target_bits=8", "loss.budget_rate=0.5"]])
+    func resumeIsBitIdentical(_ settings: [String]) throws {
         let whole = makeTemporaryDirectory("whole"), split = makeTemporaryDirectory("split")
-        let a = try train(try smallConfig(store: store, run: whole, ["train.epochs=100", "train.max_steps=12"]))
-        _ = try train(try smallConfig(store: store, run: split, ["train.epochs=100", "train.max_steps=5"]))
-        let b = try train(try smallConfig(store: store, run: split, ["train.epochs=100", "train.max_steps=12"]), resume: .latest)
+        let a = try train(try smallConfig(store: store, run: whole, ["train.epochs=100", "train.max_steps=12"] + settings))
+        _ = try train(try smallConfig(store: store, run: split, ["train.epochs=100", "train.max_steps=5"] + settings))
+        let b = try train(try smallConfig(store: store, run: split, ["train.epochs=100", "train.max_steps=12"] + settings), resume: .latest)
+        if !settings.isEmpty { #expect(Set([a.state.lambda, 0.5]).count == 2, "the budget should have moved λ") }
         #expect(a.state.step == 12 && b.state.step == 12)
         let last = Checkpoint.fileName(step: 12)
         var fromDisk = [try Checkpoint.load(path: whole + "/" + last), try Checkpoint.load(path: split + "/" + last)]

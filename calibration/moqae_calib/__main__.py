@@ -70,7 +70,9 @@ def parser():
     pareto.add_argument("--text", required=True, help="evaluation text")
     pareto.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
     pareto.add_argument("--out", required=True, help="directory for the runs, pareto.json, pareto.md, pareto.png")
-    pareto.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,0.9")
+    pareto.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,0.9", help="λ of the paper-loss runs (empty: none)")
+    pareto.add_argument("--config-run", action="append",
+                        help="a further run: a moqae-train config file, labelled by its name (repeatable)")
     pareto.add_argument("--max-windows", type=int, help="score only the first N windows of the text")
     pareto.add_argument("--calibration-fraction", type=float, default=0.05)
     pareto.add_argument("--batch-size", type=int, default=8)

@@ -1,7 +1,8 @@
-"""`pareto`: routers trained at several λ, each scored by real perplexity on evaluation text beside the
-baselines, drawn as perplexity against average KV bits.
+"""`pareto`: routers trained at several λ with the paper's loss, and with any further configs (another
+loss, a bits budget), each scored by real perplexity on evaluation text beside the baselines, drawn as
+perplexity against average KV bits.
 
-For each λ, moqae-train trains a router on the store (continuing a run that exists) and exports it;
+For each run, moqae-train trains a router on the store (continuing a run that exists) and exports it;
 `moqae-train eval` gives its estimated perplexity on the store's validation split. The model then runs
 over the evaluation windows under every method; fp16, the uniform experts and the oracle's
 sensitivities are computed once and shared.
@@ -17,18 +18,39 @@ from .evaluate import Evaluation, format_table
 from .router import read_export
 
 
-def train_router(moqae_train, config, store, run_dir, lam, extra):
-    """Trains (or finishes) the λ run and exports its router; returns (export path, estimated report)."""
+class Run:
+    """One router to train: a label, a moqae-train config and overrides (`KEY=VALUE`)."""
+
+    def __init__(self, label, config, overrides):
+        self.label, self.config, self.overrides = label, config, overrides
+
+    @property
+    def directory(self):
+        return self.label.replace("λ", "lambda").replace(" ", "-").replace("=", "-")
+
+
+def runs_of(args):
+    """The paper-loss runs at --lambdas, then one run per --config-run file (labelled by its name)."""
+    runs = [Run(f"paper λ={lam}", args.config, [f"loss.lambda={lam}"]) for lam in (float(x) for x in args.lambdas.split(",") if x)]
+    for path in args.config_run or []:
+        if not os.path.isfile(path):
+            raise CalibError(f"--config-run {path}: no such config file")
+        runs.append(Run(os.path.splitext(os.path.basename(path))[0], path, []))
+    return runs
+
+
+def train_router(moqae_train, run, store, run_dir, extra):
+    """Trains (or finishes) a run and exports its router; returns (export path, estimated report)."""
     resume = ["--resume", "latest"] if os.path.isdir(run_dir) and any(n.startswith("ckpt-") for n in os.listdir(run_dir)) else []
-    command = [moqae_train, "train", "--config", config, "--set", f"store={store}", "--set", f"run_dir={run_dir}",
-               "--set", f"loss.lambda={lam}", "--set", "train.eval_every=0", *resume, *extra]
+    sets = [f"store={store}", f"run_dir={run_dir}", "train.eval_every=0", *run.overrides]
+    command = [moqae_train, "train", "--config", run.config, *(a for s in sets for a in ("--set", s)), *resume, *extra]
     for step in (command, [moqae_train, "export", run_dir, "--out", os.path.join(run_dir, "router.bin")]):
         result = subprocess.run(step, capture_output=True, text=True)
         if result.returncode != 0:
-            raise CalibError(f"{' '.join(step[:2])} failed for λ={lam}: {result.stderr.strip().splitlines()[-1:]}")
+            raise CalibError(f"{' '.join(step[:2])} failed for {run.label}: {result.stderr.strip().splitlines()[-1:]}")
     estimate = subprocess.run([moqae_train, "eval", run_dir, "--json"], capture_output=True, text=True)
     if estimate.returncode != 0:
-        raise CalibError(f"moqae-train eval failed for λ={lam}: {estimate.stderr.strip()}")
+        raise CalibError(f"moqae-train eval failed for {run.label}: {estimate.stderr.strip()}")
     return os.path.join(run_dir, "router.bin"), json.loads(estimate.stdout)
 
 
@@ -40,11 +62,15 @@ def plot(rows, shared, path):
     figure, axis = plt.subplots(figsize=(8, 5.5))
     key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
     routers = sorted(rows, key=lambda r: r["router"]["payload_bits"])
-    axis.plot([r["router"]["payload_bits"] for r in routers], [r["router"][key] for r in routers], "o-",
-              color="C3", label="router (paper loss), λ as labelled")
+    paper = [r for r in routers if r["label"].startswith("paper")]
+    axis.plot([r["router"]["payload_bits"] for r in paper], [r["router"][key] for r in paper], "o-",
+              color="C3", label="router, paper loss (λ as labelled)")
+    others = [r for r in routers if not r["label"].startswith("paper")]
+    axis.scatter([r["router"]["payload_bits"] for r in others], [r["router"][key] for r in others], marker="*", s=120,
+                 color="C1", label="router, other configs (as labelled)")
     for r in routers:
-        axis.annotate(f"λ={r['lambda']}", (r["router"]["payload_bits"], r["router"][key]), textcoords="offset points",
-                      xytext=(4, 4), fontsize=8)
+        axis.annotate(r["label"].replace("paper ", ""), (r["router"]["payload_bits"], r["router"][key]),
+                      textcoords="offset points", xytext=(4, 4), fontsize=8)
     for method, style, color in (("layer-wise", "s", "C2"), ("random", "x", "C7"), ("oracle", "^", "C0")):
         axis.scatter([r[method]["payload_bits"] for r in routers], [r[method][key] for r in routers], marker=style,
                      color=color, label={"layer-wise": "layer-wise (KVTuner-style) at the router's bits",
@@ -70,29 +96,35 @@ def markdown(rows, shared):
     key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
     label = "bits/byte" if key == "bits_per_byte" else "ppl"
     fp16 = next(s for s in shared if s["name"] == "uniform fp16")["perplexity"]
-    lines = [f"| method | λ | payload bits | bits+consts | {label} | ppl | ppl vs fp16 | estimated ppl vs fp16 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in shared:
-        lines.append(f"| {s['name']} | | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | "
-                     f"{s['perplexity']:.4f} | {100 * (s['perplexity'] / fp16 - 1):+.2f}% | |")
+    fp16_key = next(s for s in shared if s["name"] == "uniform fp16")[key]
+    lines = [f"| method | run | payload bits | bits+consts | {label} | {label} vs fp16 | ppl | ppl vs fp16 | estimated ppl vs fp16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def line(s, run, estimate=""):
+        return (f"| {s['name']} | {run} | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | "
+                f"{100 * (s[key] / fp16_key - 1):+.2f}% | {s['perplexity']:.4f} | {100 * (s['perplexity'] / fp16 - 1):+.2f}% | {estimate} |")
+
+    lines += [line(s, "") for s in shared]
     for r in rows:
         for method in ("router", "layer-wise", "random", "oracle"):
-            s = r[method]
             estimate = (f"{100 * (r['estimated_perplexity'] / r['estimated_fp16_perplexity'] - 1):+.2f}%"
                         if method == "router" else "")
-            lines.append(f"| {s['name']} | {r['lambda']} | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | "
-                         f"{s[key]:.4f} | {s['perplexity']:.4f} | {100 * (s['perplexity'] / fp16 - 1):+.2f}% | {estimate} |")
+            lines.append(line(r[method], r["label"], estimate))
+    lines += ["", f"Regret to the oracle ({label}, router minus oracle at the router's bits):", "",
+              "| run | payload bits | regret |", "|---|---|---|"]
+    lines += [f"| {r['label']} | {r['router']['payload_bits']:.3f} | {r['router'][key] - r['oracle'][key]:+.4f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def run_pareto(args):
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    runs = runs_of(args)
+    if not runs:
+        raise CalibError("nothing to train: --lambdas is empty and no --config-run was given")
     os.makedirs(args.out, exist_ok=True)
     exports = {}
-    for lam in lambdas:
-        exports[lam] = train_router(args.moqae_train, args.config, args.store, os.path.join(args.out, f"lambda-{lam}"),
-                                    lam, args.train_arg or [])
-        print(f"λ={lam}: trained and exported", flush=True)
+    for run in runs:
+        exports[run.label] = train_router(args.moqae_train, run, args.store, os.path.join(args.out, run.directory), args.train_arg or [])
+        print(f"{run.label}: trained and exported", flush=True)
     tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
     with open(os.path.join(args.store, "manifest.json")) as f:
         manifest = json.load(f)
@@ -103,8 +135,8 @@ def run_pareto(args):
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
 
     shared, oracle_deltas, rows = None, None, []
-    for lam in lambdas:
-        path, estimate = exports[lam]
+    for run in runs:
+        path, estimate = exports[run.label]
         evaluation = Evaluation(model, text_windows, read_export(path), manifest["value_group"], args.model,
                                 args.batch_size, progress=os.isatty(2))
         evaluation.oracle_deltas = oracle_deltas
@@ -112,7 +144,7 @@ def run_pareto(args):
             shared = [r.summary(bytes_per_token) for r in evaluation.uniform()]
         router = evaluation.router()
         estimated_fp16 = next(u for u in estimate["uniform"] if u["name"] == "uniform fp16")
-        row = {"lambda": lam, "estimated_perplexity": estimate["router"]["perplexity"],
+        row = {"label": run.label, "estimated_perplexity": estimate["router"]["perplexity"],
                "estimated_fp16_perplexity": estimated_fp16["perplexity"],
                "estimated_payload_bits": estimate["router"]["payload_bits"],
                "router": router.summary(bytes_per_token),
@@ -121,9 +153,9 @@ def run_pareto(args):
                "oracle": evaluation.oracle(router).summary(bytes_per_token)}
         oracle_deltas = evaluation.oracle_deltas
         rows.append(row)
-        print(f"λ={lam}:\n" + format_table([row[m] for m in ("router", "layer-wise", "random", "oracle")]), flush=True)
+        print(f"{run.label}:\n" + format_table([row[m] for m in ("router", "layer-wise", "random", "oracle")]), flush=True)
     result = {"text": args.text, "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
-              "shared": shared, "lambdas": rows}
+              "shared": shared, "runs": rows}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "pareto.md"), "w") as f:
