@@ -39,15 +39,17 @@ train: build store
 	$(BIN) export $(RUN_DIR) --out $(RUN_DIR)/router.bin
 	$(BIN) inspect $(RUN_DIR)/router.bin
 
-## Routers at λ = 0.1 … 0.9 scored by real perplexity on the first PARETO_WINDOWS windows of
-## WikiText-2 test.txt beside every baseline: PARETO_OUT/pareto.{json,md,png}.
+## Routers of the paper's loss at λ = 0.1 … 0.9 and of the PARETO_CONFIGS (the expected loss under
+## bits budgets), scored by real perplexity on the first PARETO_WINDOWS windows of WikiText-2
+## test.txt beside every baseline: PARETO_OUT/pareto.{json,md,png}.
 PARETO_OUT ?= checkpoints/pareto
 PARETO_WINDOWS ?= 600
+PARETO_CONFIGS ?= configs/budget-3.5.yaml configs/budget-4.1.yaml
 PARETO_ARGS ?=
 pareto: build store
 	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) \
 	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
-	  --out $(PARETO_OUT) --max-windows $(PARETO_WINDOWS) $(PARETO_ARGS)
+	  --out $(PARETO_OUT) --max-windows $(PARETO_WINDOWS) $(addprefix --config-run ,$(PARETO_CONFIGS)) $(PARETO_ARGS)
 
 ## Throughput, disk streaming and memory against cat and a PyTorch step on a synthetic store:
 ## docs/PERFORMANCE.md. BENCH_ARGS e.g. "--shape tiny --sequences 64" for a quick run.
