@@ -23,8 +23,8 @@ def test_torch_step_matches_golden():
         loss, _ = trainer.sequence_loss(sequence)
         (loss / 3).backward()
         total += float(loss.detach()) / 3
-    assert abs(total - float(golden["loss"])) <= 1e-5 * float(golden["loss"])
+    assert abs(total - float(golden["paper.loss"])) <= 1e-5 * float(golden["paper.loss"])
     for r, weights in enumerate(trainer.weights):
         for name, w in zip(["w1", "w2", "w3"], weights):
-            expected = golden[f"grad.router.{r}.{name}"]
+            expected = golden[f"paper.grad.router.{r}.{name}"]
             assert (w.grad.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
