@@ -88,17 +88,23 @@ def limited_dump(model, corpus, out, args, max_bytes):
                           preexec_fn=limited(max_bytes))
 
 
+def expect_no_store_then_resume_to(whole, model, corpus, limited_out, args):
+    """After a failed dump into limited_out: no manifest and no temporary file; `--resume` then gives
+    the same tensors as the uninterrupted dump in whole."""
+    assert not os.path.exists(os.path.join(limited_out, "manifest.json"))
+    assert not glob.glob(os.path.join(limited_out, "*.tmp-*"))
+    assert dump(model, corpus, limited_out, *args, "--resume").returncode == 0
+    a, b = store_tensors(whole), store_tensors(limited_out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dump_on_a_full_disk_fails_cleanly_and_resumes_to_the_same_store(tiny_llama, small_corpus, tmp_path):
     whole, limited_out = str(tmp_path / "whole"), str(tmp_path / "limited")
     assert dump(tiny_llama, small_corpus, whole, *DUMP_ARGS).returncode == 0
     shard = os.path.getsize(os.path.join(whole, "shard-00000.safetensors"))
     full = limited_dump(tiny_llama, small_corpus, limited_out, DUMP_ARGS, shard // 2)
     expect_one_line_error(full, "shard-00000.safetensors", "File too large")
-    assert not os.path.exists(os.path.join(limited_out, "manifest.json"))
-    assert not glob.glob(os.path.join(limited_out, "*.tmp-*"))
-    assert dump(tiny_llama, small_corpus, limited_out, *DUMP_ARGS, "--resume").returncode == 0
-    a, b = store_tensors(whole), store_tensors(limited_out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expect_no_store_then_resume_to(whole, tiny_llama, small_corpus, limited_out, DUMP_ARGS)
 
 
 def test_dump_manifest_on_a_full_disk_fails_cleanly_and_resumes(tiny_llama, small_corpus, tmp_path):
@@ -112,11 +118,7 @@ def test_dump_manifest_on_a_full_disk_fails_cleanly_and_resumes(tiny_llama, smal
     assert largest_shard < manifest_size
     full = limited_dump(tiny_llama, small_corpus, limited_out, args, (largest_shard + manifest_size) // 2)
     expect_one_line_error(full, "manifest.json", "File too large")
-    assert not os.path.exists(os.path.join(limited_out, "manifest.json"))
-    assert not glob.glob(os.path.join(limited_out, "*.tmp-*"))
-    assert dump(tiny_llama, small_corpus, limited_out, *args, "--resume").returncode == 0
-    a, b = store_tensors(whole), store_tensors(limited_out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expect_no_store_then_resume_to(whole, tiny_llama, small_corpus, limited_out, args)
     assert manifest_without_shards(whole) == manifest_without_shards(limited_out)
 
 
