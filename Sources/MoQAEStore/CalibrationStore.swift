@@ -23,7 +23,7 @@ public final class CalibrationStore: @unchecked Sendable {
         public let id: UInt64
         public let tokens: Int
         let shard: Int
-        /// `[L, H, T, D]`, F16, BF16 or F32.
+        /// `[L, H, T, W]` with W the router input width, F16, BF16 or F32.
         public let inputs: TensorInfo
         /// `[]`, F32.
         let nll: TensorInfo
@@ -42,6 +42,8 @@ public final class CalibrationStore: @unchecked Sendable {
 
     public var model: ModelShape { manifest.model }
     public var chunksPerSequence: Int { manifest.chunksPerSequence }
+    /// W: width of one router input vector (the head dimension, or twice it for key+value).
+    public var inputWidth: Int { manifest.inputWidth }
 
     public init(path: String) throws(StoreError) {
         self.path = path
@@ -74,7 +76,7 @@ public final class CalibrationStore: @unchecked Sendable {
         self.shardHeaders = headers
         self.fingerprint = fingerprint.value
 
-        let (L, H, D) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.model.headDim)
+        let (L, H, W) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.inputWidth)
         let (C, M) = (manifest.chunksPerSequence, manifest.experts.count)
         var claimed = Array(repeating: Set<String>(), count: shards.count)
         var sequences: [Sequence] = []
@@ -97,7 +99,7 @@ public final class CalibrationStore: @unchecked Sendable {
             }
             sequences.append(Sequence(
                 id: entry.id, tokens: entry.tokens, shard: shard,
-                inputs: try tensor("inputs", dtypes: [.f16, .bf16, .f32], shape: [L, H, entry.tokens, D]),
+                inputs: try tensor("inputs", dtypes: [.f16, .bf16, .f32], shape: [L, H, entry.tokens, W]),
                 nll: try tensor("nll", dtypes: [.f32], shape: []),
                 deltaNLL: try tensor("delta_nll", dtypes: [.f32], shape: [L, H, C, M])))
         }
@@ -120,22 +122,22 @@ public final class CalibrationStore: @unchecked Sendable {
     /// `delta_nll[L, H, C, M]` of a sequence, row-major.
     public func deltaNLL(of sequence: Sequence) -> [Float] { readFloats(sequence.shard, sequence.deltaNLL) }
 
-    /// Bytes of one layer's `[H, T, D]` inputs block.
+    /// Bytes of one layer's `[H, T, W]` inputs block.
     public func inputLayerBytes(_ sequence: Sequence) -> Int { sequence.inputs.dataRange.count / model.numLayers }
 
-    /// Byte range of one layer's `[H, T, D]` inputs block inside the shard file.
+    /// Byte range of one layer's `[H, T, W]` inputs block inside the shard file.
     private func layerRange(_ sequence: Sequence, layer: Int) -> Range<Int> {
         let start = shardHeaders[sequence.shard].dataOffset + sequence.inputs.dataRange.lowerBound + layer * inputLayerBytes(sequence)
         return start..<(start + inputLayerBytes(sequence))
     }
 
-    /// Converts the inputs of `tokens` of one head of one layer to Float32 rows: `out` is `(tokens.count, D)`.
+    /// Converts the inputs of `tokens` of one head of one layer to Float32 rows: `out` is `(tokens.count, W)`.
     public func readInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
-        let D = model.headDim
+        let W = inputWidth
         let dtype = sequence.inputs.dtype
-        let firstElement = (head * sequence.tokens + tokens.lowerBound) * D
+        let firstElement = (head * sequence.tokens + tokens.lowerBound) * W
         let source = shards[sequence.shard].bytes.baseAddress! + layerRange(sequence, layer: layer).lowerBound + firstElement * dtype.byteSize
-        let count = tokens.count * D
+        let count = tokens.count * W
         switch dtype {
         case .f32:
             UnsafeMutableRawPointer(out).copyMemory(from: source, byteCount: count * 4)
@@ -161,13 +163,14 @@ public final class CalibrationStore: @unchecked Sendable {
     /// Checks every input value of a sequence is finite (a full read; used by `inspect`).
     public func checkInputsFinite(_ sequence: Sequence) throws(StoreError) {
         let T = sequence.tokens
-        var row = [Float](repeating: 0, count: T * model.headDim)
+        let W = inputWidth
+        var row = [Float](repeating: 0, count: T * W)
         for layer in 0..<model.numLayers {
             for head in 0..<model.numKVHeads {
                 row.withUnsafeMutableBufferPointer { readInputs(sequence, layer: layer, head: head, tokens: 0..<T, into: $0.baseAddress!) }
                 if let bad = row.firstIndex(where: { !$0.isFinite }) {
                     throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).inputs",
-                                  reason: "non-finite value \(row[bad]) at [\(layer), \(head), \(bad / model.headDim), \(bad % model.headDim)]")
+                                  reason: "non-finite value \(row[bad]) at [\(layer), \(head), \(bad / W), \(bad % W)]")
                 }
             }
             releaseInputs(sequence, layer: layer)

@@ -26,15 +26,39 @@ public struct ManifestSequence: Equatable, Sendable {
     }
 }
 
+/// What the router reads for each token of a layer: the post-RoPE key (the tensor the KV cache
+/// holds), the key before RoPE, or the post-RoPE key and the value side by side.
+public enum RouterInput: String, CaseIterable, Equatable, Sendable {
+    case key
+    case keyPreRoPE = "key-prerope"
+    case keyAndValue = "key+value"
+
+    /// Width of one input vector for head dimension `headDim`.
+    public func width(headDim: Int) -> Int { self == .keyAndValue ? 2 * headDim : headDim }
+
+    /// Its code in bits 1–2 of a router export's flags byte.
+    public var exportCode: UInt8 {
+        switch self {
+        case .key: 0
+        case .keyPreRoPE: 1
+        case .keyAndValue: 2
+        }
+    }
+
+    public init?(exportCode: UInt8) {
+        guard let input = RouterInput.allCases.first(where: { $0.exportCode == exportCode }) else { return nil }
+        self = input
+    }
+}
+
 /// `manifest.json` of a `moqae-calibration` version 1 store.
 public struct Manifest: Equatable, Sendable {
     public static let format = "moqae-calibration"
     public static let version = 1
-    public static let routerInputs = ["key"]
     public static let sensitivities = ["taylor", "fisher", "exact"]
 
     public var model: ModelShape
-    public var routerInput: String
+    public var routerInput: RouterInput
     public var chunkSize: Int
     public var valueGroup: Int
     public var experts: [Expert]
@@ -47,7 +71,7 @@ public struct Manifest: Equatable, Sendable {
     public var numSequences: Int
     public var sequences: [ManifestSequence]
 
-    public init(model: ModelShape, routerInput: String = "key", chunkSize: Int, valueGroup: Int, experts: [Expert],
+    public init(model: ModelShape, routerInput: RouterInput = .key, chunkSize: Int, valueGroup: Int, experts: [Expert],
                 sensitivity: String, selectionSeed: UInt64, selectionFraction: Double, corpusSource: String,
                 tokenizer: String, seqLen: Int, numSequences: Int, sequences: [ManifestSequence]) {
         self.model = model
@@ -65,6 +89,9 @@ public struct Manifest: Equatable, Sendable {
         self.sequences = sequences
     }
 
+    /// Width of one router input vector: the last dimension of every `seq.ID.inputs`.
+    public var inputWidth: Int { routerInput.width(headDim: model.headDim) }
+
     /// Chunks per sequence, `C = floor(T / N)`.
     public var chunksPerSequence: Int { seqLen / chunkSize }
 
@@ -76,7 +103,7 @@ public struct Manifest: Equatable, Sendable {
                 ("name", .string(model.name)), ("num_layers", .int(model.numLayers)),
                 ("num_kv_heads", .int(model.numKVHeads)), ("head_dim", .int(model.headDim)),
             ])),
-            ("router_input", .string(routerInput)),
+            ("router_input", .string(routerInput.rawValue)),
             ("chunk_size", .int(chunkSize)),
             ("value_group", .int(valueGroup)),
             ("experts", .array(experts.map {
@@ -118,9 +145,9 @@ extension Manifest {
             numLayers: try reader.int("model.num_layers", min: 1, max: 65535),
             numKVHeads: try reader.int("model.num_kv_heads", min: 1, max: 65535),
             headDim: try reader.int("model.head_dim", min: 1, max: 65535))
-        let routerInput = try reader.string("router_input")
-        guard routerInputs.contains(routerInput) else {
-            throw ManifestError(key: "router_input", reason: "expected one of \(routerInputs), got \"\(routerInput)\"")
+        let routerInputName = try reader.string("router_input")
+        guard let routerInput = RouterInput(rawValue: routerInputName) else {
+            throw ManifestError(key: "router_input", reason: "expected one of \(RouterInput.allCases.map(\.rawValue)), got \"\(routerInputName)\"")
         }
         let chunkSize = try reader.int("chunk_size", min: 1, max: 65535)
         let valueGroup = try reader.int("value_group", min: 1, max: model.headDim)

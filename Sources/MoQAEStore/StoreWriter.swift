@@ -60,22 +60,22 @@ public final class StoreWriter {
     }
 
     /// Writes one shard at once, streaming each sequence's inputs: `writeInputs(i, layer, out)` fills
-    /// `out`, `(H, T, D)`, with layer `layer` of sequence `i`. Memory stays at one layer.
+    /// `out`, `(H, T, W)`, with layer `layer` of sequence `i`. Memory stays at one layer.
     public func writeShard(_ sequences: [SequenceLossTensors],
                            writeInputs: (_ sequence: Int, _ layer: Int, _ out: UnsafeMutableBufferPointer<Float>) -> Void) throws(FileError) {
         precondition(pending.isEmpty, "writeShard after add without finish")
-        let (L, H, D) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.model.headDim)
+        let (L, H, W) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.inputWidth)
         let (C, M) = (manifest.chunksPerSequence, manifest.experts.count)
         let name = "shard-" + String(shardCount).leftPadded(to: 5) + ".safetensors"
         let header = SafeTensorsBuilder.header(tensors: sequences.flatMap { sequence in [
-            ("seq.\(sequence.id).inputs", inputDType, [L, H, sequence.tokens, D]),
+            ("seq.\(sequence.id).inputs", inputDType, [L, H, sequence.tokens, W]),
             ("seq.\(sequence.id).nll", DType.f32, []),
             ("seq.\(sequence.id).delta_nll", DType.f32, [L, H, C, M]),
         ] })
         try AtomicFile.write(to: directory + "/" + name) { (sink) throws(FileError) in
             try sink.write(header)
             for (index, sequence) in sequences.enumerated() {
-                var layer = [Float](repeating: 0, count: H * sequence.tokens * D)  // (H, T, D)
+                var layer = [Float](repeating: 0, count: H * sequence.tokens * W)  // (H, T, W)
                 for l in 0..<L {
                     layer.withUnsafeMutableBufferPointer { writeInputs(index, l, $0) }
                     try sink.write(StoreWriter.encode(layer, as: inputDType))
@@ -105,8 +105,8 @@ public final class StoreWriter {
     private func flush() throws(FileError) {
         let sequences = pending
         pending = []
-        let (L, H, D) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.model.headDim)
-        try writeShard(sequences.map { SequenceLossTensors(id: $0.id, tokens: $0.inputs.count / (L * H * D), nll: $0.nll, deltaNLL: $0.deltaNLL) }) { index, layer, out in
+        let (L, H, W) = (manifest.model.numLayers, manifest.model.numKVHeads, manifest.inputWidth)
+        try writeShard(sequences.map { SequenceLossTensors(id: $0.id, tokens: $0.inputs.count / (L * H * W), nll: $0.nll, deltaNLL: $0.deltaNLL) }) { index, layer, out in
             let layerCount = out.count
             sequences[index].inputs.withUnsafeBufferPointer { inputs in
                 _ = out.initialize(from: inputs[(layer * layerCount)..<((layer + 1) * layerCount)])

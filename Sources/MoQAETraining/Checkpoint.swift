@@ -60,6 +60,7 @@ public struct Checkpoint: Equatable {
             ("layers", .int(layout.layers)), ("heads", .int(layout.heads)), ("tokens", .int(layout.tokens)),
             ("input_dim", .int(layout.inputDim)), ("chunk_size", .int(layout.chunkSize)), ("group_size", .int(layout.groupSize)),
             ("freeze_first_chunk", .bool(layout.firstRoutedChunk == 1)), ("value_group", .int(setup.valueGroup)),
+            ("head_dim", .int(setup.headDim)), ("router_input", .string(setup.routerInput.rawValue)),
             ("experts", .array(setup.experts.map { .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))]) })),
         ])
         let state = epochRandom.state
@@ -181,7 +182,17 @@ public struct Checkpoint: Equatable {
         let layout = RoutingLayout(layers: try int("layers"), heads: try int("heads"), tokens: try int("tokens", max: Int(Int32.max)),
                                    inputDim: try int("input_dim"), chunkSize: try int("chunk_size"), groupSize: try int("group_size"),
                                    freezeFirstChunk: freeze)
-        return RouterSetup(layout: layout, experts: experts, valueGroup: try int("value_group"))
+        // Checkpoints written before router inputs other than the key have neither field: key, width D.
+        var routerInput = RouterInput.key
+        if let name = json["router_input"] {
+            guard let input = name.stringValue.flatMap(RouterInput.init(rawValue:)) else { throw fail("metadata routing.router_input is not a known router input") }
+            routerInput = input
+        }
+        let headDim = json["head_dim"] == nil ? layout.inputDim : try int("head_dim")
+        guard routerInput.width(headDim: headDim) == layout.inputDim else {
+            throw fail("metadata routing.input_dim \(layout.inputDim) is not the width of router_input \(routerInput.rawValue) at head_dim \(headDim)")
+        }
+        return RouterSetup(layout: layout, experts: experts, valueGroup: try int("value_group"), headDim: headDim, routerInput: routerInput)
     }
 }
 

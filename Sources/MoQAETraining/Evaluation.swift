@@ -116,7 +116,7 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
                                  memory: tally.memory(setup: setup, sequences: sequences), expertFractions: fractions(tally))
     }
 
-    let unitBits = setup.experts.map { Double($0.unitStorageBits(chunkSize: layout.chunkSize, headDim: layout.inputDim, valueGroup: setup.valueGroup)) }
+    let unitBits = setup.experts.map { Double($0.unitStorageBits(chunkSize: layout.chunkSize, headDim: setup.headDim, valueGroup: setup.valueGroup)) }
     let choices = lagrangianAllocation(options: oracleOptions, experts: M, unitBits: unitBits, budget: routerTally.routedBits(setup: setup))
     var oracleTally = BitsTally(experts: M)
     var oracleNLL = 0.0

@@ -29,17 +29,20 @@ public struct RouterExport: Equatable {
     public var chunkSize: Int
     public var groupSize: Int
     public var freezeFirstChunk: Bool
+    /// What the routers read (flags bits 1–2); D is its width.
+    public var routerInput: RouterInput
     /// The weights as stored (binary16 weights widened exactly to Float).
     public var parameters: RouterParameters
 
     public static func == (lhs: RouterExport, rhs: RouterExport) -> Bool {
         lhs.weightType == rhs.weightType && lhs.expertBits.elementsEqual(rhs.expertBits, by: { $0 == $1 })
             && lhs.layers == rhs.layers && lhs.heads == rhs.heads && lhs.chunkSize == rhs.chunkSize
-            && lhs.groupSize == rhs.groupSize && lhs.freezeFirstChunk == rhs.freezeFirstChunk && lhs.parameters == rhs.parameters
+            && lhs.groupSize == rhs.groupSize && lhs.freezeFirstChunk == rhs.freezeFirstChunk && lhs.routerInput == rhs.routerInput
+            && lhs.parameters == rhs.parameters
     }
 
     public init(weightType: WeightType, expertBits: [(keyBits: Int, valueBits: Int)], layers: Int, heads: Int,
-                chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool, parameters: RouterParameters) {
+                chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool, routerInput: RouterInput, parameters: RouterParameters) {
         self.weightType = weightType
         self.expertBits = expertBits
         self.layers = layers
@@ -47,6 +50,7 @@ public struct RouterExport: Equatable {
         self.chunkSize = chunkSize
         self.groupSize = groupSize
         self.freezeFirstChunk = freezeFirstChunk
+        self.routerInput = routerInput
         self.parameters = parameters
     }
 
@@ -57,7 +61,7 @@ public struct RouterExport: Equatable {
         let layout = setup.layout
         self.init(weightType: weightType, expertBits: setup.experts.map { ($0.keyBits, $0.valueBits) }, layers: layout.layers,
                   heads: layout.heads, chunkSize: layout.chunkSize, groupSize: layout.groupSize,
-                  freezeFirstChunk: layout.firstRoutedChunk == 1, parameters: rounded)
+                  freezeFirstChunk: layout.firstRoutedChunk == 1, routerInput: setup.routerInput, parameters: rounded)
     }
 
     /// File size for the given dimensions.
@@ -77,7 +81,7 @@ public struct RouterExport: Equatable {
         u16(groupSize)
         u16(layers)
         u16(heads)
-        bytes.append(freezeFirstChunk ? 1 : 0)
+        bytes.append((freezeFirstChunk ? 1 : 0) | routerInput.exportCode << 1)
         bytes.append(contentsOf: [UInt8](repeating: 0, count: 11))
         for expert in expertBits { bytes.append(contentsOf: [UInt8(expert.keyBits), UInt8(expert.valueBits)]) }
         for value in parameters.values {
@@ -108,7 +112,9 @@ public struct RouterExport: Equatable {
         #endif
         guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail("header holds a zero dimension") }
         guard R == (L + G - 1) / G else { throw fail("header says \(R) routers, but \(L) layers in groups of \(G) need \((L + G - 1) / G)") }
-        guard bytes[20] & ~1 == 0, bytes[21..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
+        guard bytes[20] & ~7 == 0, bytes[21..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
+        guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail("router input code \(bytes[20] >> 1) in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)") }
+        guard routerInput != .keyAndValue || D % 2 == 0 else { throw fail("D = \(D) is odd, but key+value inputs are two head vectors") }
         var expertBits: [(keyBits: Int, valueBits: Int)] = []
         for index in 0..<M {
             let (kb, vb) = (Int(bytes[32 + 2 * index]), Int(bytes[33 + 2 * index]))
@@ -127,7 +133,7 @@ public struct RouterExport: Equatable {
         }
         guard values.allSatisfy(\.isFinite) else { throw fail("holds a non-finite weight") }
         return RouterExport(weightType: weightType, expertBits: expertBits, layers: L, heads: H, chunkSize: N, groupSize: G,
-                            freezeFirstChunk: bytes[20] & 1 == 1,
+                            freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput,
                             parameters: RouterParameters(routers: R, inputDim: D, experts: M, values: values))
     }
 

@@ -6,11 +6,16 @@ public struct RouterSetup: Equatable, Sendable {
     public let layout: RoutingLayout
     public let experts: [Expert]
     public let valueGroup: Int
+    /// The model's head dimension, for storage bits (the router's input width is `layout.inputDim`).
+    public let headDim: Int
+    public let routerInput: RouterInput
 
-    public init(layout: RoutingLayout, experts: [Expert], valueGroup: Int) {
+    public init(layout: RoutingLayout, experts: [Expert], valueGroup: Int, headDim: Int, routerInput: RouterInput) {
         self.layout = layout
         self.experts = experts
         self.valueGroup = valueGroup
+        self.headDim = headDim
+        self.routerInput = routerInput
     }
 }
 
@@ -59,13 +64,14 @@ public final class RoutedStore: @unchecked Sendable {
                               reason: "calibration_fraction + validation_fraction = \(config.calibrationFraction + config.validationFraction) exceeds the fraction \(available) the store \(store.path) holds")
         }
         let layout = RoutingLayout(layers: store.model.numLayers, heads: store.model.numKVHeads, tokens: manifest.seqLen,
-                                   inputDim: store.model.headDim, chunkSize: config.chunkSize, groupSize: config.groupSize,
+                                   inputDim: store.inputWidth, chunkSize: config.chunkSize, groupSize: config.groupSize,
                                    freezeFirstChunk: config.freezeFirstChunk)
         guard layout.unitsPerRouter > 0 else {
             throw ConfigError(location: source, key: "router.freeze_first_chunk",
                               reason: "the store's \(manifest.seqLen)-token sequences have \(layout.chunks) chunk(s) of \(config.chunkSize): nothing is left to route")
         }
-        let setup = RouterSetup(layout: layout, experts: columns.map { manifest.experts[$0] }, valueGroup: manifest.valueGroup)
+        let setup = RouterSetup(layout: layout, experts: columns.map { manifest.experts[$0] }, valueGroup: manifest.valueGroup,
+                                headDim: store.model.headDim, routerInput: manifest.routerInput)
         self.init(store: store, setup: setup, expertColumns: columns,
                   calibrationFraction: config.calibrationFraction, validationFraction: config.validationFraction)
         guard !calibration.isEmpty else {

@@ -77,7 +77,7 @@ public struct BitsTally: Equatable, Sendable {
     /// Routed bits (with constants) of the counted units.
     public func routedBits(setup: RouterSetup) -> Double {
         zip(layerUnits, setup.experts).reduce(0) { total, pair in
-            total + Double(pair.0) * Double(pair.1.unitStorageBits(chunkSize: setup.layout.chunkSize, headDim: setup.layout.inputDim,
+            total + Double(pair.0) * Double(pair.1.unitStorageBits(chunkSize: setup.layout.chunkSize, headDim: setup.headDim,
                                                                  valueGroup: setup.valueGroup))
         }
     }
@@ -85,8 +85,8 @@ public struct BitsTally: Equatable, Sendable {
     /// Averages over all K and V elements of `sequences` sequences.
     public func memory(setup: RouterSetup, sequences: Int) -> MemoryFigures {
         let layout = setup.layout
-        let unitElements = Double(2 * layout.chunkSize * layout.inputDim)
-        let totalElements = Double(sequences) * Double(2 * layout.layers * layout.heads * layout.tokens * layout.inputDim)
+        let unitElements = Double(2 * layout.chunkSize * setup.headDim)
+        let totalElements = Double(sequences) * Double(2 * layout.layers * layout.heads * layout.tokens * setup.headDim)
         let routedUnits = Double(layerUnits.reduce(0, +))
         let unroutedBits = (totalElements - routedUnits * unitElements) * 16
         let payload = zip(layerUnits, setup.experts).reduce(0.0) { $0 + Double($1.0) * unitElements * $1.1.bitWidth }

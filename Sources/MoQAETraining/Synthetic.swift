@@ -4,7 +4,7 @@ import MoQAEStore
 
 /// Synthetic calibration stores in real model shapes, for tests and benchmarks only: the inputs are
 /// random and `delta_nll` follows a toy noise model, so nothing trained on them says anything about
-/// a real LLM.
+/// a real LLM. A key+value store has inputs twice the head dimension wide, drawn the same way.
 ///
 /// Each (layer, head, chunk) gets a random scale s ∈ [0.25, 2]; its inputs are approximately Gaussian
 /// (a sum of four uniforms) with standard deviation s, and its `delta_nll` at expert (kb, vb) is
@@ -42,7 +42,7 @@ public enum SyntheticStore {
     /// Writes `sequences` sequences: the first ids `u(id, seed) < fraction` of a corpus just large
     /// enough, in shards of at most 1 GiB (one sequence per shard when a sequence is larger).
     public static func write(shape: Shape, sequences count: Int, to directory: String, seed: UInt64 = 0, fraction: Double = 0.1,
-                             chunkSize: Int = 32, experts: [Expert] = defaultExperts, inputDType: DType = .f16,
+                             chunkSize: Int = 32, experts: [Expert] = defaultExperts, inputDType: DType = .f16, routerInput: RouterInput = .key,
                              progress: (Int) -> Void = { _ in }) throws(FileError) {
         var ids: [UInt64] = []
         var id: UInt64 = 0
@@ -51,17 +51,18 @@ public enum SyntheticStore {
             id += 1
         }
         let (L, H, D, T) = (shape.layers, shape.heads, shape.headDim, shape.tokens)
+        let W = routerInput.width(headDim: D)
         let C = T / chunkSize
         func noise(_ bits: Int) -> Double { bits >= 16 ? 0 : 1 / pow(pow(2, Double(bits)) - 1, 2) }
         let meanSquaredScale = (pow(2.0, 3) - pow(0.25, 3)) / (3 * 1.75)
         let alpha = 0.5 / (Double(L * H * C) * 2 * noise(2) * meanSquaredScale)
         let manifest = Manifest(
-            model: ModelShape(name: "synthetic-\(shape.name)", numLayers: L, numKVHeads: H, headDim: D),
+            model: ModelShape(name: "synthetic-\(shape.name)", numLayers: L, numKVHeads: H, headDim: D), routerInput: routerInput,
             chunkSize: chunkSize, valueGroup: D, experts: experts, sensitivity: "taylor", selectionSeed: seed,
             selectionFraction: fraction, corpusSource: "synthetic (moqae-train synth)", tokenizer: "none",
             seqLen: T, numSequences: Int(id), sequences: [])
         let writer = try StoreWriter(directory: directory, manifest: manifest, inputDType: inputDType)
-        let sequencesPerShard = max(1, (1 << 30) / (L * H * T * D * inputDType.byteSize))
+        let sequencesPerShard = max(1, (1 << 30) / (L * H * T * W * inputDType.byteSize))
         var written = 0
         for shardIDs in stride(from: 0, to: ids.count, by: sequencesPerShard).map({ ids[$0..<min(ids.count, $0 + sequencesPerShard)] }) {
             // Per sequence: the scale of every (layer, head, chunk), and the loss tensors that follow from it.
@@ -79,11 +80,11 @@ public enum SyntheticStore {
                 let id = lossTensors[index].id, scales = scales[index]
                 DispatchQueue.concurrentPerform(iterations: H) { head in
                     var random = RandomGenerator(seed: seed ^ (id &* 0xD1B5_4A32_D192_ED03) ^ UInt64(layer * H + head) &* 0x9E37_79B9_7F4A_7C15)
-                    let rows = base.value + head * T * D
+                    let rows = base.value + head * T * W
                     for t in 0..<T {
                         let c = t / chunkSize
                         let s = c < C ? scales[(layer * H + head) * C + c] : 1
-                        for d in 0..<D { rows[t * D + d] = s * approximateGaussian(&random) }
+                        for d in 0..<W { rows[t * W + d] = s * approximateGaussian(&random) }
                     }
                 }
                 if layer == L - 1 {

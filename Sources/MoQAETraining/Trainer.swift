@@ -126,7 +126,11 @@ public final class Trainer {
             throw .run("cannot resume: \(key) is \(config.values[key]!.yaml) but the checkpoint was trained with \(checkpoint.config.values[key]!.yaml)")
         }
         let (old, new) = (checkpoint.setup.layout, data.layout)
-        guard old == new, checkpoint.setup.experts == data.experts, checkpoint.setup.valueGroup == data.setup.valueGroup else {
+        guard checkpoint.setup.routerInput == data.setup.routerInput else {
+            throw .run("cannot resume: the checkpoint's routers read router_input \(checkpoint.setup.routerInput.rawValue), the store \(data.store.path) holds \(data.setup.routerInput.rawValue)")
+        }
+        guard old == new, checkpoint.setup.experts == data.experts, checkpoint.setup.valueGroup == data.setup.valueGroup,
+              checkpoint.setup.headDim == data.setup.headDim else {
             throw .run("cannot resume: store shape changed: the checkpoint has \(old.layers) layers × \(old.heads) heads × \(old.tokens) tokens × \(old.inputDim) dims, the store \(new.layers) × \(new.heads) × \(new.tokens) × \(new.inputDim)")
         }
         for key in config.changedKeys(from: checkpoint.config) {

@@ -220,7 +220,7 @@ struct Inspect: ParsableCommand {
                 print("""
                 \(file): MQAE router export version 1, OK (CRC-32 verified)
                   \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
-                  \(export.parameters.routers) router(s), D = \(export.parameters.inputDim), experts: \(experts)
+                  \(export.parameters.routers) router(s), D = \(export.parameters.inputDim) (router input \(export.routerInput.rawValue)), experts: \(experts)
                   \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed")
                 """)
                 return
@@ -238,7 +238,7 @@ struct Inspect: ParsableCommand {
                 \(file): moqae checkpoint, OK (checksum verified)
                   step \(checkpoint.step), epoch \(checkpoint.epoch), batch \(checkpoint.position) of the epoch, AdamW step \(checkpoint.optimizer.step)
                   \(layout.routers) router(s) × \(checkpoint.parameters.values.count / max(1, layout.routers)) parameters; experts \(checkpoint.setup.experts.map(\.name).joined(separator: ", "))
-                  store: \(checkpoint.config.storePath) (fingerprint \(String(checkpoint.storeFingerprint, radix: 16))), \(layout.layers) layers × \(layout.heads) heads × \(layout.tokens) tokens × \(layout.inputDim) dims
+                  store: \(checkpoint.config.storePath) (fingerprint \(String(checkpoint.storeFingerprint, radix: 16))), \(layout.layers) layers × \(layout.heads) heads × \(layout.tokens) tokens × \(layout.inputDim) dims (router input \(checkpoint.setup.routerInput.rawValue))
                 """)
             } else {
                 print("\(file): safetensors, OK: \(header.tensors.count) tensors, \(bytes.count) bytes")
@@ -257,7 +257,7 @@ struct Inspect: ParsableCommand {
         print("""
         \(file): moqae-calibration store version 1, OK (\(quick ? "structure and delta_nll verified" : "every tensor verified"))
           model \(manifest.model.name): \(manifest.model.numLayers) layers, \(manifest.model.numKVHeads) KV heads, head_dim \(manifest.model.headDim)
-          \(store.sequences.count) sequences of \(manifest.seqLen) tokens in \(shards) shard(s), inputs \(store.sequences.first.map { $0.inputs.dtype.rawValue } ?? "?")
+          \(store.sequences.count) sequences of \(manifest.seqLen) tokens in \(shards) shard(s), router input \(manifest.routerInput.rawValue) (\(manifest.inputWidth) dims, \(store.sequences.first.map { $0.inputs.dtype.rawValue } ?? "?"))
           chunk \(manifest.chunkSize), value_group \(manifest.valueGroup), sensitivity \(manifest.sensitivity), experts \(manifest.experts.map(\.description).joined(separator: ", "))
           selection: seed \(manifest.selectionSeed), fraction \(manifest.selectionFraction) of \(manifest.numSequences) corpus sequences
           fingerprint \(String(store.fingerprint, radix: 16))
@@ -286,6 +286,9 @@ struct Synth: ParsableCommand {
     @Option(help: "Input dtype: f16, bf16 or f32.")
     var dtype: String = "f16"
 
+    @Option(help: "Router input the store claims: key, key-prerope or key+value (twice the head dim wide).")
+    var routerInput: RouterInput = .key
+
     func validate() throws {
         guard SyntheticStore.shapes.contains(where: { $0.name == shape }) else {
             throw ValidationError("--shape must be one of \(SyntheticStore.shapes.map(\.name).joined(separator: ", ")), got '\(shape)'")
@@ -301,7 +304,7 @@ struct Synth: ParsableCommand {
             let progress = ProgressReporter()
             progress.begin(total: sequences, done: 0, unit: "sequence")
             try SyntheticStore.write(shape: shape, sequences: sequences, to: out, seed: seed,
-                                     inputDType: ["f16": .f16, "bf16": .bf16, "f32": .f32][dtype]!) {
+                                     inputDType: ["f16": .f16, "bf16": .bf16, "f32": .f32][dtype]!, routerInput: routerInput) {
                 progress.update(done: $0, status: "")
             }
             progress.finish()
@@ -309,3 +312,5 @@ struct Synth: ParsableCommand {
         }
     }
 }
+
+extension RouterInput: ExpressibleByArgument {}

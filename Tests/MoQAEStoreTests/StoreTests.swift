@@ -24,6 +24,24 @@ import Testing
         }
     }
 
+    /// A key+value store's inputs are twice the head dimension wide; the manifest says which input it holds.
+    @Test func keyAndValueInputsAreTwiceTheHeadDimension() throws {
+        let directory = makeTemporaryDirectory()
+        let written = try makeSmallStore(at: directory, routerInput: .keyAndValue)
+        let store = try CalibrationStore(path: directory)
+        #expect(store.manifest.routerInput == .keyAndValue && store.model.headDim == 8 && store.inputWidth == 16)
+        let (H, T, W) = (2, 96, 16)
+        var rows = [Float](repeating: 0, count: 32 * W)
+        rows.withUnsafeMutableBufferPointer { store.readInputs(store.sequences[1], layer: 2, head: 1, tokens: 64..<96, into: $0.baseAddress!) }
+        let start = ((2 * H + 1) * T + 64) * W
+        #expect(rows == Array(written[1].inputs[start..<(start + 32 * W)]))
+
+        try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""router_input":"key+value""#, with: #""router_input":"key""#) }
+        #expect(openError(directory)?.contains("shape [4, 2, 96, 16], expected [4, 2, 96, 8]") == true)
+        try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""router_input":"key""#, with: #""router_input":"query""#) }
+        #expect(openError(directory)?.contains(#"router_input: expected one of ["key", "key-prerope", "key+value"], got "query""#) == true)
+    }
+
     /// Rewrites one shard tensor's header entry and the data it points to.
     func rewriteManifest(_ directory: String, _ transform: (inout String) -> Void) throws {
         var text = try String(contentsOfFile: directory + "/manifest.json", encoding: .utf8)

@@ -15,7 +15,7 @@ public func makeSmallStore(at directory: String, layers: Int = 4, heads: Int = 2
                            experts: [Expert] = [Expert(name: "fp16", keyBits: 16, valueBits: 16),
                                                 Expert(name: "int4", keyBits: 4, valueBits: 4),
                                                 Expert(name: "int2", keyBits: 2, valueBits: 2)],
-                           sequencesPerShard: Int = 4) throws -> [SequenceTensors] {
+                           sequencesPerShard: Int = 4, routerInput: RouterInput = .key) throws -> [SequenceTensors] {
     var state: UInt64 = 0x1234_5678
     func next() -> Float {
         state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
@@ -31,14 +31,14 @@ public func makeSmallStore(at directory: String, layers: Int = 4, heads: Int = 2
     let sequences = ids.map { id in
         SequenceTensors(
             id: id,
-            inputs: (0..<(layers * heads * tokens * headDim)).map { _ in 4 * next() - 2 },
+            inputs: (0..<(layers * heads * tokens * routerInput.width(headDim: headDim))).map { _ in 4 * next() - 2 },
             nll: 2 + next(),
             deltaNLL: (0..<(layers * heads * C * M)).map { index in
                 experts[index % M].isUnquantized ? 0 : 0.01 * next() * Float(16 - experts[index % M].keyBits)
             })
     }
     let manifest = Manifest(
-        model: ModelShape(name: "test", numLayers: layers, numKVHeads: heads, headDim: headDim), chunkSize: chunkSize,
+        model: ModelShape(name: "test", numLayers: layers, numKVHeads: heads, headDim: headDim), routerInput: routerInput, chunkSize: chunkSize,
         valueGroup: headDim, experts: experts, sensitivity: "taylor", selectionSeed: 0, selectionFraction: fraction,
         corpusSource: "test", tokenizer: "none", seqLen: tokens, numSequences: Int(id), sequences: [])
     try StoreWriter.write(sequences, manifest: manifest, inputDType: inputDType, sequencesPerShard: sequencesPerShard, to: directory)

@@ -10,7 +10,7 @@ import Testing
     static let experts = [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
                           Expert(name: "int2", keyBits: 2, valueBits: 2)]
     static let layout = RoutingLayout(layers: 2, heads: 2, tokens: 320, inputDim: 8, chunkSize: 32, groupSize: 1, freezeFirstChunk: true)
-    static let setup = RouterSetup(layout: layout, experts: experts, valueGroup: 8)
+    static let setup = RouterSetup(layout: layout, experts: experts, valueGroup: 8, headDim: 8, routerInput: .key)
 
     @Test func lambdaFallsAboveTheBudgetAndRisesBelowIt() {
         let budget = BitsBudget(targetBits: 4, rate: 0.5)

@@ -22,7 +22,8 @@ import Testing
         let storePath = try #require(Bundle.module.url(forResource: "store", withExtension: nil)).path
         let store = try CalibrationStore(path: storePath)
         let layout = RoutingLayout(layers: 4, heads: 2, tokens: 96, inputDim: 8, chunkSize: 32, groupSize: 3, freezeFirstChunk: true)
-        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 8),
+        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 8,
+                                                           headDim: 8, routerInput: .key),
                            expertColumns: [0, 1, 2], calibrationFraction: 1, validationFraction: 0)
     }
 

@@ -15,7 +15,8 @@ import Testing
         try SyntheticStore.write(shape: .init(name: "test", layers: 5, heads: 3, headDim: 16, tokens: 320), sequences: 5, to: path)
         let store = try CalibrationStore(path: path)
         let layout = RoutingLayout(layers: 5, heads: 3, tokens: 320, inputDim: 16, chunkSize: 32, groupSize: 2, freezeFirstChunk: true)
-        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16),
+        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16,
+                                                           headDim: 16, routerInput: .key),
                            expertColumns: [0, 1, 2], calibrationFraction: 0.1, validationFraction: 0)
         var random = RandomGenerator(seed: 3)
         parameters = RouterParameters.initialized(routers: 3, inputDim: 16, experts: 3, random: &random)

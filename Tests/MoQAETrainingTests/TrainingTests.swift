@@ -107,6 +107,29 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         } throws: { "\($0)".contains("already holds a run") }
     }
 
+    /// A key+value store's routers read 2·head_dim-wide vectors, while memory is still counted over the
+    /// head dimension; the input kind reaches the checkpoint and the export, and a resume checks it.
+    @Test func keyAndValueInputsTrainAtTwiceTheWidth() throws {
+        let pairStore = makeTemporaryDirectory("store-kv"), run = makeTemporaryDirectory("run")
+        try makeSmallStore(at: pairStore, sequences: 16, routerInput: .keyAndValue)
+        let key = try train(try smallConfig(store: store, run: makeTemporaryDirectory("run"), ["train.epochs=100", "train.max_steps=4"]))
+        let pair = try train(try smallConfig(store: pairStore, run: run, ["train.epochs=100", "train.max_steps=4"]))
+        #expect(pair.data.layout.inputDim == 16 && pair.data.setup.headDim == 8 && pair.data.setup.routerInput == .keyAndValue)
+        #expect(pair.state.parameters.values.count == 2 * (2 * 16 * 3 + 3 * 3))
+        let keyReport = try #require(validationReport(streamer: key.streamer, parameters: key.state.parameters))
+        let pairReport = try #require(validationReport(streamer: pair.streamer, parameters: pair.state.parameters))
+        #expect(pairReport.uniform.map(\.memory) == keyReport.uniform.map(\.memory))
+
+        let checkpoint = try Checkpoint.load(path: run + "/" + Checkpoint.fileName(step: 4))
+        #expect(checkpoint.setup == pair.data.setup)
+        let export = try RouterExport.parse(RouterExport(parameters: checkpoint.parameters, setup: checkpoint.setup, weightType: .binary16).serialized(), path: "x")
+        #expect(export.routerInput == .keyAndValue && export.parameters.inputDim == 16)
+        #expect {
+            _ = try Trainer(config: try smallConfig(store: store, run: run, ["train.epochs=100", "train.max_steps=8"]), configSource: "test",
+                            resume: .latest, progress: ProgressReporter(interactive: false))
+        } throws: { "\($0)".contains("the checkpoint's routers read router_input key+value, the store \(store) holds key") }
+    }
+
     @Test func validationReportIsConsistent() throws {
         let trainer = try train(try smallConfig(store: store, run: makeTemporaryDirectory("run"), ["train.max_steps=2"]))
         let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
@@ -124,12 +147,14 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
 }
 
 @Suite struct ExportTests {
-    func export(inputDim: Int, routers: Int, type: RouterExport.WeightType) -> RouterExport {
+    func export(inputDim: Int, routers: Int, type: RouterExport.WeightType, routerInput: RouterInput = .key) -> RouterExport {
         var random = RandomGenerator(seed: 1)
         let layers = routers * 3
+        let headDim = routerInput == .keyAndValue ? inputDim / 2 : inputDim
         let layout = RoutingLayout(layers: layers, heads: 8, tokens: 64, inputDim: inputDim, chunkSize: 32, groupSize: 3, freezeFirstChunk: true)
         let setup = RouterSetup(layout: layout, experts: [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
-                                                          Expert(name: "int2", keyBits: 2, valueBits: 2)], valueGroup: inputDim)
+                                                          Expert(name: "int2", keyBits: 2, valueBits: 2)], valueGroup: headDim,
+                                headDim: headDim, routerInput: routerInput)
         return RouterExport(parameters: .initialized(routers: routers, inputDim: inputDim, experts: 3, random: &random), setup: setup, weightType: type)
     }
 
@@ -139,11 +164,12 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(export(inputDim: 128, routers: 1, type: .binary32).serialized().count == 32 + 6 + 2 * 1554 + 4)
     }
 
-    @Test(arguments: [RouterExport.WeightType.binary16, .binary32])
-    func roundTrip(type: RouterExport.WeightType) throws {
-        let original = export(inputDim: 16, routers: 2, type: type)
+    @Test(arguments: [RouterExport.WeightType.binary16, .binary32], RouterInput.allCases)
+    func roundTrip(type: RouterExport.WeightType, routerInput: RouterInput) throws {
+        let original = export(inputDim: 16, routers: 2, type: type, routerInput: routerInput)
         let bytes = original.serialized()
         #expect(Array(bytes[0..<4]) == Array("MQAE".utf8) && bytes[4] == 1 && bytes[6] == type.rawValue && bytes[7] == 3)
+        #expect(bytes[20] == 1 | routerInput.exportCode << 1)
         #expect(try RouterExport.parse(bytes, path: "x") == original)
     }
 
@@ -163,5 +189,15 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         dtype[6] = 7
         #expect(reason(dtype).contains("weight dtype 7"))
         #expect(reason(Array("MQAX".utf8) + bytes.dropFirst(4)).contains("magic"))
+        /// `file` with another flags byte and a CRC that matches again.
+        func resealed(_ file: [UInt8], flags: UInt8) -> [UInt8] {
+            var body = Array(file.dropLast(4))
+            body[20] = flags
+            return body + withUnsafeBytes(of: CRC32.checksum(body).littleEndian) { Array($0) }
+        }
+        #expect(reason(resealed(bytes, flags: 1 | 3 << 1)).contains("router input code 3 in the flags is unknown"))
+        #expect(reason(resealed(bytes, flags: 1 | 1 << 3)).contains("reserved header bits are not zero"))
+        let oddWidth = export(inputDim: 15, routers: 1, type: .binary16).serialized()
+        #expect(reason(resealed(oddWidth, flags: 1 | RouterInput.keyAndValue.exportCode << 1)).contains("D = 15 is odd"))
     }
 }
