@@ -34,8 +34,11 @@ def parser():
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
     dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
                       help="how delta_nll is estimated (exact: one forward per unit and expert; small models)")
+    dump.add_argument("--router-input", choices=["key", "key-prerope", "key+value"], default="key",
+                      help="what the routers read per token: the post-RoPE key as cached (default), the key before "
+                           "RoPE, or key and value side by side (twice the head dim)")
     dump.add_argument("--inputs-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                      help="dtype of the stored keys (default float16)")
+                      help="dtype of the stored router inputs (default float16)")
     dump.add_argument("--shard-size", type=byte_size, default=1 << 30, help="bytes per shard at most (default 1G)")
     dump.add_argument("--resume", action="store_true", help="continue an interrupted dump into --out")
     dump.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

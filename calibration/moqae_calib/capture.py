@@ -6,11 +6,13 @@ or replace them, then runs transformers' own SDPA attention. No model code is ed
 """
 import contextlib
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import CalibError
+from .router import ROUTER_INPUTS
 
 IMPLEMENTATION = "moqae"
 _active_hooks = []
@@ -61,3 +63,45 @@ def check_all_layers_seen(hook, num_layers, model_dir):
         raise CalibError(
             f"{model_dir}: attention of layer(s) {missing} does not go through transformers' attention interface, "
             "so its KV cache cannot be captured (this model family is not supported)")
+
+
+class RouterInputs:
+    """What a router reads for each token of a layer, from the layer's post-RoPE key and value
+    (B, H, T, D) as the attention interface sees them:
+    - key: the key as the cache holds it, (B, H, T, D);
+    - key-prerope: the key with RoPE undone by the model's own rotary embedding at positions 0..T-1;
+    - key+value: key and value side by side, (B, H, T, 2D).
+    """
+
+    def __init__(self, kind, model, model_dir):
+        if kind not in ROUTER_INPUTS:
+            raise CalibError(f"router input {kind!r} is unknown (expected one of {', '.join(ROUTER_INPUTS)})")
+        self.kind, self.rotary = kind, None
+        if kind == "key-prerope":
+            self.rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+            if self.rotary is None:
+                raise CalibError(f"{model_dir}: router input key-prerope needs the model's rotary embedding "
+                                 "(model.model.rotary_emb), which this model does not have")
+
+    def width(self, head_dim):
+        return 2 * head_dim if self.kind == "key+value" else head_dim
+
+    def __call__(self, key, value):
+        if self.kind == "key":
+            return key
+        if self.kind == "key+value":
+            return torch.cat([key, value], dim=-1)
+        return undo_rope(key, self.rotary)
+
+
+def undo_rope(key, rotary):
+    """The key (..., T, D) before RoPE. RoPE maps each pair (x1, x2) = (x[i], x[i + R/2]) of the first R channels to
+    s·(x1 cos − x2 sin, x2 cos + x1 sin) with s the embedding's attention scaling (1 for plain RoPE);
+    with the scaled cos and sin the inverse is (y·cos − rotate_half(y)·sin) / (cos² + sin²)."""
+    positions = torch.arange(key.shape[-2], device=key.device)[None]
+    cos, sin = (t.float().reshape(t.shape[-2:]) for t in rotary(key, positions))   # (T, R)
+    R = cos.shape[-1]
+    y = key[..., :R].float()
+    rotated_half = torch.cat([-y[..., R // 2:], y[..., : R // 2]], dim=-1)
+    x = (y * cos - rotated_half * sin) / (cos * cos + sin * sin)
+    return torch.cat([x.to(key.dtype), key[..., R:]], dim=-1)

@@ -6,7 +6,7 @@ import torch
 from tqdm import tqdm
 
 from . import CalibError
-from .capture import IMPLEMENTATION
+from .capture import IMPLEMENTATION, RouterInputs
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .experts import parse_experts
 from .selection import selected
@@ -90,7 +90,7 @@ def dump(args):
         "format": "moqae-calibration", "version": 1,
         "model": {"name": os.path.basename(os.path.normpath(args.model)), "num_layers": layers,
                   "num_kv_heads": kv_heads, "head_dim": head_dim},
-        "router_input": "key", "chunk_size": args.chunk_size, "value_group": value_group,
+        "router_input": args.router_input, "chunk_size": args.chunk_size, "value_group": value_group,
         "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in experts],
         "sensitivity": args.sensitivity, "selection": {"seed": args.seed, "fraction": args.fraction},
         "corpus": {"source": ", ".join(os.path.basename(p) for p in args.corpus), "tokenizer": tokenizer.name,
@@ -103,6 +103,8 @@ def dump(args):
 
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.device_map, args.model_dtype)
+    router_inputs = RouterInputs(args.router_input, model, args.model)
+    width = router_inputs.width(head_dim)
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.inputs_dtype]
     # A context manager, so that the bar is closed before an error is reported on its own line.
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
@@ -110,15 +112,15 @@ def dump(args):
         for seq_id in todo:
             ids = corpus[seq_id].to(model.device)
             if args.sensitivity == "exact":
-                nll, keys, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model)
+                nll, keys, values, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model)
             else:
                 nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model)
                 delta = taylor_delta(keys, values, grad_keys, grad_values, experts, args.chunk_size, value_group,
                                      seq_len, rule=args.sensitivity)
-            inputs = torch.stack(keys)
-            if tuple(inputs.shape) != (layers, kv_heads, seq_len, head_dim):
-                raise CalibError(f"{args.model}: captured keys of shape {tuple(inputs.shape)}, the config implies "
-                                 f"{(layers, kv_heads, seq_len, head_dim)}")
+            inputs = torch.stack([router_inputs(k, v) for k, v in zip(keys, values)])
+            if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):
+                raise CalibError(f"{args.model}: router inputs ({args.router_input}) of shape {tuple(inputs.shape)}, the config "
+                                 f"implies {(layers, kv_heads, seq_len, width)}")
             writer.add(seq_id, inputs.to(store_dtype), nll, delta)
             progress.update(1)
     part = {"index": args.shard_index, "count": args.num_shards} if args.num_shards > 1 else None

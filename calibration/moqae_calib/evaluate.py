@@ -15,7 +15,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import CalibError
-from .capture import KVHook, check_all_layers_seen
+from .capture import KVHook, RouterInputs, check_all_layers_seen
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import check_model_dir, load_model, model_shape, resolve_device
 from .experts import Expert, parse_expert
@@ -37,14 +37,14 @@ class Layout:
 
 
 class Plan:
-    """Decides experts per unit. `decide(layer, key, windows, layout)` returns (B, H, routed chunks)
+    """Decides experts per unit. `decide(layer, key, value, windows, layout)` returns (B, H, routed chunks)
     indices into `experts`, or None for all at expert 0; `windows` are the batch's window indices."""
     name = "plan"
 
     def __init__(self, experts):
         self.experts = experts
 
-    def decide(self, layer, key, windows, layout):
+    def decide(self, layer, key, value, windows, layout):
         raise NotImplementedError
 
 
@@ -53,7 +53,7 @@ class UniformPlan(Plan):
         super().__init__([expert])
         self.name = name or f"uniform {expert.name}"
 
-    def decide(self, layer, key, windows, layout):
+    def decide(self, layer, key, value, windows, layout):
         return None   # everything at expert 0
 
 
@@ -64,22 +64,23 @@ class LayerPlan(Plan):
         super().__init__(experts)
         self.per_layer, self.name = per_layer, name
 
-    def decide(self, layer, key, windows, layout):
+    def decide(self, layer, key, value, windows, layout):
         return torch.full((*key.shape[:2], layout.routed), self.per_layer[layer], dtype=torch.long)
 
 
 class RouterPlan(Plan):
-    """The export's routers: router r runs on its leader layer's keys; the decision holds for its group."""
+    """The export's routers: router r runs on its leader layer's inputs (the export's router input, from
+    that layer's K and V); the decision holds for its group."""
     name = "router"
 
-    def __init__(self, export):
+    def __init__(self, export, inputs):
         super().__init__(export.experts)
-        self.export, self.cached = export, None
+        self.export, self.inputs, self.cached = export, inputs, None
 
-    def decide(self, layer, key, windows, layout):
+    def decide(self, layer, key, value, windows, layout):
         router = self.export.router_of_layer(layer)
         if layer == self.export.leader(router):
-            self.cached = route(self.export, router, key).cpu()
+            self.cached = route(self.export, router, self.inputs(key, value)).cpu()
         return self.cached
 
 
@@ -90,7 +91,7 @@ class UnitPlan(Plan):
         super().__init__(experts)
         self.decisions, self.name = decisions, name
 
-    def decide(self, layer, key, windows, layout):
+    def decide(self, layer, key, value, windows, layout):
         return torch.stack([self.decisions[w][layer] for w in windows])
 
 
@@ -154,7 +155,7 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
     state = {}
 
     def transform(layer, key, value):
-        decisions = plan.decide(layer, key, state["windows"], layout)
+        decisions = plan.decide(layer, key, value, state["windows"], layout)
         if decisions is None:
             result.counts[layer, 0] += key.shape[0] * key.shape[1] * layout.routed
         else:
@@ -277,9 +278,11 @@ class Evaluation:
 
     def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True):
         layers, heads, head_dim, _ = model_shape(model.config)
-        if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, head_dim):
+        self.inputs = RouterInputs(export.router_input, model, model_dir)
+        width = self.inputs.width(head_dim)
+        if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
             raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
-                             f"{export.input_dim} dims, the model has {layers} × {heads} × {head_dim}")
+                             f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
         self.model, self.windows, self.export, self.model_dir = model, windows, export, model_dir
         self.batch_size, self.progress = batch_size, progress
         self.layout = Layout(windows.shape[1], export.chunk_size, 1 if export.freeze_first_chunk else 0,
@@ -290,7 +293,7 @@ class Evaluation:
         return evaluate_plan(self.model, self.windows, plan, self.layout, self.batch_size, self.model_dir, self.progress)
 
     def router(self):
-        return self.score(RouterPlan(self.export))
+        return self.score(RouterPlan(self.export, self.inputs))
 
     def uniform(self, names=BASELINE_EXPERTS):
         return [self.score(UniformPlan(parse_expert(name))) for name in names]

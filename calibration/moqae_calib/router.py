@@ -2,7 +2,8 @@
 
 The export (version 1, little-endian, no padding): a 32-byte header (magic "MQAE", u16 version, u8
 weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
-chunk frozen, 11 zero bytes), M (key_bits, value_bits) pairs, per router W1 (D×M), W2 (D×M), W3 (M×M)
+chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value), 11 zero bytes), M (key_bits,
+value_bits) pairs, per router W1 (D×M), W2 (D×M), W3 (M×M)
 row-major, and a CRC-32 of everything before it.
 """
 import math
@@ -16,6 +17,7 @@ from . import CalibError
 from .experts import Expert
 
 HEADER = struct.Struct("<4sHBBHHHHHHB11s")
+ROUTER_INPUTS = ("key", "key-prerope", "key+value")    # by their code in bits 1–2 of the flags
 
 
 @dataclass
@@ -27,6 +29,7 @@ class RouterExport:
     num_layers: int         # L
     num_kv_heads: int       # H
     freeze_first_chunk: bool
+    router_input: str       # "key", "key-prerope" or "key+value"
     weights: list           # per router: (W1 (D, M), W2 (D, M), W3 (M, M)) float32 tensors
 
     @property
@@ -64,8 +67,13 @@ def read_export(path):
         raise CalibError(f"{path}: CRC-32 mismatch: the file is damaged")
     if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
         raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
-    if flags & ~1 or any(reserved):
+    if flags & ~7 or any(reserved):
         raise CalibError(f"{path}: reserved header bits are not zero")
+    if flags >> 1 >= len(ROUTER_INPUTS):
+        raise CalibError(f"{path}: router input code {flags >> 1} in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)")
+    router_input = ROUTER_INPUTS[flags >> 1]
+    if router_input == "key+value" and D % 2:
+        raise CalibError(f"{path}: D = {D} is odd, but key+value inputs are two head vectors")
     experts = []
     for index in range(M):
         kb, vb = data[HEADER.size + 2 * index], data[HEADER.size + 2 * index + 1]
@@ -84,7 +92,7 @@ def read_export(path):
         w3 = values[offset + 2 * D * M: offset + 2 * D * M + M * M].reshape(M, M)
         weights.append((w1, w2, w3))
         offset += 2 * D * M + M * M
-    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), weights)
+    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), router_input, weights)
 
 
 def token_probabilities(x, weights):
@@ -105,10 +113,10 @@ def chunk_decisions(probabilities, experts, chunk_size):
     return score.argmax(-1)
 
 
-def route(export, router, keys):
-    """Decisions of one router for leader-layer keys (..., T, D) over the routed chunks: (..., C) with
-    chunk 0 (when frozen) and the tail left out: returns decisions for chunks first..C-1."""
+def route(export, router, inputs):
+    """Decisions of one router for its leader layer's input vectors (..., T, D) over the routed chunks:
+    (..., C) with chunk 0 (when frozen) and the tail left out: returns decisions for chunks first..C-1."""
     first = 1 if export.freeze_first_chunk else 0
-    C = keys.shape[-2] // export.chunk_size
-    routed = keys[..., first * export.chunk_size: C * export.chunk_size, :]
+    C = inputs.shape[-2] // export.chunk_size
+    routed = inputs[..., first * export.chunk_size: C * export.chunk_size, :]
     return chunk_decisions(token_probabilities(routed, export.weights[router]), export.experts, export.chunk_size)

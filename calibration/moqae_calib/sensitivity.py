@@ -63,7 +63,7 @@ def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_gro
 
 @torch.no_grad()
 def exact_delta(model, ids, experts, chunk, value_group, model_dir, batch_size=16):
-    """One forward pass per (unit, expert), batched: the mean NLL, every layer's K (H, T, D), and
+    """One forward pass per (unit, expert), batched: the mean NLL, every layer's K and V (H, T, D), and
     delta_nll (L, H, C, M)."""
     L = model.config.num_hidden_layers
     base_hook = KVHook(record=True)
@@ -92,4 +92,5 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir, batch_size=1
             nll = mean_nll(model(batch_ids).logits, batch_ids.to(model.device))
         for row, (layer, head, c, m) in enumerate(batch):
             delta[layer, head, c, m] = nll[row].item() - base
-    return base, [base_hook.keys[layer][0].float() for layer in range(L)], delta
+    return (base, [base_hook.keys[layer][0].float() for layer in range(L)],
+            [base_hook.values[layer][0].float() for layer in range(L)], delta)

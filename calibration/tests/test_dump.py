@@ -53,6 +53,40 @@ def test_dumps_llama_and_qwen2_and_the_trainer_reads_them(family, request, small
     assert "validation:" in train.stdout
 
 
+@pytest.mark.parametrize("router_input", ["key-prerope", "key+value"])
+def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input, tiny_llama, small_corpus, tmp_path, moqae_train):
+    common = ["--seq-len", "128", "--fraction", "0.05"]
+    key_store, out = str(tmp_path / "key"), str(tmp_path / "store")
+    assert dump(tiny_llama, small_corpus, key_store, *common).returncode == 0
+    result = dump(tiny_llama, small_corpus, out, *common, "--router-input", router_input)
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(os.path.join(out, "manifest.json")))["router_input"] == router_input
+    keys, inputs = store_tensors(key_store), store_tensors(out)
+    for name in (n for n in keys if n.endswith(".inputs")):
+        if router_input == "key+value":   # (L, H, T, 2D): the cached key, then the value
+            assert inputs[name].shape[-1] == 32 and torch.equal(inputs[name][..., :16], keys[name])
+        else:                             # RoPE turns position 0 by no angle and every later one by some
+            assert inputs[name].shape == keys[name].shape
+            assert torch.equal(inputs[name][..., 0, :], keys[name][..., 0, :])
+            assert not torch.allclose(inputs[name][..., 1:, :].float(), keys[name][..., 1:, :].float(), atol=1e-2)
+
+    run_dir, export = str(tmp_path / "run"), str(tmp_path / "router.bin")
+    config = tmp_path / "empty.yaml"
+    config.write_text("")
+    train = subprocess.run([moqae_train, "--config", str(config), "--set", f"store={out}", "--set", f"run_dir={run_dir}",
+                            "--set", "data.calibration_fraction=0.03", "--set", "data.validation_fraction=0.02",
+                            "--max-steps", "3"], capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert subprocess.run([moqae_train, "export", run_dir, "--out", export], capture_output=True).returncode == 0
+    inspect = subprocess.run([moqae_train, "inspect", export], capture_output=True, text=True)
+    width = 32 if router_input == "key+value" else 16
+    assert f"D = {width} (router input {router_input})" in inspect.stdout, inspect.stdout
+    scored = run_calib("eval", "--model", tiny_llama, "--text", small_corpus, "--tokenizer", "bytes", "--seq-len", "128",
+                       "--router", export, "--max-windows", "2", "--no-baselines", "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["results"][0]["name"] == "router"
+
+
 def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path, monkeypatch):
     from moqae_calib.__main__ import parser
     from moqae_calib import dump as dump_module

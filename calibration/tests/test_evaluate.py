@@ -2,6 +2,7 @@
 golden ones, and export damage."""
 import os
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -64,9 +65,12 @@ def test_router_decisions_equal_the_trainers():
 def test_damaged_exports_are_rejected(tmp_path):
     source = os.path.join(GOLDEN, "router-init.bin")
     data = bytearray(open(source, "rb").read())
+    unknown_input = data[:20] + bytes([data[20] | 3 << 1]) + data[21:-4]
     cases = {"flipped": data[:40] + bytes([data[40] ^ 1]) + data[41:], "truncated": data[:-3],
-             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x02" + data[5:]}
-    reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic", "version": "version 2"}
+             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x02" + data[5:],
+             "input": unknown_input + zlib.crc32(unknown_input).to_bytes(4, "little")}
+    reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic", "version": "version 2",
+               "input": "router input code 3 in the flags is unknown"}
     for name, damaged in cases.items():
         path = tmp_path / f"{name}.bin"
         path.write_bytes(bytes(damaged))

@@ -24,9 +24,9 @@ def test_taylor_and_fisher_rank_units_like_exact():
         nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, REFERENCE_MODEL)
         taylor = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 512)
         fisher = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 512, rule="fisher")
-        base, exact_keys, exact = exact_delta(model, ids, experts, 32, 64, REFERENCE_MODEL, batch_size=32)
+        base, exact_keys, exact_values, exact = exact_delta(model, ids, experts, 32, 64, REFERENCE_MODEL, batch_size=32)
         assert abs(base - nll) < 1e-5
-        assert torch.equal(exact_keys[0], keys[0])
+        assert torch.equal(exact_keys[0], keys[0]) and torch.equal(exact_values[-1], values[-1])
         assert (taylor[..., 0] == 0).all() and (exact[..., 0] == 0).all()
         quantized = slice(1, None)
         row = {"sequence": seq_id,
