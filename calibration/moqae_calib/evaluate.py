@@ -208,14 +208,15 @@ def routed_unit_bits(experts, layout):
 
 
 def taylor_sensitivities(model, windows, experts, layout, model_dir, progress=True):
-    """Taylor delta_nll of every routed unit of every window: (windows, L, H, routed chunks, M)."""
+    """Taylor delta_nll of every whole chunk of every window: (windows, L, H, C, M). Chunk 0 is kept,
+    so that routers that freeze it and routers that route it can share them."""
     deltas = []
     bar = tqdm(total=len(windows), unit="window", desc="oracle sensitivities", disable=not progress,
                dynamic_ncols=True, mininterval=0.1 if os.isatty(2) else 30, leave=False)
     for ids in windows:
         nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids.to(model.device), model_dir)
         delta = taylor_delta(keys, values, grad_keys, grad_values, experts, layout.chunk_size, layout.value_group, ids.numel())
-        deltas.append(delta[:, :, layout.first: layout.chunks])
+        deltas.append(delta[:, :, : layout.chunks])
         bar.update(1)
     bar.close()
     return torch.stack(deltas)
@@ -223,7 +224,9 @@ def taylor_sensitivities(model, windows, experts, layout, model_dir, progress=Tr
 
 def oracle_plan(deltas, experts, layout, budget_per_unit):
     """The best per-(layer, head, chunk) allocation under the sensitivities of the evaluation windows
-    themselves, with mean unit bits (with constants) within `budget_per_unit`. It sees the answers."""
+    themselves, with mean unit bits (with constants) within `budget_per_unit`. It sees the answers.
+    deltas: (windows, L, H, C, M) from `taylor_sensitivities`."""
+    deltas = deltas[:, :, :, layout.first:]
     costs = deltas.reshape(-1, len(experts))
     choice = lagrangian_allocation(costs, routed_unit_bits(experts, layout).expand(costs.shape[0], -1),
                                    budget_per_unit * costs.shape[0])

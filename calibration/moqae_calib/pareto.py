@@ -4,8 +4,9 @@ perplexity against average KV bits.
 
 For each run, moqae-train trains a router on the store (continuing a run that exists) and exports it;
 `moqae-train eval` gives its estimated perplexity on the store's validation split. The model then runs
-over the evaluation windows under every method; fp16, the uniform experts and the oracle's
-sensitivities are computed once and shared.
+over the evaluation windows under every method. The uniform experts are scored once for routers that
+freeze chunk 0 and once for routers that route it (named "…, chunk 0 quantized"); the oracle's
+sensitivities are computed once per expert set.
 """
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 from . import CalibError
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import load_model, resolve_device
-from .evaluate import Evaluation, format_table
+from .evaluate import BASELINE_EXPERTS, Evaluation, format_table
 from .router import read_export
 
 
@@ -134,14 +135,21 @@ def run_pareto(args):
     model = load_model(args.model, resolve_device(args.device), None, "auto")
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
 
-    shared, oracle_deltas, rows = None, None, []
+    shared, uniform_layouts, oracle_deltas, rows = [], set(), {}, []
     for run in runs:
         path, estimate = exports[run.label]
         evaluation = Evaluation(model, text_windows, read_export(path), manifest["value_group"], args.model,
                                 args.batch_size, progress=os.isatty(2))
-        evaluation.oracle_deltas = oracle_deltas
-        if shared is None:
-            shared = [r.summary(bytes_per_token) for r in evaluation.uniform()]
+        expert_set = tuple(e.name for e in evaluation.export.experts)
+        evaluation.oracle_deltas = oracle_deltas.get(expert_set)
+        first = evaluation.layout.first
+        if first not in uniform_layouts:          # fp16 is the same either way
+            uniform_layouts.add(first)
+            for result in evaluation.uniform([n for n in BASELINE_EXPERTS if n != "fp16" or not shared]):
+                summary = result.summary(bytes_per_token)
+                if first == 0 and result.name != "uniform fp16":
+                    summary["name"] += ", chunk 0 quantized"
+                shared.append(summary)
         router = evaluation.router()
         estimated_fp16 = next(u for u in estimate["uniform"] if u["name"] == "uniform fp16")
         row = {"label": run.label, "estimated_perplexity": estimate["router"]["perplexity"],
@@ -151,7 +159,7 @@ def run_pareto(args):
                "layer-wise": evaluation.layerwise(router, args.store, args.calibration_fraction).summary(bytes_per_token),
                "random": evaluation.random(router).summary(bytes_per_token),
                "oracle": evaluation.oracle(router).summary(bytes_per_token)}
-        oracle_deltas = evaluation.oracle_deltas
+        oracle_deltas[expert_set] = evaluation.oracle_deltas
         rows.append(row)
         print(f"{run.label}:\n" + format_table([row[m] for m in ("router", "layer-wise", "random", "oracle")]), flush=True)
     result = {"text": args.text, "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),

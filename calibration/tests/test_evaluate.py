@@ -13,9 +13,9 @@ from moqae_calib import CalibError
 from moqae_calib.capture import KVHook
 from moqae_calib.corpus import ByteTokenizer, read_texts, windows
 from moqae_calib.dump import load_model
-from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan
+from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan, oracle_plan
 from moqae_calib.experts import parse_expert
-from moqae_calib.quantizer import quantize_keys, quantize_values
+from moqae_calib.quantizer import quantize_keys, quantize_values, unit_storage_bits
 from moqae_calib.router import read_export, route
 from moqae_calib.sensitivity import mean_nll
 
@@ -79,3 +79,19 @@ def test_damaged_exports_are_rejected(tmp_path):
     result = run_calib("eval", "--model", REFERENCE_MODEL, "--text", VALID_TXT, "--tokenizer", "bytes",
                        "--router", str(tmp_path / "flipped.bin"))
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {tmp_path / 'flipped.bin'}: CRC-32 mismatch: the file is damaged"]
+
+
+def test_oracle_sensitivities_serve_frozen_and_routed_first_chunks():
+    """The oracle's sensitivities keep chunk 0, and each plan takes the chunks its layout routes: with
+    room for one int2 unit, it goes to the cheapest routed chunk (1), never to chunk 0."""
+    experts = [parse_expert(n) for n in ("fp16", "int4", "int2")]
+    deltas = torch.zeros(2, 1, 1, 4, 3, dtype=torch.float64)    # (windows, L, H, C, M)
+    deltas[..., 1] = 0.01
+    deltas[..., 2] = torch.tensor([5.0, 0.02, 0.03, 0.04]).expand(2, 1, 1, 4)
+    int4, int2 = (unit_storage_bits(e, 32, 64, 64) for e in experts[1:])
+    for first, expected in ((0, [1, 2, 1, 1]), (1, [2, 1, 1])):
+        layout = Layout(128, 32, first, 1, 1, 64, 64)
+        routed = 4 - first
+        plan = oracle_plan(deltas, experts, layout, budget_per_unit=((routed - 1) * int4 + int2) / routed)
+        for w in range(2):
+            assert plan.decisions[w].flatten().tolist() == expected
