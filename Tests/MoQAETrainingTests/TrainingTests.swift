@@ -130,6 +130,14 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         } throws: { "\($0)".contains("the checkpoint's routers read router_input key+value, the store \(store) holds key") }
     }
 
+    /// A checkpoint written before router inputs other than the key (the fuzzers' seed is one) has no
+    /// head_dim or router_input: it reads as key routers whose head dimension is the input width.
+    @Test func checkpointsWithoutRouterInputReadAsKeyRouters() throws {
+        let path = FuzzCorpusTests.fuzzDirectory + "/Corpus/checkpoint/default-320.safetensors"
+        let checkpoint = try Checkpoint.load(path: path)
+        #expect(checkpoint.setup.routerInput == .key && checkpoint.setup.headDim == checkpoint.setup.layout.inputDim)
+    }
+
     @Test func validationReportIsConsistent() throws {
         let trainer = try train(try smallConfig(store: store, run: makeTemporaryDirectory("run"), ["train.max_steps=2"]))
         let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
