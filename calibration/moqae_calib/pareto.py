@@ -145,7 +145,8 @@ def run_pareto(args):
         first = evaluation.layout.first
         if first not in uniform_layouts:          # fp16 is the same either way
             uniform_layouts.add(first)
-            for result in evaluation.uniform([n for n in BASELINE_EXPERTS if n != "fp16" or not shared]):
+            for result in evaluation.uniform([n for n in BASELINE_EXPERTS if n != "fp16" or not shared]
+                                             + [e.name for e in evaluation.export.experts if e.name not in BASELINE_EXPERTS]):
                 summary = result.summary(bytes_per_token)
                 if first == 0 and result.name != "uniform fp16":
                     summary["name"] += ", chunk 0 quantized"
