@@ -298,11 +298,12 @@ class Evaluation:
     def router(self):
         return self.score(RouterPlan(self.export, self.inputs))
 
+    def uniform_names(self):
+        """The baseline experts and every other expert of the router's."""
+        return list(BASELINE_EXPERTS) + [e.name for e in self.export.experts if e.name not in BASELINE_EXPERTS]
+
     def uniform(self, names=None):
-        """Uniform plans: by default the baseline experts and every other expert of the router's."""
-        if names is None:
-            names = list(BASELINE_EXPERTS) + [e.name for e in self.export.experts if e.name not in BASELINE_EXPERTS]
-        return [self.score(UniformPlan(parse_expert(name))) for name in names]
+        return [self.score(UniformPlan(parse_expert(name))) for name in names or self.uniform_names()]
 
     def budget_per_unit(self, result):
         """Mean bits (with constants) of a routed unit under a result's decisions."""

@@ -15,7 +15,7 @@ import subprocess
 from . import CalibError
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import load_model, resolve_device
-from .evaluate import BASELINE_EXPERTS, Evaluation, format_table
+from .evaluate import Evaluation, format_table
 from .router import read_export
 
 
@@ -117,6 +117,19 @@ def markdown(rows, shared):
     return "\n".join(lines) + "\n"
 
 
+def uniform_summaries(evaluation, bytes_per_token, with_fp16):
+    """The uniform baselines at a run's layout, named "…, chunk 0 quantized" when chunk 0 is routed
+    (fp16 is the same either way)."""
+    names = [n for n in evaluation.uniform_names() if n != "fp16" or with_fp16]
+    summaries = []
+    for result in evaluation.uniform(names):
+        summary = result.summary(bytes_per_token)
+        if evaluation.layout.first == 0 and result.name != "uniform fp16":
+            summary["name"] += ", chunk 0 quantized"
+        summaries.append(summary)
+    return summaries
+
+
 def run_pareto(args):
     runs = runs_of(args)
     if not runs:
@@ -143,14 +156,9 @@ def run_pareto(args):
         expert_set = tuple(e.name for e in evaluation.export.experts)
         evaluation.oracle_deltas = oracle_deltas.get(expert_set)
         first = evaluation.layout.first
-        if first not in uniform_layouts:          # fp16 is the same either way
+        if first not in uniform_layouts:
             uniform_layouts.add(first)
-            for result in evaluation.uniform([n for n in BASELINE_EXPERTS if n != "fp16" or not shared]
-                                             + [e.name for e in evaluation.export.experts if e.name not in BASELINE_EXPERTS]):
-                summary = result.summary(bytes_per_token)
-                if first == 0 and result.name != "uniform fp16":
-                    summary["name"] += ", chunk 0 quantized"
-                shared.append(summary)
+            shared += uniform_summaries(evaluation, bytes_per_token, with_fp16=not shared)
         router = evaluation.router()
         estimated_fp16 = next(u for u in estimate["uniform"] if u["name"] == "uniform fp16")
         row = {"label": run.label, "estimated_perplexity": estimate["router"]["perplexity"],
