@@ -29,6 +29,14 @@ public struct SensitivityTable: Sendable {
     public func unitDelta(layers: Range<Int>, head: Int, chunk: Int, expert: Int) -> Float {
         layers.reduce(0) { $0 + delta(layer: $1, head: head, chunk: chunk, expert: expert) }
     }
+
+    /// `(units, M)` row-major: `D_u[j]` of every unit of `router`, in the layout's unit order.
+    public func unitDeltas(router: Int, layout: RoutingLayout) -> [Float] {
+        (0..<layout.unitsPerRouter).flatMap { unit in
+            let (head, chunk) = layout.headAndChunk(ofUnit: unit)
+            return columns.indices.map { unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: $0) }
+        }
+    }
 }
 
 /// Which loss trains the routers.
@@ -110,12 +118,8 @@ public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVari
             model = tape.weightedSum(chosen, weights: routerDecisions.map { Float(lNLL / (U * experts[$0].bitWidth)) })
             memory = tape.weightedSum(chosen, weights: routerDecisions.map { Float(experts[$0].bitWidth / (16 * U)) })
         case .expected:
-            let units = 0..<layout.unitsPerRouter
-            model = tape.weightedSum(unitProbabilities, weights: units.flatMap { unit in
-                let (head, chunk) = layout.headAndChunk(ofUnit: unit)
-                return experts.indices.map { sensitivity.unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: $0) }
-            })
-            memory = tape.weightedSum(unitProbabilities, weights: units.flatMap { _ in experts.map { Float($0.bitWidth / (16 * U)) } })
+            model = tape.weightedSum(unitProbabilities, weights: sensitivity.unitDeltas(router: router, layout: layout))
+            memory = tape.weightedSum(unitProbabilities, weights: (0..<layout.unitsPerRouter).flatMap { _ in experts.map { Float($0.bitWidth / (16 * U)) } })
         }
         modelTerm = modelTerm.map { tape.add($0, model) } ?? model
         memoryTerm = memoryTerm.map { tape.add($0, memory) } ?? memory

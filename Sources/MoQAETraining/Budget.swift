@@ -29,21 +29,18 @@ public struct BitsBudget: Equatable, Sendable {
     public func startingLambda(sensitivities: [SensitivityTable], setup: RouterSetup) -> Double {
         let layout = setup.layout, experts = setup.experts
         let U = Double(layout.unitsPerSequence)
-        // (sequence, router, unit, expert) D_u[j]
-        let unitDeltas = sensitivities.map { sensitivity in
-            (0..<layout.routers).map { router in
-                (0..<layout.unitsPerRouter).map { unit in
-                    let (head, chunk) = layout.headAndChunk(ofUnit: unit)
-                    return experts.indices.map { Double(sensitivity.unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: $0)) }
-                }
-            }
-        }
+        let M = experts.count
+        // [sequence][router]: (units, M) D_u[j]
+        let unitDeltas = sensitivities.map { sensitivity in (0..<layout.routers).map { sensitivity.unitDeltas(router: $0, layout: layout) } }
         func bits(logPrice: Double) -> Double {
             let price = exp(logPrice)
-            var tally = BitsTally(experts: experts.count)
+            func cost(_ deltas: [Float], unit: Int, expert j: Int) -> Double {
+                Double(deltas[unit * M + j]) + price * experts[j].bitWidth / (16 * U)
+            }
+            var tally = BitsTally(experts: M)
             for sequence in unitDeltas {
-                tally.add(decisions: sequence.map { router in
-                    router.map { delta in experts.indices.min { delta[$0] + price * experts[$0].bitWidth / (16 * U) < delta[$1] + price * experts[$1].bitWidth / (16 * U) }! }
+                tally.add(decisions: sequence.map { deltas in
+                    (0..<layout.unitsPerRouter).map { unit in (0..<M).min { cost(deltas, unit: unit, expert: $0) < cost(deltas, unit: unit, expert: $1) }! }
                 }, layout: layout)
             }
             return tally.memory(setup: setup, sequences: unitDeltas.count).payloadBits

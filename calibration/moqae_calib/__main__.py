@@ -5,6 +5,7 @@ import re
 import sys
 
 from . import CalibError
+from .router import ROUTER_INPUTS
 
 
 def byte_size(text):
@@ -34,7 +35,7 @@ def parser():
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
     dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
                       help="how delta_nll is estimated (exact: one forward per unit and expert; small models)")
-    dump.add_argument("--router-input", choices=["key", "key-prerope", "key+value"], default="key",
+    dump.add_argument("--router-input", choices=ROUTER_INPUTS, default="key",
                       help="what the routers read per token: the post-RoPE key as cached (default), the key before "
                            "RoPE, or key and value side by side (twice the head dim)")
     dump.add_argument("--inputs-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
