@@ -15,7 +15,7 @@ let package = Package(
     targets: [
         // MARK: - System libraries
 
-        /// OpenBLAS's CBLAS interface: every matrix product goes through `cblas_sgemm`.
+        /// OpenBLAS's CBLAS interface: the autograd tape's matrix products go through `cblas_sgemm`.
         .systemLibrary(
             name: "COpenBLAS",
             pkgConfig: "openblas",
@@ -25,13 +25,16 @@ let package = Package(
         /// binary16 → binary32 with the CPU's conversion instructions (F16C) where present.
         .target(name: "CHalfPrecision"),
 
+        /// The streaming pass's router forward and chunk backward, compiled per x86-64 level (AVX-512, AVX2, baseline).
+        .target(name: "CRouterKernels"),
+
         // MARK: - Data flow: store → router/loss/optimizer → training, checkpoint, export
 
         /// Calibration store I/O: a distrustful safetensors reader/writer, the manifest, split selection.
         .target(name: "MoQAEStore", dependencies: ["CHalfPrecision"]),
 
         /// Reverse-mode autograd over router parameters, the router, the SPEC §4 loss and AdamW.
-        .target(name: "MoQAERouter", dependencies: ["COpenBLAS", "MoQAEStore"]),
+        .target(name: "MoQAERouter", dependencies: ["COpenBLAS", "CRouterKernels", "MoQAEStore"]),
 
         /// Config, training loop, evaluation, checkpoints and the router export.
         .target(
@@ -51,7 +54,7 @@ let package = Package(
         /// Small stores built in code, temporary directories, running the built binary.
         .target(name: "MoQAETestSupport", dependencies: ["MoQAEStore"], path: "Tests/MoQAETestSupport"),
         .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore", "CHalfPrecision", "MoQAETestSupport"]),
-        .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAERouter"]),
+        .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAERouter", "CRouterKernels"]),
         .testTarget(
             name: "MoQAETrainingTests",
             dependencies: ["MoQAETraining", "MoQAETestSupport", "moqae-train"],

@@ -8,9 +8,6 @@ import Darwin
 // Forward/backward kernel pairs on raw row-major buffers. A backward kernel adds (+=) into its
 // gradient outputs. Shapes are given as (rows, cols).
 
-/// Sets how many threads OpenBLAS uses inside each matrix product.
-public func setBLASThreads(_ count: Int) { openblas_set_num_threads(Int32(count)) }
-
 /// out (n,m) = a (n,k) · b (k,m), through `cblas_sgemm`.
 func matmulForward(_ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, n: Int, k: Int, m: Int) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(m), Int32(k),

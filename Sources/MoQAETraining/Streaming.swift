@@ -16,14 +16,13 @@ public final class SequenceStreamer: @unchecked Sendable {
     public let readaheadBytes: Int
     private let passes: [StreamingPass]
 
-    /// - Parameter workers: worker threads; with more than one, OpenBLAS runs single-threaded inside each.
-    /// - Parameter blockChunks: chunks per block of rows (each block is one forward and one backward product).
+    /// - Parameter workers: worker threads.
+    /// - Parameter blockChunks: chunks per block of rows (each block is one forward kernel call).
     public init(data: RoutedStore, workers: Int, blockChunks: Int = 16, readaheadBytes: Int = 64 << 20) {
         self.data = data
         self.workers = max(1, workers)
         self.readaheadBytes = readaheadBytes
         passes = (0..<self.workers).map { _ in StreamingPass(layout: data.layout, experts: data.experts, blockChunks: blockChunks) }
-        if self.workers > 1 { setBLASThreads(1) }
     }
 
     /// The loss gradient of a batch (mean over its sequences), laid out like `parameters.values`, with

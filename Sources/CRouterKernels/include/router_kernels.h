@@ -1,0 +1,31 @@
+#ifndef MOQAE_ROUTER_KERNELS_H
+#define MOQAE_ROUTER_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// The streaming pass's per-block router arithmetic (SPEC §3): m experts, token vectors of d values.
+// Per-token buffers are expert-major: column j of token t is at j·stride + t, so elementwise loops
+// run over contiguous tokens.
+
+/// Forward over `rows` token vectors: x (rows, d) row-major; w12t (2m, d) holds W1's columns then
+/// W2's, one per row; w3 (m, m) row-major. Writes ab (2m, stride): a = x·W1 then b = x·W2;
+/// sig (m, stride) = σ(a); hidden (m, stride) = SiLU(a) ⊙ b; prob (m, stride) = softmax(hidden·W3);
+/// choice (rows) = each token's argmax expert, the lowest index among equal probabilities.
+void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
+                          const float *w12t, const float *w3, size_t stride,
+                          float *ab, float *sig, float *hidden, float *prob, int32_t *choice);
+
+/// Backward of one chunk's P = (1/n) Σ_t p_t from upstream = dL/dP (m). x (n, d) are the chunk's
+/// rows; ab, sig, hidden, prob point at the chunk's first token of the forward's buffers (same
+/// stride). Adds hiddenᵀ·dz into part_w3 (m, m) and the chunk's gradient of [W1 W2], transposed,
+/// into part_w12t (2m, d). scratch holds (4m + 1)·n floats.
+void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
+                                 const float *w3, size_t stride,
+                                 const float *ab, const float *sig, const float *hidden, const float *prob,
+                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3);
+
+/// out[i] = eˣ for x = in[i], the kernels' exp: within 4e-7 relative of expf on [-87, 88], clamped outside.
+void moqae_router_exp(const float *in, float *out, size_t count);
+
+#endif
