@@ -52,6 +52,12 @@ INLINE float exp_approx(float x) {
     return er * scale;
 }
 
+/// Prefetches share `part` of `parts` of the `bytes` at `base` (if any) into the L2 cache.
+INLINE void prefetch_share(const char *base, size_t bytes, size_t part, size_t parts) {
+    if (base == NULL) return;
+    for (size_t at = bytes * part / parts / 64 * 64; at < bytes * (part + 1) / parts; at += 64) __builtin_prefetch(base + at, 0, 2);
+}
+
 /// sums[i] = Σ lanes of acc[i] for 8 accumulators: three rounds of adding the halves of two
 /// vectors side by side, then one within a vector.
 INLINE void sum8(const f32x16 *acc, float *sums) {
@@ -98,12 +104,13 @@ INLINE void dot_tile(const float *x, size_t d, const float *const w[TILE_COLUMNS
 /// part[c][k ..< k + 16·vectors] += Σ_t g[c][t] · x[t][same], for the TILE_COLUMNS rows of a column tile
 /// (rows at and past `columns` repeat the last real one and are not stored).
 INLINE void outer_tile(const float *x, size_t n, size_t d, size_t k, const float *const g[TILE_COLUMNS],
-                       float *const part[TILE_COLUMNS], size_t columns, int vectors) {
+                       float *const part[TILE_COLUMNS], size_t columns, int vectors, const char *prefetch, size_t prefetch_bytes) {
     f32x16 acc[TILE_COLUMNS][TILE_VECTORS];
     for (int c = 0; c < TILE_COLUMNS; c++) {
         for (int v = 0; v < vectors; v++) acc[c][v] = LOAD(part[c] + k + v * LANES);
     }
     for (size_t t = 0; t < n; t++) {
+        prefetch_share(prefetch, prefetch_bytes, t, n);
         f32x16 xt[TILE_VECTORS];
         for (int v = 0; v < vectors; v++) xt[v] = LOAD(x + t * d + k + v * LANES);
         for (int c = 0; c < TILE_COLUMNS; c++) {
@@ -116,66 +123,72 @@ INLINE void outer_tile(const float *x, size_t n, size_t d, size_t k, const float
     }
 }
 
-/// σ(a), h = SiLU(a) ⊙ b, p = softmax(h·W3) and each token's argmax, for tokens [t0, t0 + count), count ≤ 16.
-INLINE void head_forward_tile(size_t t0, size_t count, size_t m, const float *w3, size_t stride,
-                              const float *ab, float *sig, float *hidden, float *prob, int32_t *choice) {
+/// σ(a), h = SiLU(a) ⊙ b, p = softmax(h·W3) and each token's argmax, for `rows` tokens; scratch holds 2·rows floats.
+INLINE void head_forward(size_t rows, size_t m, const float *w3, size_t stride, const float *ab,
+                         float *sig, float *hidden, float *prob, int32_t *choice, float *scratch) {
+    // The buffers never overlap (restrict), which lets these loops vectorise.
     for (size_t j = 0; j < m; j++) {
-        const float *a = ab + j * stride + t0, *b = ab + (m + j) * stride + t0;
-        float *s = sig + j * stride + t0, *h = hidden + j * stride + t0;
-        for (size_t t = 0; t < count; t++) {
+        const float *restrict a = ab + j * stride, *restrict b = ab + (m + j) * stride;
+        float *restrict s = sig + j * stride, *restrict h = hidden + j * stride;
+        for (size_t t = 0; t < rows; t++) {
             s[t] = 1.0f / (1.0f + exp_approx(-a[t]));
             h[t] = a[t] * s[t] * b[t];
         }
     }
-    float maximum[LANES], sum[LANES], best[LANES];
-    int32_t argmax[LANES];
-    for (size_t t = 0; t < count; t++) {
-        best[t] = -1;  // below every probability
-        argmax[t] = 0;
-    }
+    float *restrict maximum = scratch, *restrict sum = scratch + rows;
     for (size_t k = 0; k < m; k++) {
-        float *z = prob + k * stride + t0;
-        for (size_t t = 0; t < count; t++) z[t] = 0;
+        float *restrict z = prob + k * stride;
+        for (size_t t = 0; t < rows; t++) z[t] = 0;
         for (size_t j = 0; j < m; j++) {
-            const float *h = hidden + j * stride + t0;
-            float weight = w3[j * m + k];
-            for (size_t t = 0; t < count; t++) z[t] += h[t] * weight;
+            const float *restrict h = hidden + j * stride;
+            const float weight = w3[j * m + k];
+            for (size_t t = 0; t < rows; t++) z[t] += h[t] * weight;
         }
-        for (size_t t = 0; t < count; t++) maximum[t] = k == 0 ? z[t] : (z[t] > maximum[t] ? z[t] : maximum[t]);
+        for (size_t t = 0; t < rows; t++) maximum[t] = k == 0 || z[t] > maximum[t] ? z[t] : maximum[t];
     }
-    for (size_t t = 0; t < count; t++) sum[t] = 0;
+    for (size_t t = 0; t < rows; t++) sum[t] = 0;
     for (size_t k = 0; k < m; k++) {
-        float *z = prob + k * stride + t0;
-        for (size_t t = 0; t < count; t++) {
+        float *restrict z = prob + k * stride;
+        for (size_t t = 0; t < rows; t++) {
             z[t] = exp_approx(z[t] - maximum[t]);
             sum[t] += z[t];
         }
     }
     for (size_t k = 0; k < m; k++) {
-        float *p = prob + k * stride + t0;
-        for (size_t t = 0; t < count; t++) {
-            p[t] /= sum[t];
-            int better = p[t] > best[t];
-            best[t] = better ? p[t] : best[t];
-            argmax[t] = better ? (int32_t)k : argmax[t];
+        float *restrict p = prob + k * stride;
+        for (size_t t = 0; t < rows; t++) p[t] /= sum[t];
+    }
+    // The argmax keeps the lowest index among equal probabilities; `maximum` holds the best so far.
+    int32_t *restrict best = choice;
+    for (size_t t = 0; t < rows; t++) {
+        maximum[t] = prob[t];
+        best[t] = 0;
+    }
+    for (size_t k = 1; k < m; k++) {
+        const float *restrict p = prob + k * stride;
+        for (size_t t = 0; t < rows; t++) {
+            const int better = p[t] > maximum[t];
+            maximum[t] = better ? p[t] : maximum[t];
+            best[t] = better ? (int32_t)k : best[t];
         }
     }
-    memcpy(choice + t0, argmax, count * sizeof(int32_t));
 }
 
 CPU_CLONES
 void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
                           const float *w12t, const float *w3, size_t stride,
-                          float *ab, float *sig, float *hidden, float *prob, int32_t *choice) {
-    // ab (2m, stride) = [W1 W2]ᵀ · xᵀ, a column tile at a time.
+                          float *ab, float *sig, float *hidden, float *prob, int32_t *choice, float *scratch,
+                          const void *prefetch, size_t prefetch_bytes) {
+    // ab (2m, stride) = [W1 W2]ᵀ · xᵀ, a column tile at a time; the first one also prefetches.
+    const size_t token_tiles = rows / TILE_TOKENS + rows % TILE_TOKENS;
     const size_t columns = 2 * m;
     for (size_t c0 = 0; c0 < columns; c0 += TILE_COLUMNS) {
         const size_t count = MIN(TILE_COLUMNS, columns - c0);
         const float *w[TILE_COLUMNS];
         for (size_t c = 0; c < TILE_COLUMNS; c++) w[c] = w12t + (c0 + MIN(c, count - 1)) * d;
         float sums[TILE_SUMS];
-        size_t t0 = 0;
-        for (; t0 < rows; ) {
+        for (size_t t0 = 0, tile = 0; t0 < rows; tile++) {
+            if (c0 == 0) prefetch_share(prefetch, prefetch_bytes, tile, token_tiles);
             const int tokens = t0 + TILE_TOKENS <= rows ? TILE_TOKENS : 1;
             if (tokens == TILE_TOKENS) dot_tile(x + t0 * d, d, w, TILE_TOKENS, sums);
             else dot_tile(x + t0 * d, d, w, 1, sums);
@@ -185,35 +198,35 @@ void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
             t0 += tokens;
         }
     }
-    for (size_t t0 = 0; t0 < rows; t0 += LANES) {
-        head_forward_tile(t0, MIN(LANES, rows - t0), m, w3, stride, ab, sig, hidden, prob, choice);
-    }
+    head_forward(rows, m, w3, stride, ab, sig, hidden, prob, choice, scratch);
 }
 
 CPU_CLONES
 void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
                                  const float *w3, size_t stride,
                                  const float *ab, const float *sig, const float *hidden, const float *prob,
-                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3) {
-    float *inner = scratch, *dz = inner + n, *dh = dz + m * n, *g = dh + m * n;  // (n), (m, n), (m, n), (2m, n)
+                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3,
+                                 const void *prefetch, size_t prefetch_bytes) {
+    // The buffers never overlap (restrict), which lets these loops vectorise.
+    float *restrict inner = scratch, *restrict dz = inner + n, *restrict dh = dz + m * n, *restrict g = dh + m * n;  // (n), (m, n), (m, n), (2m, n)
     // dz = p ⊙ (dP − ⟨p, dP⟩) / n: the softmax backward of dp = dP / n.
     const float seed = 1.0f / (float)n;
     for (size_t t = 0; t < n; t++) inner[t] = 0;
     for (size_t j = 0; j < m; j++) {
-        const float *p = prob + j * stride;
+        const float *restrict p = prob + j * stride;
         for (size_t t = 0; t < n; t++) inner[t] += p[t] * upstream[j];
     }
     for (size_t k = 0; k < m; k++) {
-        const float *p = prob + k * stride;
+        const float *restrict p = prob + k * stride;
         for (size_t t = 0; t < n; t++) dz[k * n + t] = p[t] * (upstream[k] - inner[t]) * seed;
     }
     // dh = dz · W3ᵀ, part_w3 += hᵀ dz; then through h = SiLU(a) ⊙ b to ∂/∂a and ∂/∂b.
     for (size_t j = 0; j < m; j++) {
-        float *dhj = dh + j * n;
-        const float *h = hidden + j * stride;
+        float *restrict dhj = dh + j * n;
+        const float *restrict h = hidden + j * stride;
         for (size_t t = 0; t < n; t++) dhj[t] = 0;
         for (size_t k = 0; k < m; k++) {
-            const float *dzk = dz + k * n;
+            const float *restrict dzk = dz + k * n;
             const float weight = w3[j * m + k];
             for (size_t t = 0; t < n; t++) dhj[t] += dzk[t] * weight;
             f32x16 lanes = 0;
@@ -224,14 +237,14 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
             for (; t < n; t++) total += h[t] * dzk[t];
             part_w3[j * m + k] += total;
         }
-        const float *a = ab + j * stride, *b = ab + (m + j) * stride, *s = sig + j * stride;
-        float *ga = g + j * n, *gb = g + (m + j) * n;
+        const float *restrict a = ab + j * stride, *restrict b = ab + (m + j) * stride, *restrict s = sig + j * stride;
+        float *restrict ga = g + j * n, *restrict gb = g + (m + j) * n;
         for (size_t t = 0; t < n; t++) {
             ga[t] = dhj[t] * b[t] * s[t] * (1.0f + a[t] * (1.0f - s[t]));
             gb[t] = dhj[t] * a[t] * s[t];
         }
     }
-    // part_w12t (2m, d) += g (2m, n) · x (n, d), a column tile at a time.
+    // part_w12t (2m, d) += g (2m, n) · x (n, d), a column tile at a time; the first tile also prefetches.
     const size_t columns = 2 * m;
     for (size_t c0 = 0; c0 < columns; c0 += TILE_COLUMNS) {
         const size_t count = MIN(TILE_COLUMNS, columns - c0);
@@ -242,8 +255,14 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
             part[c] = part_w12t + (c0 + MIN(c, count - 1)) * d;
         }
         size_t k = 0;
-        for (; k + TILE_VECTORS * LANES <= d; k += TILE_VECTORS * LANES) outer_tile(x, n, d, k, gc, part, count, TILE_VECTORS);
-        for (; k + LANES <= d; k += LANES) outer_tile(x, n, d, k, gc, part, count, 1);
+        for (; k + TILE_VECTORS * LANES <= d; k += TILE_VECTORS * LANES) {
+            const int first = c0 == 0 && k == 0;
+            outer_tile(x, n, d, k, gc, part, count, TILE_VECTORS, first ? prefetch : NULL, prefetch_bytes);
+        }
+        for (; k + LANES <= d; k += LANES) {
+            const int first = c0 == 0 && k == 0;
+            outer_tile(x, n, d, k, gc, part, count, 1, first ? prefetch : NULL, prefetch_bytes);
+        }
         for (; k < d; k++) {
             for (size_t c = 0; c < count; c++) {
                 float total = 0;

@@ -19,6 +19,14 @@ public final class StreamingPass {
     public let experts: [Expert]
     /// Chunks per block (fewer in a head's last block).
     public let blockChunks: Int
+    /// A sequence's blocks in the order they are streamed: router by router, head by head.
+    public let blocks: [Block]
+
+    /// The routed chunks `firstChunk ..< firstChunk + chunks` of one head of one router's leader layer.
+    public struct Block: Sendable {
+        public let router: Int, head: Int, firstChunk: Int, chunks: Int
+        public let tokens: Range<Int>
+    }
 
     private let D: Int, M: Int, N: Int, rows: Int
     /// Per router `(2M, D)`: row j is column j of `[W1 W2]`.
@@ -33,7 +41,7 @@ public final class StreamingPass {
     private var preactivations: [Float]
     /// `(M, rows)` each: σ(a), h = SiLU(a) ⊙ b, p = softmax(h W3).
     private var sigmoids: [Float], hidden: [Float], probabilities: [Float]
-    /// `((4M + 1)·N)`: a chunk's backward intermediates.
+    /// `(max(2·rows, (4M + 1)·N))`: the forward's softmax maxima and sums, or a chunk's backward intermediates.
     private var scratch: [Float]
     /// `(rows)`: each token's argmax expert.
     private var tokenChoices: [Int32]
@@ -54,7 +62,17 @@ public final class StreamingPass {
     public init(layout: RoutingLayout, experts: [Expert], blockChunks: Int) {
         self.layout = layout
         self.experts = experts
-        self.blockChunks = max(1, min(blockChunks, layout.routedChunksPerHead))
+        let blockChunks = max(1, min(blockChunks, layout.routedChunksPerHead))
+        self.blockChunks = blockChunks
+        blocks = (0..<layout.routers).flatMap { router in
+            (0..<layout.heads).flatMap { head in
+                stride(from: layout.firstRoutedChunk, to: layout.chunks, by: blockChunks).map { first in
+                    let chunks = min(blockChunks, layout.chunks - first)
+                    return Block(router: router, head: head, firstChunk: first, chunks: chunks,
+                                 tokens: (first * layout.chunkSize)..<((first + chunks) * layout.chunkSize))
+                }
+            }
+        }
         (D, M, N) = (layout.inputDim, experts.count, layout.chunkSize)
         rows = self.blockChunks * N
         let R = layout.routers
@@ -65,7 +83,7 @@ public final class StreamingPass {
         sigmoids = [Float](repeating: 0, count: M * rows)
         hidden = [Float](repeating: 0, count: M * rows)
         probabilities = [Float](repeating: 0, count: M * rows)
-        scratch = [Float](repeating: 0, count: (4 * M + 1) * N)
+        scratch = [Float](repeating: 0, count: max(2 * rows, (4 * M + 1) * N))
         tokenChoices = [Int32](repeating: 0, count: rows)
         partsW12 = [Float](repeating: 0, count: R * M * 2 * M * D)
         partsW3 = [Float](repeating: 0, count: R * M * M * M)
@@ -96,7 +114,9 @@ public final class StreamingPass {
 
     /// Routes the `chunks` chunks in `block` (of router `router`, head `head`, starting at chunk
     /// `firstChunk`) and, when `backward`, adds their gradient parts (which needs the sensitivity).
-    public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool) {
+    /// The kernels bring `prefetch` (the next block's stored inputs) into the CPU cache meanwhile:
+    /// the forward the first half, the chunks' backward passes a share each of the rest.
+    public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer? = nil) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
         precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
         let (D, M, N, stride) = (self.D, self.M, self.N, self.rows)
@@ -117,8 +137,15 @@ public final class StreamingPass {
         upstream.withUnsafeMutableBufferPointer { upstream in
             let w3 = w3All.baseAddress! + router * M * M
             let (ab, s, h, p) = (ab.baseAddress!, s.baseAddress!, h.baseAddress!, p.baseAddress!)
+            let prefetchBytes = prefetch?.count ?? 0
+            let forwardPrefetch = backward ? prefetchBytes / 2 : prefetchBytes
+            // Chunk c's share of the bytes after the forward's.
+            func backwardPrefetch(_ c: Int) -> (start: UnsafeRawPointer?, count: Int) {
+                let (first, end) = ((prefetchBytes - forwardPrefetch) * c / chunks, (prefetchBytes - forwardPrefetch) * (c + 1) / chunks)
+                return (prefetch?.baseAddress.map { $0 + forwardPrefetch + first }, end - first)
+            }
             moqae_router_forward(x.baseAddress!, rows, D, M, w12t.baseAddress! + router * 2 * M * D, w3, stride,
-                                 ab, s, h, p, tokenChoices.baseAddress!)
+                                 ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, prefetch?.baseAddress, forwardPrefetch)
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
                 let choice = chunkChoice(experts: experts) { counts in
@@ -146,10 +173,11 @@ public final class StreamingPass {
                         upstream[j] = Float(loss.lambda * delta + (1 - loss.lambda) * expert.bitWidth / (16 * U))
                     }
                 }
-                let (part, first) = (router * M + choice, chunkRows.lowerBound)
+                let (part, first, share) = (router * M + choice, chunkRows.lowerBound, backwardPrefetch(c))
                 moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first, p + first,
                                             upstream.baseAddress!, scratch.baseAddress!,
-                                            partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M)
+                                            partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
+                                            share.start, share.count)
             }
         }}}}}}}}}}}}}
     }

@@ -131,20 +131,25 @@ public final class CalibrationStore: @unchecked Sendable {
         return start..<(start + inputLayerBytes(sequence))
     }
 
+    /// The mapped bytes of the inputs of `tokens` of one head of one layer, `(tokens.count, W)` in the store's dtype.
+    public func inputBytes(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>) -> UnsafeRawBufferPointer {
+        let elementBytes = sequence.inputs.dtype.byteSize
+        let firstElement = (head * sequence.tokens + tokens.lowerBound) * inputWidth
+        let start = shards[sequence.shard].bytes.baseAddress! + layerRange(sequence, layer: layer).lowerBound + firstElement * elementBytes
+        return UnsafeRawBufferPointer(start: start, count: tokens.count * inputWidth * elementBytes)
+    }
+
     /// Converts the inputs of `tokens` of one head of one layer to Float32 rows: `out` is `(tokens.count, W)`.
     public func readInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
-        let W = inputWidth
-        let dtype = sequence.inputs.dtype
-        let firstElement = (head * sequence.tokens + tokens.lowerBound) * W
-        let source = shards[sequence.shard].bytes.baseAddress! + layerRange(sequence, layer: layer).lowerBound + firstElement * dtype.byteSize
-        let count = tokens.count * W
-        switch dtype {
+        let source = inputBytes(sequence, layer: layer, head: head, tokens: tokens)
+        let count = tokens.count * inputWidth
+        switch sequence.inputs.dtype {
         case .f32:
-            UnsafeMutableRawPointer(out).copyMemory(from: source, byteCount: count * 4)
+            UnsafeMutableRawPointer(out).copyMemory(from: source.baseAddress!, byteCount: source.count)
         case .f16:
-            HalfPrecision.decodeF16(source, count: count, into: out)
+            HalfPrecision.decodeF16(source.baseAddress!, count: count, into: out)
         case .bf16:
-            HalfPrecision.decodeBF16(source, count: count, into: out)
+            HalfPrecision.decodeBF16(source.baseAddress!, count: count, into: out)
         default:
             preconditionFailure("input dtype was checked at open")
         }

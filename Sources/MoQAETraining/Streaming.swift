@@ -95,24 +95,22 @@ public final class SequenceStreamer: @unchecked Sendable {
         }
     }
 
-    /// Feeds one sequence's leader layers to `pass`, block by block, releasing each layer's pages after use.
+    /// Feeds one sequence's leader layers to `pass` block by block, with the next block's stored
+    /// inputs to prefetch into the CPU cache, releasing each layer's pages after use.
     private func stream(_ sequence: CalibrationStore.Sequence, through pass: StreamingPass, backward: Bool, readahead: Readahead) {
         let layout = data.layout
-        for router in 0..<layout.routers {
-            let leader = layout.leaderLayer(of: router)
-            readahead.advance()
-            for head in 0..<layout.heads {
-                for firstChunk in stride(from: layout.firstRoutedChunk, to: layout.chunks, by: pass.blockChunks) {
-                    let chunks = min(pass.blockChunks, layout.chunks - firstChunk)
-                    pass.block.withUnsafeMutableBufferPointer { block in
-                        data.store.readInputs(sequence, layer: leader, head: head,
-                                              tokens: (firstChunk * layout.chunkSize)..<((firstChunk + chunks) * layout.chunkSize),
-                                              into: block.baseAddress!)
-                    }
-                    pass.process(router: router, head: head, firstChunk: firstChunk, chunks: chunks, backward: backward)
-                }
+        let blocks = pass.blocks
+        for (index, block) in blocks.enumerated() {
+            let leader = layout.leaderLayer(of: block.router)
+            if index == 0 || blocks[index - 1].router != block.router { readahead.advance() }
+            pass.block.withUnsafeMutableBufferPointer { rows in
+                data.store.readInputs(sequence, layer: leader, head: block.head, tokens: block.tokens, into: rows.baseAddress!)
             }
-            data.store.releaseInputs(sequence, layer: leader)
+            let next = index + 1 < blocks.count ? blocks[index + 1] : nil
+            let prefetch = next.map { data.store.inputBytes(sequence, layer: layout.leaderLayer(of: $0.router), head: $0.head, tokens: $0.tokens) }
+            pass.process(router: block.router, head: block.head, firstChunk: block.firstChunk, chunks: block.chunks,
+                         backward: backward, prefetch: prefetch)
+            if next?.router != block.router { data.store.releaseInputs(sequence, layer: leader) }
         }
     }
 }

@@ -54,7 +54,8 @@ import Testing
         var ab = [Float](repeating: .nan, count: 2 * m * stride)
         var (s, h, p) = ([Float](repeating: .nan, count: m * stride), [Float](repeating: .nan, count: m * stride), [Float](repeating: .nan, count: m * stride))
         var choice = [Int32](repeating: -1, count: rows)
-        moqae_router_forward(c.x, rows, c.d, m, c.w12t, c.w3, stride, &ab, &s, &h, &p, &choice)
+        var scratch = [Float](repeating: .nan, count: 2 * rows)
+        moqae_router_forward(c.x, rows, c.d, m, c.w12t, c.w3, stride, &ab, &s, &h, &p, &choice, &scratch, c.x, c.x.count * 4)
         for (t, token) in c.reference().enumerated() {
             for j in 0..<m {
                 #expect(abs(Double(ab[j * stride + t]) - token.a[j]) <= 1e-5 * (1 + abs(token.a[j])), "a[\(j)] of token \(t)")
@@ -78,12 +79,13 @@ import Testing
         var ab = [Float](repeating: 0, count: 2 * m * n)
         var (s, h, p) = ([Float](repeating: 0, count: m * n), [Float](repeating: 0, count: m * n), [Float](repeating: 0, count: m * n))
         var choice = [Int32](repeating: 0, count: n)
-        moqae_router_forward(c.x, n, d, m, c.w12t, c.w3, n, &ab, &s, &h, &p, &choice)
+        var scratch = [Float](repeating: .nan, count: 2 * n)
+        moqae_router_forward(c.x, n, d, m, c.w12t, c.w3, n, &ab, &s, &h, &p, &choice, &scratch, nil, 0)
         // The kernel adds into the parts: start them away from zero.
         let (start12, start3) = (sampler.values(2 * m * d), sampler.values(m * m))
         var (part12, part3) = (start12, start3)
-        var scratch = [Float](repeating: .nan, count: (4 * m + 1) * n)
-        moqae_router_backward_chunk(c.x, n, d, m, c.w3, n, ab, s, h, p, upstream, &scratch, &part12, &part3)
+        scratch = [Float](repeating: .nan, count: (4 * m + 1) * n)
+        moqae_router_backward_chunk(c.x, n, d, m, c.w3, n, ab, s, h, p, upstream, &scratch, &part12, &part3, c.x, c.x.count * 4)
 
         let step = 1e-4
         func numeric(w12t index: Int?, w3 index3: Int?) -> Double {

@@ -6,15 +6,19 @@
 
 // The streaming pass's per-block router arithmetic (SPEC §3): m experts, token vectors of d values.
 // Per-token buffers are expert-major: column j of token t is at j·stride + t, so elementwise loops
-// run over contiguous tokens.
+// run over contiguous tokens. Each kernel also brings `prefetch_bytes` bytes at `prefetch` (the
+// next block's inputs, or NULL) toward the CPU's L2 cache, spread over its work, so that memory
+// reads overlap the arithmetic.
 
 /// Forward over `rows` token vectors: x (rows, d) row-major; w12t (2m, d) holds W1's columns then
 /// W2's, one per row; w3 (m, m) row-major. Writes ab (2m, stride): a = x·W1 then b = x·W2;
 /// sig (m, stride) = σ(a); hidden (m, stride) = SiLU(a) ⊙ b; prob (m, stride) = softmax(hidden·W3);
 /// choice (rows) = each token's argmax expert, the lowest index among equal probabilities.
+/// scratch holds 2·rows floats.
 void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
                           const float *w12t, const float *w3, size_t stride,
-                          float *ab, float *sig, float *hidden, float *prob, int32_t *choice);
+                          float *ab, float *sig, float *hidden, float *prob, int32_t *choice, float *scratch,
+                          const void *prefetch, size_t prefetch_bytes);
 
 /// Backward of one chunk's P = (1/n) Σ_t p_t from upstream = dL/dP (m). x (n, d) are the chunk's
 /// rows; ab, sig, hidden, prob point at the chunk's first token of the forward's buffers (same
@@ -23,7 +27,8 @@ void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
 void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
                                  const float *w3, size_t stride,
                                  const float *ab, const float *sig, const float *hidden, const float *prob,
-                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3);
+                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3,
+                                 const void *prefetch, size_t prefetch_bytes);
 
 /// out[i] = eˣ for x = in[i], the kernels' exp: within 4e-7 relative of expf on [-87, 88], clamped outside.
 void moqae_router_exp(const float *in, float *out, size_t count);
