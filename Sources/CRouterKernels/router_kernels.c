@@ -20,7 +20,8 @@ typedef float f32x16 __attribute__((ext_vector_type(16), aligned(4)));
 #define STORE(p, v) (*(f32x16 *)(p) = (v))
 
 // Register tiles of the two matrix products: TILE_TOKENS tokens × TILE_COLUMNS columns of [W1 W2]
-// in the forward, TILE_COLUMNS columns × TILE_VECTORS vectors of d in the backward (24 accumulators).
+// in the forward, TILE_COLUMNS columns × TILE_VECTORS vectors of d in the backward: 24 accumulators,
+// which need AVX-512's 32 registers (`wide`). Otherwise the tiles are 1 token and 1 vector (6 accumulators).
 #define TILE_TOKENS 4
 #define TILE_COLUMNS 6
 #define TILE_VECTORS 4
@@ -50,6 +51,15 @@ INLINE float exp_approx(float x) {
     float scale;
     memcpy(&scale, &bits, 4);
     return er * scale;
+}
+
+int moqae_router_wide_tiles(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
 }
 
 /// Prefetches share `part` of `parts` of the `bytes` at `base` (if any) into the L2 cache.
@@ -178,9 +188,10 @@ CPU_CLONES
 void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
                           const float *w12t, const float *w3, size_t stride,
                           float *ab, float *sig, float *hidden, float *prob, int32_t *choice, float *scratch,
-                          const void *prefetch, size_t prefetch_bytes) {
+                          int wide, const void *prefetch, size_t prefetch_bytes) {
     // ab (2m, stride) = [W1 W2]ᵀ · xᵀ, a column tile at a time; the first one also prefetches.
-    const size_t token_tiles = rows / TILE_TOKENS + rows % TILE_TOKENS;
+    const size_t tile_tokens = wide ? TILE_TOKENS : 1;
+    const size_t token_tiles = rows / tile_tokens + rows % tile_tokens;
     const size_t columns = 2 * m;
     for (size_t c0 = 0; c0 < columns; c0 += TILE_COLUMNS) {
         const size_t count = MIN(TILE_COLUMNS, columns - c0);
@@ -189,7 +200,7 @@ void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
         float sums[TILE_SUMS];
         for (size_t t0 = 0, tile = 0; t0 < rows; tile++) {
             if (c0 == 0) prefetch_share(prefetch, prefetch_bytes, tile, token_tiles);
-            const int tokens = t0 + TILE_TOKENS <= rows ? TILE_TOKENS : 1;
+            const int tokens = t0 + tile_tokens <= rows ? (int)tile_tokens : 1;
             if (tokens == TILE_TOKENS) dot_tile(x + t0 * d, d, w, TILE_TOKENS, sums);
             else dot_tile(x + t0 * d, d, w, 1, sums);
             for (int t = 0; t < tokens; t++) {
@@ -206,7 +217,7 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
                                  const float *w3, size_t stride,
                                  const float *ab, const float *sig, const float *hidden, const float *prob,
                                  const float *upstream, float *scratch, float *part_w12t, float *part_w3,
-                                 const void *prefetch, size_t prefetch_bytes) {
+                                 int wide, const void *prefetch, size_t prefetch_bytes) {
     // The buffers never overlap (restrict), which lets these loops vectorise.
     float *restrict inner = scratch, *restrict dz = inner + n, *restrict dh = dz + m * n, *restrict g = dh + m * n;  // (n), (m, n), (m, n), (2m, n)
     // dz = p ⊙ (dP − ⟨p, dP⟩) / n: the softmax backward of dp = dP / n.
@@ -255,7 +266,7 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
             part[c] = part_w12t + (c0 + MIN(c, count - 1)) * d;
         }
         size_t k = 0;
-        for (; k + TILE_VECTORS * LANES <= d; k += TILE_VECTORS * LANES) {
+        for (; wide && k + TILE_VECTORS * LANES <= d; k += TILE_VECTORS * LANES) {
             const int first = c0 == 0 && k == 0;
             outer_tile(x, n, d, k, gc, part, count, TILE_VECTORS, first ? prefetch : NULL, prefetch_bytes);
         }

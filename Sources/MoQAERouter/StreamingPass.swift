@@ -29,6 +29,8 @@ public final class StreamingPass {
     }
 
     private let D: Int, M: Int, N: Int, rows: Int
+    /// Whether the kernels use their wide register tiles (this CPU has AVX-512).
+    private let wideTiles = moqae_router_wide_tiles()
     /// Per router `(2M, D)`: row j is column j of `[W1 W2]`.
     private var w12t: [Float]
     /// Per router `(M, M)`.
@@ -145,7 +147,7 @@ public final class StreamingPass {
                 return (prefetch?.baseAddress.map { $0 + forwardPrefetch + first }, end - first)
             }
             moqae_router_forward(x.baseAddress!, rows, D, M, w12t.baseAddress! + router * 2 * M * D, w3, stride,
-                                 ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, prefetch?.baseAddress, forwardPrefetch)
+                                 ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, wideTiles, prefetch?.baseAddress, forwardPrefetch)
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
                 let choice = chunkChoice(experts: experts) { counts in
@@ -177,7 +179,7 @@ public final class StreamingPass {
                 moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first, p + first,
                                             upstream.baseAddress!, scratch.baseAddress!,
                                             partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
-                                            share.start, share.count)
+                                            wideTiles, share.start, share.count)
             }
         }}}}}}}}}}}}}
     }

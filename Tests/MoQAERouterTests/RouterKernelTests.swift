@@ -4,7 +4,8 @@ import Testing
 
 /// The streaming pass's C kernels against a float64 reference of SPEC §3, over shapes that reach
 /// every tile and tail: token counts that are not a multiple of the 4-token tile, head widths below,
-/// at and between multiples of 16 and 64, and expert counts whose 2M columns do not fill a 6-column tile.
+/// at and between multiples of 16 and 64, and expert counts whose 2M columns do not fill a 6-column tile,
+/// with the wide (AVX-512) register tiles and the narrow ones.
 @Suite struct RouterKernelTests {
     /// One router's weights and a block of token vectors.
     struct Case {
@@ -47,7 +48,7 @@ import Testing
         (1, 8, 3), (7, 8, 3), (32, 16, 3), (9, 20, 2), (32, 64, 3), (13, 80, 5), (64, 128, 3), (33, 136, 4), (5, 16, 8),
     ]
 
-    @Test(arguments: shapes) func forwardMatchesFloat64(shape: (rows: Int, d: Int, m: Int)) {
+    @Test(arguments: shapes, [Int32(1), 0]) func forwardMatchesFloat64(shape: (rows: Int, d: Int, m: Int), wide: Int32) {
         let c = Case(rows: shape.rows, d: shape.d, m: shape.m, seed: UInt64(shape.rows * 1000 + shape.d * 10 + shape.m))
         let (rows, m) = (c.rows, c.m)
         let stride = rows + 3  // a stride wider than the block, as in a block's last, shorter call
@@ -55,7 +56,7 @@ import Testing
         var (s, h, p) = ([Float](repeating: .nan, count: m * stride), [Float](repeating: .nan, count: m * stride), [Float](repeating: .nan, count: m * stride))
         var choice = [Int32](repeating: -1, count: rows)
         var scratch = [Float](repeating: .nan, count: 2 * rows)
-        moqae_router_forward(c.x, rows, c.d, m, c.w12t, c.w3, stride, &ab, &s, &h, &p, &choice, &scratch, c.x, c.x.count * 4)
+        moqae_router_forward(c.x, rows, c.d, m, c.w12t, c.w3, stride, &ab, &s, &h, &p, &choice, &scratch, wide, c.x, c.x.count * 4)
         for (t, token) in c.reference().enumerated() {
             for j in 0..<m {
                 #expect(abs(Double(ab[j * stride + t]) - token.a[j]) <= 1e-5 * (1 + abs(token.a[j])), "a[\(j)] of token \(t)")
@@ -71,7 +72,7 @@ import Testing
         }
     }
 
-    @Test(arguments: shapes) func chunkBackwardMatchesFiniteDifferences(shape: (rows: Int, d: Int, m: Int)) {
+    @Test(arguments: shapes, [Int32(1), 0]) func chunkBackwardMatchesFiniteDifferences(shape: (rows: Int, d: Int, m: Int), wide: Int32) {
         let c = Case(rows: shape.rows, d: shape.d, m: shape.m, seed: UInt64(shape.rows * 7 + shape.d * 3 + shape.m))
         let (n, d, m) = (c.rows, c.d, c.m)
         var sampler = Sampler(state: 99)
@@ -80,12 +81,12 @@ import Testing
         var (s, h, p) = ([Float](repeating: 0, count: m * n), [Float](repeating: 0, count: m * n), [Float](repeating: 0, count: m * n))
         var choice = [Int32](repeating: 0, count: n)
         var scratch = [Float](repeating: .nan, count: 2 * n)
-        moqae_router_forward(c.x, n, d, m, c.w12t, c.w3, n, &ab, &s, &h, &p, &choice, &scratch, nil, 0)
+        moqae_router_forward(c.x, n, d, m, c.w12t, c.w3, n, &ab, &s, &h, &p, &choice, &scratch, wide, nil, 0)
         // The kernel adds into the parts: start them away from zero.
         let (start12, start3) = (sampler.values(2 * m * d), sampler.values(m * m))
         var (part12, part3) = (start12, start3)
         scratch = [Float](repeating: .nan, count: (4 * m + 1) * n)
-        moqae_router_backward_chunk(c.x, n, d, m, c.w3, n, ab, s, h, p, upstream, &scratch, &part12, &part3, c.x, c.x.count * 4)
+        moqae_router_backward_chunk(c.x, n, d, m, c.w3, n, ab, s, h, p, upstream, &scratch, &part12, &part3, wide, c.x, c.x.count * 4)
 
         let step = 1e-4
         func numeric(w12t index: Int?, w3 index3: Int?) -> Double {

@@ -30,10 +30,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_child(command, env=None):
+def run_child(command):
     """Runs a command; returns (wall seconds, peak RSS in MB)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, *command], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise CalibError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
@@ -61,7 +61,7 @@ def cat_seconds(files):
     return time.perf_counter() - started
 
 
-def train(binary, store, run, threads, env=None):
+def train(binary, store, run, threads):
     """One epoch over the whole store, one router per layer (every layer is read), no validation."""
     shutil.rmtree(run, ignore_errors=True)
     config = run + ".yaml"
@@ -71,7 +71,7 @@ def train(binary, store, run, threads, env=None):
                "--set", "data.calibration_fraction=0.1", "--set", "data.validation_fraction=0",
                "--set", "router.group_size=1", "--set", "train.epochs=1", "--set", "train.eval_every=0",
                "--set", f"train.threads={threads}", "--set", "checkpoint.every_steps=1000000"]
-    seconds, rss = run_child(command, env)
+    seconds, rss = run_child(command)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f]
     vectors = sum(step["vectors_per_second"] * step["step_seconds"] for step in steps)
@@ -156,8 +156,8 @@ def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, thread
         rounds.append({"cat": cat_rate, "train": trained["vectors_per_second"], "torch": torch_rate, "run": trained,
                        "vs_torch": trained["vectors_per_second"] / torch_rate, "vs_cat": trained["vectors_per_second"] / cat_rate})
     del torch_trainer
-    print("one worker with OpenBLAS on two threads, three epochs", flush=True)
-    one_thread = [train(binary, store, run, 1, env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})["vectors_per_second"] for _ in range(3)]
+    print("one worker, three epochs", flush=True)
+    one_worker = [train(binary, store, run, 1)["vectors_per_second"] for _ in range(3)]
 
     def figure(values, scale=1e-6, digits=2):
         values = sorted(values)
@@ -168,7 +168,7 @@ def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, thread
         f"| `cat` of the shards, page cache | {figure([r['cat'] for r in rounds], digits=1)} M vectors/s |",
         f"| moqae-train, {threads} workers, page cache | {figure([r['train'] for r in rounds])} M vectors/s; "
         f"median epoch {warm['step_seconds']:.3f} s/step, {warm['wall']:.1f} s wall |",
-        f"| moqae-train, 1 worker, OpenBLAS 2 threads | {figure(one_thread)} M vectors/s |",
+        f"| moqae-train, 1 worker | {figure(one_worker)} M vectors/s |",
         f"| PyTorch {__import__('torch').__version__} step (`calibration/moqae_calib/torch_step.py`), same batch | "
         f"{figure([r['torch'] for r in rounds], digits=3)} M vectors/s |",
         f"| moqae-train / PyTorch, per round | **{figure([r['vs_torch'] for r in rounds], scale=1, digits=1)}×** (target ≥ 10×) |",

@@ -8,7 +8,11 @@
 // Per-token buffers are expert-major: column j of token t is at j·stride + t, so elementwise loops
 // run over contiguous tokens. Each kernel also brings `prefetch_bytes` bytes at `prefetch` (the
 // next block's inputs, or NULL) toward the CPU's L2 cache, spread over its work, so that memory
-// reads overlap the arithmetic.
+// reads overlap the arithmetic. `wide` selects register tiles that need 32 vector registers of 16
+// floats (see moqae_router_wide_tiles); both settings compute the same values.
+
+/// Whether this CPU has the registers for the wide tiles (AVX-512).
+int moqae_router_wide_tiles(void);
 
 /// Forward over `rows` token vectors: x (rows, d) row-major; w12t (2m, d) holds W1's columns then
 /// W2's, one per row; w3 (m, m) row-major. Writes ab (2m, stride): a = x·W1 then b = x·W2;
@@ -18,7 +22,7 @@
 void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
                           const float *w12t, const float *w3, size_t stride,
                           float *ab, float *sig, float *hidden, float *prob, int32_t *choice, float *scratch,
-                          const void *prefetch, size_t prefetch_bytes);
+                          int wide, const void *prefetch, size_t prefetch_bytes);
 
 /// Backward of one chunk's P = (1/n) Σ_t p_t from upstream = dL/dP (m). x (n, d) are the chunk's
 /// rows; ab, sig, hidden, prob point at the chunk's first token of the forward's buffers (same
@@ -28,7 +32,7 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
                                  const float *w3, size_t stride,
                                  const float *ab, const float *sig, const float *hidden, const float *prob,
                                  const float *upstream, float *scratch, float *part_w12t, float *part_w3,
-                                 const void *prefetch, size_t prefetch_bytes);
+                                 int wide, const void *prefetch, size_t prefetch_bytes);
 
 /// out[i] = eˣ for x = in[i], the kernels' exp: within 4e-7 relative of expf on [-87, 88], clamped outside.
 void moqae_router_exp(const float *in, float *out, size_t count);
