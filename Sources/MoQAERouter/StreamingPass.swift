@@ -118,7 +118,7 @@ public final class StreamingPass {
     /// `firstChunk`) and, when `backward`, adds their gradient parts (which needs the sensitivity).
     /// The kernels bring `prefetch` (the next block's stored inputs) into the CPU cache meanwhile:
     /// the forward the first half, the chunks' backward passes a share each of the rest.
-    public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer? = nil) {
+    public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer?) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
         precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
         let (D, M, N, stride) = (self.D, self.M, self.N, self.rows)
