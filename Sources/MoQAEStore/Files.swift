@@ -49,6 +49,15 @@ public final class MappedFile: @unchecked Sendable {
     /// Tells the kernel the range will be read soon.
     public func willNeed(_ range: Range<Int>) { advise(range, MADV_WILLNEED) }
 
+    /// Maps the range's pages into the process now (Linux: `MADV_POPULATE_READ`), so that the first
+    /// reads of them do not fault and CPU prefetches of them are not dropped. Waits for pages that are
+    /// not yet in the page cache; elsewhere a no-op.
+    public func populate(_ range: Range<Int>) {
+        #if os(Linux)
+        advise(range, MADV_POPULATE_READ)
+        #endif
+    }
+
     /// Drops the pages around the range from this process; the page cache keeps them. The range is
     /// widened to 2 MiB boundaries because the kernel may map a file's large folios a huge page at a
     /// time: a small read can map far more than it touched.
