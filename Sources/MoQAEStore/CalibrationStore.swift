@@ -155,11 +155,13 @@ public final class CalibrationStore: @unchecked Sendable {
         }
     }
 
-    /// Maps the inputs of `tokens` of one head of one layer into the process ahead of use (see `MappedFile.populate`).
-    public func populateInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>) {
+    /// Maps the inputs of `tokens` of one head of one layer into the process ahead of use (see
+    /// `MappedFile.populate`) and returns their bytes, as `inputBytes`.
+    public func populateInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>) -> UnsafeRawBufferPointer {
         let bytes = inputBytes(sequence, layer: layer, head: head, tokens: tokens)
         let start = bytes.baseAddress! - shards[sequence.shard].bytes.baseAddress!
         shards[sequence.shard].populate(start..<(start + bytes.count))
+        return bytes
     }
 
     /// Asks the kernel to read a layer's inputs ahead of use.

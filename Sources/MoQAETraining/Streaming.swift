@@ -107,8 +107,8 @@ public final class SequenceStreamer: @unchecked Sendable {
                 data.store.readInputs(sequence, layer: leader, head: block.head, tokens: block.tokens, into: rows.baseAddress!)
             }
             let next = index + 1 < blocks.count ? blocks[index + 1] : nil
-            if let next { data.store.populateInputs(sequence, layer: layout.leaderLayer(of: next.router), head: next.head, tokens: next.tokens) }
-            let prefetch = next.map { data.store.inputBytes(sequence, layer: layout.leaderLayer(of: $0.router), head: $0.head, tokens: $0.tokens) }
+            // Mapped now, so that the kernels' cache prefetches of the next block are not dropped.
+            let prefetch = next.map { data.store.populateInputs(sequence, layer: layout.leaderLayer(of: $0.router), head: $0.head, tokens: $0.tokens) }
             pass.process(router: block.router, head: block.head, firstChunk: block.firstChunk, chunks: block.chunks,
                          backward: backward, prefetch: prefetch)
             if next?.router != block.router { data.store.releaseInputs(sequence, layer: leader) }
