@@ -22,21 +22,62 @@ public struct AllocationSummary: Equatable, Sendable {
     }
 }
 
-/// The validation report: the router beside every uniform expert and the per-unit oracle at the
-/// router's memory, all estimated from the store's `delta_nll`.
+/// A difference between two allocations on the same sequences: the mean of per-sequence differences
+/// of `L_nll` with a 95% confidence interval (normal approximation), and as a share of fp16's mean.
+public struct PairedDifference: Equatable, Sendable {
+    /// Mean of `a(s) − b(s)` (nats per token).
+    public var mean: Double
+    /// Half-width of the 95% confidence interval of `mean`.
+    public var halfWidth: Double
+    /// fp16's mean NLL, the scale of the percentages.
+    public var fp16MeanNLL: Double
+    public var sequences: Int
+
+    init(differences: [Double], fp16MeanNLL: Double) {
+        let n = Double(differences.count)
+        let mean = differences.reduce(0, +) / n
+        let variance = differences.count > 1 ? differences.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / (n - 1) : 0
+        self.mean = mean
+        halfWidth = 1.96 * (variance / n).squareRoot()
+        self.fp16MeanNLL = fp16MeanNLL
+        sequences = differences.count
+    }
+
+    /// `mean` as a percentage of fp16's mean NLL.
+    public var percentOfFP16: Double { 100 * mean / fp16MeanNLL }
+
+    var json: JSON {
+        .object([("mean_nll_difference", .double(mean)), ("ci95_half_width", .double(halfWidth)),
+                 ("percent_of_fp16", .double(percentOfFP16)), ("ci95_half_width_percent", .double(100 * halfWidth / fp16MeanNLL)),
+                 ("sequences", .int(sequences))])
+    }
+}
+
+/// The validation report: the router against the best content-blind plan at its bits (`static`),
+/// beside every uniform expert, and the prescient allocation as a diagnostic; all estimated from the
+/// store's `delta_nll`.
 public struct ValidationReport: Equatable, Sendable {
+    /// Why the prescient row is not a target, for every report that shows it.
+    public static let prescientNote = "prescient: chooses per unit with the validation sequences' own delta_nll, "
+        + "which exists only once a text has been scored; no router can see it (a diagnostic, not a target)"
+
     public var sequences: Int
     public var experts: [Expert]
     public var layout: RoutingLayout
     public var router: AllocationSummary
     /// `[router][expert]` decision counts.
     public var decisionsPerRouter: [[Int]]
+    /// One expert per (layer, head, chunk position), fitted on the calibration split at the router's bits.
+    public var staticPlan: AllocationSummary
     public var uniform: [AllocationSummary]
-    public var oracle: AllocationSummary
+    public var prescient: AllocationSummary
+    /// Router minus static, per validation sequence.
+    public var routerVsStatic: PairedDifference
 
     public var json: JSON {
-        .object([("sequences", .int(sequences)), ("router", router.json), ("oracle", oracle.json),
-                 ("uniform", .array(uniform.map(\.json))),
+        .object([("sequences", .int(sequences)), ("router", router.json), ("static", staticPlan.json),
+                 ("router_vs_static", routerVsStatic.json), ("uniform", .array(uniform.map(\.json))),
+                 ("prescient", prescient.json), ("prescient_note", .string(Self.prescientNote)),
                  ("decisions_per_router", .array(decisionsPerRouter.map { .array($0.map(JSON.int)) }))])
     }
 
@@ -44,18 +85,24 @@ public struct ValidationReport: Equatable, Sendable {
     public var text: String {
         let expertHeader = experts.map { $0.name.padding(toLength: 7, withPad: " ", startingAt: 0) }.joined(separator: " ")
         var lines = ["validation: \(sequences) sequences, \(layout.unitsPerSequence * sequences) routed units, estimated from delta_nll",
-                     "  allocation          est. ppl   mean NLL   payload bits   bits+consts   KV/fp16   " + expertHeader]
+                     "  allocation              est. ppl   mean NLL   payload bits   bits+consts   KV/fp16   " + expertHeader]
         func row(_ summary: AllocationSummary) -> String {
             let fractions = summary.expertFractions.map { String(format: "%6.1f%%", 100 * $0) }.joined(separator: " ")
-            return "  " + summary.name.padding(toLength: 18, withPad: " ", startingAt: 0)
+            return "  " + summary.name.padding(toLength: 22, withPad: " ", startingAt: 0)
                 + String(format: "%9.4f  %9.5f  %13.3f  %12.3f  %7.1f%%   ", summary.perplexity, summary.meanNLL,
                          summary.memory.payloadBits, summary.memory.bitsWithConstants, 100 * summary.memory.fractionOfFP16) + fractions
         }
         lines.append(row(router))
-        lines.append(row(oracle))
+        lines.append(row(staticPlan))
         lines.append(contentsOf: uniform.map(row))
-        lines.append(String(format: "  regret to the oracle: %+.5f nats/token (ppl ×%.4f)", router.meanNLL - oracle.meanNLL,
-                            exp(router.meanNLL - oracle.meanNLL)))
+        lines.append(row(prescient))
+        let difference = routerVsStatic
+        lines.append(String(format: "  router vs static at the same bits: %+.5f nats/token (95%% CI %+.5f to %+.5f), %+.2f%% of fp16's NLL%@",
+                            difference.mean, difference.mean - difference.halfWidth, difference.mean + difference.halfWidth,
+                            difference.percentOfFP16,
+                            difference.mean + difference.halfWidth < 0 ? ": the router is better"
+                                : difference.mean - difference.halfWidth > 0 ? ": the static plan is better" : ": no clear difference"))
+        lines.append("  " + Self.prescientNote)
         for (index, counts) in decisionsPerRouter.enumerated() {
             let total = max(1, counts.reduce(0, +))
             let layers = layout.layers(of: index)
@@ -66,18 +113,45 @@ public struct ValidationReport: Equatable, Sendable {
     }
 }
 
-/// Runs the routers over the validation split and compares their decisions with every uniform
-/// expert and with the oracle, the best per-(layer, head, chunk) allocation from `delta_nll` whose
-/// total bits (with constants) do not exceed the router's.
+/// `(L · H · routed chunks, M)` row-major: the `delta_nll` of every layer-unit of a sequence, in
+/// (layer, head, chunk) order.
+func layerUnitDeltas(_ sensitivity: SensitivityTable, layout: RoutingLayout, experts M: Int) -> [Double] {
+    var deltas: [Double] = []
+    deltas.reserveCapacity(layout.layers * layout.heads * layout.routedChunksPerHead * M)
+    for layer in 0..<layout.layers {
+        for head in 0..<layout.heads {
+            for chunk in layout.firstRoutedChunk..<layout.chunks {
+                for expert in 0..<M { deltas.append(Double(sensitivity.delta(layer: layer, head: head, chunk: chunk, expert: expert))) }
+            }
+        }
+    }
+    return deltas
+}
+
+/// The static plan: one expert per layer-unit position (layer, head, chunk), the same for every
+/// sequence, minimising the calibration split's summed `delta_nll` within `budget` routed bits (with
+/// constants) per sequence. It reads no content, so it is the baseline a router must beat.
+public func staticPlan(data: RoutedStore, budget: Double) -> [Int] {
+    let M = data.experts.count
+    var costs: [Double] = []
+    for sequence in data.calibration {
+        let deltas = layerUnitDeltas(data.sensitivity(of: sequence), layout: data.layout, experts: M)
+        if costs.isEmpty { costs = deltas } else { for i in costs.indices { costs[i] += deltas[i] } }
+    }
+    return lagrangianAllocation(options: costs, experts: M, unitBits: data.setup.unitBits, budget: budget)
+}
+
+/// Runs the routers over the validation split and compares their decisions with the static plan and
+/// the prescient allocation at the router's bits (with constants), and with every uniform expert.
 public func validationReport(streamer: SequenceStreamer, parameters: RouterParameters) -> ValidationReport? {
     let data = streamer.data
     guard !data.validation.isEmpty else { return nil }
     let setup = data.setup, layout = data.layout, M = setup.experts.count
     var routerTally = BitsTally(experts: M)
     var decisionsPerRouter = Array(repeating: Array(repeating: 0, count: M), count: layout.routers)
-    var routerNLL = 0.0, uniformNLL = Array(repeating: 0.0, count: M), weights = 0.0
-    var oracleOptions: [Float] = []   // (sequences · L · H · routed chunks, M) delta_nll of every layer-unit
-    var baseNLL: [Double] = []        // per sequence
+    var routerNLL: [Double] = [], uniformNLL = Array(repeating: 0.0, count: M), weights = 0.0
+    var unitDeltas: [Double] = []   // (sequences · L · H · routed chunks, M) delta_nll of every layer-unit
+    var baseNLL: [Double] = []      // per sequence
     var tokenWeights: [Double] = []
 
     for (sequence, decisions) in zip(data.validation, streamer.decisions(data.validation, parameters: parameters)) {
@@ -86,7 +160,7 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
         weights += weight
         tokenWeights.append(weight)
         baseNLL.append(Double(nll))
-        routerNLL += weight * estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
+        routerNLL.append(estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity))
         routerTally.add(decisions: decisions, layout: layout)
         for (router, routerDecisions) in decisions.enumerated() {
             for expert in routerDecisions { decisionsPerRouter[router][expert] += 1 }
@@ -95,19 +169,28 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
             let uniformDecisions = Array(repeating: Array(repeating: expert, count: layout.unitsPerRouter), count: layout.routers)
             uniformNLL[expert] += weight * estimatedNLL(nll: nll, decisions: uniformDecisions, layout: layout, sensitivity: sensitivity)
         }
-        for layer in 0..<layout.layers {
-            for head in 0..<layout.heads {
-                for chunk in layout.firstRoutedChunk..<layout.chunks {
-                    for expert in 0..<M { oracleOptions.append(sensitivity.delta(layer: layer, head: head, chunk: chunk, expert: expert)) }
-                }
-            }
-        }
+        unitDeltas += layerUnitDeltas(sensitivity, layout: layout, experts: M)
     }
 
     let sequences = data.validation.count
     let layerUnits = routerTally.layerUnits.reduce(0, +)
+    let unitsPerSequence = layout.layers * layout.heads * layout.routedChunksPerHead
     func fractions(_ tally: BitsTally) -> [Double] { tally.layerUnits.map { Double($0) / Double(max(1, layerUnits)) } }
-    let router = AllocationSummary(name: "router", meanNLL: routerNLL / weights,
+    func weightedMean(_ perSequence: [Double]) -> Double { zip(perSequence, tokenWeights).reduce(0) { $0 + $1.0 * $1.1 } / weights }
+    /// Per-sequence `L_nll` and the tally of an allocation of every layer-unit, `choices(sequence, unit)`.
+    func layerUnitAllocation(_ choice: (Int, Int) -> Int) -> (nll: [Double], tally: BitsTally) {
+        var tally = BitsTally(experts: M)
+        let nll = (0..<sequences).map { s in
+            (0..<unitsPerSequence).reduce(baseNLL[s]) { total, unit in
+                let expert = choice(s, unit)
+                tally.layerUnits[expert] += 1
+                return total + unitDeltas[(s * unitsPerSequence + unit) * M + expert]
+            }
+        }
+        return (nll, tally)
+    }
+
+    let router = AllocationSummary(name: "router", meanNLL: weightedMean(routerNLL),
                                    memory: routerTally.memory(setup: setup, sequences: sequences), expertFractions: fractions(routerTally))
     let uniform = (0..<M).map { expert in
         var tally = BitsTally(experts: M)
@@ -115,24 +198,20 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
         return AllocationSummary(name: "uniform \(setup.experts[expert].name)", meanNLL: uniformNLL[expert] / weights,
                                  memory: tally.memory(setup: setup, sequences: sequences), expertFractions: fractions(tally))
     }
-
-    let unitBits = setup.experts.map { Double($0.unitStorageBits(chunkSize: layout.chunkSize, headDim: setup.headDim, valueGroup: setup.valueGroup)) }
-    let choices = lagrangianAllocation(options: oracleOptions, experts: M, unitBits: unitBits, budget: routerTally.routedBits(setup: setup))
-    var oracleTally = BitsTally(experts: M)
-    var oracleNLL = 0.0
-    let unitsPerSequence = layout.layers * layout.heads * layout.routedChunksPerHead
-    for s in 0..<sequences {
-        var total = baseNLL[s]
-        for unit in (s * unitsPerSequence)..<((s + 1) * unitsPerSequence) {
-            total += Double(oracleOptions[unit * M + choices[unit]])
-            oracleTally.layerUnits[choices[unit]] += 1
-        }
-        oracleNLL += tokenWeights[s] * total
-    }
-    let oracle = AllocationSummary(name: "oracle (same bits)", meanNLL: oracleNLL / weights,
-                                   memory: oracleTally.memory(setup: setup, sequences: sequences), expertFractions: fractions(oracleTally))
+    let routedBits = routerTally.routedBits(setup: setup)
+    let staticChoices = staticPlan(data: data, budget: routedBits / Double(sequences))
+    let fixed = layerUnitAllocation { _, unit in staticChoices[unit] }
+    let staticSummary = AllocationSummary(name: "static (same bits)", meanNLL: weightedMean(fixed.nll),
+                                          memory: fixed.tally.memory(setup: setup, sequences: sequences), expertFractions: fractions(fixed.tally))
+    let prescientChoices = lagrangianAllocation(options: unitDeltas, experts: M, unitBits: setup.unitBits, budget: routedBits)
+    let prescient = layerUnitAllocation { s, unit in prescientChoices[s * unitsPerSequence + unit] }
+    let prescientSummary = AllocationSummary(name: "prescient (same bits)", meanNLL: weightedMean(prescient.nll),
+                                             memory: prescient.tally.memory(setup: setup, sequences: sequences),
+                                             expertFractions: fractions(prescient.tally))
     return ValidationReport(sequences: sequences, experts: setup.experts, layout: layout, router: router,
-                            decisionsPerRouter: decisionsPerRouter, uniform: uniform, oracle: oracle)
+                            decisionsPerRouter: decisionsPerRouter, staticPlan: staticSummary, uniform: uniform, prescient: prescientSummary,
+                            routerVsStatic: PairedDifference(differences: zip(routerNLL, fixed.nll).map { $0 - $1 },
+                                                             fp16MeanNLL: weightedMean(baseNLL)))
 }
 
 /// Chooses one expert per unit to minimise the summed cost under a bits budget, by the Lagrangian
@@ -140,7 +219,7 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
 /// bisection) whose total fits the budget. Optimal for the points on each unit's lower convex hull.
 ///
 /// - Parameter options: `(units, experts)` costs, row-major.
-func lagrangianAllocation(options: [Float], experts M: Int, unitBits: [Double], budget: Double) -> [Int] {
+func lagrangianAllocation(options: [Double], experts M: Int, unitBits: [Double], budget: Double) -> [Int] {
     let units = options.count / M
     func allocate(_ mu: Double) -> (choices: [Int], bits: Double) {
         var choices = [Int](repeating: 0, count: units)
@@ -148,7 +227,7 @@ func lagrangianAllocation(options: [Float], experts M: Int, unitBits: [Double], 
         for u in 0..<units {
             var best = 0, bestValue = Double.infinity
             for e in 0..<M {
-                let value = Double(options[u * M + e]) + mu * unitBits[e]
+                let value = options[u * M + e] + mu * unitBits[e]
                 if value < bestValue || (value == bestValue && unitBits[e] > unitBits[best]) { best = e; bestValue = value }
             }
             choices[u] = best

@@ -17,6 +17,11 @@ public struct RouterSetup: Equatable, Sendable {
         self.headDim = headDim
         self.routerInput = routerInput
     }
+
+    /// Bits (with constants) of one layer-unit at each expert.
+    public var unitBits: [Double] {
+        experts.map { Double($0.unitStorageBits(chunkSize: layout.chunkSize, headDim: headDim, valueGroup: valueGroup)) }
+    }
 }
 
 /// One sequence ready for the router: its leader layers' routed rows and its loss constants.

@@ -76,10 +76,7 @@ public struct BitsTally: Equatable, Sendable {
 
     /// Routed bits (with constants) of the counted units.
     public func routedBits(setup: RouterSetup) -> Double {
-        zip(layerUnits, setup.experts).reduce(0) { total, pair in
-            total + Double(pair.0) * Double(pair.1.unitStorageBits(chunkSize: setup.layout.chunkSize, headDim: setup.headDim,
-                                                                 valueGroup: setup.valueGroup))
-        }
+        zip(layerUnits, setup.unitBits).reduce(0) { $0 + Double($1.0) * $1.1 }
     }
 
     /// Averages over all K and V elements of `sequences` sequences.

@@ -121,7 +121,7 @@ import Testing
         let resumed = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "\(stopped.checkpoint.step + 2)"])
         #expect(resumed.status == 0, "\(resumed.stderr)")
         #expect(resumed.stderr.contains("skipped damaged checkpoint run/\(URL(fileURLWithPath: newest).lastPathComponent): checksum mismatch"))
-        #expect(resumed.stdout.contains("validation:") && resumed.stdout.contains("oracle (same bits)"))
+        #expect(resumed.stdout.contains("validation:") && resumed.stdout.contains("static (same bits)") && resumed.stdout.contains("prescient (same bits)"))
 
         // Export, inspect, eval.
         let exported = try run(["export", "run", "--out", "router.bin"])
@@ -132,6 +132,12 @@ import Testing
         let evalCheckpoint = try run(["eval", "run"])
         #expect(evalExport.status == 0 && evalCheckpoint.status == 0, "\(evalExport.stderr) \(evalCheckpoint.stderr)")
         #expect(evalCheckpoint.stdout.contains("router ") && evalExport.stdout.contains("uniform int2"))
+        // The JSON report names the static plan and labels the prescient row as a diagnostic.
+        let evalJSON = try JSON.parse(try run(["eval", "run", "--json"]).stdout)
+        #expect(evalJSON["static"]?["name"] == .string("static (same bits)"))
+        #expect(evalJSON["prescient"]?["name"] == .string("prescient (same bits)"))
+        #expect(evalJSON["prescient_note"] == .string(ValidationReport.prescientNote))
+        #expect(evalJSON["router_vs_static"]?["ci95_half_width"] != nil)
         var export = [UInt8](try Data(contentsOf: URL(fileURLWithPath: workspace + "/router.bin")))
         export[40] ^= 0x04
         try Data(export).write(to: URL(fileURLWithPath: workspace + "/router.bin"))

@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | eval | pareto | benchmark | soak | merge — see README.md."""
+"""python -m moqae_calib dump | eval | pareto | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
 import argparse
 import os
 import re
@@ -34,7 +34,8 @@ def parser():
     dump.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
     dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
-                      help="how delta_nll is estimated (exact: one forward per unit and expert; small models)")
+                      help="how delta_nll is estimated (exact: the NLL change with each unit quantized alone, one "
+                           "resumed forward per unit and expert; small models)")
     dump.add_argument("--router-input", choices=ROUTER_INPUTS, default="key",
                       help="what the routers read per token: the post-RoPE key as cached (default), the key before "
                            "RoPE, or key and value side by side (twice the head dim)")
@@ -95,6 +96,17 @@ def parser():
                        help="only the from-disk figures (cold cat and epoch, peak RSS): for stores larger than RAM")
     bench.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
 
+    sensitivity = commands.add_parser("sensitivity-benchmark",
+                                      help="seconds per window of Taylor and exact sensitivities, on the same windows")
+    sensitivity.add_argument("--model", required=True)
+    sensitivity.add_argument("--corpus", required=True, help="text file; windows are taken as the dump selects them")
+    sensitivity.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
+    sensitivity.add_argument("--seq-len", type=int, help="tokens per window (default: max positions)")
+    sensitivity.add_argument("--chunk-size", type=int, default=32)
+    sensitivity.add_argument("--experts", default="fp16,int4,int2")
+    sensitivity.add_argument("--windows", type=int, default=8, help="windows to time")
+    sensitivity.add_argument("--out", help="Markdown file to append the table to")
+
     soak = commands.add_parser("soak", help="SIGKILL moqae-train at random moments, resume each time, compare with an uninterrupted run")
     soak.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
     soak.add_argument("--config", required=True, help="training config (the default run's, for example)")
@@ -127,6 +139,9 @@ def main(argv=None):
         elif args.command == "benchmark":
             from .benchmark import run_benchmark
             run_benchmark(args)
+        elif args.command == "sensitivity-benchmark":
+            from .sensitivity_benchmark import run_sensitivity_benchmark
+            run_sensitivity_benchmark(args)
         elif args.command == "soak":
             from .soak import run_soak
             run_soak(args)

@@ -6,16 +6,27 @@ and eK = K̂ − K, eV = V̂ − V over a unit's elements:
 - fisher: the second-order term alone
 - exact:  mean NLL with only that unit quantized, minus the unquantized mean NLL
 The 16/16 expert's column is 0 by definition.
+
+Exact sensitivities have two implementations that give the same numbers: `exact_delta_full`, one full
+forward per (unit, expert), the reference; and `exact_delta`, which recomputes only what quantizing a
+unit changes (layers from the unit's own, positions from the unit's chunk) where the model's decoder is
+a plain stack of full-attention layers, and falls back to the reference elsewhere.
 """
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from .capture import KVHook, check_all_layers_seen
 from .quantizer import quantize_keys, quantize_values
 
+def token_nll(logits, targets):
+    """NLL of each target: logits (B, T, V), targets (B, T) → (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
 def mean_nll(logits, ids):
     """Mean next-token NLL per batch row: logits (B, T, V), ids (B, T) → (B,)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(dim=-1)
+    return token_nll(logits[:, :-1], ids[:, 1:]).mean(dim=-1)
 
 
 def _embed(model, ids):
@@ -62,13 +73,16 @@ def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_gro
 
 
 @torch.no_grad()
-def exact_delta(model, ids, experts, chunk, value_group, model_dir, batch_size=16):
-    """One forward pass per (unit, expert), batched: the mean NLL, every layer's K and V (H, T, D), and
-    delta_nll (L, H, C, M)."""
+def exact_delta_full(model, ids, experts, chunk, value_group, model_dir, batch_size=16):
+    """One full forward pass per (unit, expert), batched: the mean NLL, every layer's K and V (H, T, D),
+    and delta_nll (L, H, C, M)."""
     L = model.config.num_hidden_layers
     base_hook = KVHook(record=True)
+    targets = ids[None, 1:]
     with base_hook.active():
-        base = mean_nll(model(ids[None]).logits, ids[None].to(model.device))[0].item()
+        base_logits = model(ids[None]).logits
+    base_token_nll = token_nll(base_logits[:, :-1], targets.to(base_logits.device))[0]   # (T-1,)
+    base = base_token_nll.double().mean().item()
     check_all_layers_seen(base_hook, L, model_dir)
     H, T = base_hook.keys[0].shape[1], ids.numel()
     C = T // chunk
@@ -88,9 +102,99 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir, batch_size=1
             return key, value
 
         with KVHook(transform=transform).active():
-            batch_ids = ids[None].expand(len(batch), T)
-            nll = mean_nll(model(batch_ids).logits, batch_ids.to(model.device))
+            logits = model(ids[None].expand(len(batch), T)).logits
+        change = token_nll(logits[:, :-1], targets.expand(len(batch), -1).to(logits.device)) - base_token_nll
         for row, (layer, head, c, m) in enumerate(batch):
-            delta[layer, head, c, m] = nll[row].item() - base
+            delta[layer, head, c, m] = change[row].double().sum().item() / (T - 1)
     return (base, [base_hook.keys[layer][0].float() for layer in range(L)],
             [base_hook.values[layer][0].float() for layer in range(L)], delta)
+
+
+# Families whose decoder `exact_delta` can resume at any layer: `model.model.layers` called as
+# layer(hidden, attention_mask, position_ids, position_embeddings) → hidden, then `model.model.norm`
+# and `model.lm_head`, with nothing else between them and the logits.
+RESUMABLE_FAMILIES = ("llama", "qwen2")
+
+
+def resumable_decoder(model, tokens):
+    """The decoder stack when `exact_delta` may resume it mid-way on `tokens`-token sequences, else None.
+    Sliding-window layers are full attention while a sequence fits their window."""
+    config, decoder = model.config, getattr(model, "model", None)
+    window = getattr(config, "sliding_window", None)
+    if (config.model_type not in RESUMABLE_FAMILIES or decoder is None or not hasattr(decoder, "rotary_emb")
+            or (window is not None and tokens > window and getattr(config, "use_sliding_window", True))):
+        return None
+    return decoder
+
+
+@torch.no_grad()
+def exact_delta(model, ids, experts, chunk, value_group, model_dir):
+    """Exact delta_nll with only the changed part recomputed: the mean NLL, every layer's K and V
+    (H, T, D), and delta_nll (L, H, C, M), equal to `exact_delta_full`'s up to float rounding.
+
+    Quantizing unit (l, h, c) changes nothing before layer l and nothing at positions before N·c, so
+    one base forward keeps every layer's input hidden states and K, V; then, for each (l, c), the rows
+    (h, m) of every head and quantized expert resume at layer l from the base hidden states of
+    positions ≥ N·c. Attention reads the base K, V of earlier positions, and at layer l the base K, V
+    with chunk c of the row's head quantized (the row's own K, V there equal the base ones). The
+    unit's delta is the change of the summed NLL of the recomputed positions over T − 1.
+    """
+    decoder = resumable_decoder(model, ids.numel())
+    if decoder is None:
+        return exact_delta_full(model, ids, experts, chunk, value_group, model_dir)
+    L = model.config.num_hidden_layers
+    layer_inputs = {}   # layer → (1, T, hidden): the base hidden states entering it
+
+    def keep_input(module, args, kwargs):
+        layer_inputs[module.self_attn.layer_idx] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in decoder.layers[:L]]
+    base_hook = KVHook(record=True)
+    try:
+        with base_hook.active():
+            base_logits = model(ids[None]).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    check_all_layers_seen(base_hook, L, model_dir)
+    targets = ids[None, 1:].to(base_logits.device)
+    base_token_nll = token_nll(base_logits[:, :-1], targets)[0]   # (T-1,)
+    keys = [base_hook.keys[layer] for layer in range(L)]      # (1, H, T, D) each
+    values = [base_hook.values[layer] for layer in range(L)]
+    H, T = keys[0].shape[1], ids.numel()
+    C = T // chunk
+    rows = [(head, m) for head in range(H) for m, expert in enumerate(experts) if not expert.is_unquantized]
+    delta = torch.zeros(L, H, C, len(experts))
+    for first_layer in range(L):
+        for c in range(C):
+            start, span = c * chunk, slice(c * chunk, (c + 1) * chunk)
+
+            def transform(layer, key, value):
+                """At first_layer: the base K, V with each row's unit quantized. Above it: the base K, V of
+                positions < start, then the row's own."""
+                if layer == first_layer:
+                    key = keys[layer].expand(len(rows), -1, -1, -1).clone()
+                    value = values[layer].expand(len(rows), -1, -1, -1).clone()
+                    for row, (head, m) in enumerate(rows):
+                        key[row, head, span] = quantize_keys(key[row, head, span], experts[m].key_bits, chunk)
+                        value[row, head, span] = quantize_values(value[row, head, span], experts[m].value_bits,
+                                                                 chunk, value_group)
+                    return key, value
+                return (torch.cat([keys[layer][:, :, :start].expand(len(rows), -1, -1, -1), key], dim=-2),
+                        torch.cat([values[layer][:, :, :start].expand(len(rows), -1, -1, -1), value], dim=-2))
+
+            hidden = layer_inputs[first_layer][:, start:].expand(len(rows), -1, -1)
+            positions = torch.arange(start, T, device=hidden.device)[None]
+            position_embeddings = decoder.rotary_emb(hidden, positions)
+            # Query i (position start + i) sees keys 0..start + i: causal aligned to the last key.
+            mask = None if start == 0 else causal_lower_right(T - start, T)
+            with KVHook(transform=transform).active():
+                for layer in decoder.layers[first_layer:L]:
+                    hidden = layer(hidden, attention_mask=mask, position_ids=positions,
+                                   position_embeddings=position_embeddings)
+            logits = model.lm_head(decoder.norm(hidden))
+            change = token_nll(logits[:, :-1], targets[:, start:].expand(len(rows), -1)) - base_token_nll[start:]
+            for row, (head, m) in enumerate(rows):
+                delta[first_layer, head, c, m] = change[row].double().sum().item() / (T - 1)
+    base = base_token_nll.double().mean().item()
+    return (base, [k[0].float() for k in keys], [v[0].float() for v in values], delta)

@@ -1,11 +1,13 @@
-"""Taylor and Fisher delta_nll against exact delta_nll on the reference model."""
+"""Exact delta_nll: the resumed path against full forwards; Taylor and Fisher against exact on the reference model."""
 import torch
 
 from conftest import REFERENCE_MODEL, VALID_TXT
 from moqae_calib.corpus import ByteTokenizer, read_texts, windows
 from moqae_calib.dump import load_model
 from moqae_calib.experts import parse_experts
-from moqae_calib.sensitivity import exact_delta, forward_with_kv_gradients, taylor_delta
+import pytest
+
+from moqae_calib.sensitivity import exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta
 
 
 def spearman(a, b):
@@ -24,7 +26,7 @@ def test_taylor_and_fisher_rank_units_like_exact():
         nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, REFERENCE_MODEL)
         taylor = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 512)
         fisher = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 512, rule="fisher")
-        base, exact_keys, exact_values, exact = exact_delta(model, ids, experts, 32, 64, REFERENCE_MODEL, batch_size=32)
+        base, exact_keys, exact_values, exact = exact_delta(model, ids, experts, 32, 64, REFERENCE_MODEL)
         assert abs(base - nll) < 1e-5
         assert torch.equal(exact_keys[0], keys[0]) and torch.equal(exact_values[-1], values[-1])
         assert (taylor[..., 0] == 0).all() and (exact[..., 0] == 0).all()
@@ -40,3 +42,35 @@ def test_taylor_and_fisher_rank_units_like_exact():
         print("Spearman vs exact over units:", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     assert all(row["taylor"] >= 0.5 for row in report)
     assert all(row[f"taylor {name}"] >= 0.5 for row in report for name in ("int4", "int2"))
+
+
+def check_resumed_equals_full(model, model_dir, ids, experts, chunk, value_group):
+    assert resumable_decoder(model, ids.numel()) is not None
+    base, keys, values, resumed = exact_delta(model, ids, experts, chunk, value_group, model_dir)
+    full_base, full_keys, full_values, full = exact_delta_full(model, ids, experts, chunk, value_group, model_dir)
+    largest = full.abs().max().item()
+    assert largest > 0
+    assert (resumed - full).abs().max().item() <= 1e-5 * largest
+    assert abs(base - full_base) <= 1e-7
+    assert all(torch.equal(a, b) for a, b in zip(keys + values, full_keys + full_values))
+
+
+def test_exact_resumed_equals_full_forwards_on_the_reference_model():
+    model = load_model(REFERENCE_MODEL, "cpu", None, "float32")
+    ids = windows(read_texts([VALID_TXT]), ByteTokenizer(), 512)[7][:160]   # 5 chunks: quick enough for every run
+    check_resumed_equals_full(model, REFERENCE_MODEL, ids, parse_experts("fp16,int4,int2,k4v2"), 32, 64)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
+def test_exact_resumed_equals_full_forwards_on_tiny_models(family, request):
+    model_dir = request.getfixturevalue(family)
+    model = load_model(model_dir, "cpu", None, "float32")
+    ids = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(1))
+    check_resumed_equals_full(model, model_dir, ids, parse_experts("fp16,int2"), 16, 8)
+
+
+def test_exact_falls_back_to_full_forwards_where_a_sliding_window_cuts_the_sequence(tiny_qwen2):
+    model = load_model(tiny_qwen2, "cpu", None, "float32")
+    model.config.use_sliding_window, model.config.sliding_window = True, 64
+    assert resumable_decoder(model, 64) is not None
+    assert resumable_decoder(model, 96) is None
