@@ -38,8 +38,10 @@ class Layout:
 
 class Plan:
     """Decides experts per unit. `decide(layer, key, value, windows, layout)` returns (B, H, routed chunks)
-    indices into `experts`, or None for all at expert 0; `windows` are the batch's window indices."""
+    indices into `experts`, or None for all at expert 0; `windows` are the batch's window indices.
+    A plan with a `note` is a diagnostic that no inference-time router could be: the note says why."""
     name = "plan"
+    note = None
 
     def __init__(self, experts):
         self.experts = experts
@@ -68,6 +70,17 @@ class LayerPlan(Plan):
         return torch.full((*key.shape[:2], layout.routed), self.per_layer[layer], dtype=torch.long)
 
 
+class StaticPlan(Plan):
+    """One expert per (layer, head, chunk position), the same for every window: it reads no content."""
+
+    def __init__(self, experts, per_position, name="static"):
+        super().__init__(experts)
+        self.per_position, self.name = per_position, name   # (L, H, routed chunks)
+
+    def decide(self, layer, key, value, windows, layout):
+        return self.per_position[layer].expand(key.shape[0], -1, -1)
+
+
 class RouterPlan(Plan):
     """The export's routers: router r runs on its leader layer's inputs (the export's router input, from
     that layer's K and V); the decision holds for its group."""
@@ -87,9 +100,9 @@ class RouterPlan(Plan):
 class UnitPlan(Plan):
     """Fixed decisions per window: `decisions[window]` is (L, H, routed chunks)."""
 
-    def __init__(self, experts, decisions, name):
+    def __init__(self, experts, decisions, name, note=None):
         super().__init__(experts)
-        self.decisions, self.name = decisions, name
+        self.decisions, self.name, self.note = decisions, name, note
 
     def decide(self, layer, key, value, windows, layout):
         return torch.stack([self.decisions[w][layer] for w in windows])
@@ -119,9 +132,10 @@ def apply_plan(key, value, decisions, experts, layout):
 class Result:
     """Perplexity and memory of one plan over the evaluation windows."""
 
-    def __init__(self, name, experts, layout, windows):
-        self.name, self.experts, self.layout, self.windows = name, experts, layout, windows
+    def __init__(self, name, experts, layout, windows, note=None):
+        self.name, self.experts, self.layout, self.windows, self.note = name, experts, layout, windows, note
         self.nll_sum, self.tokens = 0.0, 0
+        self.window_nll = []   # mean NLL of each window, in window order
         self.counts = torch.zeros(layout.num_layers, len(experts), dtype=torch.long)   # routed units per layer, expert
 
     @property
@@ -146,12 +160,14 @@ class Result:
         out["kv_fraction_of_fp16"] = out["bits_with_constants"] / 16
         if bytes_per_token:
             out["bits_per_byte"] = self.nll / math.log(2) / bytes_per_token
+        if self.note:
+            out["diagnostic"], out["note"] = True, self.note
         return out
 
 
 def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True):
     """Forward passes over every window with the plan applied; returns a Result."""
-    result = Result(plan.name, plan.experts, layout, len(windows))
+    result = Result(plan.name, plan.experts, layout, len(windows), plan.note)
     state = {}
 
     def transform(layer, key, value):
@@ -170,6 +186,7 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
             ids = windows[start: start + batch_size].to(model.device)
             state["windows"] = list(range(start, start + ids.shape[0]))
             nll = mean_nll(model(ids).logits, ids)
+            result.window_nll += nll.double().tolist()
             result.nll_sum += nll.double().sum().item() * (ids.shape[1] - 1)
             result.tokens += ids.numel() - ids.shape[0]
             bar.update(ids.shape[0])
@@ -222,16 +239,21 @@ def taylor_sensitivities(model, windows, experts, layout, model_dir, progress=Tr
     return torch.stack(deltas)
 
 
-def oracle_plan(deltas, experts, layout, budget_per_unit):
+PRESCIENT_NOTE = ("prescient: picks per unit with the evaluated text's own Taylor sensitivities, which exist only "
+                  "after that text has been scored with gradients; no router can see them (a diagnostic, not a target)")
+
+
+def prescient_plan(deltas, experts, layout, budget_per_unit):
     """The best per-(layer, head, chunk) allocation under the sensitivities of the evaluation windows
-    themselves, with mean unit bits (with constants) within `budget_per_unit`. It sees the answers.
-    deltas: (windows, L, H, C, M) from `taylor_sensitivities`."""
+    themselves, with mean unit bits (with constants) within `budget_per_unit`: it sees the answers, so
+    it is a diagnostic. deltas: (windows, L, H, C, M) from `taylor_sensitivities`."""
     deltas = deltas[:, :, :, layout.first:]
     costs = deltas.reshape(-1, len(experts))
     choice = lagrangian_allocation(costs, routed_unit_bits(experts, layout).expand(costs.shape[0], -1),
                                    budget_per_unit * costs.shape[0])
     decisions = choice.reshape(deltas.shape[:-1])
-    return UnitPlan(experts, {w: decisions[w] for w in range(deltas.shape[0])}, "oracle (Taylor on eval text)")
+    return UnitPlan(experts, {w: decisions[w] for w in range(deltas.shape[0])},
+                    "prescient (gradients of the evaluated text)", note=PRESCIENT_NOTE)
 
 
 def random_plan(experts, fractions, layout, count, seed=0):
@@ -244,33 +266,90 @@ def random_plan(experts, fractions, layout, count, seed=0):
     return UnitPlan(experts, {w: decisions[w] for w in range(count)}, "random (router's mix)")
 
 
-def layerwise_plan(store, calibration_fraction, layout, budget_per_unit):
+class CalibrationDeltas:
+    """A store's calibration split, summed: `summed` is (L, H, C, M) delta_nll over its sequences, with
+    columns in the order of `experts`, the store's."""
+
+    def __init__(self, store, calibration_fraction, layout):
+        manifest_path = os.path.join(store, "manifest.json")
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as error:
+            raise CalibError(f"{manifest_path}: cannot read the calibration store ({error})") from None
+        self.store = store
+        self.experts = [Expert(e["name"], e["key_bits"], e["value_bits"]) for e in manifest["experts"]]
+        if manifest["chunk_size"] != layout.chunk_size or manifest["model"]["num_layers"] != layout.num_layers:
+            raise CalibError(f"{store}: chunk size or layer count differs from the router's")
+        seed = manifest["selection"]["seed"]
+        self.summed, self.sequences = None, 0
+        for sequence in manifest["sequences"]:
+            if unit_value(sequence["id"], seed) >= calibration_fraction:
+                continue
+            with safe_open(os.path.join(store, sequence["shard"]), framework="pt") as f:
+                delta = f.get_tensor(f"seq.{sequence['id']}.delta_nll").double()
+            self.summed = delta if self.summed is None else self.summed + delta
+            self.sequences += 1
+        if self.sequences == 0:
+            raise CalibError(f"{store}: --calibration-fraction {calibration_fraction} selects no sequence")
+
+    def columns(self, experts):
+        """(L, H, C, len(experts)): the summed deltas of the given experts, by name."""
+        names = [e.name for e in self.experts]
+        missing = [e.name for e in experts if e.name not in names]
+        if missing:
+            raise CalibError(f"{self.store}: the router's expert(s) {', '.join(missing)} are not in the store "
+                             f"(it has {', '.join(names)})")
+        return self.summed[..., [names.index(e.name) for e in experts]]
+
+
+def layerwise_plan(calibration, layout, budget_per_unit):
     """KVTuner-style: one expert of the store per layer, chosen on the store's calibration split to
     minimise the summed delta_nll under the budget of mean unit bits (with constants)."""
-    manifest_path = os.path.join(store, "manifest.json")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as error:
-        raise CalibError(f"{manifest_path}: cannot read the calibration store ({error})") from None
-    experts = [Expert(e["name"], e["key_bits"], e["value_bits"]) for e in manifest["experts"]]
-    if manifest["chunk_size"] != layout.chunk_size or manifest["model"]["num_layers"] != layout.num_layers:
-        raise CalibError(f"{store}: chunk size or layer count differs from the router's")
-    seed = manifest["selection"]["seed"]
-    cost = torch.zeros(layout.num_layers, len(experts), dtype=torch.float64)
-    used = 0
-    for sequence in manifest["sequences"]:
-        if unit_value(sequence["id"], seed) >= calibration_fraction:
-            continue
-        with safe_open(os.path.join(store, sequence["shard"]), framework="pt") as f:
-            delta = f.get_tensor(f"seq.{sequence['id']}.delta_nll")
-        cost += delta[:, :, layout.first: layout.chunks].double().sum(dim=(1, 2))
-        used += 1
-    if used == 0:
-        raise CalibError(f"{store}: --calibration-fraction {calibration_fraction} selects no sequence")
-    bits = routed_unit_bits(experts, layout).expand(layout.num_layers, -1)
+    cost = calibration.summed[:, :, layout.first: layout.chunks].sum(dim=(1, 2))
+    bits = routed_unit_bits(calibration.experts, layout).expand(layout.num_layers, -1)
     choice = lagrangian_allocation(cost, bits, budget_per_unit * layout.num_layers)
-    return LayerPlan(experts, choice.tolist())
+    return LayerPlan(calibration.experts, choice.tolist())
+
+
+def static_plan(summed, experts, layout, budget_per_unit):
+    """The best content-blind plan: one of the router's experts per (layer, head, chunk position),
+    minimising the calibration split's summed delta_nll `summed` (L, H, C_store, M) under the budget of
+    mean unit bits (with constants), by the Lagrangian search. Positions the store's windows do not
+    reach (longer evaluation windows) reuse the last fitted position."""
+    fitted = summed[:, :, layout.first: layout.chunks]
+    costs = fitted.reshape(-1, len(experts))
+    choice = lagrangian_allocation(costs, routed_unit_bits(experts, layout).expand(costs.shape[0], -1),
+                                   budget_per_unit * costs.shape[0]).reshape(fitted.shape[:-1])
+    missing = layout.routed - choice.shape[-1]
+    if missing > 0:
+        choice = torch.cat([choice, choice[..., -1:].expand(-1, -1, missing)], dim=-1)
+    return StaticPlan(experts, choice)
+
+
+def paired_difference(a, b, fp16_value, bytes_per_token=None):
+    """`a` minus `b` over the same windows: the mean of per-window differences (bits per byte when
+    `bytes_per_token` is given, else nats per token), its 95% confidence interval (normal
+    approximation), and both as a percentage of fp16's figure `fp16_value` in the same unit."""
+    scale = 1 / math.log(2) / bytes_per_token if bytes_per_token else 1.0
+    differences = torch.tensor(a.window_nll, dtype=torch.float64) - torch.tensor(b.window_nll, dtype=torch.float64)
+    differences *= scale
+    n = differences.numel()
+    mean = differences.mean().item()
+    half = 1.96 * (differences.std().item() / math.sqrt(n) if n > 1 else 0.0)
+    verdict = (f"{a.name} is better" if mean + half < 0 else f"{b.name} is better" if mean - half > 0
+               else "no clear difference")
+    return {"a": a.name, "b": b.name, "unit": "bits_per_byte" if bytes_per_token else "nll", "windows": n,
+            "mean": mean, "ci95": [mean - half, mean + half], "percent_of_fp16": 100 * mean / fp16_value,
+            "ci95_percent_of_fp16": [100 * (mean - half) / fp16_value, 100 * (mean + half) / fp16_value],
+            "verdict": verdict}
+
+
+def format_difference(d):
+    unit = "bits/byte" if d["unit"] == "bits_per_byte" else "nats/token"
+    return (f"{d['a']} vs {d['b']} at the same bits: {d['mean']:+.4f} {unit} (95% CI {d['ci95'][0]:+.4f} to "
+            f"{d['ci95'][1]:+.4f}), {d['percent_of_fp16']:+.2f}% of fp16 ({d['ci95_percent_of_fp16'][0]:+.2f}% to "
+            f"{d['ci95_percent_of_fp16'][1]:+.2f}%) over {d['windows']} windows: {d['verdict']}")
 
 
 BASELINE_EXPERTS = ("fp16", "int8", "int4", "int2", "k4v2")
@@ -290,7 +369,7 @@ class Evaluation:
         self.batch_size, self.progress = batch_size, progress
         self.layout = Layout(windows.shape[1], export.chunk_size, 1 if export.freeze_first_chunk else 0,
                              layers, heads, head_dim, value_group)
-        self.oracle_deltas = None
+        self.prescient_deltas = None
 
     def score(self, plan):
         return evaluate_plan(self.model, self.windows, plan, self.layout, self.batch_size, self.model_dir, self.progress)
@@ -311,26 +390,32 @@ class Evaluation:
         units = result.counts.sum(0).double()
         return (units * bits).sum().item() / units.sum().item()
 
-    def oracle(self, router_result):
-        if self.oracle_deltas is None:
-            self.oracle_deltas = taylor_sensitivities(self.model, self.windows, self.export.experts, self.layout,
-                                                      self.model_dir, self.progress)
-        return self.score(oracle_plan(self.oracle_deltas, self.export.experts, self.layout, self.budget_per_unit(router_result)))
+    def prescient(self, router_result):
+        if self.prescient_deltas is None:
+            self.prescient_deltas = taylor_sensitivities(self.model, self.windows, self.export.experts, self.layout,
+                                                         self.model_dir, self.progress)
+        return self.score(prescient_plan(self.prescient_deltas, self.export.experts, self.layout,
+                                         self.budget_per_unit(router_result)))
 
     def random(self, router_result):
         units = router_result.counts.sum(0).double()
         return self.score(random_plan(self.export.experts, (units / units.sum()).tolist(), self.layout, len(self.windows)))
 
-    def layerwise(self, router_result, store, calibration_fraction):
-        return self.score(layerwise_plan(store, calibration_fraction, self.layout, self.budget_per_unit(router_result)))
+    def layerwise(self, router_result, calibration):
+        return self.score(layerwise_plan(calibration, self.layout, self.budget_per_unit(router_result)))
+
+    def static(self, router_result, calibration):
+        return self.score(static_plan(calibration.columns(self.export.experts), self.export.experts, self.layout,
+                                      self.budget_per_unit(router_result)))
 
 
 def format_table(summaries):
-    lines = [f"{'method':<30} {'ppl':>9} {'bits/byte':>9} {'payload bits':>12} {'bits+consts':>11} {'KV/fp16':>8}"]
+    lines = [f"{'method':<44} {'ppl':>9} {'bits/byte':>9} {'payload bits':>12} {'bits+consts':>11} {'KV/fp16':>8}"]
     for s in summaries:
         bpb = f"{s['bits_per_byte']:9.4f}" if "bits_per_byte" in s else f"{'-':>9}"
-        lines.append(f"{s['name']:<30} {s['perplexity']:9.4f} {bpb} {s['payload_bits']:12.3f} "
+        lines.append(f"{s['name']:<44} {s['perplexity']:9.4f} {bpb} {s['payload_bits']:12.3f} "
                      f"{s['bits_with_constants']:11.3f} {100 * s['kv_fraction_of_fp16']:7.1f}%")
+    lines += [s["note"] for s in summaries if s.get("note")]
     return "\n".join(lines)
 
 
@@ -370,19 +455,29 @@ def run_eval(args):
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
 
     router = evaluation.router()
-    results = [router]
+    results, comparison = [router], None
     if not args.no_baselines:
-        results += evaluation.uniform()
+        uniform = evaluation.uniform()
+        results += uniform
         if args.store:
-            results.append(evaluation.layerwise(router, args.store, args.calibration_fraction))
+            calibration = CalibrationDeltas(args.store, args.calibration_fraction, evaluation.layout)
+            static = evaluation.static(router, calibration)
+            results += [static, evaluation.layerwise(router, calibration)]
+            fp16 = uniform[0].summary(bytes_per_token)
+            comparison = paired_difference(router, static, fp16["bits_per_byte" if bytes_per_token else "nll"], bytes_per_token)
         results.append(evaluation.random(router))
-        results.append(evaluation.oracle(router))
+        results.append(evaluation.prescient(router))
     summaries = [r.summary(bytes_per_token) for r in results]
     if args.json:
-        print(json.dumps({"windows": len(text_windows), "seq_len": seq_len, "results": summaries}))
+        print(json.dumps({"windows": len(text_windows), "seq_len": seq_len, "results": summaries,
+                          "router_vs_static": comparison}))
     else:
         print(f"{args.text}: {len(text_windows)} windows of {seq_len} tokens; {args.router}: "
               f"{export.num_routers} router(s), experts {', '.join(e.name for e in export.experts)}")
         print(format_table(summaries))
+        if comparison:
+            print(format_difference(comparison))
+        elif not args.no_baselines:
+            print("router vs static: give --store (the static plan is fitted on its calibration split)")
         print(format_decisions(summaries[0]))
     return summaries

@@ -4,9 +4,11 @@ perplexity against average KV bits.
 
 For each run, moqae-train trains a router on the store (continuing a run that exists) and exports it;
 `moqae-train eval` gives its estimated perplexity on the store's validation split. The model then runs
-over the evaluation windows under every method. The uniform experts are scored once for routers that
-freeze chunk 0 and once for routers that route it (named "…, chunk 0 quantized"); the oracle's
-sensitivities are computed once per expert set.
+over the evaluation windows under every method. The headline of each run is the router against the
+static plan (the best content-blind plan at the router's bits), with a confidence interval from
+per-window differences; the prescient row is a diagnostic (see `PRESCIENT_NOTE`). The uniform experts
+are scored once for routers that freeze chunk 0 and once for routers that route it (named "…, chunk 0
+quantized"); the prescient plan's sensitivities are computed once per expert set.
 """
 import json
 import os
@@ -15,7 +17,7 @@ import subprocess
 from . import CalibError
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import load_model, resolve_device
-from .evaluate import Evaluation, format_table
+from .evaluate import PRESCIENT_NOTE, CalibrationDeltas, Evaluation, format_difference, format_table, paired_difference
 from .router import read_export
 
 
@@ -55,6 +57,9 @@ def train_router(moqae_train, run, store, run_dir, extra):
     return os.path.join(run_dir, "router.bin"), json.loads(estimate.stdout)
 
 
+METHODS = ("router", "static", "layer-wise", "random", "prescient")
+
+
 def plot(rows, shared, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -72,11 +77,13 @@ def plot(rows, shared, path):
     for r in routers:
         axis.annotate(r["label"].replace("paper ", ""), (r["router"]["payload_bits"], r["router"][key]),
                       textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for method, style, color in (("layer-wise", "s", "C2"), ("random", "x", "C7"), ("oracle", "^", "C0")):
+    for method, style, color, label in (
+            ("static", "P", "C4", "static (per layer, head, chunk position; content-blind) at the router's bits"),
+            ("layer-wise", "s", "C2", "layer-wise (KVTuner-style) at the router's bits"),
+            ("random", "x", "C7", "random with the router's mix"),
+            ("prescient", "^", "C0", "prescient (gradients of the evaluated text): a diagnostic, not reachable")):
         axis.scatter([r[method]["payload_bits"] for r in routers], [r[method][key] for r in routers], marker=style,
-                     color=color, label={"layer-wise": "layer-wise (KVTuner-style) at the router's bits",
-                                         "random": "random with the router's mix",
-                                         "oracle": "oracle (Taylor on eval text) at the router's bits"}[method])
+                     color=color, facecolors="none" if method == "prescient" else None, label=label)
     for summary in shared:
         axis.scatter([summary["payload_bits"]], [summary[key]], marker="D", color="k")
         axis.annotate(summary["name"].replace("uniform ", ""), (summary["payload_bits"], summary[key]),
@@ -91,29 +98,43 @@ def plot(rows, shared, path):
     figure.savefig(path, dpi=120)
 
 
+def rise(value, fp16):
+    return f"{100 * (value / fp16 - 1):+.2f}%"
+
+
 def markdown(rows, shared):
-    """The table: every method's real figures; for routers also the trainer's estimate (on the store's
-    validation split, a different text) as a rise over its own fp16 estimate, beside the real rise."""
+    """The headline (router against static per run, with its confidence interval), then every method's
+    real figures; for router and static also the trainer's estimate (on the store's validation split, a
+    different text) as a rise over its own fp16 estimate, beside the real rise."""
     key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
     label = "bits/byte" if key == "bits_per_byte" else "ppl"
-    fp16 = next(s for s in shared if s["name"] == "uniform fp16")["perplexity"]
-    fp16_key = next(s for s in shared if s["name"] == "uniform fp16")[key]
-    lines = [f"| method | run | payload bits | bits+consts | {label} | {label} vs fp16 | ppl | ppl vs fp16 | estimated ppl vs fp16 |",
+    unit = "bits/byte" if key == "bits_per_byte" else "nats/token"
+    fp16_summary = next(s for s in shared if s["name"] == "uniform fp16")
+    fp16, fp16_key = fp16_summary["perplexity"], fp16_summary[key]
+    lines = [f"Router against static at the same bits (router minus static; negative: the router is better; "
+             f"95% confidence interval from per-window differences):", "",
+             f"| run | payload bits | router {label} | static {label} | difference ({unit}) | 95% CI | % of fp16 | verdict "
+             f"| trainer's estimate, % of fp16 |",
              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["router_vs_static"]
+        lines.append(f"| {r['label']} | {r['router']['payload_bits']:.3f} | {r['router'][key]:.4f} | {r['static'][key]:.4f} | "
+                     f"{d['mean']:+.4f} | {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f} | {d['percent_of_fp16']:+.2f}% "
+                     f"({d['ci95_percent_of_fp16'][0]:+.2f}% to {d['ci95_percent_of_fp16'][1]:+.2f}%) | {d['verdict']} "
+                     f"| {r['estimated_router_vs_static']['percent_of_fp16']:+.2f}% |")
+    lines += ["", f"| method | run | payload bits | bits+consts | {label} | {label} vs fp16 | ppl | ppl vs fp16 | estimated ppl vs fp16 |",
+              "|---|---|---|---|---|---|---|---|---|"]
 
     def line(s, run, estimate=""):
         return (f"| {s['name']} | {run} | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | "
-                f"{100 * (s[key] / fp16_key - 1):+.2f}% | {s['perplexity']:.4f} | {100 * (s['perplexity'] / fp16 - 1):+.2f}% | {estimate} |")
+                f"{rise(s[key], fp16_key)} | {s['perplexity']:.4f} | {rise(s['perplexity'], fp16)} | {estimate} |")
 
     lines += [line(s, "") for s in shared]
     for r in rows:
-        for method in ("router", "layer-wise", "random", "oracle"):
-            estimate = (f"{100 * (r['estimated_perplexity'] / r['estimated_fp16_perplexity'] - 1):+.2f}%"
-                        if method == "router" else "")
-            lines.append(line(r[method], r["label"], estimate))
-    lines += ["", f"Regret to the oracle ({label}, router minus oracle at the router's bits):", "",
-              "| run | payload bits | regret |", "|---|---|---|"]
-    lines += [f"| {r['label']} | {r['router']['payload_bits']:.3f} | {r['router'][key] - r['oracle'][key]:+.4f} |" for r in rows]
+        for method in METHODS:
+            estimate = r["estimated"].get(method)
+            lines.append(line(r[method], r["label"], rise(estimate, r["estimated"]["fp16"]) if estimate else ""))
+    lines += ["", f"*{PRESCIENT_NOTE}.*"]
     return "\n".join(lines) + "\n"
 
 
@@ -148,29 +169,37 @@ def run_pareto(args):
     model = load_model(args.model, resolve_device(args.device), None, "auto")
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
 
-    shared, uniform_layouts, oracle_deltas, rows = [], set(), {}, []
+    calibration = None
+    shared, uniform_layouts, prescient_deltas, rows = [], set(), {}, []
     for run in runs:
         path, estimate = exports[run.label]
         evaluation = Evaluation(model, text_windows, read_export(path), manifest["value_group"], args.model,
                                 args.batch_size, progress=os.isatty(2))
+        if calibration is None:
+            calibration = CalibrationDeltas(args.store, args.calibration_fraction, evaluation.layout)
         expert_set = tuple(e.name for e in evaluation.export.experts)
-        evaluation.oracle_deltas = oracle_deltas.get(expert_set)
+        evaluation.prescient_deltas = prescient_deltas.get(expert_set)
         first = evaluation.layout.first
         if first not in uniform_layouts:
             uniform_layouts.add(first)
             shared += uniform_summaries(evaluation, bytes_per_token, with_fp16=not shared)
         router = evaluation.router()
-        estimated_fp16 = next(u for u in estimate["uniform"] if u["name"] == "uniform fp16")
-        row = {"label": run.label, "estimated_perplexity": estimate["router"]["perplexity"],
-               "estimated_fp16_perplexity": estimated_fp16["perplexity"],
-               "estimated_payload_bits": estimate["router"]["payload_bits"],
-               "router": router.summary(bytes_per_token),
-               "layer-wise": evaluation.layerwise(router, args.store, args.calibration_fraction).summary(bytes_per_token),
+        static = evaluation.static(router, calibration)
+        fp16 = next(s for s in shared if s["name"] == "uniform fp16")
+        row = {"label": run.label,
+               "estimated": {"fp16": next(u for u in estimate["uniform"] if u["name"] == "uniform fp16")["perplexity"],
+                             "router": estimate["router"]["perplexity"], "static": estimate["static"]["perplexity"]},
+               "estimated_router_vs_static": estimate["router_vs_static"],
+               "router_vs_static": paired_difference(router, static, fp16["bits_per_byte" if bytes_per_token else "nll"],
+                                                     bytes_per_token),
+               "router": router.summary(bytes_per_token), "static": static.summary(bytes_per_token),
+               "layer-wise": evaluation.layerwise(router, calibration).summary(bytes_per_token),
                "random": evaluation.random(router).summary(bytes_per_token),
-               "oracle": evaluation.oracle(router).summary(bytes_per_token)}
-        oracle_deltas[expert_set] = evaluation.oracle_deltas
+               "prescient": evaluation.prescient(router).summary(bytes_per_token)}
+        prescient_deltas[expert_set] = evaluation.prescient_deltas
         rows.append(row)
-        print(f"{run.label}:\n" + format_table([row[m] for m in ("router", "layer-wise", "random", "oracle")]), flush=True)
+        print(f"{run.label}:\n" + format_table([row[m] for m in METHODS]) + "\n" + format_difference(row["router_vs_static"]),
+              flush=True)
     result = {"text": args.text, "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
               "shared": shared, "runs": rows}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:

@@ -82,9 +82,16 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
     width = 32 if router_input == "key+value" else 16
     assert f"D = {width} (router input {router_input})" in inspect.stdout, inspect.stdout
     scored = run_calib("eval", "--model", tiny_llama, "--text", small_corpus, "--tokenizer", "bytes", "--seq-len", "128",
-                       "--router", export, "--max-windows", "2", "--no-baselines", "--json")
+                       "--router", export, "--max-windows", "2", "--store", out, "--json")
     assert scored.returncode == 0, scored.stderr
-    assert json.loads(scored.stdout)["results"][0]["name"] == "router"
+    report = json.loads(scored.stdout)
+    names = [r["name"] for r in report["results"]]
+    assert names[0] == "router" and "static" in names and "layer-wise" in names
+    prescient = report["results"][names.index("prescient (gradients of the evaluated text)")]
+    assert prescient["diagnostic"] and "not a target" in prescient["note"]
+    comparison = report["router_vs_static"]
+    assert (comparison["a"], comparison["b"], comparison["unit"], comparison["windows"]) == ("router", "static", "bits_per_byte", 2)
+    assert comparison["ci95"][0] <= comparison["mean"] <= comparison["ci95"][1]
 
 
 def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path, monkeypatch):

@@ -13,7 +13,10 @@ from moqae_calib import CalibError
 from moqae_calib.capture import KVHook
 from moqae_calib.corpus import ByteTokenizer, read_texts, windows
 from moqae_calib.dump import load_model
-from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan, oracle_plan
+import itertools
+import math
+
+from moqae_calib.evaluate import Layout, Result, UniformPlan, evaluate_plan, paired_difference, prescient_plan, static_plan
 from moqae_calib.experts import parse_expert
 from moqae_calib.quantizer import quantize_keys, quantize_values, unit_storage_bits
 from moqae_calib.router import read_export, route
@@ -81,8 +84,8 @@ def test_damaged_exports_are_rejected(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {tmp_path / 'flipped.bin'}: CRC-32 mismatch: the file is damaged"]
 
 
-def test_oracle_sensitivities_serve_frozen_and_routed_first_chunks():
-    """The oracle's sensitivities keep chunk 0, and each plan takes the chunks its layout routes: with
+def test_prescient_sensitivities_serve_frozen_and_routed_first_chunks():
+    """The prescient plan's sensitivities keep chunk 0, and each plan takes the chunks its layout routes: with
     room for one int2 unit, it goes to the cheapest routed chunk (1), never to chunk 0."""
     experts = [parse_expert(n) for n in ("fp16", "int4", "int2")]
     deltas = torch.zeros(2, 1, 1, 4, 3, dtype=torch.float64)    # (windows, L, H, C, M)
@@ -92,6 +95,51 @@ def test_oracle_sensitivities_serve_frozen_and_routed_first_chunks():
     for first, expected in ((0, [1, 2, 1, 1]), (1, [2, 1, 1])):
         layout = Layout(128, 32, first, 1, 1, 64, 64)
         routed = 4 - first
-        plan = oracle_plan(deltas, experts, layout, budget_per_unit=((routed - 1) * int4 + int2) / routed)
+        plan = prescient_plan(deltas, experts, layout, budget_per_unit=((routed - 1) * int4 + int2) / routed)
         for w in range(2):
             assert plan.decisions[w].flatten().tolist() == expected
+        assert plan.note and "not a target" in plan.note
+
+
+def test_static_plan_is_the_brute_force_optimum():
+    """On a hand-made table (1 layer × 2 heads × 3 chunks, 3 experts: 729 plans), the static plan at
+    every budget is within the budget, and no plan has a lower summed delta_nll within the bits it uses."""
+    experts = [parse_expert(n) for n in ("fp16", "int4", "int2")]
+    summed = torch.tensor([[[[0.0, 0.010, 0.300], [0.0, 0.002, 0.040], [0.0, 0.030, 0.050]],
+                            [[0.0, 0.001, 0.020], [0.0, 0.020, 0.600], [0.0, 0.004, 0.009]]]], dtype=torch.float64)
+    layout = Layout(96, 32, 0, 1, 2, 64, 64)
+    bits = [unit_storage_bits(e, 32, 64, 64) for e in experts]
+    costs = summed.reshape(6, 3)
+
+    def figures(plan):
+        return sum(costs[u, e].item() for u, e in enumerate(plan)), sum(bits[e] for e in plan)
+
+    everything = [figures(plan) for plan in itertools.product(range(3), repeat=6)]
+    seen = set()
+    for budget in torch.linspace(min(bits), max(bits), 13).tolist():
+        plan = static_plan(summed, experts, layout, budget).per_position.flatten().tolist()
+        cost, used = figures(plan)
+        assert used <= budget * 6 + 1e-9
+        assert math.isclose(cost, min(c for c, b in everything if b <= used), abs_tol=1e-12), (budget, plan)
+        seen.add(tuple(plan))
+    assert len(seen) >= 5   # the budgets really move the plan
+
+
+def test_static_plan_reuses_its_last_position_past_the_store_windows():
+    experts = [parse_expert(n) for n in ("fp16", "int2")]
+    summed = torch.tensor([[[[0.0, 1.0], [0.0, 0.1]]]], dtype=torch.float64)   # (L, H, C = 2, M)
+    fp16, int2 = (unit_storage_bits(e, 32, 64, 64) for e in experts)
+    plan = static_plan(summed, experts, Layout(128, 32, 0, 1, 1, 64, 64), budget_per_unit=(fp16 + int2) / 2)
+    assert plan.per_position.flatten().tolist() == [0, 1, 1, 1]
+
+
+def test_paired_difference_is_the_mean_of_per_window_differences_with_its_interval():
+    layout = Layout(64, 32, 0, 1, 1, 8, 8)
+    a, b = Result("router", [], layout, 4), Result("static", [], layout, 4)
+    a.window_nll, b.window_nll = [1.0, 1.2, 0.9, 1.1], [1.1, 1.25, 1.0, 1.1]
+    d = paired_difference(a, b, fp16_value=2.0, bytes_per_token=1)
+    differences = torch.tensor([-0.1, -0.05, -0.1, 0.0], dtype=torch.float64) / math.log(2)
+    half = 1.96 * differences.std().item() / 2
+    assert math.isclose(d["mean"], differences.mean().item())
+    assert all(math.isclose(x, y) for x, y in zip(d["ci95"], [d["mean"] - half, d["mean"] + half]))
+    assert math.isclose(d["percent_of_fp16"], 50 * d["mean"]) and d["verdict"] == "router is better"

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import ROOT
 from moqae_calib import CalibError
+from moqae_calib.evaluate import PRESCIENT_NOTE
 from moqae_calib.pareto import markdown, runs_of
 
 
@@ -32,13 +33,21 @@ def summary(name, bits, bpb):
             "perplexity": 2 ** bpb}
 
 
-def test_table_gives_each_method_against_fp16_and_the_regret():
+def test_table_leads_with_router_against_static_and_labels_the_prescient_row():
     shared = [summary("uniform fp16", 16, 2.0), summary("uniform int4", 4.75, 2.01)]
-    row = {"label": "budget-3.5", "estimated_perplexity": 1.1, "estimated_fp16_perplexity": 1.0,
-           "router": summary("router", 3.5, 2.05), "layer-wise": summary("layer-wise", 3.4, 2.08),
-           "random": summary("random (router's mix)", 3.5, 2.1), "oracle": summary("oracle", 3.5, 2.02)}
+    difference = {"mean": -0.03, "ci95": [-0.05, -0.01], "percent_of_fp16": -1.5, "ci95_percent_of_fp16": [-2.5, -0.5],
+                  "verdict": "router is better"}
+    row = {"label": "budget-3.5", "estimated": {"fp16": 1.0, "router": 1.1, "static": 1.05},
+           "estimated_router_vs_static": {"percent_of_fp16": 3.2}, "router_vs_static": difference,
+           "router": summary("router", 3.5, 2.05), "static": summary("static", 3.5, 2.08),
+           "layer-wise": summary("layer-wise", 3.4, 2.08), "random": summary("random (router's mix)", 3.5, 2.1),
+           "prescient": dict(summary("prescient (gradients of the evaluated text)", 3.5, 2.02), note=PRESCIENT_NOTE)}
     table = markdown([row], shared)
+    assert table.index("Router against static") < table.index("| method |")
+    assert ("| budget-3.5 | 3.500 | 2.0500 | 2.0800 | -0.0300 | -0.0500 to -0.0100 | -1.50% (-2.50% to -0.50%) "
+            "| router is better | +3.20% |") in table
     assert "| router | budget-3.5 | 3.500 | 4.000 | 2.0500 | +2.50% |" in table
     assert "| uniform int4 |  | 4.750 | 5.250 | 2.0100 | +0.50% |" in table
-    assert "| budget-3.5 | 3.500 | +0.0300 |" in table
-    assert "+10.00% |" in table   # the router's estimate against its own fp16 estimate
+    assert "+10.00% |" in table and "+5.00% |" in table   # router's and static's estimates against their fp16 estimate
+    assert "| prescient (gradients of the evaluated text) | budget-3.5 |" in table and PRESCIENT_NOTE in table
+    assert "regret" not in table.lower() and "oracle" not in table.lower()
