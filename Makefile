@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: benchmark setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: benchmark sensitivity-benchmark setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -59,6 +59,13 @@ BENCH_ARGS ?= --shape llama2-7b --sequences 16 --cold
 benchmark: build venv
 	cd calibration && ../$(PY) -m moqae_calib benchmark --moqae-train ../$(BIN) --work ../$(BENCH_WORK) \
 	  --out ../$(BENCH_OUT) $(BENCH_ARGS)
+
+## Seconds per window of Taylor and exact sensitivities (resumed, and full forwards) on the same
+## SENSITIVITY_WINDOWS windows of the reference model: the "Exact sensitivities" section of BENCH_OUT.
+SENSITIVITY_WINDOWS ?= 8
+sensitivity-benchmark: venv
+	cd calibration && ../$(PY) -m moqae_calib sensitivity-benchmark --model reference/wt2-byte-llama \
+	  --corpus reference/wikitext-2/valid.txt --tokenizer bytes --windows $(SENSITIVITY_WINDOWS) --out ../$(BENCH_OUT)
 
 ## Kill soak: trains CONFIG while SIGKILLing moqae-train SOAK_KILLS times (some during checkpoint
 ## writes), resuming each time; the result must equal an uninterrupted run (kept in SOAK_RUN_DIR.reference).

@@ -105,7 +105,7 @@ def parser():
     sensitivity.add_argument("--chunk-size", type=int, default=32)
     sensitivity.add_argument("--experts", default="fp16,int4,int2")
     sensitivity.add_argument("--windows", type=int, default=8, help="windows to time")
-    sensitivity.add_argument("--out", help="Markdown file to append the table to")
+    sensitivity.add_argument("--out", help="Markdown report whose \"Exact sensitivities\" section to write")
 
     soak = commands.add_parser("soak", help="SIGKILL moqae-train at random moments, resume each time, compare with an uninterrupted run")
     soak.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")

@@ -9,6 +9,7 @@ import sys
 import time
 
 from . import CalibError
+from .report import write_section
 from .torch_step import TorchTrainer
 
 VECTOR_BYTES = {"f16": 2, "bf16": 2, "f32": 4}
@@ -129,8 +130,7 @@ def run_benchmark(args):
     text = "\n".join(section) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "a" if args.append else "w") as f:
-            f.write("\n" + text if args.append else "# Performance\n\n" + text)
+        write_section(args.out, "Performance", "Training: throughput, streaming from disk and memory", text, append=args.append)
         print(f"wrote {args.out}")
 
 

@@ -7,9 +7,11 @@ It also checks that the two exact paths agree, and gives the share of the full f
 resumed path recomputes (layer-tokens), which bounds its speed-up.
 """
 import statistics
+import sys
 import time
 
 from . import CalibError
+from .report import write_section
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import check_model_dir, load_model, model_shape
 from .experts import parse_experts
@@ -61,8 +63,8 @@ def run_sensitivity_benchmark(args):
     share = resumed_work_share(layers, seq_len // args.chunk_size)
     speedups = [row[2] / row[1] for row in rows]
     lines = [
-        f"Written by `python -m moqae_calib sensitivity-benchmark --model {args.model} --corpus {args.corpus} "
-        f"--tokenizer {args.tokenizer} --windows {args.windows}` (run from `calibration/`).", "",
+        f"Written by `python -m moqae_calib sensitivity-benchmark {' '.join(sys.argv[2:])}` "
+        "(`make sensitivity-benchmark`).", "",
         f"- {len(rows)} windows of {seq_len} tokens, experts {args.experts}, chunks of {args.chunk_size}; CPU, float32", "",
         "| per window (median) | seconds | / Taylor |", "|---|---|---|",
         f"| Taylor (forward + backward) | {median(0):.3f} | 1 |",
@@ -77,5 +79,5 @@ def run_sensitivity_benchmark(args):
     report = "\n".join(lines)
     print(report)
     if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n## Exact sensitivities\n\n" + report)
+        write_section(args.out, "Performance", "Exact sensitivities", report)
+        print(f"wrote {args.out}")
