@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: benchmark sensitivity-benchmark setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: benchmark sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -50,6 +50,45 @@ pareto: build store
 	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) \
 	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
 	  --out $(PARETO_OUT) --max-windows $(PARETO_WINDOWS) $(addprefix --config-run ,$(PARETO_CONFIGS)) $(PARETO_ARGS)
+
+## The pass-key model, end to end at 2,048 bytes: a store of every 2,048-byte window of valid.txt, half
+## of them with a needle (`make passkey-store`); routers under PASSKEY_CONFIG's bits budget; then
+## pass-key accuracy and bits per byte of every plan on PASSKEY_WINDOWS needle windows of test.txt.
+PASSKEY_MODEL ?= calibration/reference/passkey-byte-llama
+PASSKEY_STORE ?= calibration/stores/passkey-byte-llama
+PASSKEY_SEQ_LEN ?= 2048
+PASSKEY_CONFIG ?= configs/passkey-3.0.yaml
+PASSKEY_RUN_DIR ?= checkpoints/passkey
+PASSKEY_WINDOWS ?= 200
+PASSKEY_TRAIN_ARGS ?=
+passkey-store: venv
+	@if [ ! -f $(PASSKEY_STORE)/manifest.json ]; then \
+	  $(CALIB) dump --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --tokenizer bytes \
+	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --out $(PASSKEY_STORE) \
+	    $$([ -f $(PASSKEY_STORE)/dump-state.json ] && echo --resume); fi
+passkey: build passkey-store
+	$(BIN) train --config $(PASSKEY_CONFIG) --set store=$(PASSKEY_STORE) --set run_dir=$(PASSKEY_RUN_DIR) \
+	  $$(ls $(PASSKEY_RUN_DIR)/ckpt-*.safetensors >/dev/null 2>&1 && echo --resume latest) $(PASSKEY_TRAIN_ARGS)
+	$(BIN) export $(PASSKEY_RUN_DIR) --out $(PASSKEY_RUN_DIR)/router.bin
+	$(CALIB) eval --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
+	  --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows $(PASSKEY_WINDOWS) --router $(PASSKEY_RUN_DIR)/router.bin \
+	  --store $(PASSKEY_STORE)
+
+## Pass-key accuracy and bits per byte against average bits for routers under PASSKEY_PARETO_CONFIGS
+## and every baseline, on the pass-key model: PASSKEY_PARETO_OUT/pareto.{json,md,png}.
+PASSKEY_PARETO_OUT ?= checkpoints/pareto-passkey
+PASSKEY_PARETO_CONFIGS ?= configs/passkey-2.5.yaml configs/passkey-3.0.yaml configs/passkey-4.0.yaml
+PASSKEY_PARETO_ARGS ?=
+pareto-passkey: build passkey-store
+	$(CALIB) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= \
+	  --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes --task passkey \
+	  --calibration-fraction 0.6 --out $(PASSKEY_PARETO_OUT) --max-windows $(PASSKEY_WINDOWS) \
+	  $(addprefix --config-run ,$(PASSKEY_PARETO_CONFIGS)) $(PASSKEY_PARETO_ARGS)
+
+## Dump time and peak memory at T = 512, 1,024 and 2,048 bytes on the pass-key model, and 4,096 and
+## 8,192 on a tiny random Llama: the "Dumps at length" section of BENCH_OUT.
+length-benchmark: venv
+	$(CALIB) length-benchmark --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --out $(BENCH_OUT)
 
 ## Throughput, disk streaming and memory against cat and a PyTorch step on a synthetic store:
 ## docs/PERFORMANCE.md. BENCH_ARGS e.g. "--shape tiny --sequences 64" for a quick run.

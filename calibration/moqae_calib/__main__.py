@@ -30,6 +30,11 @@ def parser():
     dump.add_argument("--fraction", type=float, default=0.10,
                       help="dump the windows with u(id) < FRACTION (default 0.10: calibration and validation splits)")
     dump.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    dump.add_argument("--passkey", type=float, default=0.0,
+                      help="share of the windows replaced by pass-key windows built from the corpus (default 0), so "
+                           "that routers see needles as eval --task passkey asks for them")
+    dump.add_argument("--passkey-seed", type=int, default=1,
+                      help="seed of the pass-key windows and of which windows get them (default 1; eval uses 0)")
     dump.add_argument("--chunk-size", type=int, default=32, help="tokens per unit (default 32)")
     dump.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
@@ -60,7 +65,12 @@ def parser():
     evaluate.add_argument("--calibration-fraction", type=float, default=0.05, help="the store's calibration split")
     evaluate.add_argument("--value-group", type=int, help="value quantization group (default: the store's, else head dim)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    evaluate.add_argument("--max-windows", type=int, help="score only the first N windows (quick checks)")
+    evaluate.add_argument("--max-windows", type=int,
+                          help="score only the first N windows (quick checks); with --task passkey, how many (default 200)")
+    evaluate.add_argument("--task", choices=["passkey"],
+                          help="passkey: needle windows built from --text (a key hidden at evenly spread depths, asked "
+                               "for at the end), scored by exact match of the key beside bits per byte")
+    evaluate.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     evaluate.add_argument("--no-baselines", action="store_true", help="score the router alone")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--device", default="auto")
@@ -78,7 +88,10 @@ def parser():
     pareto.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,0.9", help="λ of the paper-loss runs (empty: none)")
     pareto.add_argument("--config-run", action="append",
                         help="a further run: a moqae-train config file, labelled by its name (repeatable)")
-    pareto.add_argument("--max-windows", type=int, help="score only the first N windows of the text")
+    pareto.add_argument("--max-windows", type=int,
+                        help="score only the first N windows of the text; with --task passkey, how many (default 200)")
+    pareto.add_argument("--task", choices=["passkey"], help="score pass-key windows built from --text (see eval --task)")
+    pareto.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     pareto.add_argument("--calibration-fraction", type=float, default=0.05)
     pareto.add_argument("--batch-size", type=int, default=8)
     pareto.add_argument("--device", default="auto")
@@ -106,6 +119,15 @@ def parser():
     sensitivity.add_argument("--experts", default="fp16,int4,int2")
     sensitivity.add_argument("--windows", type=int, default=8, help="windows to time")
     sensitivity.add_argument("--out", help="Markdown report whose \"Exact sensitivities\" section to write")
+
+    length = commands.add_parser("length-benchmark", help="dump time and peak memory against the window length")
+    length.add_argument("--model", required=True, help="byte-level model for --lengths")
+    length.add_argument("--corpus", required=True, help="a .txt file")
+    length.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=[512, 1024, 2048])
+    length.add_argument("--tiny-lengths", type=lambda t: [int(x) for x in t.split(",")], default=[4096, 8192],
+                        help="lengths for a tiny random Llama made on the spot")
+    length.add_argument("--windows", type=int, default=4, help="windows per timed dump (at least 2)")
+    length.add_argument("--out", help="Markdown report whose \"Dumps at length\" section to write")
 
     soak = commands.add_parser("soak", help="SIGKILL moqae-train at random moments, resume each time, compare with an uninterrupted run")
     soak.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
@@ -142,6 +164,9 @@ def main(argv=None):
         elif args.command == "sensitivity-benchmark":
             from .sensitivity_benchmark import run_sensitivity_benchmark
             run_sensitivity_benchmark(args)
+        elif args.command == "length-benchmark":
+            from .length_benchmark import run_length_benchmark
+            run_length_benchmark(args)
         elif args.command == "soak":
             from .soak import run_soak
             run_soak(args)

@@ -9,7 +9,8 @@ from . import CalibError
 from .capture import IMPLEMENTATION, RouterInputs
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .experts import parse_experts
-from .selection import selected
+from .passkey import passkey_windows
+from .selection import selected, unit_value
 from .sensitivity import exact_delta, forward_with_kv_gradients, taylor_delta
 from .store import StoreWriter
 
@@ -58,6 +59,14 @@ def load_model(model_dir, device, device_map, dtype_name):
     return model
 
 
+def with_needles(corpus, haystack, tokenizer, fraction, seed):
+    """The corpus windows (N, T) with those whose u(index, seed) < fraction replaced by pass-key windows
+    of the same length, built from the corpus text with that seed."""
+    needles = passkey_windows(haystack, tokenizer, corpus.shape[1], corpus.shape[0], seed).ids
+    chosen = torch.tensor([unit_value(i, seed) < fraction for i in range(corpus.shape[0])])
+    return torch.where(chosen[:, None], needles, corpus)
+
+
 def dump(args):
     from transformers import AutoConfig
     check_model_dir(args.model)
@@ -79,8 +88,13 @@ def dump(args):
     if not 0 <= args.shard_index < args.num_shards:
         raise CalibError(f"--shard-index must be in 0..{args.num_shards - 1}, got {args.shard_index}")
 
+    if not 0 <= args.passkey <= 1:
+        raise CalibError(f"--passkey must be in [0, 1], got {args.passkey}")
     tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
-    corpus = windows(read_texts(args.corpus), tokenizer, seq_len)
+    texts = read_texts(args.corpus)
+    corpus = windows(texts, tokenizer, seq_len)
+    if args.passkey:
+        corpus = with_needles(corpus, "".join(texts), tokenizer, args.passkey, args.passkey_seed)
     chosen = [i for i in range(corpus.shape[0]) if selected(i, args.seed, args.fraction)]
     if not chosen:
         raise CalibError(f"--fraction {args.fraction} selects none of the corpus's {corpus.shape[0]} windows")
@@ -94,7 +108,8 @@ def dump(args):
         "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in experts],
         "sensitivity": args.sensitivity, "selection": {"seed": args.seed, "fraction": args.fraction},
         "corpus": {"source": ", ".join(os.path.basename(p) for p in args.corpus), "tokenizer": tokenizer.name,
-                   "seq_len": seq_len, "num_sequences": int(corpus.shape[0])},
+                   "seq_len": seq_len, "num_sequences": int(corpus.shape[0]),
+                   **({"passkey": {"fraction": args.passkey, "seed": args.passkey_seed}} if args.passkey else {})},
     }
     settings = dict(header, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size,
                     part={"index": args.shard_index, "count": args.num_shards})

@@ -20,6 +20,7 @@ from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import check_model_dir, load_model, model_shape, resolve_device
 from .experts import Expert, parse_expert
 from .quantizer import quantize_keys, quantize_values, unit_storage_bits
+from .passkey import answer_correct, passkey_windows, wilson_interval
 from .router import read_export, route
 from .selection import unit_value
 from .sensitivity import forward_with_kv_gradients, mean_nll, taylor_delta
@@ -130,12 +131,14 @@ def apply_plan(key, value, decisions, experts, layout):
 
 
 class Result:
-    """Perplexity and memory of one plan over the evaluation windows."""
+    """Perplexity and memory of one plan over the evaluation windows and, for a task, its answers."""
 
-    def __init__(self, name, experts, layout, windows, note=None):
-        self.name, self.experts, self.layout, self.windows, self.note = name, experts, layout, windows, note
+    def __init__(self, name, experts, layout, windows, note=None, task=None):
+        self.name, self.experts, self.layout, self.windows, self.note, self.task = name, experts, layout, windows, note, task
         self.nll_sum, self.tokens = 0.0, 0
         self.window_nll = []   # mean NLL of each window, in window order
+        self.correct = []      # task: whether each window's answer was exact, in window order
+        self.key_bits = torch.full((windows,), 16.0)   # task: fewest average bits any unit holding the key got
         self.counts = torch.zeros(layout.num_layers, len(experts), dtype=torch.long)   # routed units per layer, expert
 
     @property
@@ -162,12 +165,30 @@ class Result:
             out["bits_per_byte"] = self.nll / math.log(2) / bytes_per_token
         if self.note:
             out["diagnostic"], out["note"] = True, self.note
+        if self.task is not None:
+            out["task"] = self.task_summary()
         return out
 
+    def task_summary(self):
+        """Accuracy with its Wilson interval, by needle depth decile, and by whether the key's units
+        went to 2 bits or fewer."""
+        correct = torch.tensor(self.correct, dtype=torch.bool)
 
-def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True):
-    """Forward passes over every window with the plan applied; returns a Result."""
-    result = Result(plan.name, plan.experts, layout, len(windows), plan.note)
+        def accuracy(mask):
+            n, k = int(mask.sum()), int(correct[mask].sum())
+            return {"windows": n, "correct": k, "accuracy": k / n if n else None, "wilson95": list(wilson_interval(k, n))}
+
+        deciles = (self.task.depths * 10).long().clamp(0, 9)
+        return {"name": self.task.name, **accuracy(torch.ones_like(correct)),
+                "by_depth_decile": [accuracy(deciles == d) for d in range(10)],
+                "key_at_2_bits_or_fewer": accuracy(self.key_bits <= 2), "key_above_2_bits": accuracy(self.key_bits > 2)}
+
+
+def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True, task=None):
+    """Forward passes over every window with the plan applied; returns a Result. With a task (its `ids`
+    are the windows), also whether each window's answer is exact and the bits the key was stored at."""
+    result = Result(plan.name, plan.experts, layout, len(windows), plan.note, task)
+    expert_bits = torch.tensor([(e.key_bits + e.value_bits) / 2 for e in plan.experts])
     state = {}
 
     def transform(layer, key, value):
@@ -176,6 +197,14 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
             result.counts[layer, 0] += key.shape[0] * key.shape[1] * layout.routed
         else:
             result.counts[layer] += torch.bincount(decisions.flatten().cpu(), minlength=len(plan.experts))
+        if task is not None:
+            unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], layout.routed) if decisions is None \
+                else expert_bits[decisions.cpu()]
+            for row, window in enumerate(state["windows"]):
+                first, last = (task.key_spans[window] - torch.tensor([0, 1])) // layout.chunk_size - layout.first
+                routed = unit_bits[row, :, max(first, 0): min(last + 1, layout.routed)]
+                if routed.numel():
+                    result.key_bits[window] = min(result.key_bits[window], routed.min())
         return apply_plan(key, value, decisions, plan.experts, layout)
 
     hook = KVHook(transform=transform)
@@ -185,10 +214,14 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
         for start in range(0, len(windows), batch_size):
             ids = windows[start: start + batch_size].to(model.device)
             state["windows"] = list(range(start, start + ids.shape[0]))
-            nll = mean_nll(model(ids).logits, ids)
+            logits = model(ids).logits
+            nll = mean_nll(logits, ids)
             result.window_nll += nll.double().tolist()
             result.nll_sum += nll.double().sum().item() * (ids.shape[1] - 1)
             result.tokens += ids.numel() - ids.shape[0]
+            if task is not None:
+                positions = task.answer_positions[start: start + ids.shape[0]].to(ids.device)
+                result.correct += answer_correct(logits, ids, positions).tolist()
             bar.update(ids.shape[0])
     bar.close()
     check_all_layers_seen(hook, layout.num_layers, model_dir)
@@ -358,21 +391,22 @@ BASELINE_EXPERTS = ("fp16", "int8", "int4", "int2", "k4v2")
 class Evaluation:
     """The model, the evaluation windows and the router export, with every method scored on them."""
 
-    def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True):
+    def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True, task=None):
         layers, heads, head_dim, _ = model_shape(model.config)
         self.inputs = RouterInputs(export.router_input, model, model_dir)
         width = self.inputs.width(head_dim)
         if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
             raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
                              f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
-        self.model, self.windows, self.export, self.model_dir = model, windows, export, model_dir
+        self.model, self.windows, self.export, self.model_dir, self.task = model, windows, export, model_dir, task
         self.batch_size, self.progress = batch_size, progress
         self.layout = Layout(windows.shape[1], export.chunk_size, 1 if export.freeze_first_chunk else 0,
                              layers, heads, head_dim, value_group)
         self.prescient_deltas = None
 
     def score(self, plan):
-        return evaluate_plan(self.model, self.windows, plan, self.layout, self.batch_size, self.model_dir, self.progress)
+        return evaluate_plan(self.model, self.windows, plan, self.layout, self.batch_size, self.model_dir, self.progress,
+                             self.task)
 
     def router(self):
         return self.score(RouterPlan(self.export, self.inputs))
@@ -410,12 +444,34 @@ class Evaluation:
 
 
 def format_table(summaries):
-    lines = [f"{'method':<44} {'ppl':>9} {'bits/byte':>9} {'payload bits':>12} {'bits+consts':>11} {'KV/fp16':>8}"]
+    task = any("task" in s for s in summaries)
+    lines = [f"{'method':<44} {'ppl':>9} {'bits/byte':>9} {'payload bits':>12} {'bits+consts':>11} {'KV/fp16':>8}"
+             + (f" {'accuracy (95% CI)':>24}" if task else "")]
     for s in summaries:
         bpb = f"{s['bits_per_byte']:9.4f}" if "bits_per_byte" in s else f"{'-':>9}"
-        lines.append(f"{s['name']:<44} {s['perplexity']:9.4f} {bpb} {s['payload_bits']:12.3f} "
-                     f"{s['bits_with_constants']:11.3f} {100 * s['kv_fraction_of_fp16']:7.1f}%")
+        line = (f"{s['name']:<44} {s['perplexity']:9.4f} {bpb} {s['payload_bits']:12.3f} "
+                f"{s['bits_with_constants']:11.3f} {100 * s['kv_fraction_of_fp16']:7.1f}%")
+        if "task" in s:
+            t = s["task"]
+            line += f" {100 * t['accuracy']:7.1f}% ({100 * t['wilson95'][0]:4.1f}–{100 * t['wilson95'][1]:5.1f}%)"
+        lines.append(line)
     lines += [s["note"] for s in summaries if s.get("note")]
+    return "\n".join(lines)
+
+
+def format_task(summaries):
+    """Accuracy by needle depth decile and by the bits the key was stored at, per method."""
+    def cell(group):
+        return f"{group['correct']}/{group['windows']}".rjust(8)
+
+    lines = [f"{summaries[0]['task']['name']}: windows correct by needle depth (deciles of the window) and by the fewest "
+             "bits any unit holding the key got",
+             f"{'method':<44} " + " ".join(f"{f'{10 * d}-{10 * d + 10}%':>8}" for d in range(10))
+             + f" {'key≤2 bits':>10} {'key>2 bits':>10}"]
+    for s in summaries:
+        t = s["task"]
+        lines.append(f"{s['name']:<44} " + " ".join(cell(g) for g in t["by_depth_decile"])
+                     + f" {cell(t['key_at_2_bits_or_fewer']):>10} {cell(t['key_above_2_bits']):>10}")
     return "\n".join(lines)
 
 
@@ -440,16 +496,22 @@ def run_eval(args):
     if max_positions is not None and seq_len > max_positions:
         raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
-    text_windows = windows(read_texts([args.text]), tokenizer, seq_len)
-    if args.max_windows:
-        text_windows = text_windows[: args.max_windows]
+    task = None
+    if args.task == "passkey":
+        task = passkey_windows(read_texts([args.text])[0], tokenizer, seq_len, args.max_windows or 200, args.task_seed)
+        text_windows = task.ids
+    else:
+        text_windows = windows(read_texts([args.text]), tokenizer, seq_len)
+        if args.max_windows:
+            text_windows = text_windows[: args.max_windows]
     value_group = args.value_group or head_dim
     if args.store:
         with open(os.path.join(args.store, "manifest.json")) as f:
             value_group = json.load(f)["value_group"]
     model = load_model(args.model, resolve_device(args.device), args.device_map, args.model_dtype)
     try:
-        evaluation = Evaluation(model, text_windows, export, value_group, args.model, args.batch_size, progress=not args.json)
+        evaluation = Evaluation(model, text_windows, export, value_group, args.model, args.batch_size,
+                                progress=not args.json, task=task)
     except CalibError as error:
         raise CalibError(f"{args.router}: {error}") from None
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
@@ -472,9 +534,12 @@ def run_eval(args):
         print(json.dumps({"windows": len(text_windows), "seq_len": seq_len, "results": summaries,
                           "router_vs_static": comparison}))
     else:
-        print(f"{args.text}: {len(text_windows)} windows of {seq_len} tokens; {args.router}: "
+        what = f"{len(text_windows)} pass-key windows (seed {args.task_seed})" if task else f"{len(text_windows)} windows"
+        print(f"{args.text}: {what} of {seq_len} tokens; {args.router}: "
               f"{export.num_routers} router(s), experts {', '.join(e.name for e in export.experts)}")
         print(format_table(summaries))
+        if task:
+            print(format_task(summaries))
         if comparison:
             print(format_difference(comparison))
         elif not args.no_baselines:

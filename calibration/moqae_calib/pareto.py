@@ -16,6 +16,7 @@ import subprocess
 
 from . import CalibError
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
+from .passkey import passkey_windows
 from .dump import load_model, resolve_device
 from .evaluate import PRESCIENT_NOTE, CalibrationDeltas, Evaluation, format_difference, format_table, paired_difference
 from .router import read_export
@@ -65,41 +66,55 @@ def plot(rows, shared, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 5.5))
-    key = "bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"
+    task = "task" in shared[0]
+    figure, axes = plt.subplots(1, 2 if task else 1, figsize=(15 if task else 8, 5.5), squeeze=False)
+    for axis, key in zip(axes[0], ["bits_per_byte" if "bits_per_byte" in shared[0] else "perplexity"] + (["accuracy"] if task else [])):
+        draw(axis, rows, shared, key)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def draw(axis, rows, shared, key):
+    """One panel: `key` of every method against payload bits."""
+    def value(summary):
+        return summary["task"]["accuracy"] if key == "accuracy" else summary[key]
+
     routers = sorted(rows, key=lambda r: r["router"]["payload_bits"])
     paper = [r for r in routers if r["label"].startswith("paper")]
-    axis.plot([r["router"]["payload_bits"] for r in paper], [r["router"][key] for r in paper], "o-",
+    axis.plot([r["router"]["payload_bits"] for r in paper], [value(r["router"]) for r in paper], "o-",
               color="C3", label="router, paper loss (λ as labelled)")
     others = [r for r in routers if not r["label"].startswith("paper")]
-    axis.scatter([r["router"]["payload_bits"] for r in others], [r["router"][key] for r in others], marker="*", s=120,
+    axis.scatter([r["router"]["payload_bits"] for r in others], [value(r["router"]) for r in others], marker="*", s=120,
                  color="C1", label="router, other configs (as labelled)")
     for r in routers:
-        axis.annotate(r["label"].replace("paper ", ""), (r["router"]["payload_bits"], r["router"][key]),
+        axis.annotate(r["label"].replace("paper ", ""), (r["router"]["payload_bits"], value(r["router"])),
                       textcoords="offset points", xytext=(4, 4), fontsize=8)
     for method, style, color, label in (
             ("static", "P", "C4", "static (per layer, head, chunk position; content-blind) at the router's bits"),
             ("layer-wise", "s", "C2", "layer-wise (KVTuner-style) at the router's bits"),
             ("random", "x", "C7", "random with the router's mix"),
             ("prescient", "^", "C0", "prescient (gradients of the evaluated text): a diagnostic, not reachable")):
-        axis.scatter([r[method]["payload_bits"] for r in routers], [r[method][key] for r in routers], marker=style,
+        axis.scatter([r[method]["payload_bits"] for r in routers], [value(r[method]) for r in routers], marker=style,
                      color=color, facecolors="none" if method == "prescient" else None, label=label)
     for summary in shared:
-        axis.scatter([summary["payload_bits"]], [summary[key]], marker="D", color="k")
-        axis.annotate(summary["name"].replace("uniform ", ""), (summary["payload_bits"], summary[key]),
+        axis.scatter([summary["payload_bits"]], [value(summary)], marker="D", color="k")
+        axis.annotate(summary["name"].replace("uniform ", ""), (summary["payload_bits"], value(summary)),
                       textcoords="offset points", xytext=(4, -10), fontsize=8)
     axis.scatter([], [], marker="D", color="k", label="fp16 and uniform quantization")
     axis.set_xlabel("average KV bits (payload)")
-    axis.set_ylabel("bits per byte" if key == "bits_per_byte" else "perplexity")
-    axis.set_title("Real quality against KV memory")
+    axis.set_ylabel({"bits_per_byte": "bits per byte", "perplexity": "perplexity"}.get(key, f"{shared[0].get('task', {}).get('name')} accuracy"))
+    axis.set_title("Real quality against KV memory" if key != "accuracy" else "Task accuracy against KV memory")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def rise(value, fp16):
     return f"{100 * (value / fp16 - 1):+.2f}%"
+
+
+def accuracy(summary):
+    t = summary["task"]
+    return f"{100 * t['accuracy']:.1f}% ({100 * t['wilson95'][0]:.1f}–{100 * t['wilson95'][1]:.1f}%)"
 
 
 def markdown(rows, shared):
@@ -111,23 +126,27 @@ def markdown(rows, shared):
     unit = "bits/byte" if key == "bits_per_byte" else "nats/token"
     fp16_summary = next(s for s in shared if s["name"] == "uniform fp16")
     fp16, fp16_key = fp16_summary["perplexity"], fp16_summary[key]
+    task = "task" in fp16_summary
+    accuracy_header, accuracy_rule = (f" {fp16_summary['task']['name']} accuracy (Wilson 95%) |", "---|") if task else ("", "")
     lines = [f"Router against static at the same bits (router minus static; negative: the router is better; "
              f"95% confidence interval from per-window differences):", "",
              f"| run | payload bits | router {label} | static {label} | difference ({unit}) | 95% CI | % of fp16 | verdict "
-             f"| trainer's estimate, % of fp16 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| trainer's estimate, % of fp16 |" + (" router accuracy | static accuracy |" if task else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if task else "")]
     for r in rows:
         d = r["router_vs_static"]
         lines.append(f"| {r['label']} | {r['router']['payload_bits']:.3f} | {r['router'][key]:.4f} | {r['static'][key]:.4f} | "
                      f"{d['mean']:+.4f} | {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f} | {d['percent_of_fp16']:+.2f}% "
                      f"({d['ci95_percent_of_fp16'][0]:+.2f}% to {d['ci95_percent_of_fp16'][1]:+.2f}%) | {d['verdict']} "
-                     f"| {r['estimated_router_vs_static']['percent_of_fp16']:+.2f}% |")
-    lines += ["", f"| method | run | payload bits | bits+consts | {label} | {label} vs fp16 | ppl | ppl vs fp16 | estimated ppl vs fp16 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                     f"| {r['estimated_router_vs_static']['percent_of_fp16']:+.2f}% |"
+                     + (f" {accuracy(r['router'])} | {accuracy(r['static'])} |" if task else ""))
+    lines += ["", f"| method | run | payload bits | bits+consts | {label} | {label} vs fp16 | ppl | ppl vs fp16 | "
+                  f"estimated ppl vs fp16 |{accuracy_header}", "|---|---|---|---|---|---|---|---|---|" + accuracy_rule]
 
     def line(s, run, estimate=""):
         return (f"| {s['name']} | {run} | {s['payload_bits']:.3f} | {s['bits_with_constants']:.3f} | {s[key]:.4f} | "
-                f"{rise(s[key], fp16_key)} | {s['perplexity']:.4f} | {rise(s['perplexity'], fp16)} | {estimate} |")
+                f"{rise(s[key], fp16_key)} | {s['perplexity']:.4f} | {rise(s['perplexity'], fp16)} | {estimate} |"
+                + (f" {accuracy(s)} |" if task else ""))
 
     lines += [line(s, "") for s in shared]
     for r in rows:
@@ -163,9 +182,15 @@ def run_pareto(args):
     tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
     with open(os.path.join(args.store, "manifest.json")) as f:
         manifest = json.load(f)
-    text_windows = windows(read_texts([args.text]), tokenizer, manifest["corpus"]["seq_len"])
-    if args.max_windows:
-        text_windows = text_windows[: args.max_windows]
+    task = None
+    if args.task == "passkey":
+        task = passkey_windows(read_texts([args.text])[0], tokenizer, manifest["corpus"]["seq_len"],
+                               args.max_windows or 200, args.task_seed)
+        text_windows = task.ids
+    else:
+        text_windows = windows(read_texts([args.text]), tokenizer, manifest["corpus"]["seq_len"])
+        if args.max_windows:
+            text_windows = text_windows[: args.max_windows]
     model = load_model(args.model, resolve_device(args.device), None, "auto")
     bytes_per_token = 1 if args.tokenizer == "bytes" else None
 
@@ -174,7 +199,7 @@ def run_pareto(args):
     for run in runs:
         path, estimate = exports[run.label]
         evaluation = Evaluation(model, text_windows, read_export(path), manifest["value_group"], args.model,
-                                args.batch_size, progress=os.isatty(2))
+                                args.batch_size, progress=os.isatty(2), task=task)
         if calibration is None:
             calibration = CalibrationDeltas(args.store, args.calibration_fraction, evaluation.layout)
         expert_set = tuple(e.name for e in evaluation.export.experts)
@@ -200,7 +225,8 @@ def run_pareto(args):
         rows.append(row)
         print(f"{run.label}:\n" + format_table([row[m] for m in METHODS]) + "\n" + format_difference(row["router_vs_static"]),
               flush=True)
-    result = {"text": args.text, "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
+    result = {"text": args.text, "task": args.task, "task_seed": args.task_seed if task else None,
+              "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
               "shared": shared, "runs": rows}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -1,0 +1,78 @@
+"""`length-benchmark`: dump time and peak memory against the window length T.
+
+Each (model, T) is one `dump` of WINDOWS windows in a child process (Taylor sensitivities, the default),
+timed per window after the model has loaded; peak RSS is the child's. A tiny random Llama made here
+with room for the longest T stands in for the lengths a small reference model cannot read.
+"""
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import CalibError
+from .benchmark import run_child
+from .report import write_section
+from .selection import unit_value
+
+
+def tiny_llama(directory, max_positions):
+    """A random 3-layer Llama (hidden 64, 2 KV heads of 16) that reads up to `max_positions` bytes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=max_positions)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def fraction_for(count, corpus, seq_len):
+    """A `--fraction` that selects exactly `count` of the corpus's byte windows (seed 0)."""
+    total = os.path.getsize(corpus) // seq_len
+    if total < count:
+        raise CalibError(f"{corpus}: {total} windows of {seq_len} bytes, fewer than {count}")
+    values = sorted(unit_value(i, 0) for i in range(total))
+    return (values[count - 1] + values[count]) / 2 if count < total else 1.0
+
+
+def timed_dump(model, corpus, seq_len, windows, work):
+    """(seconds per window, peak RSS in MB) of a byte-level Taylor dump of `windows` windows. The first
+    window's time includes loading the model; timing dumps of 1 and `windows` windows cancels it."""
+    command = [sys.executable, "-m", "moqae_calib", "dump", "--model", model, "--corpus", corpus, "--tokenizer", "bytes",
+               "--seq-len", str(seq_len), "--device", "cpu"]
+    figures = []
+    for count in (1, windows):
+        out = os.path.join(work, f"store-{seq_len}-{count}")
+        figures.append(run_child(command + ["--out", out, "--fraction", repr(fraction_for(count, corpus, seq_len))]))
+        shutil.rmtree(out, ignore_errors=True)
+    (short_seconds, _), (seconds, peak) = figures
+    return (seconds - short_seconds) / (windows - 1), peak
+
+
+def run_length_benchmark(args):
+    if not os.path.isfile(args.corpus):
+        raise CalibError(f"{args.corpus}: corpus file not found")
+    work = tempfile.mkdtemp(prefix="moqae-length-")
+    tiny = tiny_llama(os.path.join(work, "tiny-llama"), max(args.tiny_lengths))
+    rows = []
+    for label, model, lengths in ((os.path.basename(os.path.normpath(args.model)), args.model, args.lengths),
+                                  ("tiny random Llama", tiny, args.tiny_lengths)):
+        for seq_len in lengths:
+            per_window, peak = timed_dump(model, args.corpus, seq_len, args.windows, work)
+            rows.append((label, seq_len, per_window, peak))
+            print(f"{label}, T = {seq_len}: {per_window:.2f} s per window, peak RSS {peak:.0f} MB", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    lines = [f"Written by `python -m moqae_calib length-benchmark {' '.join(sys.argv[2:])}` (`make length-benchmark`).", "",
+             f"- Taylor dumps (one forward and one backward per window) of byte windows of `{os.path.basename(args.corpus)}`, "
+             f"CPU, float32; seconds per window from dumps of 1 and {args.windows} windows (so that loading the model "
+             "cancels); peak RSS of the whole dump process", "",
+             "| model | T | seconds per window | peak RSS |", "|---|---|---|---|"]
+    lines += [f"| {label} | {seq_len:,} | {per_window:.2f} | {peak:.0f} MB |" for label, seq_len, per_window, peak in rows]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        write_section(args.out, "Performance", "Dumps at length", report)
+        print(f"wrote {args.out}")
+    return rows

@@ -1,0 +1,70 @@
+"""Pass-key windows, their scoring and the accuracy the evaluator reports."""
+import math
+
+import torch
+
+from conftest import VALID_TXT
+from moqae_calib.corpus import ByteTokenizer, read_texts, windows
+from moqae_calib.dump import load_model, with_needles
+from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan
+from moqae_calib.experts import parse_expert
+from moqae_calib.passkey import answer_correct, passkey_windows, wilson_interval
+
+HAYSTACK = read_texts([VALID_TXT])[0][:50_000]
+
+
+def test_windows_hold_the_needle_at_spread_depths_and_end_with_the_key():
+    task = passkey_windows(HAYSTACK, ByteTokenizer(), 256, 10, seed=3)
+    assert task.ids.shape == (10, 256) and task.answer_positions.shape == (10, 5)
+    for row, key in enumerate(task.keys):
+        text = bytes(task.ids[row].tolist())   # byte offsets are token positions
+        assert text.endswith(f" What is the pass key? The pass key is {key}.".encode())
+        start, end = task.needle_spans[row].tolist()
+        assert text[start:end] == f" The pass key is {key}. Remember it. ".encode()
+        assert text[slice(*task.key_spans[row].tolist())] == key.encode()
+        assert bytes(task.ids[row, task.answer_positions[row]].tolist()).decode() == key
+    assert torch.allclose(task.depths, torch.linspace(0.05, 0.95, 10, dtype=torch.float64), atol=0.01)
+    again = passkey_windows(HAYSTACK, ByteTokenizer(), 256, 10, seed=3)
+    assert torch.equal(again.ids, task.ids) and not torch.equal(passkey_windows(HAYSTACK, ByteTokenizer(), 256, 10, 4).ids, task.ids)
+
+
+def test_an_answer_is_correct_only_when_every_digit_is_predicted():
+    task = passkey_windows(HAYSTACK, ByteTokenizer(), 128, 3, seed=0)
+    logits = torch.zeros(3, 128, 256)
+    for row in range(3):   # predict the true next byte everywhere, then spoil one digit of window 1
+        logits[row, torch.arange(127), task.ids[row, 1:]] = 1.0
+    logits[1, task.answer_positions[1, 2] - 1] = 0
+    logits[1, task.answer_positions[1, 2] - 1, (task.ids[1, task.answer_positions[1, 2]] + 1) % 256] = 1.0
+    assert answer_correct(logits, task.ids, task.answer_positions).tolist() == [True, False, True]
+
+
+def test_wilson_interval_matches_the_formula():
+    low, high = wilson_interval(9, 10)
+    assert math.isclose(low, 0.5958, abs_tol=1e-4) and math.isclose(high, 0.9821, abs_tol=1e-4)
+    assert wilson_interval(0, 20)[0] == 0 and wilson_interval(20, 20)[1] == 1
+
+
+def test_a_store_corpus_gets_needles_in_the_chosen_windows():
+    corpus = windows([HAYSTACK], ByteTokenizer(), 512)
+    mixed = with_needles(corpus, HAYSTACK, ByteTokenizer(), 0.5, seed=1)
+    needled = [row for row in range(len(corpus)) if not torch.equal(mixed[row], corpus[row])]
+    assert 0.3 * len(corpus) < len(needled) < 0.7 * len(corpus)
+    assert all(b" The pass key is " in bytes(mixed[row].tolist()) for row in needled)
+
+
+def test_the_evaluator_scores_answers_and_the_bits_that_held_the_key(tiny_llama):
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    task = passkey_windows(HAYSTACK, ByteTokenizer(), 128, 6, seed=0)
+    layout = Layout(128, 32, 1, 3, 2, 16, 16)
+    for expert, bits in (("fp16", 16), ("int2", 2)):
+        result = evaluate_plan(model, task.ids, UniformPlan(parse_expert(expert)), layout, 4, tiny_llama, False, task)
+        with torch.no_grad():
+            expected = answer_correct(model(task.ids).logits, task.ids, task.answer_positions) if expert == "fp16" else None
+        if expected is not None:
+            assert result.correct == expected.tolist()
+        # A key inside chunk 0 stays at 16 bits (frozen); elsewhere it is held at the plan's bits.
+        in_first_chunk = task.key_spans[:, 1] <= 32
+        assert result.key_bits.tolist() == [16.0 if first else bits for first in in_first_chunk.tolist()]
+        summary = result.summary(1)["task"]
+        assert summary["windows"] == 6 and sum(g["windows"] for g in summary["by_depth_decile"]) == 6
+        assert summary["key_at_2_bits_or_fewer"]["windows"] == (0 if bits == 16 else int((~in_first_chunk).sum()))
