@@ -67,9 +67,10 @@ def parser():
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     evaluate.add_argument("--max-windows", type=int,
                           help="score only the first N windows (quick checks); with --task passkey, how many (default 200)")
-    evaluate.add_argument("--task", choices=["passkey"],
+    evaluate.add_argument("--task", metavar="passkey|FILE.jsonl",
                           help="passkey: needle windows built from --text (a key hidden at evenly spread depths, asked "
-                               "for at the end), scored by exact match of the key beside bits per byte")
+                               "for at the end); FILE.jsonl: records of context, question and answer, each cut to "
+                               "--seq-len; scored by exact match of the answer beside bits per byte")
     evaluate.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     evaluate.add_argument("--no-baselines", action="store_true", help="score the router alone")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -90,7 +91,7 @@ def parser():
                         help="a further run: a moqae-train config file, labelled by its name (repeatable)")
     pareto.add_argument("--max-windows", type=int,
                         help="score only the first N windows of the text; with --task passkey, how many (default 200)")
-    pareto.add_argument("--task", choices=["passkey"], help="score pass-key windows built from --text (see eval --task)")
+    pareto.add_argument("--task", metavar="passkey|FILE.jsonl", help="score task windows instead of plain text (see eval --task)")
     pareto.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     pareto.add_argument("--calibration-fraction", type=float, default=0.05)
     pareto.add_argument("--batch-size", type=int, default=8)

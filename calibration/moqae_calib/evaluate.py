@@ -20,7 +20,7 @@ from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import check_model_dir, load_model, model_shape, resolve_device
 from .experts import Expert, parse_expert
 from .quantizer import quantize_keys, quantize_values, unit_storage_bits
-from .passkey import answer_correct, passkey_windows, wilson_interval
+from .passkey import answer_correct, task_windows, wilson_interval
 from .router import read_export, route
 from .selection import unit_value
 from .sensitivity import forward_with_kv_gradients, mean_nll, taylor_delta
@@ -170,18 +170,21 @@ class Result:
         return out
 
     def task_summary(self):
-        """Accuracy with its Wilson interval, by needle depth decile, and by whether the key's units
-        went to 2 bits or fewer."""
+        """Accuracy with its Wilson interval, by depth decile of the answer's source, and by whether the
+        units holding the source went to 2 bits or fewer (windows whose answer has no source in the
+        context count in neither)."""
         correct = torch.tensor(self.correct, dtype=torch.bool)
+        located = self.task.key_spans[:, 0] >= 0
 
         def accuracy(mask):
             n, k = int(mask.sum()), int(correct[mask].sum())
             return {"windows": n, "correct": k, "accuracy": k / n if n else None, "wilson95": list(wilson_interval(k, n))}
 
-        deciles = (self.task.depths * 10).long().clamp(0, 9)
+        deciles = (self.task.depths.nan_to_num(-1) * 10).long().clamp(-1, 9)
         return {"name": self.task.name, **accuracy(torch.ones_like(correct)),
                 "by_depth_decile": [accuracy(deciles == d) for d in range(10)],
-                "key_at_2_bits_or_fewer": accuracy(self.key_bits <= 2), "key_above_2_bits": accuracy(self.key_bits > 2)}
+                "key_at_2_bits_or_fewer": accuracy(located & (self.key_bits <= 2)),
+                "key_above_2_bits": accuracy(located & (self.key_bits > 2))}
 
 
 def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True, task=None):
@@ -201,6 +204,8 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
             unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], layout.routed) if decisions is None \
                 else expert_bits[decisions.cpu()]
             for row, window in enumerate(state["windows"]):
+                if task.key_spans[window, 0] < 0:
+                    continue
                 first, last = (task.key_spans[window] - torch.tensor([0, 1])) // layout.chunk_size - layout.first
                 routed = unit_bits[row, :, max(first, 0): min(last + 1, layout.routed)]
                 if routed.numel():
@@ -220,8 +225,7 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
             result.nll_sum += nll.double().sum().item() * (ids.shape[1] - 1)
             result.tokens += ids.numel() - ids.shape[0]
             if task is not None:
-                positions = task.answer_positions[start: start + ids.shape[0]].to(ids.device)
-                result.correct += answer_correct(logits, ids, positions).tolist()
+                result.correct += answer_correct(logits, ids, task.answer_positions[start: start + ids.shape[0]]).tolist()
             bar.update(ids.shape[0])
     bar.close()
     check_all_layers_seen(hook, layout.num_layers, model_dir)
@@ -497,8 +501,8 @@ def run_eval(args):
         raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
     task = None
-    if args.task == "passkey":
-        task = passkey_windows(read_texts([args.text])[0], tokenizer, seq_len, args.max_windows or 200, args.task_seed)
+    if args.task:
+        task = task_windows(args.task, args.text, tokenizer, seq_len, args.max_windows, args.task_seed)
         text_windows = task.ids
     else:
         text_windows = windows(read_texts([args.text]), tokenizer, seq_len)
@@ -534,8 +538,9 @@ def run_eval(args):
         print(json.dumps({"windows": len(text_windows), "seq_len": seq_len, "results": summaries,
                           "router_vs_static": comparison}))
     else:
-        what = f"{len(text_windows)} pass-key windows (seed {args.task_seed})" if task else f"{len(text_windows)} windows"
-        print(f"{args.text}: {what} of {seq_len} tokens; {args.router}: "
+        what = (f"{args.text}: {len(text_windows)} pass-key windows (seed {args.task_seed})" if args.task == "passkey"
+                else f"{args.task}: {len(text_windows)} records" if task else f"{args.text}: {len(text_windows)} windows")
+        print(f"{what} of {seq_len} tokens; {args.router}: "
               f"{export.num_routers} router(s), experts {', '.join(e.name for e in export.experts)}")
         print(format_table(summaries))
         if task:

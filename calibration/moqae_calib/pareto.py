@@ -16,7 +16,7 @@ import subprocess
 
 from . import CalibError
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
-from .passkey import passkey_windows
+from .passkey import task_windows
 from .dump import load_model, resolve_device
 from .evaluate import PRESCIENT_NOTE, CalibrationDeltas, Evaluation, format_difference, format_table, paired_difference
 from .router import read_export
@@ -183,9 +183,8 @@ def run_pareto(args):
     with open(os.path.join(args.store, "manifest.json")) as f:
         manifest = json.load(f)
     task = None
-    if args.task == "passkey":
-        task = passkey_windows(read_texts([args.text])[0], tokenizer, manifest["corpus"]["seq_len"],
-                               args.max_windows or 200, args.task_seed)
+    if args.task:
+        task = task_windows(args.task, args.text, tokenizer, manifest["corpus"]["seq_len"], args.max_windows, args.task_seed)
         text_windows = task.ids
     else:
         text_windows = windows(read_texts([args.text]), tokenizer, manifest["corpus"]["seq_len"])

@@ -1,5 +1,6 @@
-"""Pass-key retrieval windows: a needle holding a random 5-digit key hidden in haystack text, and a
-question at the end whose answer is the key.
+"""Task windows scored by exact match of an answer: pass-key retrieval (a needle holding a random 5-digit
+key hidden in haystack text, and a question at the end whose answer is the key), and users' own
+records of context, question and answer.
 
 A window of `seq_len` tokens is: haystack, the needle, more haystack, then the question, the answer (the
 key's tokens) and a full stop,
@@ -11,7 +12,9 @@ prediction at every answer token, given everything before it, is that token (exa
 are deterministic in the seed; window i puts the needle at depth (i + 0.5) / count of the haystack
 part, so depths are spread evenly over the window.
 """
+import json
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -25,13 +28,14 @@ END = "."
 
 
 @dataclass
-class PasskeyWindows:
+class TaskWindows:
     ids: torch.Tensor               # (windows, seq_len) int64
-    answer_positions: torch.Tensor  # (windows, answer tokens): where each answer token sits in its window
-    needle_spans: torch.Tensor      # (windows, 2): first and last + 1 token of the needle
-    key_spans: torch.Tensor         # (windows, 2): first and last + 1 token of the key inside the needle
-    depths: torch.Tensor            # (windows,) float: needle start / haystack tokens, in [0, 1)
-    keys: list                      # the 5-digit keys, as strings
+    answer_positions: object        # per window, (answer tokens,) int64: where each answer token sits; a
+                                    # (windows, 5) tensor for pass-key windows, a list of tensors for records
+    key_spans: torch.Tensor         # (windows, 2): first and last + 1 token of the answer's source in the
+                                    # context (the key in the needle); (-1, -1) where it does not appear
+    depths: torch.Tensor            # (windows,) float: the source's start / context tokens, NaN where absent
+    keys: list                      # the answers, as strings
     name: str = "passkey"
 
 
@@ -39,7 +43,7 @@ def passkey_windows(haystack, tokenizer, seq_len, count, seed):
     """`count` windows of `seq_len` tokens from the haystack text (token slices at random offsets)."""
     hay = tokenizer.encode(haystack)
     generator = random.Random(seed)
-    rows, answers, spans, key_spans, depths, keys = [], [], [], [], [], []
+    rows, answers, key_spans, depths, keys = [], [], [], [], []
     for index in range(count):
         key = f"{generator.randrange(10 ** 5):05d}"
         question, answer, end = tokenizer.encode(QUESTION), tokenizer.encode(key), tokenizer.encode(END)
@@ -54,22 +58,58 @@ def passkey_windows(haystack, tokenizer, seq_len, count, seed):
         at = int((index + 0.5) / count * room)
         rows.append(filler[:at] + needle + filler[at:] + question + answer + end)
         first_answer = seq_len - len(end) - len(answer)
-        answers.append(list(range(first_answer, first_answer + len(answer))))
-        spans.append([at, at + len(needle)])
+        answers.append(torch.arange(first_answer, first_answer + len(answer)))
         key_spans.append([at + len(needle_start), at + len(needle_start) + len(answer)])
         depths.append(at / room)
         keys.append(key)
-    return PasskeyWindows(torch.tensor(rows, dtype=torch.long), torch.tensor(answers, dtype=torch.long),
-                          torch.tensor(spans, dtype=torch.long), torch.tensor(key_spans, dtype=torch.long), torch.tensor(depths, dtype=torch.float64), keys)
+    return TaskWindows(torch.tensor(rows, dtype=torch.long), torch.stack(answers), torch.tensor(key_spans, dtype=torch.long),
+                       torch.tensor(depths, dtype=torch.float64), keys)
+
+
+def record_windows(path, tokenizer, seq_len):
+    """Windows of a JSONL file of {"context", "question", "answer"} records: each is context, question
+    and answer tokens, cut to its last `seq_len` tokens (the context loses its start). Where the answer's
+    tokens appear in the kept context, their last occurrence is the source the depth is measured at."""
+    rows, answers, key_spans, depths, keys = [], [], [], [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CalibError(f"{path}: cannot read the task file ({error})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("context", "question", "answer")):
+            raise CalibError(f"{path}:{number}: expected an object with string \"context\", \"question\" and \"answer\" fields")
+        context, question, answer = (tokenizer.encode(record[k]) for k in ("context", "question", "answer"))
+        keep = seq_len - len(question) - len(answer)
+        if not answer or keep < 1 or len(context) < keep:
+            raise CalibError(f"{path}:{number}: {len(context) + len(question) + len(answer)} tokens with a non-empty "
+                             f"answer are needed to fill --seq-len {seq_len} with at least one context token")
+        context = context[len(context) - keep:]
+        source = next((i for i in range(keep - len(answer), -1, -1) if context[i: i + len(answer)] == answer), -1)
+        rows.append(context + question + answer)
+        answers.append(torch.arange(seq_len - len(answer), seq_len))
+        key_spans.append([source, source + len(answer)] if source >= 0 else [-1, -1])
+        depths.append(source / keep if source >= 0 else math.nan)
+        keys.append(record["answer"])
+    if not rows:
+        raise CalibError(f"{path}: no records")
+    return TaskWindows(torch.tensor(rows, dtype=torch.long), answers, torch.tensor(key_spans, dtype=torch.long),
+                       torch.tensor(depths, dtype=torch.float64), keys, name=os.path.basename(path))
 
 
 def answer_correct(logits, ids, answer_positions):
-    """Exact match per window: logits (B, T, V) of windows ids (B, T); the prediction for the token at
-    position p is the argmax of logits[p - 1]. Returns (B,) bool."""
-    predicted = logits[:, :-1].argmax(-1)                       # (B, T-1): prediction of token t+1
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
-    targets = ids[rows, answer_positions]
-    return (predicted[rows, answer_positions - 1] == targets).all(-1)
+    """Exact match per window: logits (B, T, V) of windows ids (B, T), answer_positions B position
+    tensors (a list, or the rows of a tensor); the prediction for the token at position p is the argmax
+    of logits[p - 1]. Returns (B,) bool."""
+    predicted = logits.argmax(-1)                                # (B, T): prediction of token t+1
+    return torch.tensor([bool((predicted[row, positions - 1] == ids[row, positions]).all())
+                         for row, positions in enumerate(answer_positions)], dtype=torch.bool)
 
 
 def wilson_interval(correct, total, z=1.96):
@@ -80,3 +120,18 @@ def wilson_interval(correct, total, z=1.96):
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def task_windows(task, text, tokenizer, seq_len, count, seed):
+    """`--task passkey`: `count` (default 200) pass-key windows of the haystack file `text`; `--task
+    FILE.jsonl`: the file's records (the first `count` of them, when given)."""
+    if task == "passkey":
+        from .corpus import read_texts
+        return passkey_windows(read_texts([text])[0], tokenizer, seq_len, count or 200, seed)
+    if not task.endswith(".jsonl"):
+        raise CalibError(f"--task {task}: expected passkey or a .jsonl file of context, question and answer records")
+    windows = record_windows(task, tokenizer, seq_len)
+    if count:
+        windows = TaskWindows(windows.ids[:count], windows.answer_positions[:count], windows.key_spans[:count],
+                              windows.depths[:count], windows.keys[:count], windows.name)
+    return windows

@@ -1,6 +1,8 @@
 """Pass-key windows, their scoring and the accuracy the evaluator reports."""
+import json
 import math
 
+import pytest
 import torch
 
 from conftest import VALID_TXT
@@ -8,7 +10,8 @@ from moqae_calib.corpus import ByteTokenizer, read_texts, windows
 from moqae_calib.dump import load_model, with_needles
 from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan
 from moqae_calib.experts import parse_expert
-from moqae_calib.passkey import answer_correct, passkey_windows, wilson_interval
+from moqae_calib import CalibError
+from moqae_calib.passkey import answer_correct, passkey_windows, task_windows, wilson_interval
 
 HAYSTACK = read_texts([VALID_TXT])[0][:50_000]
 
@@ -19,10 +22,11 @@ def test_windows_hold_the_needle_at_spread_depths_and_end_with_the_key():
     for row, key in enumerate(task.keys):
         text = bytes(task.ids[row].tolist())   # byte offsets are token positions
         assert text.endswith(f" What is the pass key? The pass key is {key}.".encode())
-        start, end = task.needle_spans[row].tolist()
-        assert text[start:end] == f" The pass key is {key}. Remember it. ".encode()
-        assert text[slice(*task.key_spans[row].tolist())] == key.encode()
+        start, end = task.key_spans[row].tolist()
+        assert text[start - 17: end + 15] == f" The pass key is {key}. Remember it. ".encode()
+        assert text[start:end] == key.encode()
         assert bytes(task.ids[row, task.answer_positions[row]].tolist()).decode() == key
+        assert math.isclose(task.depths[row].item(), (start - 17) / (256 - 37 - 39 - 5 - 1))
     assert torch.allclose(task.depths, torch.linspace(0.05, 0.95, 10, dtype=torch.float64), atol=0.01)
     again = passkey_windows(HAYSTACK, ByteTokenizer(), 256, 10, seed=3)
     assert torch.equal(again.ids, task.ids) and not torch.equal(passkey_windows(HAYSTACK, ByteTokenizer(), 256, 10, 4).ids, task.ids)
@@ -33,8 +37,9 @@ def test_an_answer_is_correct_only_when_every_digit_is_predicted():
     logits = torch.zeros(3, 128, 256)
     for row in range(3):   # predict the true next byte everywhere, then spoil one digit of window 1
         logits[row, torch.arange(127), task.ids[row, 1:]] = 1.0
-    logits[1, task.answer_positions[1, 2] - 1] = 0
-    logits[1, task.answer_positions[1, 2] - 1, (task.ids[1, task.answer_positions[1, 2]] + 1) % 256] = 1.0
+    digit = task.answer_positions[1][2]
+    logits[1, digit - 1] = 0
+    logits[1, digit - 1, (task.ids[1, digit] + 1) % 256] = 1.0
     assert answer_correct(logits, task.ids, task.answer_positions).tolist() == [True, False, True]
 
 
@@ -68,3 +73,21 @@ def test_the_evaluator_scores_answers_and_the_bits_that_held_the_key(tiny_llama)
         summary = result.summary(1)["task"]
         assert summary["windows"] == 6 and sum(g["windows"] for g in summary["by_depth_decile"]) == 6
         assert summary["key_at_2_bits_or_fewer"]["windows"] == (0 if bits == 16 else int((~in_first_chunk).sum()))
+
+
+def test_records_are_cut_to_the_window_and_their_answer_is_located(tmp_path):
+    path = tmp_path / "task.jsonl"
+    filler = "x" * 200
+    path.write_text(json.dumps({"context": filler + " the code is 4711. " + "y" * 50, "question": " Code?", "answer": " 4711"})
+                    + "\n\n" + json.dumps({"context": filler, "question": " Q?", "answer": " none"}) + "\n")
+    task = task_windows(str(path), None, ByteTokenizer(), 128, None, 0)
+    assert task.ids.shape == (2, 128) and task.name == "task.jsonl"
+    first = bytes(task.ids[0].tolist())
+    assert first.endswith(b" Code? 4711") and bytes(task.ids[0, task.answer_positions[0]].tolist()) == b" 4711"
+    assert first[slice(*task.key_spans[0].tolist())] == b" 4711" and 0 < task.depths[0] < 1
+    assert task.key_spans[1].tolist() == [-1, -1] and math.isnan(task.depths[1])
+    for bad, reason in (('{"context": "a"}', "expected an object"), ("{", "not valid JSON"),
+                        (json.dumps({"context": "short", "question": "?", "answer": "a"}), "needed to fill --seq-len 128")):
+        path.write_text(bad + "\n")
+        with pytest.raises(CalibError, match=f"{path}:1: .*{reason}"):
+            task_windows(str(path), None, ByteTokenizer(), 128, None, 0)
