@@ -154,8 +154,8 @@ def main(argv=None):
     try:
         if args.command == "dump":
             from .dump import dump
-            count = dump(args)
-            print(f"wrote {count} sequences to {args.out}")
+            count, seconds = dump(args)
+            print(f"wrote {count} sequences to {args.out} ({seconds:.3f} s per sequence dumped, after loading the model)")
         elif args.command == "pareto":
             from .pareto import run_pareto
             run_pareto(args)

@@ -1,6 +1,7 @@
 """`dump`: a local Hugging Face causal LM plus a text corpus → a calibration store."""
 import os
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -124,6 +125,7 @@ def dump(args):
     # A context manager, so that the bar is closed before an error is reported on its own line.
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as progress:
+        started = time.perf_counter()
         for seq_id in todo:
             ids = corpus[seq_id].to(model.device)
             if args.sensitivity == "exact":
@@ -140,4 +142,4 @@ def dump(args):
             progress.update(1)
     part = {"index": args.shard_index, "count": args.num_shards} if args.num_shards > 1 else None
     writer.finish(part=part)
-    return len(mine)
+    return len(mine), (time.perf_counter() - started) / max(1, len(todo))

@@ -1,19 +1,19 @@
 """`length-benchmark`: dump time and peak memory against the window length T.
 
 Each (model, T) is one `dump` of WINDOWS windows in a child process (Taylor sensitivities, the default),
-timed per window after the model has loaded; peak RSS is the child's. A tiny random Llama made here
+timed per window after the model has loaded (the dump reports it); peak RSS is the child's. A tiny random Llama made here
 with room for the longest T stands in for the lengths a small reference model cannot read.
 """
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 from . import CalibError
-from .benchmark import run_child
 from .report import write_section
 from .selection import unit_value
 
@@ -37,18 +37,28 @@ def fraction_for(count, corpus, seq_len):
     return (values[count - 1] + values[count]) / 2 if count < total else 1.0
 
 
+# Runs argv[1:] from a fresh, small interpreter (so that the peak is the dump's alone, see benchmark.py);
+# prints its output, then its peak RSS (KB) on the last line.
+LAUNCHER = """
+import resource, subprocess, sys
+result = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(result.stderr)
+print(result.stdout + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(result.returncode)
+"""
+
+
 def timed_dump(model, corpus, seq_len, windows, work):
-    """(seconds per window, peak RSS in MB) of a byte-level Taylor dump of `windows` windows. The first
-    window's time includes loading the model; timing dumps of 1 and `windows` windows cancels it."""
+    """(seconds per window after loading, peak RSS in MB) of a byte-level Taylor dump of `windows` windows."""
+    out = os.path.join(work, f"store-{seq_len}")
     command = [sys.executable, "-m", "moqae_calib", "dump", "--model", model, "--corpus", corpus, "--tokenizer", "bytes",
-               "--seq-len", str(seq_len), "--device", "cpu"]
-    figures = []
-    for count in (1, windows):
-        out = os.path.join(work, f"store-{seq_len}-{count}")
-        figures.append(run_child(command + ["--out", out, "--fraction", repr(fraction_for(count, corpus, seq_len))]))
-        shutil.rmtree(out, ignore_errors=True)
-    (short_seconds, _), (seconds, peak) = figures
-    return (seconds - short_seconds) / (windows - 1), peak
+               "--seq-len", str(seq_len), "--device", "cpu", "--out", out, "--fraction", repr(fraction_for(windows, corpus, seq_len))]
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    match = re.search(r"\(([0-9.]+) s per sequence", result.stdout)
+    if result.returncode != 0 or not match:
+        raise CalibError(f"dump at --seq-len {seq_len} failed: {result.stderr.strip()[-2000:]}")
+    return float(match.group(1)), int(result.stdout.split()[-1]) / 1024
 
 
 def run_length_benchmark(args):
@@ -66,8 +76,8 @@ def run_length_benchmark(args):
     shutil.rmtree(work, ignore_errors=True)
     lines = [f"Written by `python -m moqae_calib length-benchmark {' '.join(sys.argv[2:])}` (`make length-benchmark`).", "",
              f"- Taylor dumps (one forward and one backward per window) of byte windows of `{os.path.basename(args.corpus)}`, "
-             f"CPU, float32; seconds per window from dumps of 1 and {args.windows} windows (so that loading the model "
-             "cancels); peak RSS of the whole dump process", "",
+             f"CPU, float32; {args.windows} windows per dump, seconds per window after the model has loaded; peak RSS of "
+             "the whole dump process", "",
              "| model | T | seconds per window | peak RSS |", "|---|---|---|---|"]
     lines += [f"| {label} | {seq_len:,} | {per_window:.2f} | {peak:.0f} MB |" for label, seq_len, per_window, peak in rows]
     report = "\n".join(lines) + "\n"

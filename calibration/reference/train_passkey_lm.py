@@ -58,21 +58,28 @@ END = "."
 COPY_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
-def parse_phases(text):
+def parse_phases(text, default_mix):
+    """seq:batch:steps[:needle:dense:copy] per phase (fractions of windows; the rest are plain text)."""
     phases = []
     for part in text.split(","):
-        seq, batch, steps = (int(x) for x in part.split(":"))
-        phases.append((seq, batch, steps))
+        fields = part.split(":")
+        seq, batch, steps = (int(x) for x in fields[:3])
+        mix = tuple(float(x) for x in fields[3:6]) if len(fields) > 3 else default_mix
+        if len(mix) != 3 or sum(mix) > 1:
+            raise SystemExit(f"--phases {part}: expected seq:batch:steps[:needle:dense:copy], fractions summing to <= 1")
+        phases.append((seq, batch, steps, mix))
     return phases
 
 
 class Sampler:
     """Training windows from the haystack bytes, deterministic in the seed."""
 
-    def __init__(self, hay, seed, needle_frac, copy_frac, dense_frac):
+    def __init__(self, hay, seed):
         self.hay = hay
         self.rng = random.Random(seed)
-        self.needle_frac, self.copy_frac, self.dense_frac = needle_frac, copy_frac, dense_frac
+
+    def set_mix(self, mix):
+        self.needle_frac, self.dense_frac, self.copy_frac = mix
 
     def filler(self, n):
         offset = self.rng.randrange(len(self.hay) - n + 1)
@@ -281,11 +288,11 @@ def main():
         return
 
     torch.manual_seed(args.seed)
-    phases = parse_phases(args.phases)
-    total = sum(s for _, _, s in phases)
+    phases = parse_phases(args.phases, (args.needle_frac, args.dense_frac, args.copy_frac))
+    total = sum(p[2] for p in phases)
     hay_text = read_texts([args.train])[0]
     hay = hay_text.encode("utf-8")
-    sampler = Sampler(hay, args.seed, args.needle_frac, args.copy_frac, args.dense_frac)
+    sampler = Sampler(hay, args.seed)
     model = make_model(args)
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -305,8 +312,9 @@ def main():
     probes = []
     step = 0
     lm_avg = tgt_avg = None
-    for seq, batch, steps in phases:
-        log(f"phase seq {seq} batch {batch} steps {steps}")
+    for seq, batch, steps, mix in phases:
+        sampler.set_mix(mix)
+        log(f"phase seq {seq} batch {batch} steps {steps} mix needle/dense/copy {mix}")
         for _ in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -342,19 +350,19 @@ def main():
         "eval_file": os.path.basename(args.test),
         "recipe": command,
         "steps": total,
-        "curriculum": [{"seq": s, "batch": b, "steps": n} for s, b, n in phases],
-        "tokens_trained": sum(s * b * n for s, b, n in phases),
+        "curriculum": [{"seq": s, "batch": b, "steps": n, "needle_windows": m[0], "dense_copy_windows": m[1],
+                        "copy_windows": m[2], "plain_windows": round(1 - sum(m), 6)} for s, b, n, m in phases],
+        "tokens_trained": sum(s * b * n for s, b, n, _ in phases),
         "seed": args.seed,
         "init": args.init or "fresh (random init, initializer_range 0.02)",
         "params": params,
         "tokenizer": "raw UTF-8 bytes (vocab 256), token id = byte",
-        "architecture": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
-                         "kv_heads": args.kv_heads, "head_dim": args.hidden // args.heads, "ffn": args.ffn,
-                         "rope_theta": args.rope_theta, "max_position_embeddings": args.max_positions},
-        "data_mix": {"needle_windows": args.needle_frac, "copy_windows": args.copy_frac,
-                     "dense_copy_windows": args.dense_frac,
-                     "plain_windows": round(1 - args.needle_frac - args.copy_frac - args.dense_frac, 6),
-                     "target_weight": args.target_weight},
+        "architecture": {"layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
+                         "heads": model.config.num_attention_heads, "kv_heads": model.config.num_key_value_heads,
+                         "head_dim": model.config.head_dim, "ffn": model.config.intermediate_size,
+                         "rope_theta": model.config.rope_parameters["rope_theta"],
+                         "max_position_embeddings": model.config.max_position_embeddings},
+        "target_weight": args.target_weight,
         "optimizer": f"AdamW lr {args.lr} warmup {args.warmup} cosine to {args.min_lr_frac} of peak, wd {args.wd}, "
                      "betas 0.9/0.95, grad clip 1.0",
         "final_train_lm_bits_per_byte_ema": lm_avg / math.log(2),
