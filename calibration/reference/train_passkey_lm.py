@@ -124,8 +124,10 @@ class Sampler:
         rows, mask = [], torch.zeros(B, T)
         for i in range(B):
             u = self.rng.random()
+            kind = 1.0
             if u < self.needle_frac:
                 row, targets = self.needle(T)
+                kind = 2.0
             elif u < self.needle_frac + self.copy_frac:
                 row, targets = self.copy(T)
             elif u < self.needle_frac + self.copy_frac + self.dense_frac:
@@ -134,19 +136,27 @@ class Sampler:
                 row, targets = self.plain(T)
             assert len(row) == T, (len(row), T)
             rows.append(row)
-            mask[i, targets] = 1.0
+            mask[i, targets] = kind  # 1: copy target, 2: pass-key answer digit
         return torch.tensor(rows, dtype=torch.long), mask
 
 
-def loss_fn(logits, ids, mask, target_weight):
-    """Mean CE over all next-byte targets + target_weight * mean CE over the marked targets."""
+def loss_fn(logits, ids, mask, target_weight, needle_weight=0.0):
+    """Mean CE over all next-byte targets + target_weight * mean CE over the marked targets (copy targets
+    and answer digits together). With needle_weight > 0 the answer digits get their own term instead:
+    + target_weight * mean CE over copy targets + needle_weight * mean CE over answer digits."""
     logp = logits[:, :-1].float()
     nll = F.cross_entropy(logp.reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     nll = nll.view(ids.shape[0], -1)
     m = mask[:, 1:]
     lm = nll.mean()
-    tgt = (nll * m).sum() / m.sum().clamp(min=1)
-    return lm + target_weight * tgt, lm.detach(), tgt.detach()
+    if needle_weight <= 0:
+        m = (m > 0).float()
+        tgt = (nll * m).sum() / m.sum().clamp(min=1)
+        return lm + target_weight * tgt, lm.detach(), tgt.detach()
+    mc, mn = (m == 1).float(), (m == 2).float()
+    copy = (nll * mc).sum() / mc.sum().clamp(min=1)
+    needle = (nll * mn).sum() / mn.sum().clamp(min=1)
+    return lm + target_weight * copy + needle_weight * needle, lm.detach(), needle.detach()
 
 
 @torch.no_grad()
@@ -253,6 +263,8 @@ def main():
     p.add_argument("--copy-frac", type=float, default=0.3)
     p.add_argument("--dense-frac", type=float, default=0.0)
     p.add_argument("--target-weight", type=float, default=1.0)
+    p.add_argument("--needle-weight", type=float, default=0.0,
+                   help="> 0: a separate loss term for the pass-key answer digits (logged as 'target')")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -320,7 +332,7 @@ def main():
                 g["lr"] = lr_at(step)
             ids, mask = sampler.batch(seq, batch)
             logits = model(ids).logits
-            loss, lm, tgt = loss_fn(logits, ids, mask, args.target_weight)
+            loss, lm, tgt = loss_fn(logits, ids, mask, args.target_weight, args.needle_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -363,6 +375,7 @@ def main():
                          "rope_theta": model.config.rope_parameters["rope_theta"],
                          "max_position_embeddings": model.config.max_position_embeddings},
         "target_weight": args.target_weight,
+        "needle_weight": args.needle_weight,
         "optimizer": f"AdamW lr {args.lr} warmup {args.warmup} cosine to {args.min_lr_frac} of peak, wd {args.wd}, "
                      "betas 0.9/0.95, grad clip 1.0",
         "final_train_lm_bits_per_byte_ema": lm_avg / math.log(2),
