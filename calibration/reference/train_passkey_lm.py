@@ -1,5 +1,5 @@
 """Train the second reference model: a byte-level Llama (vocab = 256 byte values, token id = byte) that
-does pass-key retrieval in 2,048-byte windows, from scratch on CPU.
+does pass-key retrieval in 2,048-byte windows, on CPU, fine-tuned from the first (--init).
 
 Training data (generated on the fly, deterministic in --seed) all come from the haystack/training text
 (wikitext-2 valid.txt) and are of three kinds, mixed in every batch:
