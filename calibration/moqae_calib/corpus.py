@@ -14,23 +14,32 @@ def read_texts(paths):
         if not os.path.isfile(path):
             raise CalibError(f"{path}: corpus file not found")
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise CalibError(f"{path}:{number}: expected an object with a string \"text\" field")
-                    texts.append(record["text"])
+            texts += [record["text"] for _, record in read_jsonl(path, ("text",))]
         elif path.endswith(".txt"):
             with open(path, "rb") as f:
                 texts.append(f.read().decode("utf-8", errors="strict"))
         else:
             raise CalibError(f"{path}: corpus files must end in .txt or .jsonl")
     return texts
+
+
+def read_jsonl(path, fields):
+    """(line number, record) for every non-blank line of a JSONL file; each record must be an object
+    with a string value for every name in `fields`."""
+    names = " and ".join(f'"{name}"' for name in fields)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(name), str) for name in fields):
+                raise CalibError(f"{path}:{number}: expected an object with string {names} field{'s' * (len(fields) > 1)}")
+            records.append((number, record))
+    return records
 
 
 class ByteTokenizer:

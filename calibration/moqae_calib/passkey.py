@@ -12,7 +12,6 @@ prediction at every answer token, given everything before it, is that token (exa
 are deterministic in the seed; window i puts the needle at depth (i + 0.5) / count of the haystack
 part, so depths are spread evenly over the window.
 """
-import json
 import math
 import os
 import random
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import CalibError
+from .corpus import read_jsonl, read_texts
 
 NEEDLE_START, NEEDLE_END = " The pass key is ", ". Remember it. "
 QUESTION = " What is the pass key? The pass key is "
@@ -72,19 +72,10 @@ def record_windows(path, tokenizer, seq_len):
     tokens appear in the kept context, their last occurrence is the source the depth is measured at."""
     rows, answers, key_spans, depths, keys = [], [], [], [], []
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        records = read_jsonl(path, ("context", "question", "answer"))
     except (OSError, UnicodeDecodeError) as error:
         raise CalibError(f"{path}: cannot read the task file ({error})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("context", "question", "answer")):
-            raise CalibError(f"{path}:{number}: expected an object with string \"context\", \"question\" and \"answer\" fields")
+    for number, record in records:
         context, question, answer = (tokenizer.encode(record[k]) for k in ("context", "question", "answer"))
         keep = seq_len - len(question) - len(answer)
         if not answer or keep < 1 or len(context) < keep:
@@ -126,7 +117,6 @@ def task_windows(task, text, tokenizer, seq_len, count, seed):
     """`--task passkey`: `count` (default 200) pass-key windows of the haystack file `text`; `--task
     FILE.jsonl`: the file's records (the first `count` of them, when given)."""
     if task == "passkey":
-        from .corpus import read_texts
         return passkey_windows(read_texts([text])[0], tokenizer, seq_len, count or 200, seed)
     if not task.endswith(".jsonl"):
         raise CalibError(f"--task {task}: expected passkey or a .jsonl file of context, question and answer records")
