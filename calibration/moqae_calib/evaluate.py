@@ -265,7 +265,7 @@ def taylor_sensitivities(model, windows, experts, layout, model_dir, progress=Tr
     """Taylor delta_nll of every whole chunk of every window: (windows, L, H, C, M). Chunk 0 is kept,
     so that routers that freeze it and routers that route it can share them."""
     deltas = []
-    bar = tqdm(total=len(windows), unit="window", desc="oracle sensitivities", disable=not progress,
+    bar = tqdm(total=len(windows), unit="window", desc="prescient sensitivities", disable=not progress,
                dynamic_ncols=True, mininterval=0.1 if os.isatty(2) else 30, leave=False)
     for ids in windows:
         nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids.to(model.device), model_dir)
