@@ -60,11 +60,12 @@ PASSKEY_SEQ_LEN ?= 2048
 PASSKEY_CONFIG ?= configs/passkey-3.0.yaml
 PASSKEY_RUN_DIR ?= checkpoints/passkey
 PASSKEY_WINDOWS ?= 200
+PASSKEY_ANSWER_WEIGHT ?= 400
 PASSKEY_TRAIN_ARGS ?=
 passkey-store: venv
 	@if [ ! -f $(PASSKEY_STORE)/manifest.json ]; then \
 	  $(CALIB) dump --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --tokenizer bytes \
-	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --out $(PASSKEY_STORE) \
+	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --answer-weight $(PASSKEY_ANSWER_WEIGHT) --out $(PASSKEY_STORE) \
 	    $$([ -f $(PASSKEY_STORE)/dump-state.json ] && echo --resume); fi
 passkey: build passkey-store
 	$(BIN) train --config $(PASSKEY_CONFIG) --set store=$(PASSKEY_STORE) --set run_dir=$(PASSKEY_RUN_DIR) \

@@ -212,25 +212,12 @@ void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
     head_forward(rows, m, w3, stride, ab, sig, hidden, prob, choice, scratch);
 }
 
-CPU_CLONES
-void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
-                                 const float *w3, size_t stride,
-                                 const float *ab, const float *sig, const float *hidden, const float *prob,
-                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3,
-                                 int wide, const void *prefetch, size_t prefetch_bytes) {
-    // The buffers never overlap (restrict), which lets these loops vectorise.
-    float *restrict inner = scratch, *restrict dz = inner + n, *restrict dh = dz + m * n, *restrict g = dh + m * n;  // (n), (m, n), (m, n), (2m, n)
-    // dz = p ⊙ (dP − ⟨p, dP⟩) / n: the softmax backward of dp = dP / n.
-    const float seed = 1.0f / (float)n;
-    for (size_t t = 0; t < n; t++) inner[t] = 0;
-    for (size_t j = 0; j < m; j++) {
-        const float *restrict p = prob + j * stride;
-        for (size_t t = 0; t < n; t++) inner[t] += p[t] * upstream[j];
-    }
-    for (size_t k = 0; k < m; k++) {
-        const float *restrict p = prob + k * stride;
-        for (size_t t = 0; t < n; t++) dz[k * n + t] = p[t] * (upstream[k] - inner[t]) * seed;
-    }
+/// The backward of one chunk from its logit gradient dz (m, n) (see moqae_router_backward_chunk_logits).
+INLINE void backward_from_logits(const float *x, size_t n, size_t d, size_t m, const float *w3, size_t stride,
+                                 const float *ab, const float *sig, const float *hidden, const float *dz,
+                                 float *scratch, float *part_w12t, float *part_w3, int wide,
+                                 const void *prefetch, size_t prefetch_bytes) {
+    float *restrict dh = scratch, *restrict g = dh + m * n;  // (m, n), (2m, n)
     // dh = dz · W3ᵀ, part_w3 += hᵀ dz; then through h = SiLU(a) ⊙ b to ∂/∂a and ∂/∂b.
     for (size_t j = 0; j < m; j++) {
         float *restrict dhj = dh + j * n;
@@ -282,6 +269,37 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
             }
         }
     }
+}
+
+CPU_CLONES
+void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
+                                 const float *w3, size_t stride,
+                                 const float *ab, const float *sig, const float *hidden, const float *prob,
+                                 const float *upstream, float *scratch, float *part_w12t, float *part_w3,
+                                 int wide, const void *prefetch, size_t prefetch_bytes) {
+    // The buffers never overlap (restrict), which lets these loops vectorise.
+    float *restrict inner = scratch, *restrict dz = inner + n;  // (n), (m, n); the rest goes to the shared backward
+    // dz = p ⊙ (dP − ⟨p, dP⟩) / n: the softmax backward of dp = dP / n.
+    const float seed = 1.0f / (float)n;
+    for (size_t t = 0; t < n; t++) inner[t] = 0;
+    for (size_t j = 0; j < m; j++) {
+        const float *restrict p = prob + j * stride;
+        for (size_t t = 0; t < n; t++) inner[t] += p[t] * upstream[j];
+    }
+    for (size_t k = 0; k < m; k++) {
+        const float *restrict p = prob + k * stride;
+        for (size_t t = 0; t < n; t++) dz[k * n + t] = p[t] * (upstream[k] - inner[t]) * seed;
+    }
+    backward_from_logits(x, n, d, m, w3, stride, ab, sig, hidden, dz, dz + m * n, part_w12t, part_w3, wide, prefetch, prefetch_bytes);
+}
+
+CPU_CLONES
+void moqae_router_backward_chunk_logits(const float *x, size_t n, size_t d, size_t m,
+                                        const float *w3, size_t stride,
+                                        const float *ab, const float *sig, const float *hidden, const float *dz,
+                                        float *scratch, float *part_w12t, float *part_w3,
+                                        int wide, const void *prefetch, size_t prefetch_bytes) {
+    backward_from_logits(x, n, d, m, w3, stride, ab, sig, hidden, dz, scratch, part_w12t, part_w3, wide, prefetch, prefetch_bytes);
 }
 
 CPU_CLONES

@@ -108,6 +108,27 @@ public final class Tape {
         })
     }
 
+    /// Log-softmax of each row: `z − log Σ_j exp(z_j)`.
+    public func logSoftmaxRows(_ z: Variable) -> Variable {
+        output(rows: z.rows, cols: z.cols, inputs: [z], forward: { out in
+            logSoftmaxRowsForward(out, z.value, rows: z.rows, cols: z.cols)
+        }, backward: { out in
+            logSoftmaxRowsBackward(&z.grad, out.grad, out.value, rows: z.rows, cols: z.cols)
+        })
+    }
+
+    /// Maximum of each run of `groupSize` consecutive rows, per column: (n, m) → (n / groupSize, m).
+    /// The gradient goes to the first row holding the maximum.
+    public func maxOfRowGroups(_ a: Variable, groupSize: Int) -> Variable {
+        precondition(groupSize > 0 && a.rows % groupSize == 0, "maxOfRowGroups: \(a.rows) rows in groups of \(groupSize)")
+        let winners = maxOfRowGroupsWinners(a.value, rows: a.rows, cols: a.cols, groupSize: groupSize)
+        return output(rows: a.rows / groupSize, cols: a.cols, inputs: [a], forward: { out in
+            for (i, row) in winners.enumerated() { out[i] = a.value[row * a.cols + i % a.cols] }
+        }, backward: { out in
+            for (i, row) in winners.enumerated() { a.grad[row * a.cols + i % a.cols] += out.grad[i] }
+        })
+    }
+
     /// Mean of each run of `groupSize` consecutive rows: (n, m) → (n / groupSize, m).
     public func meanOfRowGroups(_ a: Variable, groupSize: Int) -> Variable {
         precondition(groupSize > 0 && a.rows % groupSize == 0, "meanOfRowGroups: \(a.rows) rows in groups of \(groupSize)")

@@ -78,6 +78,40 @@ func softmaxRowsBackward(_ dz: UnsafeMutablePointer<Float>, _ dp: UnsafePointer<
     }
 }
 
+/// out = z − max − log Σ exp(z − max), row by row.
+func logSoftmaxRowsForward(_ out: UnsafeMutablePointer<Float>, _ z: UnsafePointer<Float>, rows: Int, cols: Int) {
+    for r in 0..<rows {
+        let o = r * cols
+        var maximum = z[o]
+        for j in 1..<cols { maximum = max(maximum, z[o + j]) }
+        var sum: Float = 0
+        for j in 0..<cols { sum += expf(z[o + j] - maximum) }
+        let logSum = maximum + logf(sum)
+        for j in 0..<cols { out[o + j] = z[o + j] - logSum }
+    }
+}
+
+/// dz += dℓ − softmax(z) · Σ_j dℓ_j, row by row, with softmax(z) = exp(ℓ).
+func logSoftmaxRowsBackward(_ dz: UnsafeMutablePointer<Float>, _ dl: UnsafePointer<Float>, _ l: UnsafePointer<Float>, rows: Int, cols: Int) {
+    for r in 0..<rows {
+        let o = r * cols
+        var total: Float = 0
+        for j in 0..<cols { total += dl[o + j] }
+        for j in 0..<cols { dz[o + j] += dl[o + j] - expf(l[o + j]) * total }
+    }
+}
+
+/// For each output element (g, j) of the row-group maximum of a (n, m): the row of a holding it,
+/// the first among equals. `(n/g · m)` row indices.
+func maxOfRowGroupsWinners(_ a: [Float], rows: Int, cols: Int, groupSize: Int) -> [Int] {
+    (0..<(rows / groupSize * cols)).map { i in
+        let (g, j) = (i / cols, i % cols)
+        var best = g * groupSize
+        for row in (g * groupSize + 1)..<((g + 1) * groupSize) where a[row * cols + j] > a[best * cols + j] { best = row }
+        return best
+    }
+}
+
 /// out (n/g, m) = mean of each run of g consecutive rows of a (n, m).
 func meanOfRowGroupsForward(_ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, rows: Int, cols: Int, groupSize: Int) {
     let scale = 1 / Float(groupSize)

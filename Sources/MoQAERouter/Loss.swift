@@ -91,7 +91,8 @@ public struct SequenceLoss {
 ///     L_model = (1/U) Σ_u P_u[R_u] · L_nll / B_{R_u}      L_mem = (1/U) Σ_u P_u[R_u] · B_{R_u} / 16
 ///
 /// Decisions `R_u` and `L_nll` are computed from the forward values first and enter as constants, so
-/// gradients reach the routers only through `P_u[R_u]`, the chunk-mean probability of the decision.
+/// gradients reach the routers only through `P_u`, the chunk's probability under the layout's pooling
+/// (`ChunkPooling`; the paper's is the chunk-mean probability).
 ///
 /// The expected per-unit cost, with `D_u[j]` the unit's `delta_nll` for expert j summed over its group:
 ///
@@ -103,14 +104,15 @@ public struct SequenceLoss {
 public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVariables], inputs: [Variable],
                          nll: Float, sensitivity: SensitivityTable, experts: [Expert], loss settings: LossSettings) -> SequenceLoss {
     let U = Double(layout.unitsPerSequence)
-    let tokenProbabilities = zip(routers, inputs).map { weights, x in routerForward(tape: tape, inputs: x, weights: weights) }
-    let decisions = tokenProbabilities.map { chunkDecisions(probabilities: $0.value, chunkSize: layout.chunkSize, experts: experts) }
+    let chunks = zip(routers, inputs).map { weights, x in
+        chunkProbabilities(tape: tape, inputs: x, weights: weights, chunkSize: layout.chunkSize, pooling: layout.pooling, experts: experts)
+    }
+    let decisions = chunks.map(\.decisions)
     let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
 
     var modelTerm: Variable?
     var memoryTerm: Variable?
-    for (router, (p, routerDecisions)) in zip(tokenProbabilities, decisions).enumerated() {
-        let unitProbabilities = tape.meanOfRowGroups(p, groupSize: layout.chunkSize)  // (units, M)
+    for (router, (unitProbabilities, routerDecisions)) in chunks.enumerated() {  // P_u: (units, M)
         let model: Variable, memory: Variable
         switch settings.kind {
         case .paper:

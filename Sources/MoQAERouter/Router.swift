@@ -1,8 +1,28 @@
 import MoQAEStore
 
+/// How a chunk's decision `R_u` and the probability `P_u` that training pushes come from the
+/// probabilities `p_t` of its N tokens.
+public enum ChunkPooling: String, CaseIterable, Sendable {
+    /// The paper's (Eq. 2): the expert most tokens pick (`chunkDecisions`); `P_u = (1/N) Σ_t p_t`.
+    case vote
+    /// `P_u = softmax_j((1/N) Σ_t log p_tj)`, the normalised geometric mean; `R_u = argmax P_u`.
+    case mean
+    /// `P_u = softmax_j(max_t log p_tj)`: one confident token is enough; `R_u = argmax P_u`.
+    case max
+
+    /// The code of the router kind in an export's header (docs/FORMATS.md, export version 2).
+    public var exportCode: UInt8 { UInt8(ChunkPooling.allCases.firstIndex(of: self)!) }
+
+    public init?(exportCode: UInt8) {
+        guard Int(exportCode) < ChunkPooling.allCases.count else { return nil }
+        self = ChunkPooling.allCases[Int(exportCode)]
+    }
+}
+
 /// Which layers and chunks are routed: R = ceil(L / G) routers, router r reads its leader layer r·G
 /// and decides for layers r·G ..< min(L, (r+1)·G); chunks `firstRoutedChunk ..< C` of every head are
-/// routed (chunk 0 is frozen when route freezing is on; tail tokens after the last chunk never are).
+/// routed (chunk 0 is frozen when route freezing is on; tail tokens after the last chunk never are);
+/// each routed chunk decides by `pooling`.
 public struct RoutingLayout: Equatable, Sendable {
     public let layers: Int
     public let heads: Int
@@ -11,8 +31,10 @@ public struct RoutingLayout: Equatable, Sendable {
     public let chunkSize: Int
     public let groupSize: Int
     public let firstRoutedChunk: Int
+    public let pooling: ChunkPooling
 
-    public init(layers: Int, heads: Int, tokens: Int, inputDim: Int, chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool) {
+    public init(layers: Int, heads: Int, tokens: Int, inputDim: Int, chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool,
+                pooling: ChunkPooling = .vote) {
         self.layers = layers
         self.heads = heads
         self.tokens = tokens
@@ -20,6 +42,7 @@ public struct RoutingLayout: Equatable, Sendable {
         self.chunkSize = chunkSize
         self.groupSize = groupSize
         self.firstRoutedChunk = freezeFirstChunk ? 1 : 0
+        self.pooling = pooling
     }
 
     /// C = floor(T / N).
@@ -130,11 +153,53 @@ public struct RouterVariables {
     }
 }
 
-/// Token probabilities `p = softmax((SiLU(x W1) ⊙ (x W2)) W3)` for input rows `x (n, D)` → `(n, M)`.
-public func routerForward(tape: Tape, inputs x: Variable, weights: RouterVariables) -> Variable {
+/// Token logits `z = (SiLU(x W1) ⊙ (x W2)) W3` for input rows `x (n, D)` → `(n, M)`.
+public func routerLogits(tape: Tape, inputs x: Variable, weights: RouterVariables) -> Variable {
     let gate = tape.silu(tape.matmul(x, weights.w1))
     let h = tape.multiply(gate, tape.matmul(x, weights.w2))
-    return tape.softmaxRows(tape.matmul(h, weights.w3))
+    return tape.matmul(h, weights.w3)
+}
+
+/// Token probabilities `p = softmax(z)` for input rows `x (n, D)` → `(n, M)`.
+public func routerForward(tape: Tape, inputs x: Variable, weights: RouterVariables) -> Variable {
+    tape.softmaxRows(routerLogits(tape: tape, inputs: x, weights: weights))
+}
+
+/// Per chunk of the input rows `x (units · N, D)`: its probability `P_u (units, M)` by `pooling`, and
+/// its decision.
+public func chunkProbabilities(tape: Tape, inputs x: Variable, weights: RouterVariables, chunkSize: Int, pooling: ChunkPooling,
+                               experts: [Expert]) -> (probabilities: Variable, decisions: [Int]) {
+    switch pooling {
+    case .vote:
+        let p = routerForward(tape: tape, inputs: x, weights: weights)
+        return (tape.meanOfRowGroups(p, groupSize: chunkSize), chunkDecisions(probabilities: p.value, chunkSize: chunkSize, experts: experts))
+    case .mean, .max:
+        let logP = tape.logSoftmaxRows(routerLogits(tape: tape, inputs: x, weights: weights))
+        let pooled = pooling == .mean ? tape.meanOfRowGroups(logP, groupSize: chunkSize) : tape.maxOfRowGroups(logP, groupSize: chunkSize)
+        let unitP = tape.softmaxRows(pooled)
+        return (unitP, pooledDecisions(unitProbabilities: unitP.value, experts: experts))
+    }
+}
+
+/// Decision of each chunk under a pooled rule: the expert of highest `P_u`; a tie goes to the expert
+/// with more bits `kb+vb`, then to the lower index.
+///
+/// - Parameter unitProbabilities: `(units, M)`.
+public func pooledDecisions(unitProbabilities: [Float], experts: [Expert]) -> [Int] {
+    let M = experts.count
+    return (0..<(unitProbabilities.count / M)).map { u in
+        unitProbabilities.withUnsafeBufferPointer { pooledChoice(UnsafeBufferPointer(rebasing: $0[(u * M)..<((u + 1) * M)]), experts: experts) }
+    }
+}
+
+/// The expert of highest probability in `unitP (M)`; ties go to more bits, then to the lower index.
+@inline(__always)
+func pooledChoice(_ unitP: UnsafeBufferPointer<Float>, experts: [Expert]) -> Int {
+    var choice = 0
+    for j in 1..<experts.count where unitP[j] > unitP[choice] || (unitP[j] == unitP[choice] && experts[j].totalBits > experts[choice].totalBits) {
+        choice = j
+    }
+    return choice
 }
 
 /// Decision of each chunk (Eq. 2 of the paper): the expert that is the argmax of the most tokens;

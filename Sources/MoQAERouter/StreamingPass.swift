@@ -1,5 +1,10 @@
 import CRouterKernels
 import MoQAEStore
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// A sequence's loss (`LossKind`) and its weight gradient in a single streaming pass over its
 /// inputs: blocks of whole chunks go forward and backward while they are in cache, and no block
@@ -53,6 +58,9 @@ public final class StreamingPass {
     private var partsW3: [Float]
     /// `(M)`: a chunk's `P_u`, and the upstream gradient `dL/dP_u` it goes backward from.
     private var unitProbabilities: [Float], upstream: [Float]
+    /// Pooled chunks (`ChunkPooling.mean`, `.max`): `(M, N)` the chunk's `log p`, then `dL/dz` of its
+    /// tokens; `(M)` the token of each expert's maximum.
+    private var chunkLogits: [Float], maxTokens: [Int]
     /// `[router][unit]` decisions of the current sequence.
     public private(set) var decisions: [[Int]]
     private var loss = LossSettings(lambda: 0)
@@ -91,6 +99,8 @@ public final class StreamingPass {
         partsW3 = [Float](repeating: 0, count: R * M * M * M)
         unitProbabilities = [Float](repeating: 0, count: M)
         upstream = [Float](repeating: 0, count: M)
+        chunkLogits = [Float](repeating: 0, count: M * N)
+        maxTokens = [Int](repeating: 0, count: M)
         decisions = Array(repeating: Array(repeating: 0, count: layout.unitsPerRouter), count: R)
     }
 
@@ -137,6 +147,8 @@ public final class StreamingPass {
         partsW3.withUnsafeMutableBufferPointer { partsW3 in
         unitProbabilities.withUnsafeMutableBufferPointer { unitP in
         upstream.withUnsafeMutableBufferPointer { upstream in
+        chunkLogits.withUnsafeMutableBufferPointer { chunkLogits in
+        maxTokens.withUnsafeMutableBufferPointer { maxTokens in
             let w3 = w3All.baseAddress! + router * M * M
             let (ab, s, h, p) = (ab.baseAddress!, s.baseAddress!, h.baseAddress!, p.baseAddress!)
             let prefetchBytes = prefetch?.count ?? 0
@@ -150,15 +162,24 @@ public final class StreamingPass {
                                  ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, wideTiles, prefetch?.baseAddress, forwardPrefetch)
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
-                let choice = chunkChoice(experts: experts) { counts in
-                    for t in chunkRows { counts[Int(tokenChoices[t])] += 1 }
+                let choice: Int
+                if layout.pooling == .vote {
+                    choice = chunkChoice(experts: experts) { counts in
+                        for t in chunkRows { counts[Int(tokenChoices[t])] += 1 }
+                    }
+                } else {
+                    poolChunk(p + chunkRows.lowerBound, stride: stride, logP: chunkLogits.baseAddress!, maxTokens: maxTokens.baseAddress!,
+                              unitP: unitP.baseAddress!)
+                    choice = pooledChoice(UnsafeBufferPointer(unitP), experts: experts)
                 }
                 decisions[router][firstUnit + c] = choice
                 guard backward else { continue }
-                for j in 0..<M {
-                    var sum: Float = 0
-                    for t in chunkRows { sum += p[j * stride + t] }
-                    unitP[j] = sum / Float(N)
+                if layout.pooling == .vote {
+                    for j in 0..<M {
+                        var sum: Float = 0
+                        for t in chunkRows { sum += p[j * stride + t] }
+                        unitP[j] = sum / Float(N)
+                    }
                 }
                 switch loss.kind {
                 case .paper:
@@ -176,12 +197,71 @@ public final class StreamingPass {
                     }
                 }
                 let (part, first, share) = (router * M + choice, chunkRows.lowerBound, backwardPrefetch(c))
-                moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first, p + first,
-                                            upstream.baseAddress!, scratch.baseAddress!,
-                                            partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
-                                            wideTiles, share.start, share.count)
+                if layout.pooling == .vote {
+                    moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first, p + first,
+                                                upstream.baseAddress!, scratch.baseAddress!,
+                                                partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
+                                                wideTiles, share.start, share.count)
+                } else {
+                    pooledLogitGradient(p + first, stride: stride, unitP: unitP.baseAddress!, upstream: upstream.baseAddress!,
+                                        maxTokens: maxTokens.baseAddress!, logitGradient: chunkLogits.baseAddress!)
+                    moqae_router_backward_chunk_logits(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first,
+                                                       chunkLogits.baseAddress!, scratch.baseAddress!,
+                                                       partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
+                                                       wideTiles, share.start, share.count)
+                }
             }
-        }}}}}}}}}}}}}
+        }}}}}}}}}}}}}}}
+    }
+
+    /// A pooled chunk's forward: `logP (M, N)` = log p of its tokens (p: the chunk's first token in the
+    /// forward's `(M, stride)` buffer), the pooled scores `s_j` (`.mean`: mean over tokens; `.max`:
+    /// maximum, its token in `maxTokens`), and `unitP (M)` = softmax(s).
+    private func poolChunk(_ p: UnsafePointer<Float>, stride: Int, logP: UnsafeMutablePointer<Float>,
+                           maxTokens: UnsafeMutablePointer<Int>, unitP: UnsafeMutablePointer<Float>) {
+        let (M, N) = (self.M, self.N)
+        var maximum = -Float.infinity
+        for j in 0..<M {
+            var score: Float = layout.pooling == .mean ? 0 : -.infinity
+            for t in 0..<N {
+                let l = logf(p[j * stride + t])
+                logP[j * N + t] = l
+                if layout.pooling == .mean {
+                    score += l
+                } else if l > score {
+                    score = l
+                    maxTokens[j] = t
+                }
+            }
+            unitP[j] = layout.pooling == .mean ? score / Float(N) : score
+            maximum = max(maximum, unitP[j])
+        }
+        var sum: Float = 0
+        for j in 0..<M {
+            unitP[j] = expf(unitP[j] - maximum)
+            sum += unitP[j]
+        }
+        for j in 0..<M { unitP[j] /= sum }
+    }
+
+    /// A pooled chunk's backward to its token logits: `ds = P ⊙ (g − ⟨P, g⟩)` through the softmax of the
+    /// scores, `dℓ` (`.mean`: ds/N on every token; `.max`: ds on each expert's maximum token), then
+    /// `dz_t = dℓ_t − p_t Σ_j dℓ_tj` through each token's log-softmax, written to `logitGradient (M, N)`.
+    private func pooledLogitGradient(_ p: UnsafePointer<Float>, stride: Int, unitP: UnsafePointer<Float>, upstream: UnsafePointer<Float>,
+                                     maxTokens: UnsafePointer<Int>, logitGradient dz: UnsafeMutablePointer<Float>) {
+        let (M, N) = (self.M, self.N)
+        var inner: Float = 0
+        for j in 0..<M { inner += unitP[j] * upstream[j] }
+        for t in 0..<N {
+            var total: Float = 0
+            for j in 0..<M {
+                let ds = unitP[j] * (upstream[j] - inner)
+                let dl = layout.pooling == .mean ? ds / Float(N) : (maxTokens[j] == t ? ds : 0)
+                dz[j * N + t] = dl
+                total += dl
+            }
+            for k in 0..<M { dz[k * N + t] -= p[k * stride + t] * total }
+        }
     }
 
     /// Ends a sequence streamed with `backward`: its loss terms, `L_nll(s)`, and `scale ×` its gradient

@@ -56,13 +56,14 @@ public struct Checkpoint: Equatable {
 
     private var metadataEntries: [(String, String)] {
         let layout = setup.layout
+        // The paper's vote pooling is implied by an absent "pooling", so its checkpoints stay as before.
         let routing = JSON.object([
             ("layers", .int(layout.layers)), ("heads", .int(layout.heads)), ("tokens", .int(layout.tokens)),
             ("input_dim", .int(layout.inputDim)), ("chunk_size", .int(layout.chunkSize)), ("group_size", .int(layout.groupSize)),
             ("freeze_first_chunk", .bool(layout.firstRoutedChunk == 1)), ("value_group", .int(setup.valueGroup)),
             ("head_dim", .int(setup.headDim)), ("router_input", .string(setup.routerInput.rawValue)),
             ("experts", .array(setup.experts.map { .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))]) })),
-        ])
+        ] + (layout.pooling == .vote ? [] : [("pooling", .string(layout.pooling.rawValue))]))
         let state = epochRandom.state
         return [
             ("format", Checkpoint.format), ("version", Checkpoint.version),
@@ -179,9 +180,14 @@ public struct Checkpoint: Equatable {
                   Expert.isValidBits(kb), Expert.isValidBits(vb) else { throw fail("metadata routing.experts holds an invalid expert") }
             experts.append(Expert(name: name, keyBits: kb, valueBits: vb))
         }
+        var pooling = ChunkPooling.vote
+        if let name = json["pooling"] {
+            guard let kind = name.stringValue.flatMap(ChunkPooling.init(rawValue:)) else { throw fail("metadata routing.pooling is not a known pooling") }
+            pooling = kind
+        }
         let layout = RoutingLayout(layers: try int("layers"), heads: try int("heads"), tokens: try int("tokens", max: Int(Int32.max)),
                                    inputDim: try int("input_dim"), chunkSize: try int("chunk_size"), groupSize: try int("group_size"),
-                                   freezeFirstChunk: freeze)
+                                   freezeFirstChunk: freeze, pooling: pooling)
         // Checkpoints written before router inputs other than the key have neither field: key, width D.
         var routerInput = RouterInput.key
         if let name = json["router_input"] {

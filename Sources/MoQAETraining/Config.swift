@@ -81,6 +81,8 @@ public struct TrainingConfig: Equatable, Sendable {
                   help: "layers per router (route sharing); 1 gives one router per layer"),
         ConfigKey(path: "router.freeze_first_chunk", kind: .bool, defaultValue: .bool(true),
                   help: "keep chunk 0 of every sequence at 16 bits (route freezing)"),
+        ConfigKey(path: "router.pooling", kind: .choice(ChunkPooling.allCases.map(\.rawValue)), defaultValue: .string("vote"),
+                  help: "how a chunk decides from its tokens: vote (the paper's majority of token argmaxes), mean (softmax of the mean token log-probability) or max (softmax of the maximum token log-probability); training pushes the same pooled probability"),
         ConfigKey(path: "router.target_bits", kind: .optionalDouble(1...16), defaultValue: .null,
                   help: "bits budget: average payload bits per KV element to land on; λ then follows it during training, from where the first batch's best per-unit allocation meets it (null: fixed λ = loss.lambda)"),
         ConfigKey(path: "loss.kind", kind: .choice(LossKind.allCases.map(\.rawValue)), defaultValue: .string("paper"),
@@ -131,6 +133,7 @@ public struct TrainingConfig: Equatable, Sendable {
     public var expertNames: [String] { if case let .strings(v) = values["router.experts"] { return v } else { return [] } }
     public var chunkSize: Int { int("router.chunk_size") }
     public var groupSize: Int { int("router.group_size") }
+    public var pooling: ChunkPooling { ChunkPooling(rawValue: string("router.pooling"))! }
     public var freezeFirstChunk: Bool { if case let .bool(v) = values["router.freeze_first_chunk"] { return v } else { return true } }
     public var lambda: Double { double("loss.lambda") }
     public var lossKind: LossKind { LossKind(rawValue: string("loss.kind"))! }
@@ -161,7 +164,8 @@ public struct TrainingConfig: Equatable, Sendable {
     }
 
     /// Keys whose change alters the routers' shape or meaning; a resumed run must keep them.
-    public static let modelShapingKeys = ["router.experts", "router.chunk_size", "router.group_size", "router.freeze_first_chunk"]
+    public static let modelShapingKeys = ["router.experts", "router.chunk_size", "router.group_size", "router.freeze_first_chunk",
+                                          "router.pooling"]
 
     /// Keys that fix the calibration split and how it is cut into batches; a checkpoint's data
     /// position means nothing under other values, so a resumed run must keep them too.

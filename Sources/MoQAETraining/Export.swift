@@ -8,8 +8,10 @@ public struct ExportError: Error, CustomStringConvertible {
     public var description: String { "\(path): \(reason)" }
 }
 
-/// The router export, format `MQAE` version 1: a 32-byte header, the expert table, every router's
-/// W1, W2, W3 as binary16 or binary32, and a CRC-32 of all preceding bytes. Little-endian, no padding.
+/// The router export, format `MQAE`: a 32-byte header, the expert table, every router's W1, W2, W3 as
+/// binary16 or binary32, and a CRC-32 of all preceding bytes. Little-endian, no padding. Version 1 is
+/// the paper's router (vote pooling); version 2 names the router kind in header byte 21, and is
+/// written only for a kind other than the paper's, so that paper routers keep their version 1 bytes.
 public struct RouterExport: Equatable {
     public enum WeightType: UInt8, Sendable {
         case binary16 = 1
@@ -18,7 +20,8 @@ public struct RouterExport: Equatable {
     }
 
     public static let magic: [UInt8] = Array("MQAE".utf8)
-    public static let version: UInt16 = 1
+    /// The versions this reader knows.
+    public static let versions: ClosedRange<Int> = 1...2
     public static let headerSize = 32
 
     public var weightType: WeightType
@@ -31,6 +34,10 @@ public struct RouterExport: Equatable {
     public var freezeFirstChunk: Bool
     /// What the routers read (flags bits 1–2); D is its width.
     public var routerInput: RouterInput
+    /// How a chunk decides (the router kind: version 2's header byte 21; version 1 is vote).
+    public var pooling: ChunkPooling
+    /// The version this export is written as.
+    public var version: Int { pooling == .vote ? 1 : 2 }
     /// The weights as stored (binary16 weights widened exactly to Float).
     public var parameters: RouterParameters
 
@@ -38,11 +45,12 @@ public struct RouterExport: Equatable {
         lhs.weightType == rhs.weightType && lhs.expertBits.elementsEqual(rhs.expertBits, by: { $0 == $1 })
             && lhs.layers == rhs.layers && lhs.heads == rhs.heads && lhs.chunkSize == rhs.chunkSize
             && lhs.groupSize == rhs.groupSize && lhs.freezeFirstChunk == rhs.freezeFirstChunk && lhs.routerInput == rhs.routerInput
-            && lhs.parameters == rhs.parameters
+            && lhs.pooling == rhs.pooling && lhs.parameters == rhs.parameters
     }
 
     public init(weightType: WeightType, expertBits: [(keyBits: Int, valueBits: Int)], layers: Int, heads: Int,
-                chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool, routerInput: RouterInput, parameters: RouterParameters) {
+                chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool, routerInput: RouterInput, pooling: ChunkPooling = .vote,
+                parameters: RouterParameters) {
         self.weightType = weightType
         self.expertBits = expertBits
         self.layers = layers
@@ -51,6 +59,7 @@ public struct RouterExport: Equatable {
         self.groupSize = groupSize
         self.freezeFirstChunk = freezeFirstChunk
         self.routerInput = routerInput
+        self.pooling = pooling
         self.parameters = parameters
     }
 
@@ -61,7 +70,8 @@ public struct RouterExport: Equatable {
         let layout = setup.layout
         self.init(weightType: weightType, expertBits: setup.experts.map { ($0.keyBits, $0.valueBits) }, layers: layout.layers,
                   heads: layout.heads, chunkSize: layout.chunkSize, groupSize: layout.groupSize,
-                  freezeFirstChunk: layout.firstRoutedChunk == 1, routerInput: setup.routerInput, parameters: rounded)
+                  freezeFirstChunk: layout.firstRoutedChunk == 1, routerInput: setup.routerInput, pooling: layout.pooling,
+                  parameters: rounded)
     }
 
     /// File size for the given dimensions.
@@ -72,7 +82,7 @@ public struct RouterExport: Equatable {
     public func serialized() -> [UInt8] {
         var bytes = RouterExport.magic
         func u16(_ value: Int) { withUnsafeBytes(of: UInt16(value).littleEndian) { bytes.append(contentsOf: $0) } }
-        u16(Int(RouterExport.version))
+        u16(version)
         bytes.append(weightType.rawValue)
         bytes.append(UInt8(expertBits.count))
         u16(parameters.inputDim)
@@ -82,7 +92,8 @@ public struct RouterExport: Equatable {
         u16(layers)
         u16(heads)
         bytes.append((freezeFirstChunk ? 1 : 0) | routerInput.exportCode << 1)
-        bytes.append(contentsOf: [UInt8](repeating: 0, count: 11))
+        bytes.append(version == 1 ? 0 : pooling.exportCode)
+        bytes.append(contentsOf: [UInt8](repeating: 0, count: 10))
         for expert in expertBits { bytes.append(contentsOf: [UInt8(expert.keyBits), UInt8(expert.valueBits)]) }
         for value in parameters.values {
             switch weightType {
@@ -101,7 +112,8 @@ public struct RouterExport: Equatable {
         guard bytes.count >= headerSize + 4 else { throw fail("file is \(bytes.count) bytes, too small for a router export") }
         guard Array(bytes[0..<4]) == magic else { throw fail("not a router export (magic is not MQAE)") }
         func u16(_ offset: Int) -> Int { Int(bytes[offset]) | Int(bytes[offset + 1]) << 8 }
-        guard u16(4) == Int(version) else { throw fail("export version \(u16(4)) is not supported (expected \(version))") }
+        let version = u16(4)
+        guard versions.contains(version) else { throw fail("export version \(version) is not supported (expected 1 or 2)") }
         guard let weightType = WeightType(rawValue: bytes[6]) else { throw fail("weight dtype \(bytes[6]) is unknown (expected 1 = binary16 or 2 = binary32)") }
         let (M, D, R, N, G, L, H) = (Int(bytes[7]), u16(8), u16(10), u16(12), u16(14), u16(16), u16(18))
         let expected = fileSize(experts: M, inputDim: D, routers: R, weightType: weightType)
@@ -112,7 +124,10 @@ public struct RouterExport: Equatable {
         #endif
         guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail("header holds a zero dimension") }
         guard R == (L + G - 1) / G else { throw fail("header says \(R) routers, but \(L) layers in groups of \(G) need \((L + G - 1) / G)") }
-        guard bytes[20] & ~7 == 0, bytes[21..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
+        guard bytes[20] & ~7 == 0, bytes[(version == 1 ? 21 : 22)..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
+        guard let pooling = version == 1 ? .vote : ChunkPooling(exportCode: bytes[21]) else {
+            throw fail("router kind \(bytes[21]) is unknown (expected 0 = vote, 1 = mean, 2 = max)")
+        }
         guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail("router input code \(bytes[20] >> 1) in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)") }
         guard routerInput != .keyAndValue || D % 2 == 0 else { throw fail("D = \(D) is odd, but key+value inputs are two head vectors") }
         var expertBits: [(keyBits: Int, valueBits: Int)] = []
@@ -133,7 +148,7 @@ public struct RouterExport: Equatable {
         }
         guard values.allSatisfy(\.isFinite) else { throw fail("holds a non-finite weight") }
         return RouterExport(weightType: weightType, expertBits: expertBits, layers: L, heads: H, chunkSize: N, groupSize: G,
-                            freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput,
+                            freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput, pooling: pooling,
                             parameters: RouterParameters(routers: R, inputDim: D, experts: M, values: values))
     }
 

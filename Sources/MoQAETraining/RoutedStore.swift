@@ -70,7 +70,7 @@ public final class RoutedStore: @unchecked Sendable {
         }
         let layout = RoutingLayout(layers: store.model.numLayers, heads: store.model.numKVHeads, tokens: manifest.seqLen,
                                    inputDim: store.inputWidth, chunkSize: config.chunkSize, groupSize: config.groupSize,
-                                   freezeFirstChunk: config.freezeFirstChunk)
+                                   freezeFirstChunk: config.freezeFirstChunk, pooling: config.pooling)
         guard layout.unitsPerRouter > 0 else {
             throw ConfigError(location: source, key: "router.freeze_first_chunk",
                               reason: "the store's \(manifest.seqLen)-token sequences have \(layout.chunks) chunk(s) of \(config.chunkSize): nothing is left to route")

@@ -191,6 +191,7 @@ struct Evaluate: ParsableCommand {
         try config.apply(override: "router.chunk_size=\(export.chunkSize)")
         try config.apply(override: "router.group_size=\(export.groupSize)")
         try config.apply(override: "router.freeze_first_chunk=\(export.freezeFirstChunk)")
+        try config.apply(override: "router.pooling=\(export.pooling.rawValue)")
         return config
     }
 }
@@ -218,10 +219,10 @@ struct Inspect: ParsableCommand {
                 let export = try RouterExport.parse(bytes, path: file)
                 let experts = export.expertBits.map { "k\($0.keyBits)v\($0.valueBits)" }.joined(separator: ", ")
                 print("""
-                \(file): MQAE router export version 1, OK (CRC-32 verified)
+                \(file): MQAE router export version \(export.version), OK (CRC-32 verified)
                   \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
                   \(export.parameters.routers) router(s), D = \(export.parameters.inputDim) (router input \(export.routerInput.rawValue)), experts: \(experts)
-                  \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed")
+                  \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue)
                 """)
                 return
             }

@@ -81,6 +81,24 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
         }
     }
 
+    @Test func logSoftmaxRows() {
+        var s = Sampler(state: 8)
+        let w = s.values(12)
+        checkGradients(inputs: [(4, 3, s.values(12, scale: 2))], step: 1e-3) { tape, v in
+            tape.weightedSum(tape.logSoftmaxRows(v[0]), weights: w)
+        }
+    }
+
+    /// Distinct values keep each group's maximum in place under the finite-difference step.
+    @Test func maxOfRowGroups() {
+        var s = Sampler(state: 9)
+        let w = s.values(6)
+        let values = (0..<18).map { Float(($0 * 7) % 18) * 0.1 + 0.01 * s.next() }
+        checkGradients(inputs: [(6, 3, values)], step: 1e-3) { tape, v in
+            tape.weightedSum(tape.maxOfRowGroups(v[0], groupSize: 3), weights: w)
+        }
+    }
+
     @Test func pick() {
         var s = Sampler(state: 6)
         let w = s.values(4)
@@ -111,11 +129,12 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
     static let experts = [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
                           Expert(name: "int2", keyBits: 2, valueBits: 2)]
 
-    /// The whole loss of one sequence against finite differences in every router weight.
-    /// Decisions are constants for the gradient, so the check uses a step small enough to keep them.
-    @Test(arguments: LossKind.allCases)
-    func wholeLossMatchesFiniteDifferences(kind: LossKind) {
-        let layout = RoutingLayout(layers: 4, heads: 2, tokens: 40, inputDim: 4, chunkSize: 8, groupSize: 3, freezeFirstChunk: true)
+    /// The whole loss of one sequence against finite differences in every router weight, for every
+    /// pooling. Decisions are constants for the gradient, so the check uses a step small enough to keep them.
+    @Test(arguments: LossKind.allCases, ChunkPooling.allCases)
+    func wholeLossMatchesFiniteDifferences(kind: LossKind, pooling: ChunkPooling) {
+        let layout = RoutingLayout(layers: 4, heads: 2, tokens: 40, inputDim: 4, chunkSize: 8, groupSize: 3, freezeFirstChunk: true,
+                                   pooling: pooling)
         var s = Sampler(state: 11)
         let inputs = (0..<layout.routers).map { _ in s.values(layout.rowsPerRouter * layout.inputDim, scale: 2) }
         let delta = (0..<(layout.layers * layout.heads * layout.chunks * 3)).map { i in i % 3 == 0 ? Float(0) : 0.02 * Float(i % 3) * (1 + s.next()) }

@@ -5,14 +5,15 @@ import MoQAETraining
 import Testing
 
 /// Compares the trainer with values PyTorch computed in float64 (`Golden/make_golden.py`): for the
-/// paper's and the expected loss, the loss terms, decisions, every gradient, and the weights after 5
-/// AdamW steps, each by name.
+/// paper's and the expected loss, under every chunk pooling, the loss terms, decisions, every
+/// gradient, and the weights after 5 AdamW steps, each by name.
 @Suite struct GoldenTests {
     /// Agreement asked of every compared tensor: max |swift − torch| ≤ 1e-4 · max |torch|.
     static let relativeTolerance = 1e-4
 
     let golden: SafeTensorsHeader
     let goldenFile: MappedFile
+    let store: CalibrationStore
     let data: RoutedStore
 
     init() throws {
@@ -20,12 +21,20 @@ import Testing
         goldenFile = try MappedFile(path: url.path)
         golden = try SafeTensorsHeader(file: goldenFile.bytes)
         let storePath = try #require(Bundle.module.url(forResource: "store", withExtension: nil)).path
-        let store = try CalibrationStore(path: storePath)
-        let layout = RoutingLayout(layers: 4, heads: 2, tokens: 96, inputDim: 8, chunkSize: 32, groupSize: 3, freezeFirstChunk: true)
-        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 8,
+        store = try CalibrationStore(path: storePath)
+        data = Self.routed(store, pooling: .vote)
+    }
+
+    static func routed(_ store: CalibrationStore, pooling: ChunkPooling) -> RoutedStore {
+        let layout = RoutingLayout(layers: 4, heads: 2, tokens: 96, inputDim: 8, chunkSize: 32, groupSize: 3, freezeFirstChunk: true,
+                                   pooling: pooling)
+        return RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 8,
                                                            headDim: 8, routerInput: .key),
                            expertColumns: [0, 1, 2], calibrationFraction: 1, validationFraction: 0)
     }
+
+    /// Golden tensor names of a pooling start with it, except the paper's vote.
+    func prefix(_ pooling: ChunkPooling) -> String { pooling == .vote ? "" : pooling.rawValue + "." }
 
     /// A golden tensor as doubles (F64 or I64).
     func tensor(_ name: String) throws -> [Double] {
@@ -60,8 +69,10 @@ import Testing
     /// the trainer runs, with one and with two workers.
     enum Implementation: String, CaseIterable { case tape, streaming, streamingTwoWorkers }
 
-    func batchGradient(_ implementation: Implementation, _ kind: LossKind, parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+    func batchGradient(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling,
+                       parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
         let loss = LossSettings(kind: kind, lambda: 0.5)
+        let data = Self.routed(store, pooling: pooling)
         switch implementation {
         case .tape:
             return MoQAETraining.batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)
@@ -73,19 +84,24 @@ import Testing
 
     @Test(arguments: Implementation.allCases, LossKind.allCases)
     func lossTermsDecisionsAndGradients(_ implementation: Implementation, _ kind: LossKind) throws {
+        for pooling in ChunkPooling.allCases { try checkLossTermsDecisionsAndGradients(implementation, kind, pooling) }
+    }
+
+    func checkLossTermsDecisionsAndGradients(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling) throws {
         let batch = data.calibration.map(data.load)
         #expect(batch.count == 3)
         let parameters = try initialParameters()
-        let (gradient, figures, decisions) = batchGradient(implementation, kind, parameters: parameters)
-        let prefix = kind.rawValue + "."
+        let (gradient, figures, decisions) = batchGradient(implementation, kind, pooling, parameters: parameters)
+        let pool = self.prefix(pooling)
+        let prefix = pool + kind.rawValue + "."
         expectClose(prefix + "loss", [figures.loss], try tensor(prefix + "loss"))
         expectClose(prefix + "l_model", [figures.modelTerm], try tensor(prefix + "l_model"))
         expectClose(prefix + "l_mem", [figures.memoryTerm], try tensor(prefix + "l_mem"))
         let lNLL = zip(batch, decisions).map { item, routerDecisions in
             estimatedNLL(nll: item.nll, decisions: routerDecisions, layout: data.layout, sensitivity: item.sensitivity)
         }
-        expectClose("l_nll", lNLL, try tensor("l_nll"))
-        #expect(decisions.map { $0.joined().map(Double.init) }.joined().map { $0 } == (try tensor("decisions")), "decisions")
+        expectClose(pool + "l_nll", lNLL, try tensor(pool + "l_nll"))
+        #expect(decisions.map { $0.joined().map(Double.init) }.joined().map { $0 } == (try tensor(pool + "decisions")), "\(pool)decisions")
         for entry in parameters.table {
             expectClose(prefix + "grad." + entry.name, gradient[entry.range].map(Double.init), try tensor(prefix + "grad." + entry.name))
         }
@@ -102,12 +118,16 @@ import Testing
 
     @Test(arguments: Implementation.allCases, LossKind.allCases)
     func fiveAdamWSteps(_ implementation: Implementation, _ kind: LossKind) throws {
-        let prefix = kind.rawValue + "."
+        for pooling in ChunkPooling.allCases { try checkFiveAdamWSteps(implementation, kind, pooling) }
+    }
+
+    func checkFiveAdamWSteps(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling) throws {
+        let prefix = self.prefix(pooling) + kind.rawValue + "."
         var parameters = try initialParameters()
         var optimizer = AdamW(settings: AdamWSettings(), parameterCount: parameters.values.count)
         var losses: [Double] = []
         for _ in 0..<5 {
-            let (gradient, figures, _) = batchGradient(implementation, kind, parameters: parameters)
+            let (gradient, figures, _) = batchGradient(implementation, kind, pooling, parameters: parameters)
             losses.append(figures.loss)
             optimizer.update(&parameters.values, gradient: gradient)
         }

@@ -7,23 +7,43 @@ import Testing
 /// The streaming pass the trainer runs against the tape, on a store with several heads, routers and
 /// blocks per head, F16 inputs and a partial last batch.
 @Suite struct StreamingTests {
+    let store: CalibrationStore
     let data: RoutedStore
     let parameters: RouterParameters
 
     init() throws {
         let path = makeTemporaryDirectory("streaming")
         try SyntheticStore.write(shape: .init(name: "test", layers: 5, heads: 3, headDim: 16, tokens: 320), sequences: 5, to: path)
-        let store = try CalibrationStore(path: path)
-        let layout = RoutingLayout(layers: 5, heads: 3, tokens: 320, inputDim: 16, chunkSize: 32, groupSize: 2, freezeFirstChunk: true)
-        data = RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16,
-                                                           headDim: 16, routerInput: .key),
-                           expertColumns: [0, 1, 2], calibrationFraction: 0.1, validationFraction: 0)
+        store = try CalibrationStore(path: path)
+        data = Self.routed(store, pooling: .vote)
         var random = RandomGenerator(seed: 3)
         parameters = RouterParameters.initialized(routers: 3, inputDim: 16, experts: 3, random: &random)
     }
 
+    static func routed(_ store: CalibrationStore, pooling: ChunkPooling) -> RoutedStore {
+        let layout = RoutingLayout(layers: 5, heads: 3, tokens: 320, inputDim: 16, chunkSize: 32, groupSize: 2, freezeFirstChunk: true,
+                                   pooling: pooling)
+        return RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16,
+                                                           headDim: 16, routerInput: .key),
+                           expertColumns: [0, 1, 2], calibrationFraction: 0.1, validationFraction: 0)
+    }
+
     @Test(arguments: LossKind.allCases, [0.0, 0.3, 1.0])
     func matchesTheTape(kind: LossKind, lambda: Double) throws {
+        try expectStreamingMatchesTheTape(data: data, kind: kind, lambda: lambda)
+    }
+
+    /// The pooled chunk probabilities, streamed, against the tape's independent log-softmax and pooling.
+    @Test(arguments: [ChunkPooling.mean, .max], LossKind.allCases)
+    func pooledMatchesTheTape(pooling: ChunkPooling, kind: LossKind) throws {
+        let pooled = Self.routed(store, pooling: pooling)
+        try expectStreamingMatchesTheTape(data: pooled, kind: kind, lambda: 0.3)
+        let vote = SequenceStreamer(data: data, workers: 1).decisions(data.calibration, parameters: parameters)
+        #expect(SequenceStreamer(data: pooled, workers: 1).decisions(pooled.calibration, parameters: parameters) != vote,
+                "pooling should change some decision")
+    }
+
+    func expectStreamingMatchesTheTape(data: RoutedStore, kind: LossKind, lambda: Double) throws {
         #expect(data.calibration.count == 5)
         let loss = LossSettings(kind: kind, lambda: lambda)
         let reference = batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)

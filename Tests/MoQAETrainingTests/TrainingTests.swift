@@ -201,11 +201,13 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
 }
 
 @Suite struct ExportTests {
-    func export(inputDim: Int, routers: Int, type: RouterExport.WeightType, routerInput: RouterInput = .key) -> RouterExport {
+    func export(inputDim: Int, routers: Int, type: RouterExport.WeightType, routerInput: RouterInput = .key,
+                pooling: ChunkPooling = .vote) -> RouterExport {
         var random = RandomGenerator(seed: 1)
         let layers = routers * 3
         let headDim = routerInput == .keyAndValue ? inputDim / 2 : inputDim
-        let layout = RoutingLayout(layers: layers, heads: 8, tokens: 64, inputDim: inputDim, chunkSize: 32, groupSize: 3, freezeFirstChunk: true)
+        let layout = RoutingLayout(layers: layers, heads: 8, tokens: 64, inputDim: inputDim, chunkSize: 32, groupSize: 3, freezeFirstChunk: true,
+                                   pooling: pooling)
         let setup = RouterSetup(layout: layout, experts: [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
                                                           Expert(name: "int2", keyBits: 2, valueBits: 2)], valueGroup: headDim,
                                 headDim: headDim, routerInput: routerInput)
@@ -227,6 +229,25 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(try RouterExport.parse(bytes, path: "x") == original)
     }
 
+    /// A pooled router is version 2 with its kind in byte 21; otherwise the same bytes as version 1.
+    @Test(arguments: [ChunkPooling.mean, .max])
+    func pooledRoutersAreVersion2(pooling: ChunkPooling) throws {
+        let paper = export(inputDim: 16, routers: 2, type: .binary16).serialized()
+        let pooled = export(inputDim: 16, routers: 2, type: .binary16, pooling: pooling)
+        let bytes = pooled.serialized()
+        #expect(bytes[4] == 2 && bytes[21] == pooling.exportCode && bytes[21] != 0)
+        /// Every byte but the version, the kind and the CRC.
+        func rest(_ file: [UInt8]) -> [UInt8] {
+            var body = Array(file.dropLast(4))
+            body[4] = 0
+            body[21] = 0
+            return body
+        }
+        #expect(rest(bytes) == rest(paper))
+        let parsed = try RouterExport.parse(bytes, path: "x")
+        #expect(parsed == pooled && parsed.pooling == pooling)
+    }
+
     @Test func rejectsDamage() {
         let bytes = export(inputDim: 16, routers: 1, type: .binary16).serialized()
         func reason(_ damaged: [UInt8]) -> String {
@@ -237,8 +258,8 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(reason(flipped).contains("r.bin: CRC-32 mismatch"))
         #expect(reason(Array(bytes.dropLast())).contains("header implies"))
         var version = bytes
-        version[4] = 2
-        #expect(reason(version).contains("version 2 is not supported"))
+        version[4] = 3
+        #expect(reason(version).contains("export version 3 is not supported (expected 1 or 2)"))
         var dtype = bytes
         dtype[6] = 7
         #expect(reason(dtype).contains("weight dtype 7"))
@@ -251,6 +272,15 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         }
         #expect(reason(resealed(bytes, flags: 1 | 3 << 1)).contains("router input code 3 in the flags is unknown"))
         #expect(reason(resealed(bytes, flags: 1 | 1 << 3)).contains("reserved header bits are not zero"))
+        /// `file` with header bytes replaced and a CRC that matches again.
+        func patched(_ file: [UInt8], _ changes: [Int: UInt8]) -> [UInt8] {
+            var body = Array(file.dropLast(4))
+            for (offset, value) in changes { body[offset] = value }
+            return body + withUnsafeBytes(of: CRC32.checksum(body).littleEndian) { Array($0) }
+        }
+        #expect(reason(patched(bytes, [21: 1])).contains("reserved header bits are not zero"))   // version 1 has no kind byte
+        #expect(reason(patched(bytes, [4: 2, 21: 3])).contains("r.bin: router kind 3 is unknown (expected 0 = vote, 1 = mean, 2 = max)"))
+        #expect(reason(patched(bytes, [4: 2, 21: 2, 22: 1])).contains("reserved header bits are not zero"))
         let oddWidth = export(inputDim: 15, routers: 1, type: .binary16).serialized()
         #expect(reason(resealed(oddWidth, flags: 1 | RouterInput.keyAndValue.exportCode << 1)).contains("D = 15 is odd"))
     }

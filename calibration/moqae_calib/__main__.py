@@ -35,6 +35,9 @@ def parser():
                            "that routers see needles as eval --task passkey asks for them")
     dump.add_argument("--passkey-seed", type=int, default=1,
                       help="seed of the pass-key windows and of which windows get them (default 1; eval uses 0)")
+    dump.add_argument("--answer-weight", type=float, default=1.0,
+                      help="with --passkey: each answer token of a pass-key window counts as this many tokens in the "
+                           "loss whose change delta_nll measures (default 1: the plain mean NLL)")
     dump.add_argument("--chunk-size", type=int, default=32, help="tokens per unit (default 32)")
     dump.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")

@@ -1,4 +1,5 @@
 """`dump`: a local Hugging Face causal LM plus a text corpus → a calibration store."""
+import math
 import os
 import sys
 import time
@@ -60,12 +61,17 @@ def load_model(model_dir, device, device_map, dtype_name):
     return model
 
 
-def with_needles(corpus, haystack, tokenizer, fraction, seed):
+def with_needles(corpus, haystack, tokenizer, fraction, seed, answer_weight=1.0):
     """The corpus windows (N, T) with those whose u(index, seed) < fraction replaced by pass-key windows
-    of the same length, built from the corpus text with that seed."""
-    needles = passkey_windows(haystack, tokenizer, corpus.shape[1], corpus.shape[0], seed).ids
+    of the same length, built from the corpus text with that seed; and the token weights (N, T − 1) of
+    the loss the sensitivities measure: 1, and `answer_weight` for the answer tokens of pass-key windows
+    (weight i is that of predicting token i + 1)."""
+    needles = passkey_windows(haystack, tokenizer, corpus.shape[1], corpus.shape[0], seed)
     chosen = torch.tensor([unit_value(i, seed) < fraction for i in range(corpus.shape[0])])
-    return torch.where(chosen[:, None], needles, corpus)
+    weights = torch.ones(corpus.shape[0], corpus.shape[1] - 1, dtype=torch.float64)
+    for row in chosen.nonzero().flatten().tolist():
+        weights[row, needles.answer_positions[row] - 1] = answer_weight
+    return torch.where(chosen[:, None], needles.ids, corpus), weights
 
 
 def dump(args):
@@ -91,11 +97,16 @@ def dump(args):
 
     if not 0 <= args.passkey <= 1:
         raise CalibError(f"--passkey must be in [0, 1], got {args.passkey}")
+    if not (math.isfinite(args.answer_weight) and args.answer_weight > 0):
+        raise CalibError(f"--answer-weight must be a positive number, got {args.answer_weight}")
+    if args.answer_weight != 1 and not args.passkey:
+        raise CalibError("--answer-weight weighs the answers of pass-key windows: it needs --passkey")
     tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
     texts = read_texts(args.corpus)
-    corpus = windows(texts, tokenizer, seq_len)
+    corpus, weights = windows(texts, tokenizer, seq_len), None
     if args.passkey:
-        corpus = with_needles(corpus, "".join(texts), tokenizer, args.passkey, args.passkey_seed)
+        corpus, weights = with_needles(corpus, "".join(texts), tokenizer, args.passkey, args.passkey_seed,
+                                       args.answer_weight)
     chosen = [i for i in range(corpus.shape[0]) if selected(i, args.seed, args.fraction)]
     if not chosen:
         raise CalibError(f"--fraction {args.fraction} selects none of the corpus's {corpus.shape[0]} windows")
@@ -110,7 +121,8 @@ def dump(args):
         "sensitivity": args.sensitivity, "selection": {"seed": args.seed, "fraction": args.fraction},
         "corpus": {"source": ", ".join(os.path.basename(p) for p in args.corpus), "tokenizer": tokenizer.name,
                    "seq_len": seq_len, "num_sequences": int(corpus.shape[0]),
-                   **({"passkey": {"fraction": args.passkey, "seed": args.passkey_seed}} if args.passkey else {})},
+                   **({"passkey": {"fraction": args.passkey, "seed": args.passkey_seed, "answer_weight": args.answer_weight}}
+                      if args.passkey else {})},
     }
     settings = dict(header, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size,
                     part={"index": args.shard_index, "count": args.num_shards})
@@ -128,12 +140,15 @@ def dump(args):
         started = time.perf_counter()
         for seq_id in todo:
             ids = corpus[seq_id].to(model.device)
+            token_weights = None if weights is None else weights[seq_id]
             if args.sensitivity == "exact":
-                nll, keys, values, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model)
+                nll, keys, values, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model,
+                                                       token_weights)
             else:
-                nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model)
+                nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model, token_weights)
+                total_weight = seq_len - 1 if token_weights is None else token_weights.sum().item()
                 delta = taylor_delta(keys, values, grad_keys, grad_values, experts, args.chunk_size, value_group,
-                                     seq_len, rule=args.sensitivity)
+                                     total_weight, rule=args.sensitivity)
             inputs = torch.stack([router_inputs(k, v) for k, v in zip(keys, values)])
             if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):
                 raise CalibError(f"{args.model}: router inputs ({args.router_input}) of shape {tuple(inputs.shape)}, the config "

@@ -269,7 +269,7 @@ def taylor_sensitivities(model, windows, experts, layout, model_dir, progress=Tr
                dynamic_ncols=True, mininterval=0.1 if os.isatty(2) else 30, leave=False)
     for ids in windows:
         nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids.to(model.device), model_dir)
-        delta = taylor_delta(keys, values, grad_keys, grad_values, experts, layout.chunk_size, layout.value_group, ids.numel())
+        delta = taylor_delta(keys, values, grad_keys, grad_values, experts, layout.chunk_size, layout.value_group, ids.numel() - 1)
         deltas.append(delta[:, :, : layout.chunks])
         bar.update(1)
     bar.close()

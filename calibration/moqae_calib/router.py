@@ -1,10 +1,11 @@
 """Reading an MQAE router export and running its routers in torch (the evaluator's side of the trainer).
 
-The export (version 1, little-endian, no padding): a 32-byte header (magic "MQAE", u16 version, u8
-weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
-chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value), 11 zero bytes), M (key_bits,
-value_bits) pairs, per router W1 (D×M), W2 (D×M), W3 (M×M)
-row-major, and a CRC-32 of everything before it.
+The export (little-endian, no padding; docs/FORMATS.md): a 32-byte header (magic "MQAE", u16 version,
+u8 weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
+chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value), then in version 2 a u8
+router kind (the chunk pooling: 0 vote, 1 mean, 2 max; version 1 is vote), and zero bytes to 32), M
+(key_bits, value_bits) pairs, per router W1 (D×M), W2 (D×M), W3 (M×M) row-major, and a CRC-32 of
+everything before it.
 """
 import math
 import struct
@@ -18,6 +19,7 @@ from .experts import Expert
 
 HEADER = struct.Struct("<4sHBBHHHHHHB11s")
 ROUTER_INPUTS = ("key", "key-prerope", "key+value")    # by their code in bits 1–2 of the flags
+POOLINGS = ("vote", "mean", "max")                      # by their code in header byte 21 (version 2)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class RouterExport:
     num_kv_heads: int       # H
     freeze_first_chunk: bool
     router_input: str       # "key", "key-prerope" or "key+value"
+    pooling: str            # "vote" (the paper's), "mean" or "max"
     weights: list           # per router: (W1 (D, M), W2 (D, M), W3 (M, M)) float32 tensors
 
     @property
@@ -55,8 +58,8 @@ def read_export(path):
     magic, version, dtype, M, D, R, N, G, L, H, flags, reserved = HEADER.unpack_from(data)
     if magic != b"MQAE":
         raise CalibError(f"{path}: not a router export (magic is not MQAE)")
-    if version != 1:
-        raise CalibError(f"{path}: export version {version} is not supported (expected 1)")
+    if version not in (1, 2):
+        raise CalibError(f"{path}: export version {version} is not supported (expected 1 or 2)")
     if dtype not in (1, 2):
         raise CalibError(f"{path}: weight dtype {dtype} is unknown (expected 1 = binary16 or 2 = binary32)")
     width = 2 if dtype == 1 else 4
@@ -67,8 +70,11 @@ def read_export(path):
         raise CalibError(f"{path}: CRC-32 mismatch: the file is damaged")
     if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
         raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
+    kind, reserved = (0, reserved) if version == 1 else (reserved[0], reserved[1:])
     if flags & ~7 or any(reserved):
         raise CalibError(f"{path}: reserved header bits are not zero")
+    if kind >= len(POOLINGS):
+        raise CalibError(f"{path}: router kind {kind} is unknown (expected 0 = vote, 1 = mean, 2 = max)")
     if flags >> 1 >= len(ROUTER_INPUTS):
         raise CalibError(f"{path}: router input code {flags >> 1} in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)")
     router_input = ROUTER_INPUTS[flags >> 1]
@@ -92,14 +98,36 @@ def read_export(path):
         w3 = values[offset + 2 * D * M: offset + 2 * D * M + M * M].reshape(M, M)
         weights.append((w1, w2, w3))
         offset += 2 * D * M + M * M
-    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), router_input, weights)
+    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), router_input, POOLINGS[kind], weights)
+
+
+def token_logits(x, weights):
+    """z = (SiLU(x W1) ⊙ (x W2)) W3 for token vectors x (..., D), in float32."""
+    w1, w2, w3 = (w.to(x.device) for w in weights)
+    x = x.float()
+    return (torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3
 
 
 def token_probabilities(x, weights):
-    """p = softmax((SiLU(x W1) ⊙ (x W2)) W3) for token vectors x (..., D), in float32."""
-    w1, w2, w3 = (w.to(x.device) for w in weights)
-    x = x.float()
-    return torch.softmax((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3, dim=-1)
+    """p = softmax(z) for token vectors x (..., D), in float32."""
+    return torch.softmax(token_logits(x, weights), dim=-1)
+
+
+def pooled_probabilities(logits, chunk_size, pooling):
+    """P_u = softmax over experts of the mean ("mean") or maximum ("max") over each chunk's tokens of
+    log p: logits (..., C·N, M) → (..., C, M)."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    log_p = log_p.reshape(*log_p.shape[:-2], -1, chunk_size, log_p.shape[-1])
+    return torch.softmax(log_p.mean(-2) if pooling == "mean" else log_p.amax(-2), dim=-1)
+
+
+def pooled_decisions(unit_probabilities, experts):
+    """The expert of highest P_u; a tie goes to more bits, then to the lower index. (..., C, M) → (..., C)."""
+    M = unit_probabilities.shape[-1]
+    total_bits = torch.tensor([e.key_bits + e.value_bits for e in experts], device=unit_probabilities.device)
+    best = unit_probabilities == unit_probabilities.max(-1, keepdim=True).values
+    score = best * 1_000_000 + total_bits * 1_000 - torch.arange(M, device=unit_probabilities.device)
+    return score.argmax(-1)
 
 
 def chunk_decisions(probabilities, experts, chunk_size):
@@ -119,4 +147,7 @@ def route(export, router, inputs):
     first = 1 if export.freeze_first_chunk else 0
     C = inputs.shape[-2] // export.chunk_size
     routed = inputs[..., first * export.chunk_size: C * export.chunk_size, :]
-    return chunk_decisions(token_probabilities(routed, export.weights[router]), export.experts, export.chunk_size)
+    logits = token_logits(routed, export.weights[router])
+    if export.pooling == "vote":
+        return chunk_decisions(torch.softmax(logits, dim=-1), export.experts, export.chunk_size)
+    return pooled_decisions(pooled_probabilities(logits, export.chunk_size, export.pooling), export.experts)

@@ -1,10 +1,12 @@
 """Per-unit sensitivities `delta_nll[L, H, C, M]` of one sequence.
 
-With gK, gV the gradients of the sequence's summed NLL with respect to a layer's post-RoPE K and V,
-and eK = K̂ − K, eV = V̂ − V over a unit's elements:
-- taylor: (1/(T−1)) [Σ (gK⊙eK + gV⊙eV) + ½ Σ ((gK⊙eK)² + (gV⊙eV)²)]  (first order + diagonal empirical Fisher)
+The sequence's loss is the weighted mean of its T − 1 token NLLs, Σ_t w_t·nll_t / W with W = Σ_t w_t:
+every w_t is 1 (the plain mean) unless the dump weights a task's answer tokens (`--answer-weight`).
+With gK, gV the gradients of Σ_t w_t·nll_t with respect to a layer's post-RoPE K and V, and
+eK = K̂ − K, eV = V̂ − V over a unit's elements:
+- taylor: (1/W) [Σ (gK⊙eK + gV⊙eV) + ½ Σ ((gK⊙eK)² + (gV⊙eV)²)]  (first order + diagonal empirical Fisher)
 - fisher: the second-order term alone
-- exact:  mean NLL with only that unit quantized, minus the unquantized mean NLL
+- exact:  the loss with only that unit quantized, minus the unquantized loss
 The 16/16 expert's column is 0 by definition.
 
 Exact sensitivities have two implementations that give the same numbers: `exact_delta_full`, one full
@@ -29,30 +31,40 @@ def mean_nll(logits, ids):
     return token_nll(logits[:, :-1], ids[:, 1:]).mean(dim=-1)
 
 
+def loss_weights(tokens, weights, device):
+    """The token weights w (T − 1,) in float64: all ones when `weights` is None."""
+    if weights is None:
+        return torch.ones(tokens - 1, dtype=torch.float64, device=device)
+    return weights.to(device=device, dtype=torch.float64)
+
+
 def _embed(model, ids):
     embeddings = model.get_input_embeddings()
     return embeddings(ids.to(embeddings.weight.device))
 
 
-def forward_with_kv_gradients(model, ids, model_dir):
-    """One forward and one backward over ids (T,): the mean NLL, every layer's K and V (H, T, D) and
-    the gradients of the summed NLL with respect to them."""
+def forward_with_kv_gradients(model, ids, model_dir, weights=None):
+    """One forward and one backward over ids (T,): the loss (the weighted mean NLL; `weights` (T − 1,)
+    or None for the plain mean), every layer's K and V (H, T, D) and the gradients of the weighted
+    summed NLL Σ_t w_t·nll_t with respect to them."""
     num_layers = model.config.num_hidden_layers
     hook = KVHook(record=True)
     embeds = _embed(model, ids[None]).detach().requires_grad_(True)   # builds the graph with frozen weights
     with hook.active():
         logits = model(inputs_embeds=embeds).logits
     check_all_layers_seen(hook, num_layers, model_dir)
-    nll = mean_nll(logits, ids[None].to(logits.device))[0]
+    w = loss_weights(ids.numel(), weights, logits.device)
+    weighted_sum = (token_nll(logits[0, :-1], ids[1:].to(logits.device)).double() * w).sum()
     keys = [hook.keys[layer] for layer in range(num_layers)]
     values = [hook.values[layer] for layer in range(num_layers)]
-    gradients = torch.autograd.grad(nll * (ids.numel() - 1), keys + values)
-    return (nll.item(), [k[0].detach().float() for k in keys], [v[0].detach().float() for v in values],
+    gradients = torch.autograd.grad(weighted_sum, keys + values)
+    return ((weighted_sum / w.sum()).item(), [k[0].detach().float() for k in keys], [v[0].detach().float() for v in values],
             [g[0].float() for g in gradients[:num_layers]], [g[0].float() for g in gradients[num_layers:]])
 
 
-def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_group, tokens, rule="taylor"):
-    """delta_nll (L, H, C, M) from one backward pass, by the taylor or fisher rule."""
+def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_group, total_weight, rule="taylor"):
+    """delta_nll (L, H, C, M) from one backward pass, by the taylor or fisher rule; `total_weight` is
+    W = Σ_t w_t (T − 1 for the plain mean)."""
     L, (H, T, D) = len(keys), keys[0].shape
     C = T // chunk
     delta = torch.zeros(L, H, C, len(experts), dtype=torch.float64)
@@ -69,20 +81,21 @@ def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_gro
             tv = gv * (quantize_values(v, expert.value_bits, chunk, value_group) - v)
             second = 0.5 * (unit_sum(tk * tk) + unit_sum(tv * tv))
             delta[layer, :, :, m] = second if rule == "fisher" else unit_sum(tk) + unit_sum(tv) + second
-    return (delta / (tokens - 1)).float()
+    return (delta / total_weight).float()
 
 
 @torch.no_grad()
-def exact_delta_full(model, ids, experts, chunk, value_group, model_dir, batch_size=16):
-    """One full forward pass per (unit, expert), batched: the mean NLL, every layer's K and V (H, T, D),
-    and delta_nll (L, H, C, M)."""
+def exact_delta_full(model, ids, experts, chunk, value_group, model_dir, weights=None, batch_size=16):
+    """One full forward pass per (unit, expert), batched: the loss (weighted mean NLL, `weights` as in
+    `forward_with_kv_gradients`), every layer's K and V (H, T, D), and delta_nll (L, H, C, M)."""
     L = model.config.num_hidden_layers
     base_hook = KVHook(record=True)
     targets = ids[None, 1:]
     with base_hook.active():
         base_logits = model(ids[None]).logits
     base_token_nll = token_nll(base_logits[:, :-1], targets.to(base_logits.device))[0]   # (T-1,)
-    base = base_token_nll.double().mean().item()
+    w = loss_weights(ids.numel(), weights, base_logits.device)
+    base = ((base_token_nll.double() * w).sum() / w.sum()).item()
     check_all_layers_seen(base_hook, L, model_dir)
     H, T = base_hook.keys[0].shape[1], ids.numel()
     C = T // chunk
@@ -105,7 +118,7 @@ def exact_delta_full(model, ids, experts, chunk, value_group, model_dir, batch_s
             logits = model(ids[None].expand(len(batch), T)).logits
         change = token_nll(logits[:, :-1], targets.expand(len(batch), -1).to(logits.device)) - base_token_nll
         for row, (layer, head, c, m) in enumerate(batch):
-            delta[layer, head, c, m] = change[row].double().sum().item() / (T - 1)
+            delta[layer, head, c, m] = ((change[row].double() * w).sum() / w.sum()).item()
     return (base, [base_hook.keys[layer][0].float() for layer in range(L)],
             [base_hook.values[layer][0].float() for layer in range(L)], delta)
 
@@ -128,8 +141,8 @@ def resumable_decoder(model, tokens):
 
 
 @torch.no_grad()
-def exact_delta(model, ids, experts, chunk, value_group, model_dir):
-    """Exact delta_nll with only the changed part recomputed: the mean NLL, every layer's K and V
+def exact_delta(model, ids, experts, chunk, value_group, model_dir, weights=None):
+    """Exact delta_nll with only the changed part recomputed: the loss, every layer's K and V
     (H, T, D), and delta_nll (L, H, C, M), equal to `exact_delta_full`'s up to float rounding.
 
     Quantizing unit (l, h, c) changes nothing before layer l and nothing at positions before N·c, so
@@ -137,11 +150,11 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir):
     (h, m) of every head and quantized expert resume at layer l from the base hidden states of
     positions ≥ N·c. Attention reads the base K, V of earlier positions, and at layer l the base K, V
     with chunk c of the row's head quantized (the row's own K, V there equal the base ones). The
-    unit's delta is the change of the summed NLL of the recomputed positions over T − 1.
+    unit's delta is the change of the weighted summed NLL of the recomputed positions over W.
     """
     decoder = resumable_decoder(model, ids.numel())
     if decoder is None:
-        return exact_delta_full(model, ids, experts, chunk, value_group, model_dir)
+        return exact_delta_full(model, ids, experts, chunk, value_group, model_dir, weights)
     L = model.config.num_hidden_layers
     layer_inputs = {}   # layer → (1, T, hidden): the base hidden states entering it
 
@@ -159,6 +172,7 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir):
     check_all_layers_seen(base_hook, L, model_dir)
     targets = ids[None, 1:].to(base_logits.device)
     base_token_nll = token_nll(base_logits[:, :-1], targets)[0]   # (T-1,)
+    w = loss_weights(ids.numel(), weights, base_logits.device)
     keys = [base_hook.keys[layer] for layer in range(L)]      # (1, H, T, D) each
     values = [base_hook.values[layer] for layer in range(L)]
     H, T = keys[0].shape[1], ids.numel()
@@ -195,6 +209,6 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir):
             logits = model.lm_head(decoder.norm(hidden))
             change = token_nll(logits[:, :-1], targets[:, start:].expand(len(rows), -1)) - base_token_nll[start:]
             for row, (head, m) in enumerate(rows):
-                delta[first_layer, head, c, m] = change[row].double().sum().item() / (T - 1)
-    base = base_token_nll.double().mean().item()
+                delta[first_layer, head, c, m] = ((change[row].double() * w[start:]).sum() / w.sum()).item()
+    base = ((base_token_nll.double() * w).sum() / w.sum()).item()
     return (base, [k[0].float() for k in keys], [v[0].float() for v in values], delta)

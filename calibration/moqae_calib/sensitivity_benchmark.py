@@ -49,7 +49,7 @@ def run_sensitivity_benchmark(args):
     for seq_id in chosen:
         ids = corpus[seq_id]
         taylor_seconds, _ = timed(lambda: taylor_delta(*forward_with_kv_gradients(model, ids, args.model)[1:], experts,
-                                                       args.chunk_size, value_group, seq_len))
+                                                       args.chunk_size, value_group, seq_len - 1))
         resumed_seconds, resumed = timed(exact_delta, model, ids, experts, args.chunk_size, value_group, args.model)
         full_seconds, full = timed(exact_delta_full, model, ids, experts, args.chunk_size, value_group, args.model)
         disagreement = (resumed[3] - full[3]).abs().max().item() / full[3].abs().max().item()

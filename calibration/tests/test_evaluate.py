@@ -19,7 +19,7 @@ import math
 from moqae_calib.evaluate import Layout, Result, UniformPlan, evaluate_plan, paired_difference, prescient_plan, static_plan
 from moqae_calib.experts import parse_expert
 from moqae_calib.quantizer import quantize_keys, quantize_values, unit_storage_bits
-from moqae_calib.router import read_export, route
+from moqae_calib.router import POOLINGS, read_export, route
 from moqae_calib.sensitivity import mean_nll
 
 GOLDEN = os.path.join(ROOT, "Tests", "MoQAETrainingTests", "Golden")
@@ -52,11 +52,30 @@ def test_uniform_plan_equals_a_direct_fake_quantized_forward(reference):
         assert summary["bits_per_byte"] == pytest.approx(result.nll / torch.log(torch.tensor(2.0)).item())
 
 
-def test_router_decisions_equal_the_trainers():
+def resealed(body):
+    """An export body (all but the CRC) with its CRC-32 appended."""
+    return bytes(body) + zlib.crc32(body).to_bytes(4, "little")
+
+
+def as_version_2(export_bytes, kind):
+    """A version 1 export rewritten as version 2 of router kind `kind`, with its CRC resealed."""
+    body = bytearray(export_bytes[:-4])
+    body[4], body[21] = 2, kind
+    return resealed(body)
+
+
+@pytest.mark.parametrize("pooling", ["vote", "mean", "max"])
+def test_router_decisions_equal_the_trainers(pooling, tmp_path):
     """router-init.bin holds the golden initial weights; golden.safetensors the decisions that both the
-    Swift trainer and PyTorch float64 make with them on the golden store."""
-    export = read_export(os.path.join(GOLDEN, "router-init.bin"))
-    golden = load_file(os.path.join(GOLDEN, "golden.safetensors"))["decisions"]
+    Swift trainer and PyTorch float64 make with them on the golden store, for every chunk pooling
+    (mean and max read from the same weights written as version 2)."""
+    path = os.path.join(GOLDEN, "router-init.bin")
+    if pooling != "vote":
+        path = tmp_path / "router.bin"
+        path.write_bytes(as_version_2(open(os.path.join(GOLDEN, "router-init.bin"), "rb").read(), POOLINGS.index(pooling)))
+    export = read_export(str(path))
+    assert export.pooling == pooling
+    golden = load_file(os.path.join(GOLDEN, "golden.safetensors"))["decisions" if pooling == "vote" else f"{pooling}.decisions"]
     store = load_file(os.path.join(GOLDEN, "store", "shard-00000.safetensors"))
     ids = sorted(int(k.split(".")[1]) for k in store if k.endswith(".inputs"))
     for row, seq_id in enumerate(ids):
@@ -70,10 +89,12 @@ def test_damaged_exports_are_rejected(tmp_path):
     data = bytearray(open(source, "rb").read())
     unknown_input = data[:20] + bytes([data[20] | 3 << 1]) + data[21:-4]
     cases = {"flipped": data[:40] + bytes([data[40] ^ 1]) + data[41:], "truncated": data[:-3],
-             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x02" + data[5:],
-             "input": unknown_input + zlib.crc32(unknown_input).to_bytes(4, "little")}
-    reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic", "version": "version 2",
-               "input": "router input code 3 in the flags is unknown"}
+             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x03" + data[5:],
+             "input": unknown_input + zlib.crc32(unknown_input).to_bytes(4, "little"),
+             "kind": as_version_2(data, 3), "v1 kind": resealed(data[:21] + b"\x01" + data[22:-4])}
+    reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic",
+               "version": "version 3 is not supported", "input": "router input code 3 in the flags is unknown",
+               "kind": "router kind 3 is unknown", "v1 kind": "reserved header bits are not zero"}
     for name, damaged in cases.items():
         path = tmp_path / f"{name}.bin"
         path.write_bytes(bytes(damaged))

@@ -51,10 +51,17 @@ def test_wilson_interval_matches_the_formula():
 
 def test_a_store_corpus_gets_needles_in_the_chosen_windows():
     corpus = windows([HAYSTACK], ByteTokenizer(), 512)
-    mixed = with_needles(corpus, HAYSTACK, ByteTokenizer(), 0.5, seed=1)
+    mixed, weights = with_needles(corpus, HAYSTACK, ByteTokenizer(), 0.5, seed=1, answer_weight=40)
     needled = [row for row in range(len(corpus)) if not torch.equal(mixed[row], corpus[row])]
     assert 0.3 * len(corpus) < len(needled) < 0.7 * len(corpus)
     assert all(b" The pass key is " in bytes(mixed[row].tolist()) for row in needled)
+    # The 5 answer digits weigh 40 each: the weight of predicting token i + 1 sits at i.
+    for row in range(len(corpus)):
+        heavy = (weights[row] == 40).nonzero().flatten() + 1
+        expected = list(range(506, 511)) if row in needled else []
+        assert heavy.tolist() == expected and (weights[row][weights[row] != 40] == 1).all()
+        if row in needled:
+            assert bytes(mixed[row, heavy].tolist()).isdigit()
 
 
 def test_the_evaluator_scores_answers_and_the_bits_that_held_the_key(tiny_llama):

@@ -24,8 +24,8 @@ def test_taylor_and_fisher_rank_units_like_exact():
     for seq_id in (10, 20, 30):
         ids = corpus[seq_id]
         nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, REFERENCE_MODEL)
-        taylor = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 512)
-        fisher = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 512, rule="fisher")
+        taylor = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 511)
+        fisher = taylor_delta(keys, values, grad_keys, grad_values, experts, 32, 64, 511, rule="fisher")
         base, exact_keys, exact_values, exact = exact_delta(model, ids, experts, 32, 64, REFERENCE_MODEL)
         assert abs(base - nll) < 1e-5
         assert torch.equal(exact_keys[0], keys[0]) and torch.equal(exact_values[-1], values[-1])
@@ -74,3 +74,40 @@ def test_exact_falls_back_to_full_forwards_where_a_sliding_window_cuts_the_seque
     model.config.use_sliding_window, model.config.sliding_window = True, 64
     assert resumable_decoder(model, 64) is not None
     assert resumable_decoder(model, 96) is None
+
+
+def test_weighted_exact_resumed_equals_full_forwards(tiny_llama):
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    ids = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(2))
+    weights = torch.ones(95, dtype=torch.float64)
+    weights[80:85] = 30.0   # an answer of 5 tokens weighing 30 each
+    experts = parse_experts("fp16,int2")
+    base, _, _, resumed = exact_delta(model, ids, experts, 16, 8, tiny_llama, weights)
+    full_base, _, _, full = exact_delta_full(model, ids, experts, 16, 8, tiny_llama, weights)
+    assert (resumed - full).abs().max().item() <= 1e-5 * full.abs().max().item()
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1].double()
+    token = -torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).squeeze(-1)
+    assert abs(base - (token * weights).sum().item() / weights.sum().item()) < 1e-6
+    assert abs(full_base - base) < 1e-7
+    _, _, _, plain = exact_delta(model, ids, experts, 16, 8, tiny_llama)
+    assert not torch.allclose(plain, resumed)
+
+
+def test_taylor_weights_are_normalised_by_their_total(tiny_llama):
+    """All-one weights are the plain mean; weights scaled by 2 leave the loss and the first-order term
+    (taylor − fisher) unchanged (the Fisher term, a square of the summed gradient, is not scale-free)."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    ids = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(3))
+    experts = parse_experts("fp16,int4,int2")
+    weights = torch.rand(95, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    results = []
+    for w, total in ((None, 95), (torch.ones(95, dtype=torch.float64), 95), (weights, weights.sum().item()),
+                     (2 * weights, 2 * weights.sum().item())):
+        nll, keys, values, gk, gv = forward_with_kv_gradients(model, ids, tiny_llama, w)
+        results.append((nll, taylor_delta(keys, values, gk, gv, experts, 16, 8, total)
+                        - taylor_delta(keys, values, gk, gv, experts, 16, 8, total, rule="fisher")))
+    (plain_nll, plain), (ones_nll, ones), (w_nll, weighted), (w2_nll, weighted2) = results
+    assert abs(plain_nll - ones_nll) < 1e-7 and torch.allclose(plain, ones, rtol=1e-5, atol=1e-9)
+    assert abs(w_nll - w2_nll) < 1e-7 and torch.allclose(weighted, weighted2, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(plain, weighted, rtol=1e-3, atol=0)

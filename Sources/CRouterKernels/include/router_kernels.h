@@ -34,6 +34,15 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
                                  const float *upstream, float *scratch, float *part_w12t, float *part_w3,
                                  int wide, const void *prefetch, size_t prefetch_bytes);
 
+/// The same backward of one chunk from the gradient of its token logits instead: dz (m, n) holds
+/// dL/dz of token t, expert k at k·n + t (pooled chunk probabilities compute it themselves).
+/// scratch holds 3m·n floats.
+void moqae_router_backward_chunk_logits(const float *x, size_t n, size_t d, size_t m,
+                                        const float *w3, size_t stride,
+                                        const float *ab, const float *sig, const float *hidden, const float *dz,
+                                        float *scratch, float *part_w12t, float *part_w3,
+                                        int wide, const void *prefetch, size_t prefetch_bytes);
+
 /// out[i] = eˣ for x = in[i], the kernels' exp: within 4e-7 relative of expf on [-87, 88], clamped outside.
 void moqae_router_exp(const float *in, float *out, size_t count);
 

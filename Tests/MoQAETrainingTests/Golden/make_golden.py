@@ -5,7 +5,9 @@ Writes, next to this script:
                    reference safetensors library, so the Swift reader is also checked against it;
   golden.safetensors  initial weights and decisions, then for each loss (paper, expected; tensor
                    names prefixed with it) the loss terms, every gradient, and the weights and
-                   losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences;
+                   losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences; the
+                   same for the pooled routers (`mean.`, `max.` before the names; the paper's
+                   vote pooling has none);
   router-init.bin  the initial weights as an MQAE export (binary32), written here independently of
                    the Swift writer, so the two can be compared byte for byte and the Python
                    evaluator's decisions checked against the golden ones.
@@ -79,20 +81,34 @@ def decisions_of(p):
     return score.argmax(-1)
 
 
-def sequence_loss(kind, weights, inputs, nll, delta):
+def pooled_decisions(P):
+    """The expert of highest P_u; ties to more bits, then lower index."""
+    total_bits = torch.tensor([k + v for _, k, v in EXPERTS], dtype=torch.float64)
+    best = (P == P.max(-1, keepdim=True).values).double()
+    return (best * 1e6 + total_bits * 1e3 - torch.arange(M, dtype=torch.float64)).argmax(-1)
+
+
+def sequence_loss(kind, weights, inputs, nll, delta, pooling="vote"):
     """paper: SPEC §4. expected: λ Σ_u Σ_j P_u[j] D_u[j] + (1−λ) (1/U) Σ_u Σ_j P_u[j] B_j/16, with D_u[j]
-    the unit's delta_nll summed over its router's layers."""
+    the unit's delta_nll summed over its router's layers. P_u: vote, the chunk mean of the token
+    probabilities; mean or max, the softmax of the chunk mean or max of the token log-probabilities."""
     B = torch.tensor([(k + v) / 2 for _, k, v in EXPERTS], dtype=torch.float64)
     units_p, units_dec, units_delta, lnll = [], [], [], torch.tensor(nll, dtype=torch.float64)
     for r in range(R):
         w1, w2, w3 = weights[3 * r: 3 * r + 3]
         x = torch.from_numpy(inputs[r * G]).double()[:, N:C * N, :]          # (H, routed tokens, D)
-        p = torch.softmax((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3, -1)
-        p = p.reshape(H, C - 1, N, M)
-        dec = decisions_of(p.detach())                                       # (H, C-1)
+        z = ((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3).reshape(H, C - 1, N, M)
+        if pooling == "vote":
+            p = torch.softmax(z, -1)
+            dec = decisions_of(p.detach())                                   # (H, C-1)
+            unit_p = p.mean(2)
+        else:
+            log_p = torch.log_softmax(z, -1)
+            unit_p = torch.softmax(log_p.mean(2) if pooling == "mean" else log_p.amax(2), -1)
+            dec = pooled_decisions(unit_p.detach())
         group = torch.from_numpy(delta[r * G: min(L, (r + 1) * G), :, 1:, :]).double()   # (layers, H, C-1, M)
         lnll = lnll + group.gather(-1, dec[None, ..., None].expand(group.shape[0], -1, -1, 1)).sum()
-        units_p.append(p.mean(2).reshape(-1, M))                            # P_u, (units, M)
+        units_p.append(unit_p.reshape(-1, M))                               # P_u, (units, M)
         units_dec.append(dec.reshape(-1))
         units_delta.append(group.sum(0).reshape(-1, M))                     # D_u, (units, M)
     P = torch.cat(units_p)
@@ -129,23 +145,25 @@ def main():
     write_export(init, os.path.join(HERE, "router-init.bin"))
     names = [f"router.{r}.{n}" for r in range(R) for n in ("w1", "w2", "w3")]
     out = {f"init.{n}": w for n, w in zip(names, init)}
-    for kind in ("paper", "expected"):
+    for pooling, kind in [(p, k) for p in ("vote", "mean", "max") for k in ("paper", "expected")]:
         weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in init]
+        pool = "" if pooling == "vote" else pooling + "."
 
         def batch():
-            results = [sequence_loss(kind, weights, *item) for item in data]
+            results = [sequence_loss(kind, weights, *item, pooling=pooling) for item in data]
             loss = sum(r[0] for r in results) / len(results)
             return loss, results
 
         loss, results = batch()
         loss.backward()
-        out[f"{kind}.loss"] = np.array(loss.item())
-        out[f"{kind}.l_model"] = np.array(sum(r[1].item() for r in results) / len(results))
-        out[f"{kind}.l_mem"] = np.array(sum(r[2].item() for r in results) / len(results))
-        out["l_nll"] = np.array([r[3].item() for r in results])
-        out["decisions"] = np.stack([r[4].numpy() for r in results]).astype(np.int64)
+        name = pool + kind
+        out[f"{name}.loss"] = np.array(loss.item())
+        out[f"{name}.l_model"] = np.array(sum(r[1].item() for r in results) / len(results))
+        out[f"{name}.l_mem"] = np.array(sum(r[2].item() for r in results) / len(results))
+        out[f"{pool}l_nll"] = np.array([r[3].item() for r in results])
+        out[f"{pool}decisions"] = np.stack([r[4].numpy() for r in results]).astype(np.int64)
         for n, w in zip(names, weights):
-            out[f"{kind}.grad.{n}"] = w.grad.numpy().copy()
+            out[f"{name}.grad.{n}"] = w.grad.numpy().copy()
 
         optimizer = torch.optim.AdamW(weights, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         step_losses = []
@@ -155,10 +173,10 @@ def main():
             step_losses.append(loss.item())
             loss.backward()
             optimizer.step()
-        out[f"{kind}.step_losses"] = np.array(step_losses)
+        out[f"{name}.step_losses"] = np.array(step_losses)
         for n, w in zip(names, weights):
-            out[f"{kind}.after5.{n}"] = w.detach().numpy().copy()
-        print(kind, "loss", out[f"{kind}.loss"], "decisions", out["decisions"].tolist())
+            out[f"{name}.after5.{n}"] = w.detach().numpy().copy()
+        print(name, "loss", out[f"{name}.loss"], "decisions", out[f"{pool}decisions"].tolist())
     save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, os.path.join(HERE, "golden.safetensors"))
 
 
