@@ -13,7 +13,7 @@ from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .experts import parse_experts
 from .passkey import passkey_windows
 from .selection import selected, unit_value
-from .sensitivity import exact_delta, forward_with_kv_gradients, taylor_delta
+from .sensitivity import exact_delta, weighted_taylor_delta
 from .store import StoreWriter
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -145,10 +145,8 @@ def dump(args):
                 nll, keys, values, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model,
                                                        token_weights)
             else:
-                nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, args.model, token_weights)
-                total_weight = seq_len - 1 if token_weights is None else token_weights.sum().item()
-                delta = taylor_delta(keys, values, grad_keys, grad_values, experts, args.chunk_size, value_group,
-                                     total_weight, rule=args.sensitivity)
+                nll, keys, values, delta = weighted_taylor_delta(model, ids, experts, args.chunk_size, value_group, args.model,
+                                                                 token_weights, rule=args.sensitivity)
             inputs = torch.stack([router_inputs(k, v) for k, v in zip(keys, values)])
             if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):
                 raise CalibError(f"{args.model}: router inputs ({args.router_input}) of shape {tuple(inputs.shape)}, the config "

@@ -2,9 +2,10 @@
 
 The sequence's loss is the weighted mean of its T − 1 token NLLs, Σ_t w_t·nll_t / W with W = Σ_t w_t:
 every w_t is 1 (the plain mean) unless the dump weights a task's answer tokens (`--answer-weight`).
-With gK, gV the gradients of Σ_t w_t·nll_t with respect to a layer's post-RoPE K and V, and
-eK = K̂ − K, eV = V̂ − V over a unit's elements:
-- taylor: (1/W) [Σ (gK⊙eK + gV⊙eV) + ½ Σ ((gK⊙eK)² + (gV⊙eV)²)]  (first order + diagonal empirical Fisher)
+With gK, gV the gradients of the summed NLL of the tokens of one weight w with respect to a layer's
+post-RoPE K and V, and eK = K̂ − K, eV = V̂ − V over a unit's elements:
+- taylor: (1/W) Σ_w w [Σ (gK⊙eK + gV⊙eV) + ½ Σ ((gK⊙eK)² + (gV⊙eV)²)]  (first order + diagonal
+  empirical Fisher, per weight class, so that the estimate is linear in the weights as the loss is)
 - fisher: the second-order term alone
 - exact:  the loss with only that unit quantized, minus the unquantized loss
 The 16/16 expert's column is 0 by definition.
@@ -60,6 +61,20 @@ def forward_with_kv_gradients(model, ids, model_dir, weights=None):
     gradients = torch.autograd.grad(weighted_sum, keys + values)
     return ((weighted_sum / w.sum()).item(), [k[0].detach().float() for k in keys], [v[0].detach().float() for v in values],
             [g[0].float() for g in gradients[:num_layers]], [g[0].float() for g in gradients[num_layers:]])
+
+
+def weighted_taylor_delta(model, ids, experts, chunk, value_group, model_dir, weights=None, rule="taylor"):
+    """The loss, every layer's K and V (H, T, D) and delta_nll (L, H, C, M) by the taylor or fisher rule
+    under token weights (T − 1,) (None: the plain mean): one backward per distinct weight."""
+    w = loss_weights(ids.numel(), weights, "cpu")
+    delta, loss = 0, 0.0
+    for weight in w.unique().tolist():
+        tokens = (w == weight).double()
+        nll, keys, values, grad_keys, grad_values = forward_with_kv_gradients(model, ids, model_dir, tokens)
+        delta = delta + weight * taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_group, 1.0, rule).double()
+        loss += weight * nll * tokens.sum().item()
+    total = w.sum().item()
+    return loss / total, keys, values, (delta / total).float()
 
 
 def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_group, total_weight, rule="taylor"):

@@ -7,7 +7,8 @@ from moqae_calib.dump import load_model
 from moqae_calib.experts import parse_experts
 import pytest
 
-from moqae_calib.sensitivity import exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta
+from moqae_calib.sensitivity import (exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta,
+                                     weighted_taylor_delta)
 
 
 def spearman(a, b):
@@ -94,20 +95,27 @@ def test_weighted_exact_resumed_equals_full_forwards(tiny_llama):
     assert not torch.allclose(plain, resumed)
 
 
-def test_taylor_weights_are_normalised_by_their_total(tiny_llama):
-    """All-one weights are the plain mean; weights scaled by 2 leave the loss and the first-order term
-    (taylor − fisher) unchanged (the Fisher term, a square of the summed gradient, is not scale-free)."""
+def test_weighted_taylor_is_linear_in_the_weights(tiny_llama):
+    """All-one weights give the plain Taylor deltas; the weighted deltas are the weight classes' own
+    Taylor deltas (each from its tokens' gradient alone), weighted; and scaling every weight leaves the
+    loss and the deltas unchanged."""
     model = load_model(tiny_llama, "cpu", None, "float32")
     ids = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(3))
     experts = parse_experts("fp16,int4,int2")
-    weights = torch.rand(95, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
-    results = []
-    for w, total in ((None, 95), (torch.ones(95, dtype=torch.float64), 95), (weights, weights.sum().item()),
-                     (2 * weights, 2 * weights.sum().item())):
-        nll, keys, values, gk, gv = forward_with_kv_gradients(model, ids, tiny_llama, w)
-        results.append((nll, taylor_delta(keys, values, gk, gv, experts, 16, 8, total)
-                        - taylor_delta(keys, values, gk, gv, experts, 16, 8, total, rule="fisher")))
-    (plain_nll, plain), (ones_nll, ones), (w_nll, weighted), (w2_nll, weighted2) = results
-    assert abs(plain_nll - ones_nll) < 1e-7 and torch.allclose(plain, ones, rtol=1e-5, atol=1e-9)
-    assert abs(w_nll - w2_nll) < 1e-7 and torch.allclose(weighted, weighted2, rtol=1e-5, atol=1e-9)
+    nll, keys, values, gk, gv = forward_with_kv_gradients(model, ids, tiny_llama)
+    plain = taylor_delta(keys, values, gk, gv, experts, 16, 8, 95)
+    ones_nll, _, _, ones = weighted_taylor_delta(model, ids, experts, 16, 8, tiny_llama, torch.ones(95, dtype=torch.float64))
+    assert abs(nll - ones_nll) < 1e-6 and torch.allclose(plain, ones, rtol=1e-5, atol=1e-9)
+    answer = torch.zeros(95, dtype=torch.float64)
+    answer[80:85] = 1
+    weights = 1 + 29 * answer                                    # 5 answer tokens of weight 30
+    classes = []
+    for mask in (1 - answer, answer):
+        _, keys, values, gk, gv = forward_with_kv_gradients(model, ids, tiny_llama, mask)
+        classes.append(taylor_delta(keys, values, gk, gv, experts, 16, 8, 1.0).double())
+    expected = (classes[0] + 30 * classes[1]) / weights.sum()
+    loss, _, _, weighted = weighted_taylor_delta(model, ids, experts, 16, 8, tiny_llama, weights)
+    assert torch.allclose(weighted.double(), expected, rtol=1e-5, atol=1e-9)
+    loss2, _, _, weighted2 = weighted_taylor_delta(model, ids, experts, 16, 8, tiny_llama, 3 * weights)
+    assert abs(loss - loss2) < 1e-6 and torch.allclose(weighted, weighted2, rtol=1e-5, atol=1e-9)
     assert not torch.allclose(plain, weighted, rtol=1e-3, atol=0)
