@@ -59,7 +59,7 @@ let package = Package(
             name: "MoQAETrainingTests",
             dependencies: ["MoQAETraining", "MoQAETestSupport", "moqae-train"],
             exclude: ["Golden/make_golden.py"],
-            resources: [.copy("Golden/store"), .copy("Golden/golden.safetensors"), .copy("Golden/router-init.bin")]
+            resources: [.copy("Golden/store"), .copy("Golden/golden.safetensors"), .copy("Golden/router-init.bin"), .copy("Golden/router-h5-max.bin")]
         ),
     ]
 )

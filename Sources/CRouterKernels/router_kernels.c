@@ -133,12 +133,13 @@ INLINE void outer_tile(const float *x, size_t n, size_t d, size_t k, const float
     }
 }
 
-/// σ(a), h = SiLU(a) ⊙ b, p = softmax(h·W3) and each token's argmax, for `rows` tokens; scratch holds 2·rows floats.
-INLINE void head_forward(size_t rows, size_t m, const float *w3, size_t stride, const float *ab,
+/// σ(a), h = SiLU(a) ⊙ b (hw hidden columns), p = softmax(h·W3) and each token's argmax, for `rows`
+/// tokens; scratch holds 2·rows floats.
+INLINE void head_forward(size_t rows, size_t m, size_t hw, const float *w3, size_t stride, const float *ab,
                          float *sig, float *hidden, float *prob, int32_t *choice, float *scratch) {
     // The buffers never overlap (restrict), which lets these loops vectorise.
-    for (size_t j = 0; j < m; j++) {
-        const float *restrict a = ab + j * stride, *restrict b = ab + (m + j) * stride;
+    for (size_t j = 0; j < hw; j++) {
+        const float *restrict a = ab + j * stride, *restrict b = ab + (hw + j) * stride;
         float *restrict s = sig + j * stride, *restrict h = hidden + j * stride;
         for (size_t t = 0; t < rows; t++) {
             s[t] = 1.0f / (1.0f + exp_approx(-a[t]));
@@ -149,7 +150,7 @@ INLINE void head_forward(size_t rows, size_t m, const float *w3, size_t stride, 
     for (size_t k = 0; k < m; k++) {
         float *restrict z = prob + k * stride;
         for (size_t t = 0; t < rows; t++) z[t] = 0;
-        for (size_t j = 0; j < m; j++) {
+        for (size_t j = 0; j < hw; j++) {
             const float *restrict h = hidden + j * stride;
             const float weight = w3[j * m + k];
             for (size_t t = 0; t < rows; t++) z[t] += h[t] * weight;
@@ -185,14 +186,14 @@ INLINE void head_forward(size_t rows, size_t m, const float *w3, size_t stride, 
 }
 
 CPU_CLONES
-void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
+void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m, size_t hw,
                           const float *w12t, const float *w3, size_t stride,
                           float *ab, float *sig, float *hidden, float *prob, int32_t *choice, float *scratch,
                           int wide, const void *prefetch, size_t prefetch_bytes) {
-    // ab (2m, stride) = [W1 W2]ᵀ · xᵀ, a column tile at a time; the first one also prefetches.
+    // ab (2hw, stride) = [W1 W2]ᵀ · xᵀ, a column tile at a time; the first one also prefetches.
     const size_t tile_tokens = wide ? TILE_TOKENS : 1;
     const size_t token_tiles = rows / tile_tokens + rows % tile_tokens;
-    const size_t columns = 2 * m;
+    const size_t columns = 2 * hw;
     for (size_t c0 = 0; c0 < columns; c0 += TILE_COLUMNS) {
         const size_t count = MIN(TILE_COLUMNS, columns - c0);
         const float *w[TILE_COLUMNS];
@@ -209,17 +210,17 @@ void moqae_router_forward(const float *x, size_t rows, size_t d, size_t m,
             t0 += tokens;
         }
     }
-    head_forward(rows, m, w3, stride, ab, sig, hidden, prob, choice, scratch);
+    head_forward(rows, m, hw, w3, stride, ab, sig, hidden, prob, choice, scratch);
 }
 
 /// The backward of one chunk from its logit gradient dz (m, n) (see moqae_router_backward_chunk_logits).
-INLINE void backward_from_logits(const float *x, size_t n, size_t d, size_t m, const float *w3, size_t stride,
+INLINE void backward_from_logits(const float *x, size_t n, size_t d, size_t m, size_t hw, const float *w3, size_t stride,
                                  const float *ab, const float *sig, const float *hidden, const float *dz,
                                  float *scratch, float *part_w12t, float *part_w3, int wide,
                                  const void *prefetch, size_t prefetch_bytes) {
-    float *restrict dh = scratch, *restrict g = dh + m * n;  // (m, n), (2m, n)
+    float *restrict dh = scratch, *restrict g = dh + hw * n;  // (hw, n), (2hw, n)
     // dh = dz · W3ᵀ, part_w3 += hᵀ dz; then through h = SiLU(a) ⊙ b to ∂/∂a and ∂/∂b.
-    for (size_t j = 0; j < m; j++) {
+    for (size_t j = 0; j < hw; j++) {
         float *restrict dhj = dh + j * n;
         const float *restrict h = hidden + j * stride;
         for (size_t t = 0; t < n; t++) dhj[t] = 0;
@@ -235,15 +236,15 @@ INLINE void backward_from_logits(const float *x, size_t n, size_t d, size_t m, c
             for (; t < n; t++) total += h[t] * dzk[t];
             part_w3[j * m + k] += total;
         }
-        const float *restrict a = ab + j * stride, *restrict b = ab + (m + j) * stride, *restrict s = sig + j * stride;
-        float *restrict ga = g + j * n, *restrict gb = g + (m + j) * n;
+        const float *restrict a = ab + j * stride, *restrict b = ab + (hw + j) * stride, *restrict s = sig + j * stride;
+        float *restrict ga = g + j * n, *restrict gb = g + (hw + j) * n;
         for (size_t t = 0; t < n; t++) {
             ga[t] = dhj[t] * b[t] * s[t] * (1.0f + a[t] * (1.0f - s[t]));
             gb[t] = dhj[t] * a[t] * s[t];
         }
     }
-    // part_w12t (2m, d) += g (2m, n) · x (n, d), a column tile at a time; the first tile also prefetches.
-    const size_t columns = 2 * m;
+    // part_w12t (2hw, d) += g (2hw, n) · x (n, d), a column tile at a time; the first tile also prefetches.
+    const size_t columns = 2 * hw;
     for (size_t c0 = 0; c0 < columns; c0 += TILE_COLUMNS) {
         const size_t count = MIN(TILE_COLUMNS, columns - c0);
         const float *gc[TILE_COLUMNS];
@@ -272,7 +273,7 @@ INLINE void backward_from_logits(const float *x, size_t n, size_t d, size_t m, c
 }
 
 CPU_CLONES
-void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
+void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m, size_t hw,
                                  const float *w3, size_t stride,
                                  const float *ab, const float *sig, const float *hidden, const float *prob,
                                  const float *upstream, float *scratch, float *part_w12t, float *part_w3,
@@ -290,16 +291,16 @@ void moqae_router_backward_chunk(const float *x, size_t n, size_t d, size_t m,
         const float *restrict p = prob + k * stride;
         for (size_t t = 0; t < n; t++) dz[k * n + t] = p[t] * (upstream[k] - inner[t]) * seed;
     }
-    backward_from_logits(x, n, d, m, w3, stride, ab, sig, hidden, dz, dz + m * n, part_w12t, part_w3, wide, prefetch, prefetch_bytes);
+    backward_from_logits(x, n, d, m, hw, w3, stride, ab, sig, hidden, dz, dz + m * n, part_w12t, part_w3, wide, prefetch, prefetch_bytes);
 }
 
 CPU_CLONES
-void moqae_router_backward_chunk_logits(const float *x, size_t n, size_t d, size_t m,
+void moqae_router_backward_chunk_logits(const float *x, size_t n, size_t d, size_t m, size_t hw,
                                         const float *w3, size_t stride,
                                         const float *ab, const float *sig, const float *hidden, const float *dz,
                                         float *scratch, float *part_w12t, float *part_w3,
                                         int wide, const void *prefetch, size_t prefetch_bytes) {
-    backward_from_logits(x, n, d, m, w3, stride, ab, sig, hidden, dz, scratch, part_w12t, part_w3, wide, prefetch, prefetch_bytes);
+    backward_from_logits(x, n, d, m, hw, w3, stride, ab, sig, hidden, dz, scratch, part_w12t, part_w3, wide, prefetch, prefetch_bytes);
 }
 
 CPU_CLONES

@@ -68,7 +68,7 @@ public struct RoutingLayout: Equatable, Sendable {
 }
 
 /// Weights of all routers in one flat buffer, with an ordered table of tensor names and shapes:
-/// per router `W1 (D×M)`, `W2 (D×M)`, `W3 (M×M)`, row-major. The optimizer is one loop over it and
+/// per router `W1 (D×H)`, `W2 (D×H)`, `W3 (H×M)`, row-major, with the hidden width H = M in the paper. The optimizer is one loop over it and
 /// a checkpoint or export writes it in table order.
 public struct RouterParameters: Equatable, Sendable {
     public struct Entry: Equatable, Sendable {
@@ -83,15 +83,19 @@ public struct RouterParameters: Equatable, Sendable {
     public let routers: Int
     public let inputDim: Int
     public let experts: Int
+    /// H: columns of W1 and W2, rows of W3.
+    public let hidden: Int
     public let table: [Entry]
     /// All weights, in table order.
     public var values: [Float]
 
-    public init(routers: Int, inputDim: Int, experts: Int, values: [Float]) {
+    /// - Parameter hidden: H (nil: M, the paper's).
+    public init(routers: Int, inputDim: Int, experts: Int, hidden: Int? = nil, values: [Float]) {
+        let hidden = hidden ?? experts
         var table: [Entry] = []
         var offset = 0
         for r in 0..<routers {
-            for (name, rows, cols) in [("w1", inputDim, experts), ("w2", inputDim, experts), ("w3", experts, experts)] {
+            for (name, rows, cols) in [("w1", inputDim, hidden), ("w2", inputDim, hidden), ("w3", hidden, experts)] {
                 table.append(Entry(name: "router.\(r).\(name)", rows: rows, cols: cols, offset: offset))
                 offset += rows * cols
             }
@@ -100,23 +104,27 @@ public struct RouterParameters: Equatable, Sendable {
         self.routers = routers
         self.inputDim = inputDim
         self.experts = experts
+        self.hidden = hidden
         self.table = table
         self.values = values
     }
 
-    public static func parameterCount(routers: Int, inputDim: Int, experts: Int) -> Int {
-        routers * (2 * inputDim * experts + experts * experts)
+    public static func parameterCount(routers: Int, inputDim: Int, experts: Int, hidden: Int? = nil) -> Int {
+        let hidden = hidden ?? experts
+        return routers * (2 * inputDim * hidden + hidden * experts)
     }
 
-    /// torch.nn.Linear's initialisation: W1, W2 ~ U(-1/√D, 1/√D), W3 ~ U(-1/√M, 1/√M).
-    public static func initialized(routers: Int, inputDim: Int, experts: Int, random: inout RandomGenerator) -> RouterParameters {
+    /// torch.nn.Linear's initialisation: W1, W2 ~ U(-1/√D, 1/√D), W3 ~ U(-1/√H, 1/√H).
+    public static func initialized(routers: Int, inputDim: Int, experts: Int, hidden: Int? = nil,
+                                   random: inout RandomGenerator) -> RouterParameters {
+        let hidden = hidden ?? experts
         var values: [Float] = []
-        let boundD = 1 / Float(inputDim).squareRoot(), boundM = 1 / Float(experts).squareRoot()
+        let boundD = 1 / Float(inputDim).squareRoot(), boundH = 1 / Float(hidden).squareRoot()
         for _ in 0..<routers {
-            for _ in 0..<(2 * inputDim * experts) { values.append(random.uniform(-boundD, boundD)) }
-            for _ in 0..<(experts * experts) { values.append(random.uniform(-boundM, boundM)) }
+            for _ in 0..<(2 * inputDim * hidden) { values.append(random.uniform(-boundD, boundD)) }
+            for _ in 0..<(hidden * experts) { values.append(random.uniform(-boundH, boundH)) }
         }
-        return RouterParameters(routers: routers, inputDim: inputDim, experts: experts, values: values)
+        return RouterParameters(routers: routers, inputDim: inputDim, experts: experts, hidden: hidden, values: values)
     }
 
     public func entry(router: Int, _ name: String) -> Entry { table[router * 3 + ["w1", "w2", "w3"].firstIndex(of: name)!] }

@@ -33,28 +33,31 @@ public final class StreamingPass {
         public let tokens: Range<Int>
     }
 
-    private let D: Int, M: Int, N: Int, rows: Int
+    /// D, M, N, and H the routers' hidden width.
+    private let D: Int, M: Int, N: Int, H: Int, rows: Int
     /// Whether the kernels use their wide register tiles (this CPU has AVX-512).
     private let wideTiles = moqae_router_wide_tiles()
-    /// Per router `(2M, D)`: row j is column j of `[W1 W2]`.
+    /// Per router `(2H, D)`: row j is column j of `[W1 W2]`.
     private var w12t: [Float]
-    /// Per router `(M, M)`.
+    /// Per router `(H, M)`.
     private var w3: [Float]
     /// `(blockChunks·N, D)`: the rows of the block being processed; the caller fills it.
     public var block: [Float]
-    // Per-token values are stored expert-major, `(M, rows)` or `(2M, rows)`, so every elementwise
-    // loop runs over contiguous tokens and vectorises.
-    /// `(2M, rows)`: pre-activations a = x·W1 then b = x·W2.
+    // Per-token values are stored column-major, `(M, rows)`, `(H, rows)` or `(2H, rows)`, so every
+    // elementwise loop runs over contiguous tokens and vectorises.
+    /// `(2H, rows)`: pre-activations a = x·W1 then b = x·W2.
     private var preactivations: [Float]
-    /// `(M, rows)` each: σ(a), h = SiLU(a) ⊙ b, p = softmax(h W3).
-    private var sigmoids: [Float], hidden: [Float], probabilities: [Float]
-    /// `(max(2·rows, (4M + 1)·N))`: the forward's softmax maxima and sums, or a chunk's backward intermediates.
+    /// `(H, rows)` each: σ(a), h = SiLU(a) ⊙ b.
+    private var sigmoids: [Float], hidden: [Float]
+    /// `(M, rows)`: p = softmax(h W3).
+    private var probabilities: [Float]
+    /// `(max(2·rows, (M + 3H + 1)·N))`: the forward's softmax maxima and sums, or a chunk's backward intermediates.
     private var scratch: [Float]
     /// `(rows)`: each token's argmax expert.
     private var tokenChoices: [Int32]
-    /// Per router and chosen expert `(2M, D)`: the gradient of `[W1 W2]`, transposed, over the sequence's chunks that chose it.
+    /// Per router and chosen expert `(2H, D)`: the gradient of `[W1 W2]`, transposed, over the sequence's chunks that chose it.
     private var partsW12: [Float]
-    /// Per router and chosen expert `(M, M)`: `hᵀ dz` over the sequence's chunks that chose it.
+    /// Per router and chosen expert `(H, M)`: `hᵀ dz` over the sequence's chunks that chose it.
     private var partsW3: [Float]
     /// `(M)`: a chunk's `P_u`, and the upstream gradient `dL/dP_u` it goes backward from.
     private var unitProbabilities: [Float], upstream: [Float]
@@ -69,7 +72,8 @@ public final class StreamingPass {
     /// Expected: Σ_u Σ_j P_u[j] · D_u[j] and Σ_u Σ_j P_u[j] · B_j.
     private var modelSum = 0.0, bitsSum = 0.0
 
-    public init(layout: RoutingLayout, experts: [Expert], blockChunks: Int) {
+    /// - Parameter hiddenWidth: H (nil: M, the paper's).
+    public init(layout: RoutingLayout, experts: [Expert], hiddenWidth: Int? = nil, blockChunks: Int) {
         self.layout = layout
         self.experts = experts
         let blockChunks = max(1, min(blockChunks, layout.routedChunksPerHead))
@@ -83,20 +87,20 @@ public final class StreamingPass {
                 }
             }
         }
-        (D, M, N) = (layout.inputDim, experts.count, layout.chunkSize)
+        (D, M, N, H) = (layout.inputDim, experts.count, layout.chunkSize, hiddenWidth ?? experts.count)
         rows = self.blockChunks * N
         let R = layout.routers
-        w12t = [Float](repeating: 0, count: R * 2 * M * D)
-        w3 = [Float](repeating: 0, count: R * M * M)
+        w12t = [Float](repeating: 0, count: R * 2 * H * D)
+        w3 = [Float](repeating: 0, count: R * H * M)
         block = [Float](repeating: 0, count: rows * D)
-        preactivations = [Float](repeating: 0, count: 2 * M * rows)
-        sigmoids = [Float](repeating: 0, count: M * rows)
-        hidden = [Float](repeating: 0, count: M * rows)
+        preactivations = [Float](repeating: 0, count: 2 * H * rows)
+        sigmoids = [Float](repeating: 0, count: H * rows)
+        hidden = [Float](repeating: 0, count: H * rows)
         probabilities = [Float](repeating: 0, count: M * rows)
-        scratch = [Float](repeating: 0, count: max(2 * rows, (4 * M + 1) * N))
+        scratch = [Float](repeating: 0, count: max(2 * rows, (M + 3 * H + 1) * N))
         tokenChoices = [Int32](repeating: 0, count: rows)
-        partsW12 = [Float](repeating: 0, count: R * M * 2 * M * D)
-        partsW3 = [Float](repeating: 0, count: R * M * M * M)
+        partsW12 = [Float](repeating: 0, count: R * M * 2 * H * D)
+        partsW3 = [Float](repeating: 0, count: R * M * H * M)
         unitProbabilities = [Float](repeating: 0, count: M)
         upstream = [Float](repeating: 0, count: M)
         chunkLogits = [Float](repeating: 0, count: M * N)
@@ -108,15 +112,16 @@ public final class StreamingPass {
     public func begin(parameters: RouterParameters, loss: LossSettings, sensitivity: SensitivityTable?) {
         self.loss = loss
         self.sensitivity = sensitivity
+        precondition(parameters.hidden == H && parameters.experts == M, "weights of hidden width \(parameters.hidden) for a pass of \(H)")
         for r in 0..<layout.routers {
             let (e1, e2, e3) = (parameters.entry(router: r, "w1"), parameters.entry(router: r, "w2"), parameters.entry(router: r, "w3"))
             for d in 0..<D {
-                for j in 0..<M {
-                    w12t[(r * 2 * M + j) * D + d] = parameters.values[e1.offset + d * M + j]
-                    w12t[(r * 2 * M + M + j) * D + d] = parameters.values[e2.offset + d * M + j]
+                for j in 0..<H {
+                    w12t[(r * 2 * H + j) * D + d] = parameters.values[e1.offset + d * H + j]
+                    w12t[(r * 2 * H + H + j) * D + d] = parameters.values[e2.offset + d * H + j]
                 }
             }
-            for i in 0..<(M * M) { w3[r * M * M + i] = parameters.values[e3.offset + i] }
+            for i in 0..<(H * M) { w3[r * H * M + i] = parameters.values[e3.offset + i] }
         }
         for i in partsW12.indices { partsW12[i] = 0 }
         for i in partsW3.indices { partsW3[i] = 0 }
@@ -131,7 +136,7 @@ public final class StreamingPass {
     public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer?) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
         precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
-        let (D, M, N, stride) = (self.D, self.M, self.N, self.rows)
+        let (D, M, N, H, stride) = (self.D, self.M, self.N, self.H, self.rows)
         let rows = chunks * N
         let firstUnit = head * layout.routedChunksPerHead + firstChunk - layout.firstRoutedChunk
         block.withUnsafeBufferPointer { x in
@@ -149,7 +154,7 @@ public final class StreamingPass {
         upstream.withUnsafeMutableBufferPointer { upstream in
         chunkLogits.withUnsafeMutableBufferPointer { chunkLogits in
         maxTokens.withUnsafeMutableBufferPointer { maxTokens in
-            let w3 = w3All.baseAddress! + router * M * M
+            let w3 = w3All.baseAddress! + router * H * M
             let (ab, s, h, p) = (ab.baseAddress!, s.baseAddress!, h.baseAddress!, p.baseAddress!)
             let prefetchBytes = prefetch?.count ?? 0
             let forwardPrefetch = backward ? prefetchBytes / 2 : prefetchBytes
@@ -158,7 +163,7 @@ public final class StreamingPass {
                 let (first, end) = ((prefetchBytes - forwardPrefetch) * c / chunks, (prefetchBytes - forwardPrefetch) * (c + 1) / chunks)
                 return (prefetch?.baseAddress.map { $0 + forwardPrefetch + first }, end - first)
             }
-            moqae_router_forward(x.baseAddress!, rows, D, M, w12t.baseAddress! + router * 2 * M * D, w3, stride,
+            moqae_router_forward(x.baseAddress!, rows, D, M, H, w12t.baseAddress! + router * 2 * H * D, w3, stride,
                                  ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, wideTiles, prefetch?.baseAddress, forwardPrefetch)
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
@@ -198,16 +203,16 @@ public final class StreamingPass {
                 }
                 let (part, first, share) = (router * M + choice, chunkRows.lowerBound, backwardPrefetch(c))
                 if layout.pooling == .vote {
-                    moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first, p + first,
+                    moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, H, w3, stride, ab + first, s + first, h + first, p + first,
                                                 upstream.baseAddress!, scratch.baseAddress!,
-                                                partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
+                                                partsW12.baseAddress! + part * 2 * H * D, partsW3.baseAddress! + part * H * M,
                                                 wideTiles, share.start, share.count)
                 } else {
                     pooledLogitGradient(p + first, stride: stride, unitP: unitP.baseAddress!, upstream: upstream.baseAddress!,
                                         maxTokens: maxTokens.baseAddress!, logitGradient: chunkLogits.baseAddress!)
-                    moqae_router_backward_chunk_logits(x.baseAddress! + first * D, N, D, M, w3, stride, ab + first, s + first, h + first,
+                    moqae_router_backward_chunk_logits(x.baseAddress! + first * D, N, D, M, H, w3, stride, ab + first, s + first, h + first,
                                                        chunkLogits.baseAddress!, scratch.baseAddress!,
-                                                       partsW12.baseAddress! + part * 2 * M * D, partsW3.baseAddress! + part * M * M,
+                                                       partsW12.baseAddress! + part * 2 * H * D, partsW3.baseAddress! + part * H * M,
                                                        wideTiles, share.start, share.count)
                 }
             }
@@ -284,18 +289,18 @@ public final class StreamingPass {
         }
         var offset = 0
         for r in 0..<layout.routers {
-            for i in 0..<(2 * D * M + M * M) { gradient[offset + i] = 0 }
+            for i in 0..<(2 * D * H + H * M) { gradient[offset + i] = 0 }
             for k in 0..<M {
-                let (part12, part3, c) = ((r * M + k) * 2 * M * D, (r * M + k) * M * M, weights[k])
+                let (part12, part3, c) = ((r * M + k) * 2 * H * D, (r * M + k) * H * M, weights[k])
                 for d in 0..<D {
-                    for j in 0..<M {
-                        gradient[offset + d * M + j] += c * partsW12[part12 + j * D + d]
-                        gradient[offset + D * M + d * M + j] += c * partsW12[part12 + (M + j) * D + d]
+                    for j in 0..<H {
+                        gradient[offset + d * H + j] += c * partsW12[part12 + j * D + d]
+                        gradient[offset + D * H + d * H + j] += c * partsW12[part12 + (H + j) * D + d]
                     }
                 }
-                for i in 0..<(M * M) { gradient[offset + 2 * D * M + i] += c * partsW3[part3 + i] }
+                for i in 0..<(H * M) { gradient[offset + 2 * D * H + i] += c * partsW3[part3 + i] }
             }
-            offset += 2 * D * M + M * M
+            offset += 2 * D * H + H * M
         }
         return (lambda * modelTerm + (1 - lambda) * memoryTerm, modelTerm, memoryTerm, lNLL)
     }

@@ -56,14 +56,16 @@ public struct Checkpoint: Equatable {
 
     private var metadataEntries: [(String, String)] {
         let layout = setup.layout
-        // The paper's vote pooling is implied by an absent "pooling", so its checkpoints stay as before.
+        // The paper's vote pooling and hidden width M are implied by an absent "pooling" and
+        // "hidden_width", so its checkpoints stay as before.
         let routing = JSON.object([
             ("layers", .int(layout.layers)), ("heads", .int(layout.heads)), ("tokens", .int(layout.tokens)),
             ("input_dim", .int(layout.inputDim)), ("chunk_size", .int(layout.chunkSize)), ("group_size", .int(layout.groupSize)),
             ("freeze_first_chunk", .bool(layout.firstRoutedChunk == 1)), ("value_group", .int(setup.valueGroup)),
             ("head_dim", .int(setup.headDim)), ("router_input", .string(setup.routerInput.rawValue)),
             ("experts", .array(setup.experts.map { .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))]) })),
-        ] + (layout.pooling == .vote ? [] : [("pooling", .string(layout.pooling.rawValue))]))
+        ] + (layout.pooling == .vote ? [] : [("pooling", .string(layout.pooling.rawValue))])
+          + (setup.hiddenWidth == setup.experts.count ? [] : [("hidden_width", .int(setup.hiddenWidth))]))
         let state = epochRandom.state
         return [
             ("format", Checkpoint.format), ("version", Checkpoint.version),
@@ -132,12 +134,12 @@ public struct Checkpoint: Equatable {
         }
 
         let layout = setup.layout
-        let count = RouterParameters.parameterCount(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count)
+        let count = setup.parameterCount
         guard 3 * count == header.tensors.reduce(0, { $0 + $1.elementCount }) else {
             throw fail("holds \(header.tensors.reduce(0, { $0 + $1.elementCount })) values, its routing metadata implies \(3 * count)")
         }
         var parameters = RouterParameters(routers: layout.routers, inputDim: layout.inputDim, experts: setup.experts.count,
-                                          values: Array(repeating: 0, count: count))
+                                          hidden: setup.hiddenWidth, values: Array(repeating: 0, count: count))
         var m = parameters.values, v = parameters.values
         for entry in parameters.table {
             for (prefix, destination) in [("", 0), ("adam.m.", 1), ("adam.v.", 2)] {
@@ -198,7 +200,9 @@ public struct Checkpoint: Equatable {
         guard routerInput.width(headDim: headDim) == layout.inputDim else {
             throw fail("metadata routing.input_dim \(layout.inputDim) is not the width of router_input \(routerInput.rawValue) at head_dim \(headDim)")
         }
-        return RouterSetup(layout: layout, experts: experts, valueGroup: try int("value_group"), headDim: headDim, routerInput: routerInput)
+        let hiddenWidth = json["hidden_width"] == nil ? experts.count : try int("hidden_width", max: 255)
+        return RouterSetup(layout: layout, experts: experts, valueGroup: try int("value_group"), headDim: headDim, routerInput: routerInput,
+                           hiddenWidth: hiddenWidth)
     }
 }
 

@@ -83,6 +83,8 @@ public struct TrainingConfig: Equatable, Sendable {
                   help: "keep chunk 0 of every sequence at 16 bits (route freezing)"),
         ConfigKey(path: "router.pooling", kind: .choice(ChunkPooling.allCases.map(\.rawValue)), defaultValue: .string("vote"),
                   help: "how a chunk decides from its tokens: vote (the paper's majority of token argmaxes), mean (softmax of the mean token log-probability) or max (softmax of the maximum token log-probability); training pushes the same pooled probability"),
+        ConfigKey(path: "router.hidden_width", kind: .optionalInt(1...255), defaultValue: .null,
+                  help: "H, the routers' hidden width: W1, W2 are D×H and W3 is H×M (null: M, the paper's)"),
         ConfigKey(path: "router.target_bits", kind: .optionalDouble(1...16), defaultValue: .null,
                   help: "bits budget: average payload bits per KV element to land on; λ then follows it during training, from where the first batch's best per-unit allocation meets it (null: fixed λ = loss.lambda)"),
         ConfigKey(path: "loss.kind", kind: .choice(LossKind.allCases.map(\.rawValue)), defaultValue: .string("paper"),
@@ -133,6 +135,7 @@ public struct TrainingConfig: Equatable, Sendable {
     public var expertNames: [String] { if case let .strings(v) = values["router.experts"] { return v } else { return [] } }
     public var chunkSize: Int { int("router.chunk_size") }
     public var groupSize: Int { int("router.group_size") }
+    public var hiddenWidth: Int? { if case let .int(v) = values["router.hidden_width"] { return v } else { return nil } }
     public var pooling: ChunkPooling { ChunkPooling(rawValue: string("router.pooling"))! }
     public var freezeFirstChunk: Bool { if case let .bool(v) = values["router.freeze_first_chunk"] { return v } else { return true } }
     public var lambda: Double { double("loss.lambda") }
@@ -165,7 +168,7 @@ public struct TrainingConfig: Equatable, Sendable {
 
     /// Keys whose change alters the routers' shape or meaning; a resumed run must keep them.
     public static let modelShapingKeys = ["router.experts", "router.chunk_size", "router.group_size", "router.freeze_first_chunk",
-                                          "router.pooling"]
+                                          "router.pooling", "router.hidden_width"]
 
     /// Keys that fix the calibration split and how it is cut into batches; a checkpoint's data
     /// position means nothing under other values, so a resumed run must keep them too.

@@ -10,8 +10,9 @@ public struct ExportError: Error, CustomStringConvertible {
 
 /// The router export, format `MQAE`: a 32-byte header, the expert table, every router's W1, W2, W3 as
 /// binary16 or binary32, and a CRC-32 of all preceding bytes. Little-endian, no padding. Version 1 is
-/// the paper's router (vote pooling); version 2 names the router kind in header byte 21, and is
-/// written only for a kind other than the paper's, so that paper routers keep their version 1 bytes.
+/// the paper's router (vote pooling, hidden width M); version 2 adds the router kind (the pooling) in
+/// header byte 21 and the hidden width H as a u16 at bytes 22–23. Version 2 is written only for other
+/// routers than the paper's, so that paper routers keep their version 1 bytes.
 public struct RouterExport: Equatable {
     public enum WeightType: UInt8, Sendable {
         case binary16 = 1
@@ -37,7 +38,7 @@ public struct RouterExport: Equatable {
     /// How a chunk decides (the router kind: version 2's header byte 21; version 1 is vote).
     public var pooling: ChunkPooling
     /// The version this export is written as.
-    public var version: Int { pooling == .vote ? 1 : 2 }
+    public var version: Int { pooling == .vote && parameters.hidden == parameters.experts ? 1 : 2 }
     /// The weights as stored (binary16 weights widened exactly to Float).
     public var parameters: RouterParameters
 
@@ -74,9 +75,9 @@ public struct RouterExport: Equatable {
                   parameters: rounded)
     }
 
-    /// File size for the given dimensions.
-    public static func fileSize(experts M: Int, inputDim D: Int, routers R: Int, weightType: WeightType) -> Int {
-        headerSize + 2 * M + R * (2 * D * M + M * M) * weightType.byteSize + 4
+    /// File size for the given dimensions (hidden width H: nil for M).
+    public static func fileSize(experts M: Int, inputDim D: Int, routers R: Int, hidden H: Int? = nil, weightType: WeightType) -> Int {
+        headerSize + 2 * M + RouterParameters.parameterCount(routers: R, inputDim: D, experts: M, hidden: H) * weightType.byteSize + 4
     }
 
     public func serialized() -> [UInt8] {
@@ -92,8 +93,13 @@ public struct RouterExport: Equatable {
         u16(layers)
         u16(heads)
         bytes.append((freezeFirstChunk ? 1 : 0) | routerInput.exportCode << 1)
-        bytes.append(version == 1 ? 0 : pooling.exportCode)
-        bytes.append(contentsOf: [UInt8](repeating: 0, count: 10))
+        if version == 1 {
+            bytes.append(contentsOf: [UInt8](repeating: 0, count: 11))
+        } else {
+            bytes.append(pooling.exportCode)
+            u16(parameters.hidden)
+            bytes.append(contentsOf: [UInt8](repeating: 0, count: 8))
+        }
         for expert in expertBits { bytes.append(contentsOf: [UInt8(expert.keyBits), UInt8(expert.valueBits)]) }
         for value in parameters.values {
             switch weightType {
@@ -116,7 +122,9 @@ public struct RouterExport: Equatable {
         guard versions.contains(version) else { throw fail("export version \(version) is not supported (expected 1 or 2)") }
         guard let weightType = WeightType(rawValue: bytes[6]) else { throw fail("weight dtype \(bytes[6]) is unknown (expected 1 = binary16 or 2 = binary32)") }
         let (M, D, R, N, G, L, H) = (Int(bytes[7]), u16(8), u16(10), u16(12), u16(14), u16(16), u16(18))
-        let expected = fileSize(experts: M, inputDim: D, routers: R, weightType: weightType)
+        let hidden = version == 1 ? M : u16(22)
+        guard hidden >= 1 else { throw fail("header holds a zero hidden width") }
+        let expected = fileSize(experts: M, inputDim: D, routers: R, hidden: hidden, weightType: weightType)
         guard bytes.count == expected else { throw fail("file is \(bytes.count) bytes, its header implies \(expected)") }
         #if !FUZZING  // fuzzing builds skip the CRC so that damaged inputs reach the checks behind it
         let stored = UInt32(bytes[expected - 4]) | UInt32(bytes[expected - 3]) << 8 | UInt32(bytes[expected - 2]) << 16 | UInt32(bytes[expected - 1]) << 24
@@ -124,7 +132,7 @@ public struct RouterExport: Equatable {
         #endif
         guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail("header holds a zero dimension") }
         guard R == (L + G - 1) / G else { throw fail("header says \(R) routers, but \(L) layers in groups of \(G) need \((L + G - 1) / G)") }
-        guard bytes[20] & ~7 == 0, bytes[(version == 1 ? 21 : 22)..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
+        guard bytes[20] & ~7 == 0, bytes[(version == 1 ? 21 : 24)..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
         guard let pooling = version == 1 ? .vote : ChunkPooling(exportCode: bytes[21]) else {
             throw fail("router kind \(bytes[21]) is unknown (expected 0 = vote, 1 = mean, 2 = max)")
         }
@@ -137,7 +145,7 @@ public struct RouterExport: Equatable {
             expertBits.append((kb, vb))
         }
         let start = headerSize + 2 * M
-        let count = RouterParameters.parameterCount(routers: R, inputDim: D, experts: M)
+        let count = RouterParameters.parameterCount(routers: R, inputDim: D, experts: M, hidden: hidden)
         let values: [Float] = (0..<count).map { index in
             switch weightType {
             case .binary16: return Float(Float16(bitPattern: UInt16(bytes[start + 2 * index]) | UInt16(bytes[start + 2 * index + 1]) << 8))
@@ -149,7 +157,7 @@ public struct RouterExport: Equatable {
         guard values.allSatisfy(\.isFinite) else { throw fail("holds a non-finite weight") }
         return RouterExport(weightType: weightType, expertBits: expertBits, layers: L, heads: H, chunkSize: N, groupSize: G,
                             freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput, pooling: pooling,
-                            parameters: RouterParameters(routers: R, inputDim: D, experts: M, values: values))
+                            parameters: RouterParameters(routers: R, inputDim: D, experts: M, hidden: hidden, values: values))
     }
 
     public static func load(path: String) throws(ExportError) -> RouterExport {

@@ -9,13 +9,22 @@ public struct RouterSetup: Equatable, Sendable {
     /// The model's head dimension, for storage bits (the router's input width is `layout.inputDim`).
     public let headDim: Int
     public let routerInput: RouterInput
+    /// H, the routers' hidden width (M in the paper).
+    public let hiddenWidth: Int
 
-    public init(layout: RoutingLayout, experts: [Expert], valueGroup: Int, headDim: Int, routerInput: RouterInput) {
+    /// - Parameter hiddenWidth: H (nil: M, the paper's).
+    public init(layout: RoutingLayout, experts: [Expert], valueGroup: Int, headDim: Int, routerInput: RouterInput, hiddenWidth: Int? = nil) {
         self.layout = layout
         self.experts = experts
         self.valueGroup = valueGroup
         self.headDim = headDim
         self.routerInput = routerInput
+        self.hiddenWidth = hiddenWidth ?? experts.count
+    }
+
+    /// Number of router weights.
+    public var parameterCount: Int {
+        RouterParameters.parameterCount(routers: layout.routers, inputDim: layout.inputDim, experts: experts.count, hidden: hiddenWidth)
     }
 
     /// Bits (with constants) of one layer-unit at each expert.
@@ -76,7 +85,7 @@ public final class RoutedStore: @unchecked Sendable {
                               reason: "the store's \(manifest.seqLen)-token sequences have \(layout.chunks) chunk(s) of \(config.chunkSize): nothing is left to route")
         }
         let setup = RouterSetup(layout: layout, experts: columns.map { manifest.experts[$0] }, valueGroup: manifest.valueGroup,
-                                headDim: store.model.headDim, routerInput: manifest.routerInput)
+                                headDim: store.model.headDim, routerInput: manifest.routerInput, hiddenWidth: config.hiddenWidth)
         self.init(store: store, setup: setup, expertColumns: columns,
                   calibrationFraction: config.calibrationFraction, validationFraction: config.validationFraction)
         guard !calibration.isEmpty else {

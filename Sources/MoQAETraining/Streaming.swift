@@ -22,7 +22,8 @@ public final class SequenceStreamer: @unchecked Sendable {
         self.data = data
         self.workers = max(1, workers)
         self.readaheadBytes = readaheadBytes
-        passes = (0..<self.workers).map { _ in StreamingPass(layout: data.layout, experts: data.experts, blockChunks: blockChunks) }
+        passes = (0..<self.workers).map { _ in StreamingPass(layout: data.layout, experts: data.experts, hiddenWidth: data.setup.hiddenWidth,
+                                                                      blockChunks: blockChunks) }
     }
 
     /// The loss gradient of a batch (mean over its sequences), laid out like `parameters.values`, with

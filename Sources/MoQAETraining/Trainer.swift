@@ -100,7 +100,7 @@ public final class Trainer {
             var random = RandomGenerator(seed: config.seed)
             let layout = data.layout
             let parameters = RouterParameters.initialized(routers: layout.routers, inputDim: layout.inputDim,
-                                                          experts: data.experts.count, random: &random)
+                                                          experts: data.experts.count, hidden: data.setup.hiddenWidth, random: &random)
             state = Checkpoint(parameters: parameters,
                                optimizer: AdamW(settings: config.optimizer, parameterCount: parameters.values.count),
                                step: 0, epoch: 0, position: 0, epochRandom: random, lambda: config.lambda, config: config, setup: data.setup,

@@ -192,6 +192,8 @@ struct Evaluate: ParsableCommand {
         try config.apply(override: "router.group_size=\(export.groupSize)")
         try config.apply(override: "router.freeze_first_chunk=\(export.freezeFirstChunk)")
         try config.apply(override: "router.pooling=\(export.pooling.rawValue)")
+        let hidden = export.parameters.hidden
+        try config.apply(override: "router.hidden_width=\(hidden == export.parameters.experts ? "null" : "\(hidden)")")
         return config
     }
 }
@@ -222,7 +224,7 @@ struct Inspect: ParsableCommand {
                 \(file): MQAE router export version \(export.version), OK (CRC-32 verified)
                   \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
                   \(export.parameters.routers) router(s), D = \(export.parameters.inputDim) (router input \(export.routerInput.rawValue)), experts: \(experts)
-                  \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue)
+                  \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue), hidden width \(export.parameters.hidden)
                 """)
                 return
             }

@@ -133,13 +133,25 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
     /// pooling. Decisions are constants for the gradient, so the check uses a step small enough to keep them.
     @Test(arguments: LossKind.allCases, ChunkPooling.allCases)
     func wholeLossMatchesFiniteDifferences(kind: LossKind, pooling: ChunkPooling) {
+        wholeLossMatchesFiniteDifferences(kind: kind, pooling: pooling, hidden: 3)
+    }
+
+    /// The same at a hidden width other than M.
+    @Test(arguments: [ChunkPooling.vote, .max])
+    func wideRouterMatchesFiniteDifferences(pooling: ChunkPooling) {
+        wholeLossMatchesFiniteDifferences(kind: .expected, pooling: pooling, hidden: 5)
+    }
+
+    func wholeLossMatchesFiniteDifferences(kind: LossKind, pooling: ChunkPooling, hidden: Int) {
         let layout = RoutingLayout(layers: 4, heads: 2, tokens: 40, inputDim: 4, chunkSize: 8, groupSize: 3, freezeFirstChunk: true,
                                    pooling: pooling)
         var s = Sampler(state: 11)
         let inputs = (0..<layout.routers).map { _ in s.values(layout.rowsPerRouter * layout.inputDim, scale: 2) }
         let delta = (0..<(layout.layers * layout.heads * layout.chunks * 3)).map { i in i % 3 == 0 ? Float(0) : 0.02 * Float(i % 3) * (1 + s.next()) }
         let sensitivity = SensitivityTable(values: delta, heads: layout.heads, chunks: layout.chunks, storeExperts: 3, columns: [0, 1, 2])
-        let weights = (0..<layout.routers).flatMap { _ in [(4, 3, s.values(12)), (4, 3, s.values(12)), (3, 3, s.values(9))] }
+        let weights = (0..<layout.routers).flatMap { _ in
+            [(4, hidden, s.values(4 * hidden)), (4, hidden, s.values(4 * hidden)), (hidden, 3, s.values(3 * hidden))]
+        }
         var decisionsAtStart: [[Int]] = []
         checkGradients(inputs: weights.map { (rows: $0.0, cols: $0.1, values: $0.2) }, step: 2e-3) { tape, leaves in
             let routers = (0..<layout.routers).map { r in RouterVariables(w1: leaves[3 * r], w2: leaves[3 * r + 1], w3: leaves[3 * r + 2]) }

@@ -56,7 +56,7 @@ import Testing
         var (s, h, p) = ([Float](repeating: .nan, count: m * stride), [Float](repeating: .nan, count: m * stride), [Float](repeating: .nan, count: m * stride))
         var choice = [Int32](repeating: -1, count: rows)
         var scratch = [Float](repeating: .nan, count: 2 * rows)
-        moqae_router_forward(c.x, rows, c.d, m, c.w12t, c.w3, stride, &ab, &s, &h, &p, &choice, &scratch, wide, c.x, c.x.count * 4)
+        moqae_router_forward(c.x, rows, c.d, m, m, c.w12t, c.w3, stride, &ab, &s, &h, &p, &choice, &scratch, wide, c.x, c.x.count * 4)
         for (t, token) in c.reference().enumerated() {
             for j in 0..<m {
                 #expect(abs(Double(ab[j * stride + t]) - token.a[j]) <= 1e-5 * (1 + abs(token.a[j])), "a[\(j)] of token \(t)")
@@ -81,12 +81,12 @@ import Testing
         var (s, h, p) = ([Float](repeating: 0, count: m * n), [Float](repeating: 0, count: m * n), [Float](repeating: 0, count: m * n))
         var choice = [Int32](repeating: 0, count: n)
         var scratch = [Float](repeating: .nan, count: 2 * n)
-        moqae_router_forward(c.x, n, d, m, c.w12t, c.w3, n, &ab, &s, &h, &p, &choice, &scratch, wide, nil, 0)
+        moqae_router_forward(c.x, n, d, m, m, c.w12t, c.w3, n, &ab, &s, &h, &p, &choice, &scratch, wide, nil, 0)
         // The kernel adds into the parts: start them away from zero.
         let (start12, start3) = (sampler.values(2 * m * d), sampler.values(m * m))
         var (part12, part3) = (start12, start3)
         scratch = [Float](repeating: .nan, count: (4 * m + 1) * n)
-        moqae_router_backward_chunk(c.x, n, d, m, c.w3, n, ab, s, h, p, upstream, &scratch, &part12, &part3, wide, c.x, c.x.count * 4)
+        moqae_router_backward_chunk(c.x, n, d, m, m, c.w3, n, ab, s, h, p, upstream, &scratch, &part12, &part3, wide, c.x, c.x.count * 4)
 
         let step = 1e-4
         func numeric(w12t index: Int?, w3 index3: Int?) -> Double {

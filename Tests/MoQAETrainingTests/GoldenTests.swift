@@ -5,8 +5,8 @@ import MoQAETraining
 import Testing
 
 /// Compares the trainer with values PyTorch computed in float64 (`Golden/make_golden.py`): for the
-/// paper's and the expected loss, under every chunk pooling, the loss terms, decisions, every
-/// gradient, and the weights after 5 AdamW steps, each by name.
+/// paper's and the expected loss, under every chunk pooling and at hidden widths M and 5, the loss
+/// terms, decisions, every gradient, and the weights after 5 AdamW steps, each by name.
 @Suite struct GoldenTests {
     /// Agreement asked of every compared tensor: max |swift − torch| ≤ 1e-4 · max |torch|.
     static let relativeTolerance = 1e-4
@@ -25,16 +25,22 @@ import Testing
         data = Self.routed(store, pooling: .vote)
     }
 
-    static func routed(_ store: CalibrationStore, pooling: ChunkPooling) -> RoutedStore {
+    /// The router kinds of the golden file: every pooling at the paper's hidden width M = 3 and at 5.
+    static let kinds = [3, 5].flatMap { hidden in ChunkPooling.allCases.map { (pooling: $0, hidden: hidden) } }
+
+    static func routed(_ store: CalibrationStore, pooling: ChunkPooling, hidden: Int = 3) -> RoutedStore {
         let layout = RoutingLayout(layers: 4, heads: 2, tokens: 96, inputDim: 8, chunkSize: 32, groupSize: 3, freezeFirstChunk: true,
                                    pooling: pooling)
         return RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 8,
-                                                           headDim: 8, routerInput: .key),
+                                                           headDim: 8, routerInput: .key, hiddenWidth: hidden),
                            expertColumns: [0, 1, 2], calibrationFraction: 1, validationFraction: 0)
     }
 
-    /// Golden tensor names of a pooling start with it, except the paper's vote.
-    func prefix(_ pooling: ChunkPooling) -> String { pooling == .vote ? "" : pooling.rawValue + "." }
+    /// Golden tensor names of a router kind start with `h5.` for hidden width 5, then the pooling,
+    /// except the paper's vote.
+    func prefix(_ pooling: ChunkPooling, _ hidden: Int) -> String {
+        (hidden == 3 ? "" : "h\(hidden).") + (pooling == .vote ? "" : pooling.rawValue + ".")
+    }
 
     /// A golden tensor as doubles (F64 or I64).
     func tensor(_ name: String) throws -> [Double] {
@@ -57,10 +63,11 @@ import Testing
         #expect(error <= Self.relativeTolerance * max(scale, 1e-12), "\(name): max error \(error), golden scale \(scale)")
     }
 
-    func initialParameters() throws -> RouterParameters {
-        var parameters = RouterParameters(routers: 2, inputDim: 8, experts: 3, values: Array(repeating: 0, count: 2 * (48 + 9)))
+    func initialParameters(hidden: Int = 3) throws -> RouterParameters {
+        var parameters = RouterParameters(routers: 2, inputDim: 8, experts: 3, hidden: hidden,
+                                          values: Array(repeating: 0, count: 2 * (16 * hidden + 3 * hidden)))
         for entry in parameters.table {
-            parameters.values.replaceSubrange(entry.range, with: try tensor("init." + entry.name).map(Float.init))
+            parameters.values.replaceSubrange(entry.range, with: try tensor((hidden == 3 ? "" : "h\(hidden).") + "init." + entry.name).map(Float.init))
         }
         return parameters
     }
@@ -72,7 +79,7 @@ import Testing
     func batchGradient(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling,
                        parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
         let loss = LossSettings(kind: kind, lambda: 0.5)
-        let data = Self.routed(store, pooling: pooling)
+        let data = Self.routed(store, pooling: pooling, hidden: parameters.hidden)
         switch implementation {
         case .tape:
             return MoQAETraining.batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)
@@ -84,15 +91,15 @@ import Testing
 
     @Test(arguments: Implementation.allCases, LossKind.allCases)
     func lossTermsDecisionsAndGradients(_ implementation: Implementation, _ kind: LossKind) throws {
-        for pooling in ChunkPooling.allCases { try checkLossTermsDecisionsAndGradients(implementation, kind, pooling) }
+        for (pooling, hidden) in Self.kinds { try checkLossTermsDecisionsAndGradients(implementation, kind, pooling, hidden) }
     }
 
-    func checkLossTermsDecisionsAndGradients(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling) throws {
+    func checkLossTermsDecisionsAndGradients(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling, _ hidden: Int) throws {
         let batch = data.calibration.map(data.load)
         #expect(batch.count == 3)
-        let parameters = try initialParameters()
+        let parameters = try initialParameters(hidden: hidden)
         let (gradient, figures, decisions) = batchGradient(implementation, kind, pooling, parameters: parameters)
-        let pool = self.prefix(pooling)
+        let pool = self.prefix(pooling, hidden)
         let prefix = pool + kind.rawValue + "."
         expectClose(prefix + "loss", [figures.loss], try tensor(prefix + "loss"))
         expectClose(prefix + "l_model", [figures.modelTerm], try tensor(prefix + "l_model"))
@@ -107,23 +114,26 @@ import Testing
         }
     }
 
-    /// The Swift export of the initial weights equals the one the Python script wrote on its own.
-    @Test func exportMatchesIndependentWriter() throws {
-        let url = try #require(Bundle.module.url(forResource: "router-init", withExtension: "bin"))
+    /// The Swift exports of the initial weights equal those the Python script wrote on its own: the
+    /// paper's router (version 1) and a max-pooling router of hidden width 5 (version 2).
+    @Test(arguments: [("router-init", ChunkPooling.vote, 3), ("router-h5-max", .max, 5)])
+    func exportMatchesIndependentWriter(resource: String, pooling: ChunkPooling, hidden: Int) throws {
+        let url = try #require(Bundle.module.url(forResource: resource, withExtension: "bin"))
         let expected = [UInt8](try Data(contentsOf: url))
-        let export = RouterExport(parameters: try initialParameters(), setup: data.setup, weightType: .binary32)
+        let setup = Self.routed(store, pooling: pooling, hidden: hidden).setup
+        let export = RouterExport(parameters: try initialParameters(hidden: hidden), setup: setup, weightType: .binary32)
         #expect(export.serialized() == expected)
         #expect(try RouterExport.parse(expected, path: url.path) == export)
     }
 
     @Test(arguments: Implementation.allCases, LossKind.allCases)
     func fiveAdamWSteps(_ implementation: Implementation, _ kind: LossKind) throws {
-        for pooling in ChunkPooling.allCases { try checkFiveAdamWSteps(implementation, kind, pooling) }
+        for (pooling, hidden) in Self.kinds { try checkFiveAdamWSteps(implementation, kind, pooling, hidden) }
     }
 
-    func checkFiveAdamWSteps(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling) throws {
-        let prefix = self.prefix(pooling) + kind.rawValue + "."
-        var parameters = try initialParameters()
+    func checkFiveAdamWSteps(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling, _ hidden: Int) throws {
+        let prefix = self.prefix(pooling, hidden) + kind.rawValue + "."
+        var parameters = try initialParameters(hidden: hidden)
         var optimizer = AdamW(settings: AdamWSettings(), parameterCount: parameters.values.count)
         var losses: [Double] = []
         for _ in 0..<5 {
@@ -136,7 +146,7 @@ import Testing
             expectClose(prefix + "after5." + entry.name, parameters.values[entry.range].map(Double.init), try tensor(prefix + "after5." + entry.name))
         }
         // The comparison can fail: 5 steps move the weights by far more than the tolerance.
-        let initial = try initialParameters()
+        let initial = try initialParameters(hidden: hidden)
         #expect(zip(initial.values, parameters.values).map { abs($0 - $1) }.max()! > 1e-3)
     }
 }

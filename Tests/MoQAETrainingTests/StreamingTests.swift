@@ -20,11 +20,11 @@ import Testing
         parameters = RouterParameters.initialized(routers: 3, inputDim: 16, experts: 3, random: &random)
     }
 
-    static func routed(_ store: CalibrationStore, pooling: ChunkPooling) -> RoutedStore {
+    static func routed(_ store: CalibrationStore, pooling: ChunkPooling, hidden: Int? = nil) -> RoutedStore {
         let layout = RoutingLayout(layers: 5, heads: 3, tokens: 320, inputDim: 16, chunkSize: 32, groupSize: 2, freezeFirstChunk: true,
                                    pooling: pooling)
         return RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16,
-                                                           headDim: 16, routerInput: .key),
+                                                           headDim: 16, routerInput: .key, hiddenWidth: hidden),
                            expertColumns: [0, 1, 2], calibrationFraction: 0.1, validationFraction: 0)
     }
 
@@ -43,7 +43,17 @@ import Testing
                 "pooling should change some decision")
     }
 
-    func expectStreamingMatchesTheTape(data: RoutedStore, kind: LossKind, lambda: Double) throws {
+    /// Hidden widths other than M (narrower and wider, odd, across the kernels' 6-column tiles).
+    @Test(arguments: [2, 7, 16], [ChunkPooling.vote, .max])
+    func hiddenWidthMatchesTheTape(hidden: Int, pooling: ChunkPooling) throws {
+        let wide = Self.routed(store, pooling: pooling, hidden: hidden)
+        var random = RandomGenerator(seed: 4)
+        let parameters = RouterParameters.initialized(routers: 3, inputDim: 16, experts: 3, hidden: hidden, random: &random)
+        try expectStreamingMatchesTheTape(data: wide, kind: .expected, lambda: 0.3, parameters: parameters)
+    }
+
+    func expectStreamingMatchesTheTape(data: RoutedStore, kind: LossKind, lambda: Double, parameters: RouterParameters? = nil) throws {
+        let parameters = parameters ?? self.parameters
         #expect(data.calibration.count == 5)
         let loss = LossSettings(kind: kind, lambda: lambda)
         let reference = batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)

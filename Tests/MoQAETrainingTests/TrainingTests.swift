@@ -229,18 +229,18 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(try RouterExport.parse(bytes, path: "x") == original)
     }
 
-    /// A pooled router is version 2 with its kind in byte 21; otherwise the same bytes as version 1.
+    /// A pooled router is version 2 with its kind in byte 21 and its hidden width (here M) at 22–23;
+    /// otherwise the same bytes as version 1.
     @Test(arguments: [ChunkPooling.mean, .max])
     func pooledRoutersAreVersion2(pooling: ChunkPooling) throws {
         let paper = export(inputDim: 16, routers: 2, type: .binary16).serialized()
         let pooled = export(inputDim: 16, routers: 2, type: .binary16, pooling: pooling)
         let bytes = pooled.serialized()
-        #expect(bytes[4] == 2 && bytes[21] == pooling.exportCode && bytes[21] != 0)
+        #expect(bytes[4] == 2 && bytes[21] == pooling.exportCode && bytes[21] != 0 && bytes[22] == 3 && bytes[23] == 0)
         /// Every byte but the version, the kind and the CRC.
         func rest(_ file: [UInt8]) -> [UInt8] {
             var body = Array(file.dropLast(4))
-            body[4] = 0
-            body[21] = 0
+            for offset in [4, 21, 22] { body[offset] = 0 }
             return body
         }
         #expect(rest(bytes) == rest(paper))
@@ -279,8 +279,10 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
             return body + withUnsafeBytes(of: CRC32.checksum(body).littleEndian) { Array($0) }
         }
         #expect(reason(patched(bytes, [21: 1])).contains("reserved header bits are not zero"))   // version 1 has no kind byte
-        #expect(reason(patched(bytes, [4: 2, 21: 3])).contains("r.bin: router kind 3 is unknown (expected 0 = vote, 1 = mean, 2 = max)"))
-        #expect(reason(patched(bytes, [4: 2, 21: 2, 22: 1])).contains("reserved header bits are not zero"))
+        #expect(reason(patched(bytes, [4: 2, 21: 3, 22: 3])).contains("r.bin: router kind 3 is unknown (expected 0 = vote, 1 = mean, 2 = max)"))
+        #expect(reason(patched(bytes, [4: 2, 21: 2, 22: 3, 24: 1])).contains("reserved header bits are not zero"))
+        #expect(reason(patched(bytes, [4: 2, 21: 2])).contains("header holds a zero hidden width"))
+        #expect(reason(patched(bytes, [4: 2, 21: 2, 22: 4])).contains("its header implies"))   // H = 4 needs other sizes
         let oddWidth = export(inputDim: 15, routers: 1, type: .binary16).serialized()
         #expect(reason(resealed(oddWidth, flags: 1 | RouterInput.keyAndValue.exportCode << 1)).contains("D = 15 is odd"))
     }

@@ -3,9 +3,9 @@
 The export (little-endian, no padding; docs/FORMATS.md): a 32-byte header (magic "MQAE", u16 version,
 u8 weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
 chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value), then in version 2 a u8
-router kind (the chunk pooling: 0 vote, 1 mean, 2 max; version 1 is vote), and zero bytes to 32), M
-(key_bits, value_bits) pairs, per router W1 (D×M), W2 (D×M), W3 (M×M) row-major, and a CRC-32 of
-everything before it.
+router kind (the chunk pooling: 0 vote, 1 mean, 2 max; version 1 is vote) and a u16 hidden width H
+(version 1: H = M), and zero bytes to 32), M (key_bits, value_bits) pairs, per router W1 (D×H),
+W2 (D×H), W3 (H×M) row-major, and a CRC-32 of everything before it.
 """
 import math
 import struct
@@ -33,7 +33,7 @@ class RouterExport:
     freeze_first_chunk: bool
     router_input: str       # "key", "key-prerope" or "key+value"
     pooling: str            # "vote" (the paper's), "mean" or "max"
-    weights: list           # per router: (W1 (D, M), W2 (D, M), W3 (M, M)) float32 tensors
+    weights: list           # per router: (W1 (D, H), W2 (D, H), W3 (H, M)) float32 tensors
 
     @property
     def num_routers(self):
@@ -62,19 +62,21 @@ def read_export(path):
         raise CalibError(f"{path}: export version {version} is not supported (expected 1 or 2)")
     if dtype not in (1, 2):
         raise CalibError(f"{path}: weight dtype {dtype} is unknown (expected 1 = binary16 or 2 = binary32)")
+    kind, hidden, reserved = (0, M, reserved) if version == 1 else (reserved[0], int.from_bytes(reserved[1:3], "little"), reserved[3:])
+    if hidden < 1:
+        raise CalibError(f"{path}: header holds a zero hidden width")
     width = 2 if dtype == 1 else 4
-    expected = HEADER.size + 2 * M + R * (2 * D * M + M * M) * width + 4
+    expected = HEADER.size + 2 * M + R * (2 * D * hidden + hidden * M) * width + 4
     if len(data) != expected:
         raise CalibError(f"{path}: file is {len(data)} bytes, its header implies {expected}")
     if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
         raise CalibError(f"{path}: CRC-32 mismatch: the file is damaged")
-    if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
-        raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
-    kind, reserved = (0, reserved) if version == 1 else (reserved[0], reserved[1:])
     if flags & ~7 or any(reserved):
         raise CalibError(f"{path}: reserved header bits are not zero")
     if kind >= len(POOLINGS):
         raise CalibError(f"{path}: router kind {kind} is unknown (expected 0 = vote, 1 = mean, 2 = max)")
+    if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
+        raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
     if flags >> 1 >= len(ROUTER_INPUTS):
         raise CalibError(f"{path}: router input code {flags >> 1} in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)")
     router_input = ROUTER_INPUTS[flags >> 1]
@@ -86,18 +88,18 @@ def read_export(path):
         if not all(b == 16 or 1 <= b <= 8 for b in (kb, vb)):
             raise CalibError(f"{path}: expert {index} has invalid bits ({kb}, {vb})")
         experts.append(Expert("fp16" if (kb, vb) == (16, 16) else (f"int{kb}" if kb == vb else f"k{kb}v{vb}"), kb, vb))
-    count = R * (2 * D * M + M * M)
+    count = R * (2 * D * hidden + hidden * M)
     values = torch.frombuffer(bytearray(data[HEADER.size + 2 * M: HEADER.size + 2 * M + count * width]),
                               dtype=torch.float16 if dtype == 1 else torch.float32).float()
     if not torch.isfinite(values).all():
         raise CalibError(f"{path}: holds a non-finite weight")
     weights, offset = [], 0
     for _ in range(R):
-        w1 = values[offset: offset + D * M].reshape(D, M)
-        w2 = values[offset + D * M: offset + 2 * D * M].reshape(D, M)
-        w3 = values[offset + 2 * D * M: offset + 2 * D * M + M * M].reshape(M, M)
+        w1 = values[offset: offset + D * hidden].reshape(D, hidden)
+        w2 = values[offset + D * hidden: offset + 2 * D * hidden].reshape(D, hidden)
+        w3 = values[offset + 2 * D * hidden: offset + 2 * D * hidden + hidden * M].reshape(hidden, M)
         weights.append((w1, w2, w3))
-        offset += 2 * D * M + M * M
+        offset += 2 * D * hidden + hidden * M
     return RouterExport(experts, D, N, G, L, H, bool(flags & 1), router_input, POOLINGS[kind], weights)
 
 

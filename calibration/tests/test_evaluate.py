@@ -58,24 +58,26 @@ def resealed(body):
 
 
 def as_version_2(export_bytes, kind):
-    """A version 1 export rewritten as version 2 of router kind `kind`, with its CRC resealed."""
+    """A version 1 export rewritten as version 2 of router kind `kind` (hidden width M), with its CRC resealed."""
     body = bytearray(export_bytes[:-4])
-    body[4], body[21] = 2, kind
+    body[4], body[21], body[22] = 2, kind, body[7]
     return resealed(body)
 
 
-@pytest.mark.parametrize("pooling", ["vote", "mean", "max"])
-def test_router_decisions_equal_the_trainers(pooling, tmp_path):
+@pytest.mark.parametrize("pooling, hidden", [("vote", 3), ("mean", 3), ("max", 3), ("max", 5)])
+def test_router_decisions_equal_the_trainers(pooling, hidden, tmp_path):
     """router-init.bin holds the golden initial weights; golden.safetensors the decisions that both the
     Swift trainer and PyTorch float64 make with them on the golden store, for every chunk pooling
-    (mean and max read from the same weights written as version 2)."""
-    path = os.path.join(GOLDEN, "router-init.bin")
-    if pooling != "vote":
+    (mean and max read from the same weights written as version 2), and router-h5-max.bin those of a
+    max-pooling router of hidden width 5."""
+    path = os.path.join(GOLDEN, "router-init.bin" if hidden == 3 else "router-h5-max.bin")
+    if pooling != "vote" and hidden == 3:
         path = tmp_path / "router.bin"
         path.write_bytes(as_version_2(open(os.path.join(GOLDEN, "router-init.bin"), "rb").read(), POOLINGS.index(pooling)))
     export = read_export(str(path))
-    assert export.pooling == pooling
-    golden = load_file(os.path.join(GOLDEN, "golden.safetensors"))["decisions" if pooling == "vote" else f"{pooling}.decisions"]
+    assert export.pooling == pooling and export.weights[0][2].shape == (hidden, 3)
+    prefix = ("" if hidden == 3 else f"h{hidden}.") + ("" if pooling == "vote" else f"{pooling}.")
+    golden = load_file(os.path.join(GOLDEN, "golden.safetensors"))[prefix + "decisions"]
     store = load_file(os.path.join(GOLDEN, "store", "shard-00000.safetensors"))
     ids = sorted(int(k.split(".")[1]) for k in store if k.endswith(".inputs"))
     for row, seq_id in enumerate(ids):

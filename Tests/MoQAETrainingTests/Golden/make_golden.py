@@ -7,10 +7,12 @@ Writes, next to this script:
                    names prefixed with it) the loss terms, every gradient, and the weights and
                    losses of 5 AdamW steps (torch.optim.AdamW) on the batch of all sequences; the
                    same for the pooled routers (`mean.`, `max.` before the names; the paper's
-                   vote pooling has none);
+                   vote pooling has none), and for routers of hidden width 5 (`h5.` before those,
+                   from their own initial weights `h5.init.*`);
   router-init.bin  the initial weights as an MQAE export (binary32), written here independently of
                    the Swift writer, so the two can be compared byte for byte and the Python
-                   evaluator's decisions checked against the golden ones.
+                   evaluator's decisions checked against the golden ones;
+  router-h5-max.bin  the same for the hidden-width-5 weights of a max-pooling router (version 2).
 
 Run: python Tests/MoQAETrainingTests/Golden/make_golden.py   (needs torch, numpy, safetensors)
 """
@@ -124,30 +126,43 @@ def sequence_loss(kind, weights, inputs, nll, delta, pooling="vote"):
     return LAMBDA * l_model + (1 - LAMBDA) * l_mem, l_model, l_mem, lnll, dec
 
 
-def write_export(weights, path):
-    """SPEC §5: header, expert table, W1, W2, W3 per router as binary32, CRC-32."""
-    header = struct.pack("<4sHBBHHHHHHB11s", b"MQAE", 1, 2, M, D, R, N, G, L, H, 1, bytes(11))
+def write_export(weights, path, pooling="vote", hidden=M):
+    """docs/FORMATS.md: header, expert table, W1, W2, W3 per router as binary32, CRC-32. Version 1 for
+    the paper's router; version 2 with the router kind and hidden width for others."""
+    if pooling == "vote" and hidden == M:
+        header = struct.pack("<4sHBBHHHHHHB11s", b"MQAE", 1, 2, M, D, R, N, G, L, H, 1, bytes(11))
+    else:
+        header = struct.pack("<4sHBBHHHHHHBBH8s", b"MQAE", 2, 2, M, D, R, N, G, L, H, 1,
+                             ("vote", "mean", "max").index(pooling), hidden, bytes(8))
     body = header + bytes(b for _, k, v in EXPERTS for b in (k, v))
     body += b"".join(np.asarray(w, dtype="<f4").tobytes() for w in weights)
     with open(path, "wb") as f:
         f.write(body + struct.pack("<I", zlib.crc32(body)))
 
 
+def initial_weights(rng, hidden):
+    """torch.nn.Linear's initialisation for each router: W1, W2 (D, hidden), W3 (hidden, M), as float32."""
+    weights = []
+    for _ in range(R):
+        weights += [rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, hidden)),
+                    rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, hidden)),
+                    rng.uniform(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden), (hidden, M))]
+    return [np.asarray(w, dtype=np.float32) for w in weights]   # the Swift side starts from these floats
+
+
 def main():
     rng = np.random.default_rng(5)
     data = make_store(rng)
-    init = []
-    for _ in range(R):
-        init += [rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, M)),
-                 rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, M)),
-                 rng.uniform(-1 / math.sqrt(M), 1 / math.sqrt(M), (M, M))]
-    init = [np.asarray(w, dtype=np.float32) for w in init]                    # the Swift side starts from these floats
+    init = initial_weights(rng, M)
     write_export(init, os.path.join(HERE, "router-init.bin"))
     names = [f"router.{r}.{n}" for r in range(R) for n in ("w1", "w2", "w3")]
     out = {f"init.{n}": w for n, w in zip(names, init)}
-    for pooling, kind in [(p, k) for p in ("vote", "mean", "max") for k in ("paper", "expected")]:
-        weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in init]
-        pool = "" if pooling == "vote" else pooling + "."
+    init_h5 = initial_weights(rng, 5)
+    write_export(init_h5, os.path.join(HERE, "router-h5-max.bin"), pooling="max", hidden=5)
+    out.update({f"h5.init.{n}": w for n, w in zip(names, init_h5)})
+    for width, pooling, kind in [(w, p, k) for w in (M, 5) for p in ("vote", "mean", "max") for k in ("paper", "expected")]:
+        weights = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in (init if width == M else init_h5)]
+        pool = ("" if width == M else f"h{width}.") + ("" if pooling == "vote" else pooling + ".")
 
         def batch():
             results = [sequence_loss(kind, weights, *item, pooling=pooling) for item in data]
