@@ -90,8 +90,11 @@ def parser():
     pareto.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
     pareto.add_argument("--out", required=True, help="directory for the runs, pareto.json, pareto.md, pareto.png")
     pareto.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,0.9", help="λ of the paper-loss runs (empty: none)")
-    pareto.add_argument("--config-run", action="append",
-                        help="a further run: a moqae-train config file, labelled by its name (repeatable)")
+    pareto.add_argument("--config-run", action="append", metavar="FILE[:KEY=VALUE,...]",
+                        help="a further run: a moqae-train config file, labelled by its name, with optional overrides "
+                             "after a colon, e.g. configs/passkey-3.0.yaml:router.pooling=max (repeatable)")
+    pareto.add_argument("--no-diagnostics", action="store_true",
+                        help="score only router, static and layer-wise per run (no random or prescient plan): ablations")
     pareto.add_argument("--max-windows", type=int,
                         help="score only the first N windows of the text; with --task passkey, how many (default 200)")
     pareto.add_argument("--task", metavar="passkey|FILE.jsonl", help="score task windows instead of plain text (see eval --task)")

@@ -62,8 +62,14 @@ def cat_seconds(files):
     return time.perf_counter() - started
 
 
-def train(binary, store, run, threads):
-    """One epoch over the whole store, one router per layer (every layer is read), no validation."""
+# Router variants whose throughput is stated beside the paper router's: config overrides.
+VARIANTS = {"mean pooling": ["router.pooling=mean"], "max pooling": ["router.pooling=max"],
+            "hidden width 16": ["router.hidden_width=16"]}
+
+
+def train(binary, store, run, threads, overrides=()):
+    """One epoch over the whole store, one router per layer (every layer is read), no validation;
+    `overrides` are further `--set` values (a router variant)."""
     shutil.rmtree(run, ignore_errors=True)
     config = run + ".yaml"
     with open(config, "w") as f:
@@ -72,6 +78,8 @@ def train(binary, store, run, threads):
                "--set", "data.calibration_fraction=0.1", "--set", "data.validation_fraction=0",
                "--set", "router.group_size=1", "--set", "train.epochs=1", "--set", "train.eval_every=0",
                "--set", f"train.threads={threads}", "--set", "checkpoint.every_steps=1000000"]
+    for override in overrides:
+        command += ["--set", override]
     seconds, rss = run_child(command)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f]
@@ -158,6 +166,15 @@ def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, thread
     del torch_trainer
     print("one worker, three epochs", flush=True)
     one_worker = [train(binary, store, run, 1)["vectors_per_second"] for _ in range(3)]
+    variants = {}
+    for name, overrides in VARIANTS.items():
+        print(f"{name}: three rounds of cat, one epoch, one epoch of the paper router", flush=True)
+        variants[name] = []
+        for _ in range(3):
+            cat_rate = store_bytes / vector_bytes / cat_seconds(files)
+            rate = train(binary, store, run, threads, overrides)["vectors_per_second"]
+            paper = train(binary, store, run, threads)["vectors_per_second"]
+            variants[name].append({"rate": rate, "vs_cat": rate / cat_rate, "vs_paper": rate / paper})
 
     def figure(values, scale=1e-6, digits=2):
         values = sorted(values)
@@ -172,6 +189,11 @@ def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, thread
         f"| PyTorch {__import__('torch').__version__} step (`calibration/moqae_calib/torch_step.py`), same batch | "
         f"{figure([r['torch'] for r in rounds], digits=3)} M vectors/s |",
         f"| moqae-train / PyTorch, per round | **{figure([r['vs_torch'] for r in rounds], scale=1, digits=1)}×** (target ≥ 10×) |",
-        f"| moqae-train / page-cache read rate, per round | **{figure([100 * r['vs_cat'] for r in rounds], scale=1, digits=0)}%** (target ≥ 40%) |",
+        f"| moqae-train / page-cache read rate, per round | **{figure([100 * r['vs_cat'] for r in rounds], scale=1, digits=0)}%** (target ≥ 80%) |",
         f"| peak RSS, moqae-train epoch | {warm['rss_mb']:.0f} MB for a {store_bytes / 1e9:.1f} GB store |",
+    ] + [
+        f"| moqae-train, {name} (`{' '.join(VARIANTS[name])}`), {threads} workers | {figure([r['rate'] for r in rows])} M vectors/s = "
+        f"{figure([100 * r['vs_cat'] for r in rows], scale=1, digits=0)}% of the page-cache read rate, "
+        f"{figure([r['vs_paper'] for r in rows], scale=1, digits=2)}× the paper router's in the same round |"
+        for name, rows in variants.items()
     ]

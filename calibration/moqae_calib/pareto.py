@@ -30,16 +30,22 @@ class Run:
 
     @property
     def directory(self):
-        return self.label.replace("λ", "lambda").replace(" ", "-").replace("=", "-")
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.label.replace("λ", "lambda"))
 
 
 def runs_of(args):
-    """The paper-loss runs at --lambdas, then one run per --config-run file (labelled by its name)."""
+    """The paper-loss runs at --lambdas, then one run per --config-run `FILE[:KEY=VALUE,...]`, labelled
+    by the file's name and its overrides."""
     runs = [Run(f"paper λ={lam}", args.config, [f"loss.lambda={lam}"]) for lam in (float(x) for x in args.lambdas.split(",") if x)]
-    for path in args.config_run or []:
+    for spec in args.config_run or []:
+        path, _, settings = spec.partition(":")
+        overrides = [s for s in settings.split(",") if s]
         if not os.path.isfile(path):
-            raise CalibError(f"--config-run {path}: no such config file")
-        runs.append(Run(os.path.splitext(os.path.basename(path))[0], path, []))
+            raise CalibError(f"--config-run {spec}: no such config file {path}")
+        if any("=" not in s for s in overrides):
+            raise CalibError(f"--config-run {spec}: overrides after the colon must be KEY=VALUE, separated by commas")
+        label = os.path.splitext(os.path.basename(path))[0]
+        runs.append(Run(label + (f" ({', '.join(overrides)})" if overrides else ""), path, overrides))
     return runs
 
 
@@ -94,8 +100,10 @@ def draw(axis, rows, shared, key):
             ("layer-wise", "s", "C2", "layer-wise (KVTuner-style) at the router's bits"),
             ("random", "x", "C7", "random with the router's mix"),
             ("prescient", "^", "C0", "prescient (gradients of the evaluated text): a diagnostic, not reachable")):
-        axis.scatter([r[method]["payload_bits"] for r in routers], [value(r[method]) for r in routers], marker=style,
-                     color=color, facecolors="none" if method == "prescient" else None, label=label)
+        scored = [r for r in routers if method in r]
+        if scored:
+            axis.scatter([r[method]["payload_bits"] for r in scored], [value(r[method]) for r in scored], marker=style,
+                         color=color, facecolors="none" if method == "prescient" else None, label=label)
     for summary in shared:
         axis.scatter([summary["payload_bits"]], [value(summary)], marker="D", color="k")
         axis.annotate(summary["name"].replace("uniform ", ""), (summary["payload_bits"], value(summary)),
@@ -150,10 +158,11 @@ def markdown(rows, shared):
 
     lines += [line(s, "") for s in shared]
     for r in rows:
-        for method in METHODS:
+        for method in (m for m in METHODS if m in r):
             estimate = r["estimated"].get(method)
             lines.append(line(r[method], r["label"], rise(estimate, r["estimated"]["fp16"]) if estimate else ""))
-    lines += ["", f"*{PRESCIENT_NOTE}.*"]
+    if any("prescient" in r for r in rows):
+        lines += ["", f"*{PRESCIENT_NOTE}.*"]
     return "\n".join(lines) + "\n"
 
 
@@ -217,13 +226,14 @@ def run_pareto(args):
                "router_vs_static": paired_difference(router, static, fp16["bits_per_byte" if bytes_per_token else "nll"],
                                                      bytes_per_token),
                "router": router.summary(bytes_per_token), "static": static.summary(bytes_per_token),
-               "layer-wise": evaluation.layerwise(router, calibration).summary(bytes_per_token),
-               "random": evaluation.random(router).summary(bytes_per_token),
-               "prescient": evaluation.prescient(router).summary(bytes_per_token)}
-        prescient_deltas[expert_set] = evaluation.prescient_deltas
+               "layer-wise": evaluation.layerwise(router, calibration).summary(bytes_per_token)}
+        if not args.no_diagnostics:
+            row["random"] = evaluation.random(router).summary(bytes_per_token)
+            row["prescient"] = evaluation.prescient(router).summary(bytes_per_token)
+            prescient_deltas[expert_set] = evaluation.prescient_deltas
         rows.append(row)
-        print(f"{run.label}:\n" + format_table([row[m] for m in METHODS]) + "\n" + format_difference(row["router_vs_static"]),
-              flush=True)
+        print(f"{run.label}:\n" + format_table([row[m] for m in METHODS if m in row]) + "\n"
+              + format_difference(row["router_vs_static"]), flush=True)
     result = {"text": args.text, "task": args.task, "task_seed": args.task_seed if task else None,
               "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
               "shared": shared, "runs": rows}

@@ -28,6 +28,16 @@ def test_a_missing_config_file_is_named():
         runs_of(arguments("0.5", ["nowhere.yaml"]))
 
 
+def test_config_runs_take_overrides_after_a_colon():
+    budget = os.path.join(ROOT, "configs", "budget-3.5.yaml")
+    runs = runs_of(arguments("", [budget, f"{budget}:router.pooling=max,router.hidden_width=16"]))
+    assert [r.label for r in runs] == ["budget-3.5", "budget-3.5 (router.pooling=max, router.hidden_width=16)"]
+    assert runs[1].overrides == ["router.pooling=max", "router.hidden_width=16"] and runs[1].config == budget
+    assert runs[1].directory == "budget-3.5--router.pooling-max--router.hidden_width-16-"
+    with pytest.raises(CalibError, match="overrides after the colon must be KEY=VALUE"):
+        runs_of(arguments("", [f"{budget}:router.pooling"]))
+
+
 def summary(name, bits, bpb):
     return {"name": name, "payload_bits": bits, "bits_with_constants": bits + 0.5, "bits_per_byte": bpb,
             "perplexity": 2 ** bpb}
