@@ -32,22 +32,27 @@ public enum RouterInput: String, CaseIterable, Equatable, Sendable {
     case key
     case keyPreRoPE = "key-prerope"
     case keyAndValue = "key+value"
+    /// The key, then 7 statistics of its chunk (docs/FORMATS.md, router inputs).
+    case keyAndChunkStatistics = "key+chunk"
+
+    /// The chunk statistics `key+chunk` appends to the key.
+    public static let chunkStatistics = 7
 
     /// Width of one input vector for head dimension `headDim`.
-    public func width(headDim: Int) -> Int { self == .keyAndValue ? 2 * headDim : headDim }
-
-    /// Its code in bits 1–2 of a router export's flags byte.
-    public var exportCode: UInt8 {
+    public func width(headDim: Int) -> Int {
         switch self {
-        case .key: 0
-        case .keyPreRoPE: 1
-        case .keyAndValue: 2
+        case .key, .keyPreRoPE: headDim
+        case .keyAndValue: 2 * headDim
+        case .keyAndChunkStatistics: headDim + RouterInput.chunkStatistics
         }
     }
 
+    /// Its code in bits 1–2 of a router export's flags byte: its place in `allCases`.
+    public var exportCode: UInt8 { UInt8(RouterInput.allCases.firstIndex(of: self)!) }
+
     public init?(exportCode: UInt8) {
-        guard let input = RouterInput.allCases.first(where: { $0.exportCode == exportCode }) else { return nil }
-        self = input
+        guard Int(exportCode) < RouterInput.allCases.count else { return nil }
+        self = RouterInput.allCases[Int(exportCode)]
     }
 }
 

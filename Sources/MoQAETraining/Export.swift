@@ -136,7 +136,7 @@ public struct RouterExport: Equatable {
         guard let pooling = version == 1 ? .vote : ChunkPooling(exportCode: bytes[21]) else {
             throw fail("router kind \(bytes[21]) is unknown (expected 0 = vote, 1 = mean, 2 = max)")
         }
-        guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail("router input code \(bytes[20] >> 1) in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)") }
+        guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail("router input code \(bytes[20] >> 1) in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value, 3 = key+chunk)") }
         guard routerInput != .keyAndValue || D % 2 == 0 else { throw fail("D = \(D) is odd, but key+value inputs are two head vectors") }
         var expertBits: [(keyBits: Int, valueBits: Int)] = []
         for index in 0..<M {

@@ -39,7 +39,7 @@ import Testing
         try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""router_input":"key+value""#, with: #""router_input":"key""#) }
         #expect(openError(directory)?.contains("shape [4, 2, 96, 16], expected [4, 2, 96, 8]") == true)
         try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""router_input":"key""#, with: #""router_input":"query""#) }
-        #expect(openError(directory)?.contains(#"router_input: expected one of ["key", "key-prerope", "key+value"], got "query""#) == true)
+        #expect(openError(directory)?.contains(#"router_input: expected one of ["key", "key-prerope", "key+value", "key+chunk"], got "query""#) == true)
     }
 
     /// Rewrites one shard tensor's header entry and the data it points to.

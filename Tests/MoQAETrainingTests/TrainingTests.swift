@@ -205,7 +205,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
                 pooling: ChunkPooling = .vote) -> RouterExport {
         var random = RandomGenerator(seed: 1)
         let layers = routers * 3
-        let headDim = routerInput == .keyAndValue ? inputDim / 2 : inputDim
+        let headDim = routerInput == .keyAndValue ? inputDim / 2 : inputDim - (routerInput == .keyAndChunkStatistics ? RouterInput.chunkStatistics : 0)
         let layout = RoutingLayout(layers: layers, heads: 8, tokens: 64, inputDim: inputDim, chunkSize: 32, groupSize: 3, freezeFirstChunk: true,
                                    pooling: pooling)
         let setup = RouterSetup(layout: layout, experts: [Expert(name: "fp16", keyBits: 16, valueBits: 16), Expert(name: "int4", keyBits: 4, valueBits: 4),
@@ -248,7 +248,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(parsed == pooled && parsed.pooling == pooling)
     }
 
-    @Test func rejectsDamage() {
+    @Test func rejectsDamage() throws {
         let bytes = export(inputDim: 16, routers: 1, type: .binary16).serialized()
         func reason(_ damaged: [UInt8]) -> String {
             do { _ = try RouterExport.parse(damaged, path: "r.bin"); return "" } catch { return "\(error)" }
@@ -270,7 +270,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
             body[20] = flags
             return body + withUnsafeBytes(of: CRC32.checksum(body).littleEndian) { Array($0) }
         }
-        #expect(reason(resealed(bytes, flags: 1 | 3 << 1)).contains("router input code 3 in the flags is unknown"))
+        #expect(try RouterExport.parse(resealed(bytes, flags: 1 | 3 << 1), path: "x").routerInput == .keyAndChunkStatistics)
         #expect(reason(resealed(bytes, flags: 1 | 1 << 3)).contains("reserved header bits are not zero"))
         /// `file` with header bytes replaced and a CRC that matches again.
         func patched(_ file: [UInt8], _ changes: [Int: UInt8]) -> [UInt8] {

@@ -46,7 +46,8 @@ def parser():
                            "resumed forward per unit and expert; small models)")
     dump.add_argument("--router-input", choices=ROUTER_INPUTS, default="key",
                       help="what the routers read per token: the post-RoPE key as cached (default), the key before "
-                           "RoPE, or key and value side by side (twice the head dim)")
+                           "RoPE, key and value side by side (twice the head dim), or the key and 7 statistics of its chunk "
+                           "(key+chunk: quantization errors, norms, key range ratio; see features.py)")
     dump.add_argument("--inputs-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                       help="dtype of the stored router inputs (default float16)")
     dump.add_argument("--shard-size", type=byte_size, default=1 << 30, help="bytes per shard at most (default 1G)")
@@ -76,6 +77,9 @@ def parser():
                                "--seq-len; scored by exact match of the answer beside bits per byte")
     evaluate.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     evaluate.add_argument("--no-baselines", action="store_true", help="score the router alone")
+    evaluate.add_argument("--layer-plan", action="append", metavar="EXPERT,EXPERT,...",
+                          help="also score this content-blind plan: one expert per layer, by name, e.g. int4,int2,int2,int2 "
+                               "(repeatable; chunk 0 and the tail as the router's)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--device-map")

@@ -12,6 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import CalibError
+from .features import CHUNK_FEATURES, key_with_chunk_statistics
 from .router import ROUTER_INPUTS
 
 IMPLEMENTATION = "moqae"
@@ -70,13 +71,14 @@ class RouterInputs:
     (B, H, T, D) as the attention interface sees them:
     - key: the key as the cache holds it, (B, H, T, D);
     - key-prerope: the key with RoPE undone by the model's own rotary embedding at positions 0..T-1;
-    - key+value: key and value side by side, (B, H, T, 2D).
+    - key+value: key and value side by side, (B, H, T, 2D);
+    - key+chunk: the key, then its chunk's statistics (`features.CHUNK_FEATURES`), (B, H, T, D + 7).
     """
 
-    def __init__(self, kind, model, model_dir):
+    def __init__(self, kind, model, model_dir, chunk_size=None, value_group=None):
         if kind not in ROUTER_INPUTS:
             raise CalibError(f"router input {kind!r} is unknown (expected one of {', '.join(ROUTER_INPUTS)})")
-        self.kind, self.rotary = kind, None
+        self.kind, self.rotary, self.chunk_size, self.value_group = kind, None, chunk_size, value_group
         if kind == "key-prerope":
             self.rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
             if self.rotary is None:
@@ -84,13 +86,15 @@ class RouterInputs:
                                  "(model.model.rotary_emb), which this model does not have")
 
     def width(self, head_dim):
-        return 2 * head_dim if self.kind == "key+value" else head_dim
+        return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(self.kind, head_dim)
 
     def __call__(self, key, value):
         if self.kind == "key":
             return key
         if self.kind == "key+value":
             return torch.cat([key, value], dim=-1)
+        if self.kind == "key+chunk":
+            return key_with_chunk_statistics(key, value, self.chunk_size, self.value_group)
         return undo_rope(key, self.rotary)
 
 

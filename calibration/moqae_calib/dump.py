@@ -131,7 +131,7 @@ def dump(args):
 
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.device_map, args.model_dtype)
-    router_inputs = RouterInputs(args.router_input, model, args.model)
+    router_inputs = RouterInputs(args.router_input, model, args.model, args.chunk_size, value_group)
     width = router_inputs.width(head_dim)
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.inputs_dtype]
     # A context manager, so that the bar is closed before an error is reported on its own line.

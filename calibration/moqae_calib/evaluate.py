@@ -397,7 +397,7 @@ class Evaluation:
 
     def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True, task=None):
         layers, heads, head_dim, _ = model_shape(model.config)
-        self.inputs = RouterInputs(export.router_input, model, model_dir)
+        self.inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group)
         width = self.inputs.width(head_dim)
         if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
             raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
@@ -438,6 +438,14 @@ class Evaluation:
     def random(self, router_result):
         units = router_result.counts.sum(0).double()
         return self.score(random_plan(self.export.experts, (units / units.sum()).tolist(), self.layout, len(self.windows)))
+
+    def layer_plan(self, names):
+        """A per-layer plan given by expert names, one per layer."""
+        if len(names) != self.layout.num_layers:
+            raise CalibError(f"--layer-plan {','.join(names)}: {len(names)} experts for {self.layout.num_layers} layers")
+        experts = [parse_expert(name) for name in names]
+        distinct = list(dict.fromkeys(experts))
+        return self.score(LayerPlan(distinct, [distinct.index(e) for e in experts], f"layer plan ({', '.join(names)})"))
 
     def layerwise(self, router_result, calibration):
         return self.score(layerwise_plan(calibration, self.layout, self.budget_per_unit(router_result)))
@@ -522,6 +530,7 @@ def run_eval(args):
 
     router = evaluation.router()
     results, comparison = [router], None
+    results += [evaluation.layer_plan(plan.split(",")) for plan in args.layer_plan or []]
     if not args.no_baselines:
         uniform = evaluation.uniform()
         results += uniform

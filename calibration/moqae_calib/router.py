@@ -2,7 +2,7 @@
 
 The export (little-endian, no padding; docs/FORMATS.md): a 32-byte header (magic "MQAE", u16 version,
 u8 weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
-chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value), then in version 2 a u8
+chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value, 3 key+chunk), then in version 2 a u8
 router kind (the chunk pooling: 0 vote, 1 mean, 2 max; version 1 is vote) and a u16 hidden width H
 (version 1: H = M), and zero bytes to 32), M (key_bits, value_bits) pairs, per router W1 (D×H),
 W2 (D×H), W3 (H×M) row-major, and a CRC-32 of everything before it.
@@ -18,7 +18,7 @@ from . import CalibError
 from .experts import Expert
 
 HEADER = struct.Struct("<4sHBBHHHHHHB11s")
-ROUTER_INPUTS = ("key", "key-prerope", "key+value")    # by their code in bits 1–2 of the flags
+ROUTER_INPUTS = ("key", "key-prerope", "key+value", "key+chunk")    # by their code in bits 1–2 of the flags
 POOLINGS = ("vote", "mean", "max")                      # by their code in header byte 21 (version 2)
 
 
@@ -77,9 +77,7 @@ def read_export(path):
         raise CalibError(f"{path}: router kind {kind} is unknown (expected 0 = vote, 1 = mean, 2 = max)")
     if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
         raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
-    if flags >> 1 >= len(ROUTER_INPUTS):
-        raise CalibError(f"{path}: router input code {flags >> 1} in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value)")
-    router_input = ROUTER_INPUTS[flags >> 1]
+    router_input = ROUTER_INPUTS[flags >> 1]   # bits 1–2: every code is known
     if router_input == "key+value" and D % 2:
         raise CalibError(f"{path}: D = {D} is odd, but key+value inputs are two head vectors")
     experts = []

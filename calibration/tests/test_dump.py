@@ -53,7 +53,7 @@ def test_dumps_llama_and_qwen2_and_the_trainer_reads_them(family, request, small
     assert "validation:" in train.stdout
 
 
-@pytest.mark.parametrize("router_input", ["key-prerope", "key+value"])
+@pytest.mark.parametrize("router_input", ["key-prerope", "key+value", "key+chunk"])
 def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input, tiny_llama, small_corpus, tmp_path, moqae_train):
     common = ["--seq-len", "128", "--fraction", "0.05"]
     key_store, out = str(tmp_path / "key"), str(tmp_path / "store")
@@ -65,6 +65,11 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
     for name in (n for n in keys if n.endswith(".inputs")):
         if router_input == "key+value":   # (L, H, T, 2D): the cached key, then the value
             assert inputs[name].shape[-1] == 32 and torch.equal(inputs[name][..., :16], keys[name])
+        elif router_input == "key+chunk":   # (L, H, T, D + 7): the cached key, then its chunk's statistics
+            assert inputs[name].shape[-1] == 23 and torch.equal(inputs[name][..., :16], keys[name])
+            statistics = inputs[name][..., 16:].float()
+            assert torch.equal(statistics[..., :32, :], statistics[..., :1, :].expand_as(statistics[..., :32, :]))
+            assert not torch.equal(statistics[..., 0, :], statistics[..., 32, :])
         else:                             # RoPE turns position 0 by no angle and every later one by some
             assert inputs[name].shape == keys[name].shape
             assert torch.equal(inputs[name][..., 0, :], keys[name][..., 0, :])
@@ -79,14 +84,16 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
     assert train.returncode == 0, train.stderr
     assert subprocess.run([moqae_train, "export", run_dir, "--out", export], capture_output=True).returncode == 0
     inspect = subprocess.run([moqae_train, "inspect", export], capture_output=True, text=True)
-    width = 32 if router_input == "key+value" else 16
+    width = {"key+value": 32, "key+chunk": 23}.get(router_input, 16)
     assert f"D = {width} (router input {router_input})" in inspect.stdout, inspect.stdout
     scored = run_calib("eval", "--model", tiny_llama, "--text", small_corpus, "--tokenizer", "bytes", "--seq-len", "128",
-                       "--router", export, "--max-windows", "2", "--store", out, "--json")
+                       "--router", export, "--max-windows", "2", "--store", out, "--json", "--layer-plan", "int4,int2,int2")
     assert scored.returncode == 0, scored.stderr
     report = json.loads(scored.stdout)
     names = [r["name"] for r in report["results"]]
     assert names[0] == "router" and "static" in names and "layer-wise" in names
+    layer_plan = report["results"][names.index("layer plan (int4, int2, int2)")]
+    assert layer_plan["experts"] == ["int4", "int2"] and layer_plan["decisions_per_layer"][0][0] > 0 == layer_plan["decisions_per_layer"][1][0]
     prescient = report["results"][names.index("prescient (gradients of the evaluated text)")]
     assert prescient["diagnostic"] and "not a target" in prescient["note"]
     comparison = report["router_vs_static"]

@@ -89,13 +89,14 @@ def test_router_decisions_equal_the_trainers(pooling, hidden, tmp_path):
 def test_damaged_exports_are_rejected(tmp_path):
     source = os.path.join(GOLDEN, "router-init.bin")
     data = bytearray(open(source, "rb").read())
-    unknown_input = data[:20] + bytes([data[20] | 3 << 1]) + data[21:-4]
+    chunk_input = data[:20] + bytes([data[20] | 3 << 1]) + data[21:-4]
+    (tmp_path / "chunk.bin").write_bytes(resealed(chunk_input))
+    assert read_export(str(tmp_path / "chunk.bin")).router_input == "key+chunk"   # code 3 of the flags' bits 1–2
     cases = {"flipped": data[:40] + bytes([data[40] ^ 1]) + data[41:], "truncated": data[:-3],
              "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x03" + data[5:],
-             "input": unknown_input + zlib.crc32(unknown_input).to_bytes(4, "little"),
              "kind": as_version_2(data, 3), "v1 kind": resealed(data[:21] + b"\x01" + data[22:-4])}
     reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic",
-               "version": "version 3 is not supported", "input": "router input code 3 in the flags is unknown",
+               "version": "version 3 is not supported",
                "kind": "router kind 3 is unknown", "v1 kind": "reserved header bits are not zero"}
     for name, damaged in cases.items():
         path = tmp_path / f"{name}.bin"
