@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: benchmark sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: ablation benchmark sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -61,11 +61,15 @@ PASSKEY_CONFIG ?= configs/passkey-3.0.yaml
 PASSKEY_RUN_DIR ?= checkpoints/passkey
 PASSKEY_WINDOWS ?= 200
 PASSKEY_ANSWER_WEIGHT ?= 400
+PASSKEY_ROUTER_INPUT ?= key
 PASSKEY_TRAIN_ARGS ?=
+## Content-blind per-layer plans `make passkey` also scores: layer 0 at int4 keeps the key (docs/router-variants.md).
+PASSKEY_LAYER_PLANS ?= int4,int2,int2,int2
 passkey-store: venv
 	@if [ ! -f $(PASSKEY_STORE)/manifest.json ]; then \
 	  $(CALIB) dump --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --tokenizer bytes \
-	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --answer-weight $(PASSKEY_ANSWER_WEIGHT) --out $(PASSKEY_STORE) \
+	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --answer-weight $(PASSKEY_ANSWER_WEIGHT) --router-input $(PASSKEY_ROUTER_INPUT) \
+	    --out $(PASSKEY_STORE) \
 	    $$([ -f $(PASSKEY_STORE)/dump-state.json ] && echo --resume); fi
 passkey: build passkey-store
 	$(BIN) train --config $(PASSKEY_CONFIG) --set store=$(PASSKEY_STORE) --set run_dir=$(PASSKEY_RUN_DIR) \
@@ -73,7 +77,25 @@ passkey: build passkey-store
 	$(BIN) export $(PASSKEY_RUN_DIR) --out $(PASSKEY_RUN_DIR)/router.bin
 	$(CALIB) eval --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
 	  --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows $(PASSKEY_WINDOWS) --router $(PASSKEY_RUN_DIR)/router.bin \
-	  --store $(PASSKEY_STORE)
+	  --store $(PASSKEY_STORE) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
+
+## Router variants against the static and layer-wise plans at the same bits, each variant a config
+## override (docs/router-variants.md): on the pass-key model (PASSKEY_CONFIG, ABLATION_WINDOWS needle
+## windows) and the perplexity model (PARETO_CONFIGS, ABLATION_PPL_WINDOWS windows of test.txt):
+## ABLATION_OUT/{passkey,perplexity}/pareto.{json,md,png}.
+ABLATION_OUT ?= checkpoints/ablation
+ABLATION_VARIANTS ?= router.pooling=vote router.pooling=mean router.pooling=max router.pooling=max,router.hidden_width=16
+ABLATION_WINDOWS ?= 100
+ABLATION_PPL_WINDOWS ?= 300
+ablation: build store passkey-store
+	$(CALIB) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= --no-diagnostics \
+	  --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes --task passkey \
+	  --calibration-fraction 0.6 --out $(ABLATION_OUT)/passkey --max-windows $(ABLATION_WINDOWS) \
+	  $(foreach v,$(ABLATION_VARIANTS),--config-run $(PASSKEY_CONFIG):$(v))
+	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) --lambdas= --no-diagnostics \
+	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
+	  --out $(ABLATION_OUT)/perplexity --max-windows $(ABLATION_PPL_WINDOWS) \
+	  $(foreach c,$(PARETO_CONFIGS),$(foreach v,$(ABLATION_VARIANTS),--config-run $(c):$(v)))
 
 ## Pass-key accuracy and bits per byte against average bits for routers under PASSKEY_PARETO_CONFIGS
 ## and every baseline, on the pass-key model: PASSKEY_PARETO_OUT/pareto.{json,md,png}.

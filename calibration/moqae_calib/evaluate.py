@@ -293,6 +293,27 @@ def prescient_plan(deltas, experts, layout, budget_per_unit):
                     "prescient (gradients of the evaluated text)", note=PRESCIENT_NOTE)
 
 
+SOURCE_AWARE_NOTE = ("source-aware: knows where each window's answer source (the key) lies, which only the task's "
+                     "construction tells; it shows what reading content could buy (a diagnostic, not a target)")
+
+
+def source_aware_plan(task, layout, high="int4", low="int2"):
+    """Every unit at `low` but, in every layer and head, the chunks holding the answer's source and the
+    last two routed chunks (the question) at `high`."""
+    experts = [parse_expert(high), parse_expert(low)]
+    decisions = {}
+    for window in range(task.ids.shape[0]):
+        plan = torch.ones(layout.num_layers, layout.num_heads, layout.routed, dtype=torch.long)
+        plan[..., -2:] = 0
+        first, end = task.key_spans[window].tolist()
+        if first >= 0:
+            chunks = slice(max(first // layout.chunk_size - layout.first, 0), max((end - 1) // layout.chunk_size - layout.first + 1, 0))
+            plan[..., chunks] = 0
+        decisions[window] = plan
+    return UnitPlan(experts, decisions, f"source-aware ({high} on the key and question chunks, {low} elsewhere)",
+                    note=SOURCE_AWARE_NOTE)
+
+
 def random_plan(experts, fractions, layout, count, seed=0):
     """Every unit draws its expert independently from the router's expert mix."""
     generator = torch.Generator().manual_seed(seed)
@@ -542,6 +563,8 @@ def run_eval(args):
             comparison = paired_difference(router, static, fp16["bits_per_byte" if bytes_per_token else "nll"], bytes_per_token)
         results.append(evaluation.random(router))
         results.append(evaluation.prescient(router))
+        if task is not None:
+            results.append(evaluation.score(source_aware_plan(task, evaluation.layout)))
     summaries = [r.summary(bytes_per_token) for r in results]
     if args.json:
         print(json.dumps({"windows": len(text_windows), "seq_len": seq_len, "results": summaries,

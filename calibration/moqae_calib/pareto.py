@@ -18,7 +18,8 @@ from . import CalibError
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .passkey import task_windows
 from .dump import load_model, resolve_device
-from .evaluate import PRESCIENT_NOTE, CalibrationDeltas, Evaluation, format_difference, format_table, paired_difference
+from .evaluate import (PRESCIENT_NOTE, CalibrationDeltas, Evaluation, format_difference, format_table, paired_difference,
+                       source_aware_plan)
 from .router import read_export
 
 
@@ -163,6 +164,7 @@ def markdown(rows, shared):
             lines.append(line(r[method], r["label"], rise(estimate, r["estimated"]["fp16"]) if estimate else ""))
     if any("prescient" in r for r in rows):
         lines += ["", f"*{PRESCIENT_NOTE}.*"]
+    lines += [f"*{s['note']}.*" for s in shared if s.get("note")]
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +218,8 @@ def run_pareto(args):
         if first not in uniform_layouts:
             uniform_layouts.add(first)
             shared += uniform_summaries(evaluation, bytes_per_token, with_fp16=not shared)
+            if task is not None and not args.no_diagnostics:
+                shared.append(evaluation.score(source_aware_plan(task, evaluation.layout)).summary(bytes_per_token))
         router = evaluation.router()
         static = evaluation.static(router, calibration)
         fp16 = next(s for s in shared if s["name"] == "uniform fp16")

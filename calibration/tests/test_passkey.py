@@ -8,7 +8,7 @@ import torch
 from conftest import VALID_TXT
 from moqae_calib.corpus import ByteTokenizer, read_texts, windows
 from moqae_calib.dump import load_model, with_needles
-from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan
+from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan, source_aware_plan
 from moqae_calib.experts import parse_expert
 from moqae_calib import CalibError
 from moqae_calib.passkey import answer_correct, passkey_windows, task_windows, wilson_interval
@@ -98,3 +98,17 @@ def test_records_are_cut_to_the_window_and_their_answer_is_located(tmp_path):
         path.write_text(bad + "\n")
         with pytest.raises(CalibError, match=f"{path}:1: .*{reason}"):
             task_windows(str(path), None, ByteTokenizer(), 128, None, 0)
+
+
+def test_the_source_aware_plan_keeps_the_key_and_question_chunks_high():
+    task = passkey_windows(HAYSTACK, ByteTokenizer(), 256, 4, seed=0)
+    layout = Layout(256, 32, 1, 2, 2, 16, 16)
+    plan = source_aware_plan(task, layout)
+    assert [e.name for e in plan.experts] == ["int4", "int2"] and "not a target" in plan.note
+    for window in range(4):
+        first, end = task.key_spans[window].tolist()
+        high = {c - 1 for c in range(first // 32, (end - 1) // 32 + 1) if c >= 1} | {6, 5}   # routed chunks 1..7
+        decisions = plan.decisions[window]
+        assert decisions.shape == (2, 2, 7)
+        for routed in range(7):
+            assert (decisions[..., routed] == (0 if routed in high else 1)).all(), (window, routed)
