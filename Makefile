@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: ablation benchmark sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: ablation ablation-passkey ablation-perplexity benchmark sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -81,17 +81,21 @@ passkey: build passkey-store
 
 ## Router variants against the static and layer-wise plans at the same bits, each variant a config
 ## override (docs/router-variants.md): on the pass-key model (PASSKEY_CONFIG, ABLATION_WINDOWS needle
-## windows) and the perplexity model (PARETO_CONFIGS, ABLATION_PPL_WINDOWS windows of test.txt):
+## windows; also max pooling at seeds 1 and 2) and the perplexity model (PARETO_CONFIGS,
+## ABLATION_PPL_WINDOWS windows of test.txt):
 ## ABLATION_OUT/{passkey,perplexity}/pareto.{json,md,png}.
 ABLATION_OUT ?= checkpoints/ablation
 ABLATION_VARIANTS ?= router.pooling=vote router.pooling=mean router.pooling=max router.pooling=max,router.hidden_width=16
 ABLATION_WINDOWS ?= 100
+ABLATION_PASSKEY_VARIANTS ?= $(ABLATION_VARIANTS) router.pooling=max,seed=1 router.pooling=max,seed=2
 ABLATION_PPL_WINDOWS ?= 300
-ablation: build store passkey-store
+ablation: ablation-passkey ablation-perplexity
+ablation-passkey: build passkey-store
 	$(CALIB) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= --no-diagnostics \
 	  --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes --task passkey \
 	  --calibration-fraction 0.6 --out $(ABLATION_OUT)/passkey --max-windows $(ABLATION_WINDOWS) \
-	  $(foreach v,$(ABLATION_VARIANTS),--config-run $(PASSKEY_CONFIG):$(v))
+	  $(foreach v,$(ABLATION_PASSKEY_VARIANTS),--config-run $(PASSKEY_CONFIG):$(v))
+ablation-perplexity: build store
 	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) --lambdas= --no-diagnostics \
 	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
 	  --out $(ABLATION_OUT)/perplexity --max-windows $(ABLATION_PPL_WINDOWS) \
