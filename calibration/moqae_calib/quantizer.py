@@ -8,17 +8,30 @@ chunk are never quantized.
 import torch
 
 
+def group_codes(x, bits, dim):
+    """Asymmetric RTN of `x` over groups along `dim` (bits < 16), as a cache stores it: the codes (uint8,
+    x's shape, in 0..2^bits − 1), and each group's scale and minimum as binary16 (size 1 along `dim`).
+    A group whose values are all equal has scale 0 and codes 0."""
+    levels = 2**bits - 1
+    low = x.amin(dim=dim, keepdim=True)
+    scale = ((x.amax(dim=dim, keepdim=True) - low) / levels).to(torch.float16)
+    low = low.to(torch.float16)
+    scale_x, low_x = scale.to(x.dtype), low.to(x.dtype)
+    safe_scale = torch.where(scale_x == 0, torch.ones_like(scale_x), scale_x)
+    q = torch.clamp(torch.round((x - low_x) / safe_scale), 0, levels)
+    return torch.where(scale_x == 0, torch.zeros_like(q), q).to(torch.uint8), scale, low
+
+
+def dequantize_codes(codes, scale, low, dtype):
+    """codes · scale + minimum in `dtype`: the values a cache's attention reads."""
+    return codes.to(dtype) * scale.to(dtype) + low.to(dtype)
+
+
 def quantize_groups(x, bits, dim):
     """Asymmetric RTN of `x` over groups along `dim`: min and scale rounded to binary16 before use."""
     if bits >= 16:
         return x.to(torch.float16).to(x.dtype)
-    levels = 2**bits - 1
-    low = x.amin(dim=dim, keepdim=True)
-    scale = ((x.amax(dim=dim, keepdim=True) - low) / levels).to(torch.float16).to(x.dtype)
-    low = low.to(torch.float16).to(x.dtype)
-    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round((x - low) / safe_scale), 0, levels)
-    return torch.where(scale == 0, low.expand_as(x), q * scale + low)
+    return dequantize_codes(*group_codes(x, bits, dim), x.dtype)
 
 
 def quantize_keys(k, bits, chunk):
