@@ -203,9 +203,17 @@ public func pooledDecisions(unitProbabilities: [Float], experts: [Expert]) -> [I
 /// The expert of highest probability in `unitP (M)`; ties go to more bits, then to the lower index.
 @inline(__always)
 func pooledChoice(_ unitP: UnsafeBufferPointer<Float>, experts: [Expert]) -> Int {
+    bestExpert(experts: experts) { unitP[$0] }
+}
+
+/// The expert of highest `score`; a tie goes to more bits `kb+vb`, then to the lower index. The one
+/// tie rule of every chunk decision.
+@inline(__always)
+func bestExpert<Score: Comparable>(experts: [Expert], score: (Int) -> Score) -> Int {
     var choice = 0
-    for j in 1..<experts.count where unitP[j] > unitP[choice] || (unitP[j] == unitP[choice] && experts[j].totalBits > experts[choice].totalBits) {
-        choice = j
+    for j in 1..<experts.count {
+        let (candidate, best) = (score(j), score(choice))
+        if candidate > best || (candidate == best && experts[j].totalBits > experts[choice].totalBits) { choice = j }
     }
     return choice
 }
@@ -238,10 +246,6 @@ func chunkChoice(experts: [Expert], vote: (UnsafeMutableBufferPointer<Int>) -> V
     withUnsafeTemporaryAllocation(of: Int.self, capacity: experts.count) { counts in
         counts.initialize(repeating: 0)
         vote(counts)
-        var choice = 0
-        for j in 1..<experts.count where counts[j] > counts[choice] || (counts[j] == counts[choice] && experts[j].totalBits > experts[choice].totalBits) {
-            choice = j
-        }
-        return choice
+        return bestExpert(experts: experts) { counts[$0] }
     }
 }
