@@ -126,7 +126,7 @@ def run_benchmark(args):
         pass
     gb = store_bytes / 1e9
     section = [
-        f"Written by `python -m moqae_calib benchmark {' '.join(sys.argv[2:])}` (see README, Performance).", "",
+        f"Written by `python -m moqae_calib benchmark {' '.join(sys.argv[2:])}` (see docs/PERFORMANCE.md, Overview).", "",
         f"- machine: {machine}",
         f"- store: synthetic `{args.shape}` ({model['num_layers']} layers × {model['num_kv_heads']} KV heads × {model['head_dim']} dims × "
         f"{manifest['corpus']['seq_len']} tokens, F16), {len(manifest['sequences'])} sequences, {gb:.2f} GB"
