@@ -123,11 +123,7 @@ def pooled_probabilities(logits, chunk_size, pooling):
 
 def pooled_decisions(unit_probabilities, experts):
     """The expert of highest P_u; a tie goes to more bits, then to the lower index. (..., C, M) → (..., C)."""
-    M = unit_probabilities.shape[-1]
-    total_bits = torch.tensor([e.key_bits + e.value_bits for e in experts], device=unit_probabilities.device)
-    best = unit_probabilities == unit_probabilities.max(-1, keepdim=True).values
-    score = best * 1_000_000 + total_bits * 1_000 - torch.arange(M, device=unit_probabilities.device)
-    return score.argmax(-1)
+    return best_expert((unit_probabilities == unit_probabilities.max(-1, keepdim=True).values).long(), experts)
 
 
 def chunk_decisions(probabilities, experts, chunk_size):
@@ -136,9 +132,15 @@ def chunk_decisions(probabilities, experts, chunk_size):
     M = probabilities.shape[-1]
     tokens = probabilities.reshape(*probabilities.shape[:-2], -1, chunk_size, M)
     counts = torch.nn.functional.one_hot(tokens.argmax(-1), M).sum(-2)            # (..., C, M)
-    total_bits = torch.tensor([e.key_bits + e.value_bits for e in experts], device=counts.device)
-    score = counts * 1_000_000 + total_bits * 1_000 - torch.arange(M, device=counts.device)
-    return score.argmax(-1)
+    return best_expert(counts, experts)
+
+
+def best_expert(rank, experts):
+    """Per row of `rank` (..., M) (vote counts, or 1 where P_u is highest), the expert of highest rank;
+    a tie goes to more bits, then to the lower index: the one tie rule of every chunk decision."""
+    M = rank.shape[-1]
+    total_bits = torch.tensor([e.key_bits + e.value_bits for e in experts], device=rank.device)
+    return (rank * 1_000_000 + total_bits * 1_000 - torch.arange(M, device=rank.device)).argmax(-1)
 
 
 def route(export, router, inputs):
