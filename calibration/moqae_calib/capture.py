@@ -88,21 +88,24 @@ class RouterInputs:
     def width(self, head_dim):
         return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(self.kind, head_dim)
 
-    def __call__(self, key, value):
+    def __call__(self, key, value, start=0):
+        """The inputs of tokens at positions start, start + 1, … (key-prerope undoes RoPE at those positions;
+        key+chunk needs `start` and T to be whole chunks)."""
         if self.kind == "key":
             return key
         if self.kind == "key+value":
             return torch.cat([key, value], dim=-1)
         if self.kind == "key+chunk":
             return key_with_chunk_statistics(key, value, self.chunk_size, self.value_group)
-        return undo_rope(key, self.rotary)
+        return undo_rope(key, self.rotary, start)
 
 
-def undo_rope(key, rotary):
+def undo_rope(key, rotary, start=0):
     """The key (..., T, D) before RoPE. RoPE maps each pair (x1, x2) = (x[i], x[i + R/2]) of the first R channels to
     s·(x1 cos − x2 sin, x2 cos + x1 sin) with s the embedding's attention scaling (1 for plain RoPE);
-    with the scaled cos and sin the inverse is (y·cos − rotate_half(y)·sin) / (cos² + sin²)."""
-    positions = torch.arange(key.shape[-2], device=key.device)[None]
+    with the scaled cos and sin the inverse is (y·cos − rotate_half(y)·sin) / (cos² + sin²). The key's tokens
+    sit at positions start … start + T − 1."""
+    positions = torch.arange(start, start + key.shape[-2], device=key.device)[None]
     cos, sin = (t.float().reshape(t.shape[-2:]) for t in rotary(key, positions))   # (T, R)
     R = cos.shape[-1]
     y = key[..., :R].float()

@@ -2,6 +2,9 @@
 another into a little-endian bit stream (code i at bits i·b … i·b + b − 1, bit 0 the least significant of
 byte 0). int4 is two codes per byte (low nibble first), int2 four per byte, int8 one; other widths
 straddle byte boundaries, and the last byte is padded with zero bits.
+
+Widths that divide 8 (1, 2, 4, 8) are packed and unpacked byte-wise with shifts on uint8 (the serving
+cache's hot path); the others go through the bit stream, one int64 per bit.
 """
 import torch
 
@@ -18,6 +21,11 @@ def pack_codes(codes, bits):
     if bits == 8:
         return codes.to(torch.uint8).clone()
     n = codes.shape[-1]
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, packed_bytes(n, bits) * per_byte - n))
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return (padded.unflatten(-1, (-1, per_byte)) << shifts).sum(-1, dtype=torch.uint8)
     shifts = torch.arange(bits, device=codes.device)
     stream = ((codes.to(torch.int64)[..., None] >> shifts) & 1).flatten(-2)          # (..., n·bits)
     padding = packed_bytes(n, bits) * 8 - n * bits
@@ -34,6 +42,9 @@ def unpack_codes(packed, bits, count):
         raise ValueError(f"{packed.shape[-1]} bytes hold {count} codes of {bits} bits only as {packed_bytes(count, bits)}")
     if bits == 8:
         return packed.clone()
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :count]
     stream = ((packed.to(torch.int64)[..., None] >> torch.arange(8, device=packed.device)) & 1).flatten(-2)
     stream = stream[..., : count * bits].unflatten(-1, (count, bits))
     return (stream << torch.arange(bits, device=packed.device)).sum(-1).to(torch.uint8)

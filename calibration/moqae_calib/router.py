@@ -8,6 +8,7 @@ router kind (the chunk pooling: 0 vote, 1 mean, 2 max; version 1 is vote) and a 
 W2 (D×H), W3 (H×M) row-major, and a CRC-32 of everything before it.
 """
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -148,8 +149,30 @@ def route(export, router, inputs):
     (..., C) with chunk 0 (when frozen) and the tail left out: returns decisions for chunks first..C-1."""
     first = 1 if export.freeze_first_chunk else 0
     C = inputs.shape[-2] // export.chunk_size
-    routed = inputs[..., first * export.chunk_size: C * export.chunk_size, :]
-    logits = token_logits(routed, export.weights[router])
+    return route_chunks(export, router, inputs[..., first * export.chunk_size: C * export.chunk_size, :])
+
+
+def route_chunks(export, router, inputs):
+    """Decisions of one router for input vectors (..., C·N, D) of whole chunks: (..., C)."""
+    logits = token_logits(inputs, export.weights[router])
     if export.pooling == "vote":
         return chunk_decisions(torch.softmax(logits, dim=-1), export.experts, export.chunk_size)
     return pooled_decisions(pooled_probabilities(logits, export.chunk_size, export.pooling), export.experts)
+
+
+def write_export(path, export, dtype=torch.float16):
+    """Writes `export` in the format `read_export` reads: version 1 for the paper's router (vote pooling,
+    hidden width M), version 2 otherwise; weights as binary16 (dtype 1) or binary32 (2)."""
+    M, hidden = len(export.experts), export.weights[0][2].shape[0]
+    version = 1 if export.pooling == "vote" and hidden == M else 2
+    flags = int(export.freeze_first_chunk) | ROUTER_INPUTS.index(export.router_input) << 1
+    extra = b"" if version == 1 else bytes([POOLINGS.index(export.pooling)]) + hidden.to_bytes(2, "little")
+    header = HEADER.pack(b"MQAE", version, 1 if dtype == torch.float16 else 2, M, export.input_dim, export.num_routers,
+                         export.chunk_size, export.group_size, export.num_layers, export.num_kv_heads, flags,
+                         extra.ljust(11, b"\0"))
+    body = header + bytes(b for e in export.experts for b in (e.key_bits, e.value_bits))
+    body += b"".join(w.to(dtype).contiguous().numpy().tobytes() for weights in export.weights for w in weights)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(body + zlib.crc32(body).to_bytes(4, "little"))
+    os.replace(temporary, path)

@@ -1,0 +1,280 @@
+"""Serving: `MoQAECache`, a KV cache for transformers 5.23.0 (its per-layer `Cache` API, so that
+`model.generate(past_key_values=cache)` uses it) that stores every chunk of N tokens at the expert its
+router picks, packed.
+
+Each layer holds
+- whole chunks as units (one KV head, one chunk) at one expert each: keys as codes packed bit by bit with a
+  binary16 scale and minimum per channel per chunk, values as codes with a binary16 scale and minimum per
+  group of `value_group` channels per token (the quantizer of quantizer.py); a 16-bit part as binary16;
+- chunk 0 as binary16 when the router export freezes it;
+- the tokens after the last whole chunk as binary16 (the residual).
+
+Prefill cuts the prompt into chunks. Each router reads its leader layer's inputs (the router input the
+export names) and decides for every layer of its group. Whole chunks are quantized from the states as the
+model computed them, and the prompt's own queries then attend to the quantized chunks: what `eval` does
+to a window, so prefill's K/V equal the evaluator's fake-quantized K/V bit for bit. In decoding each new
+token joins the residual; when the residual fills a chunk, that chunk (its binary16 values) is routed,
+quantized and packed, and never requantized.
+
+Attention reads the layer's whole cache dequantized to the model's dtype, rebuilt at every update: one
+pass over the packed bytes per layer per step, and a transient buffer of the layer's K/V at the model's
+dtype (docs/PERFORMANCE.md).
+"""
+import time
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import CalibError
+from .capture import RouterInputs
+from .dump import model_shape
+from .experts import Expert
+from .packing import pack_codes, unpack_codes
+from .quantizer import dequantize_codes, group_codes, unit_storage_bits
+from .router import read_export, route_chunks
+
+TARGET_TRANSFORMERS = "5.23.0"
+FROZEN = Expert("frozen fp16", 16, 16)   # storage of a frozen chunk 0
+
+
+class RouterPolicy:
+    """The export's routers: router r reads its leader layer's chunks and decides for its group."""
+
+    def __init__(self, export, inputs):
+        self.export, self.inputs, self.experts = export, inputs, export.experts
+        self.decided = {}          # router → (first chunk, decisions (B, H, C))
+        self.seconds = 0.0         # time spent routing
+
+    def decide(self, layer, keys, values, first_chunk):
+        """Experts (B, H, C) of whole chunks keys, values (B, H, C·N, D) starting at chunk `first_chunk`."""
+        router = self.export.router_of_layer(layer)
+        if layer == self.export.leader(router):
+            start = time.perf_counter()
+            inputs = self.inputs(keys, values, first_chunk * self.export.chunk_size)
+            self.decided[router] = (first_chunk, route_chunks(self.export, router, inputs))
+            self.seconds += time.perf_counter() - start
+        first, decisions = self.decided.get(router, (None, None))
+        if first != first_chunk or decisions.shape[-1] != keys.shape[-2] // self.export.chunk_size:
+            raise CalibError(f"layer {layer} stores chunks its leader layer {self.export.leader(router)} did not route")
+        return decisions
+
+
+class LayerPolicy:
+    """One expert per layer for every chunk (a uniform plan when all are equal): reads no content."""
+
+    def __init__(self, experts, per_layer, chunk_size):
+        self.experts, self.per_layer, self.chunk_size, self.seconds = experts, per_layer, chunk_size, 0.0
+
+    def decide(self, layer, keys, values, first_chunk):
+        return torch.full((*keys.shape[:2], keys.shape[-2] // self.chunk_size), self.per_layer[layer], dtype=torch.long)
+
+
+class PackedPart:
+    """The keys (`per="channel"`) or values (`per="token"`) of the units stored at one width: binary16
+    (U, N, D) at 16 bits; otherwise codes packed unit by unit, (U, packed_bytes(N·D, bits)), with a
+    binary16 scale and minimum per group: (U, 1, D) per channel, (U, N, D / value_group, 1) per token."""
+
+    def __init__(self, bits, per, value_group):
+        self.bits, self.per, self.value_group = bits, per, value_group
+        self.tensors = None        # 16 bits: [values]; otherwise [codes, scale, minimum]
+
+    def append(self, units):
+        """Stores units (U, N, D)."""
+        if self.bits == 16:
+            new = [units.to(torch.float16)]
+        else:
+            grouped = units if self.per == "channel" else units.unflatten(-1, (-1, self.value_group))
+            codes, scale, low = group_codes(grouped, self.bits, dim=-2 if self.per == "channel" else -1)
+            new = [pack_codes(codes.flatten(1), self.bits), scale, low]
+        self.tensors = new if self.tensors is None else [torch.cat(pair) for pair in zip(self.tensors, new)]
+
+    def read(self, shape, dtype):
+        """The stored units (U, N, D) in `dtype`."""
+        if self.bits == 16:
+            return self.tensors[0].to(dtype)
+        packed, scale, low = self.tensors
+        U, N, D = shape
+        codes = unpack_codes(packed, self.bits, N * D).view(U, N, D)
+        if self.per == "token":
+            codes = codes.unflatten(-1, (-1, self.value_group))
+        return dequantize_codes(codes, scale, low, dtype).view(U, N, D)
+
+    def nbytes(self):
+        return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+class MoQAELayer(CacheLayerMixin):
+    """One layer's cache: packed units per storage expert (the experts, then `FROZEN`), the expert of every
+    unit (C, B·H) uint8 in chunk-major order (which is also the order each expert's units are stored in),
+    and the binary16 residual (B, H, r < N, D)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, layer, cache):
+        super().__init__()
+        self.layer, self.cache = layer, cache
+        self.reset()
+
+    def reset(self):
+        self.parts = [(PackedPart(e.key_bits, "channel", self.cache.value_group),
+                       PackedPart(e.value_bits, "token", self.cache.value_group)) for e in self.cache.storage_experts]
+        self.expert_map = None     # (C, B·H) uint8
+        self.residual = None       # (keys, values), each (B, H, r, D) binary16
+        self.length = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self.shape = (B, H, D)
+        self.expert_map = torch.empty(0, B * H, dtype=torch.uint8, device=self.device)
+        empty = key_states.new_empty(B, H, 0, D, dtype=torch.float16)
+        self.residual = (empty, empty)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Adds the new states (B, H, t, D) and returns the layer's whole cache as attention reads it."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        N = self.cache.chunk_size
+        keys = torch.cat([self.residual[0].to(key_states.dtype), key_states], dim=-2)
+        values = torch.cat([self.residual[1].to(value_states.dtype), value_states], dim=-2)
+        whole = keys.shape[-2] // N
+        if whole:
+            self._store(keys[:, :, : whole * N], values[:, :, : whole * N])
+        self.residual = (keys[:, :, whole * N:].to(torch.float16), values[:, :, whole * N:].to(torch.float16))
+        self.length += key_states.shape[-2]
+        return self.read()
+
+    def _store(self, keys, values):
+        """Routes, quantizes and packs whole chunks keys, values (B, H, C·N, D)."""
+        B, H, D = self.shape
+        N, first = self.cache.chunk_size, self.expert_map.shape[0]
+        C = keys.shape[-2] // N
+        experts = torch.empty(C, B * H, dtype=torch.uint8, device=self.device)
+        frozen = 1 if self.cache.freeze_first_chunk and first == 0 else 0
+        experts[:frozen] = len(self.cache.storage_experts) - 1
+        if C > frozen:
+            decisions = self.cache.policy.decide(self.layer, keys[:, :, frozen * N:], values[:, :, frozen * N:], first + frozen)
+            experts[frozen:] = decisions.reshape(B * H, C - frozen).t().to(torch.uint8)
+        key_units = keys.reshape(B * H, C, N, D).transpose(0, 1)        # (C, B·H, N, D)
+        value_units = values.reshape(B * H, C, N, D).transpose(0, 1)
+        for index in experts.unique().tolist():
+            mask = experts == index
+            key_part, value_part = self.parts[index]
+            key_part.append(key_units[mask])
+            value_part.append(value_units[mask])
+        self.expert_map = torch.cat([self.expert_map, experts])
+
+    def read(self):
+        """Keys and values (B, H, T, D) in the model's dtype: every unit dequantized, then the residual."""
+        B, H, D = self.shape
+        N, C = self.cache.chunk_size, self.expert_map.shape[0]
+        out = []
+        for side, residual in enumerate(self.residual):
+            full = torch.empty(B, H, C * N + residual.shape[-2], D, dtype=self.dtype, device=self.device)
+            body = full[:, :, : C * N].view(B * H, C, N, D).transpose(0, 1)   # (C, B·H, N, D)
+            for index, part in enumerate(self.parts):
+                mask = self.expert_map == index
+                count = int(mask.sum())
+                if count:
+                    body[mask] = part[side].read((count, N, D), self.dtype)
+            full[:, :, C * N:] = residual
+            out.append(full)
+        return tuple(out)
+
+    def get_mask_sizes(self, query_length):
+        return self.length + query_length, 0
+
+    def get_seq_length(self):
+        return self.length
+
+    def get_max_length(self):
+        return -1
+
+    def reorder_cache(self, beam_idx):
+        raise CalibError("MoQAECache does not support beam search (reordering packed chunks); use greedy or sampling")
+
+    def nbytes(self):
+        """Bytes held: packed codes, scales and minima, binary16 parts, the residual and the expert map."""
+        if not self.is_initialized:
+            return 0
+        held = sum(part.nbytes() for pair in self.parts for part in pair)
+        return held + sum(r.numel() * 2 for r in self.residual) + self.expert_map.numel()
+
+    def unit_counts(self):
+        """Units stored at each storage expert: (len(storage_experts),) int64."""
+        if not self.is_initialized:
+            return torch.zeros(len(self.parts), dtype=torch.long)
+        return torch.bincount(self.expert_map.flatten().long(), minlength=len(self.parts)).cpu()
+
+    def chunk_experts(self):
+        """Storage expert of every unit: (B, H, C) int64."""
+        B, H, _ = self.shape
+        return self.expert_map.t().reshape(B, H, -1).long()
+
+
+class MoQAECache(Cache):
+    """A KV cache whose chunks of `chunk_size` tokens are stored at the experts `policy` picks
+    (`RouterPolicy` or `LayerPolicy`); build it with `from_export` or `from_layer_plan`."""
+
+    def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None):
+        config = config.get_text_config(decoder=True)
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise CalibError(f"MoQAECache serves models whose layers are all full attention; this one has "
+                             f"{', '.join(sorted(layer_types))} layers")
+        layers, self.num_kv_heads, self.head_dim, _ = model_shape(config)
+        self.value_group = value_group or self.head_dim
+        if self.head_dim % self.value_group:
+            raise CalibError(f"value group {self.value_group} does not divide the head dimension {self.head_dim}")
+        self.policy, self.chunk_size, self.freeze_first_chunk = policy, chunk_size, freeze_first_chunk
+        self.storage_experts = list(policy.experts) + [FROZEN]
+        super().__init__(layers=[MoQAELayer(layer, self) for layer in range(layers)])
+
+    @classmethod
+    def from_export(cls, export, model, value_group=None, model_dir="model"):
+        """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`."""
+        if isinstance(export, str):
+            export = read_export(export)
+        layers, heads, head_dim, _ = model_shape(model.config)
+        inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group or head_dim)
+        width = inputs.width(head_dim)
+        if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
+            raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
+                             f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
+        return cls(RouterPolicy(export, inputs), model.config, export.chunk_size, export.freeze_first_chunk, value_group)
+
+    @classmethod
+    def from_layer_plan(cls, experts, config, chunk_size=32, freeze_first_chunk=True, value_group=None):
+        """Expert `experts[l]` for every chunk of layer l (a list of Expert, one per layer)."""
+        distinct = list(dict.fromkeys(experts))
+        policy = LayerPolicy(distinct, [distinct.index(e) for e in experts], chunk_size)
+        return cls(policy, config, chunk_size, freeze_first_chunk, value_group)
+
+    def nbytes(self):
+        """Bytes the cache holds (see `MoQAELayer.nbytes`)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def formula_bytes(self):
+        """Bytes by the storage formula: `unit_storage_bits` per unit at its expert, 16 bits per residual value."""
+        bits = 0
+        for layer in self.layers:
+            counts = layer.unit_counts()
+            bits += sum(int(count) * unit_storage_bits(expert, self.chunk_size, self.head_dim, self.value_group)
+                        for count, expert in zip(counts, self.storage_experts))
+            if layer.is_initialized:
+                bits += 16 * sum(r.numel() for r in layer.residual)
+        return bits / 8
+
+    def fp16_bytes(self):
+        """Bytes of the same tokens in a binary16 cache."""
+        return sum(2 * 2 * layer.length * self.num_kv_heads * self.head_dim * layer.shape[0]
+                   for layer in self.layers if layer.is_initialized)
+
+    @property
+    def routing_seconds(self):
+        return self.policy.seconds
