@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | eval | pareto | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
+"""python -m moqae_calib dump | eval | pareto | generate | serve-passkey | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
 import argparse
 import os
 import re
@@ -153,6 +153,31 @@ def parser():
     soak.add_argument("--max-seconds", type=float, default=1.0, help="longest life before a random kill")
     soak.add_argument("--seed", type=int, default=0)
 
+    generate = commands.add_parser("generate", help="generate from a prompt with the router's mixed-precision KV cache")
+    generate.add_argument("--model", required=True, help="model directory (config.json and weights); never downloaded")
+    generate.add_argument("--router", required=True, help="router export (moqae-train export)")
+    generate.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedily (default 64)")
+    generate.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto",
+                          help="auto: the model directory's tokenizer; bytes: raw UTF-8 bytes as ids")
+    generate.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim; "
+                          "use the store's value_group the router was trained on)")
+    generate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    generate.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                          help="auto: float32 on CPU, bfloat16 on CUDA")
+
+    serve_passkey = commands.add_parser("serve-passkey", help="greedy pass-key answers through MoQAECache, by plan")
+    serve_passkey.add_argument("--model", required=True, help="byte-level model directory")
+    serve_passkey.add_argument("--router", required=True, help="router export")
+    serve_passkey.add_argument("--text", required=True, help="haystack text file")
+    serve_passkey.add_argument("--windows", type=int, default=50, help="needle windows (default 50)")
+    serve_passkey.add_argument("--seq-len", type=int, default=2048, help="bytes per window (default 2048)")
+    serve_passkey.add_argument("--seed", type=int, default=0, help="needle seed (default 0, as eval --task passkey)")
+    serve_passkey.add_argument("--layer-plan", action="append", default=[],
+                               help="also a per-layer plan, experts by layer, e.g. int4,int2,int2,int2 (repeatable)")
+    serve_passkey.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
+    serve_passkey.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -181,6 +206,14 @@ def main(argv=None):
         elif args.command == "soak":
             from .soak import run_soak
             run_soak(args)
+        elif args.command == "generate":
+            from .serve import run_generate
+            run_generate(args.model, args.router, args.prompt_file, args.max_new_tokens, args.tokenizer, args.device,
+                         args.model_dtype, args.value_group)
+        elif args.command == "serve-passkey":
+            from .serve import run_serve_passkey
+            run_serve_passkey(args.model, args.router, args.text, args.windows, args.seq_len, args.seed, args.layer_plan,
+                              args.value_group, args.device)
         elif args.command == "eval":
             from .evaluate import run_eval
             run_eval(args)

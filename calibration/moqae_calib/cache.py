@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import CalibError
-from .capture import RouterInputs
+from .capture import RouterInputs, check_export_fits
 from .dump import model_shape
 from .experts import Expert
 from .packing import pack_codes, unpack_codes
@@ -240,12 +240,9 @@ class MoQAECache(Cache):
         """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`."""
         if isinstance(export, str):
             export = read_export(export)
-        layers, heads, head_dim, _ = model_shape(model.config)
+        check_export_fits(export, model.config)
+        head_dim = model_shape(model.config)[2]
         inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group or head_dim)
-        width = inputs.width(head_dim)
-        if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
-            raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
-                             f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
         return cls(RouterPolicy(export, inputs), model.config, export.chunk_size, export.freeze_first_chunk, value_group)
 
     @classmethod

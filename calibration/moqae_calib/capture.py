@@ -86,7 +86,7 @@ class RouterInputs:
                                  "(model.model.rotary_emb), which this model does not have")
 
     def width(self, head_dim):
-        return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(self.kind, head_dim)
+        return router_input_width(self.kind, head_dim)
 
     def __call__(self, key, value, start=0):
         """The inputs of tokens at positions start, start + 1, … (key-prerope undoes RoPE at those positions;
@@ -98,6 +98,21 @@ class RouterInputs:
         if self.kind == "key+chunk":
             return key_with_chunk_statistics(key, value, self.chunk_size, self.value_group)
         return undo_rope(key, self.rotary, start)
+
+
+def router_input_width(kind, head_dim):
+    """Dimensions of a router input vector of `kind` for heads of `head_dim`."""
+    return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(kind, head_dim)
+
+
+def check_export_fits(export, config):
+    """Raises unless the export's routers are for the model's layers, KV heads and router input width."""
+    from .dump import model_shape
+    layers, heads, head_dim, _ = model_shape(config)
+    width = router_input_width(export.router_input, head_dim)
+    if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
+        raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
+                         f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
 
 
 def undo_rope(key, rotary, start=0):

@@ -49,6 +49,9 @@ class ByteTokenizer:
     def encode(self, text):
         return list(text.encode("utf-8"))
 
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
 
 class HFTokenizer:
     """The tokenizer saved in the model directory (never downloaded)."""
@@ -64,6 +67,9 @@ class HFTokenizer:
 
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
 
 
 def windows(texts, tokenizer, seq_len):

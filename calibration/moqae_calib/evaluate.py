@@ -15,7 +15,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import CalibError
-from .capture import KVHook, RouterInputs, check_all_layers_seen
+from .capture import KVHook, RouterInputs, check_all_layers_seen, check_export_fits
 from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
 from .dump import check_model_dir, load_model, model_shape, resolve_device
 from .experts import Expert, parse_expert
@@ -418,11 +418,8 @@ class Evaluation:
 
     def __init__(self, model, windows, export, value_group, model_dir, batch_size=8, progress=True, task=None):
         layers, heads, head_dim, _ = model_shape(model.config)
+        check_export_fits(export, model.config)
         self.inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group)
-        width = self.inputs.width(head_dim)
-        if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
-            raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
-                             f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
         self.model, self.windows, self.export, self.model_dir, self.task = model, windows, export, model_dir, task
         self.batch_size, self.progress = batch_size, progress
         self.layout = Layout(windows.shape[1], export.chunk_size, 1 if export.freeze_first_chunk else 0,

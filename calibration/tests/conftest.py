@@ -10,6 +10,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CALIBRATION = os.path.dirname(HERE)
 ROOT = os.path.dirname(CALIBRATION)
 REFERENCE_MODEL = os.path.join(CALIBRATION, "reference", "wt2-byte-llama")
+PASSKEY_MODEL = os.path.join(CALIBRATION, "reference", "passkey-byte-llama")
 VALID_TXT = os.path.join(CALIBRATION, "reference", "wikitext-2", "valid.txt")
 sys.path.insert(0, CALIBRATION)
 
@@ -45,6 +46,15 @@ def tiny_llama(tmp_path_factory):
     return _save_tiny(str(tmp_path_factory.mktemp("tiny-llama")), LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256))
+
+
+@pytest.fixture(scope="session")
+def tiny_mqa_llama(tmp_path_factory):
+    """Multi-query attention: one KV head for four query heads."""
+    from transformers import LlamaConfig
+    return _save_tiny(str(tmp_path_factory.mktemp("tiny-mqa-llama")), LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256))
 
 
 @pytest.fixture(scope="session")
