@@ -30,7 +30,7 @@ from .capture import RouterInputs, check_export_fits
 from .dump import model_shape
 from .experts import Expert
 from .packing import pack_codes, unpack_codes
-from .quantizer import dequantize_codes, group_codes, unit_storage_bits
+from .quantizer import group_codes, unit_storage_bits
 from .router import read_export, route_chunks
 
 TARGET_TRANSFORMERS = "5.23.0"
@@ -88,16 +88,27 @@ class PackedPart:
             new = [pack_codes(codes.flatten(1), self.bits), scale, low]
         self.tensors = new if self.tensors is None else [torch.cat(pair) for pair in zip(self.tensors, new)]
 
-    def read(self, shape, dtype):
-        """The stored units (U, N, D) in `dtype`."""
+    def read(self, units, N, D, dtype, out=None):
+        """The stored units in `dtype`, shaped (*units, N, D) with prod(units) = U (for example (C, B·H) for
+        units in chunk-major order), into `out` when given (it may be a strided view)."""
+        if out is None:
+            out = torch.empty(*units, N, D, dtype=dtype, device=self.tensors[0].device)
         if self.bits == 16:
-            return self.tensors[0].to(dtype)
+            return out.copy_(self.tensors[0].view(*units, N, D))
         packed, scale, low = self.tensors
-        U, N, D = shape
-        codes = unpack_codes(packed, self.bits, N * D).view(U, N, D)
-        if self.per == "token":
-            codes = codes.unflatten(-1, (-1, self.value_group))
-        return dequantize_codes(codes, scale, low, dtype).view(U, N, D)
+        per_byte = 8 // self.bits
+        if 8 % self.bits == 0 and D % per_byte == 0:     # each byte's codes straight into their places in `out`
+            codes = packed.view(*units, N, D // per_byte)
+            places = out.unflatten(-1, (-1, per_byte))
+            for k in range(per_byte):
+                places[..., k].copy_((codes >> k * self.bits) & (2**self.bits - 1))
+        else:
+            out.copy_(unpack_codes(packed, self.bits, N * D).view(*units, N, D))
+        # dequantize_codes in place: codes · scale + minimum, in `dtype`
+        grouped = out if self.per == "channel" else out.unflatten(-1, (-1, self.value_group))
+        grouped.mul_(scale.view(*units, *scale.shape[1:]))
+        grouped.add_(low.view(*units, *low.shape[1:]))
+        return out
 
     def nbytes(self):
         return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
@@ -131,6 +142,7 @@ class MoQAELayer(CacheLayerMixin):
         B, H, _, D = key_states.shape
         self.shape = (B, H, D)
         self.expert_map = torch.empty(0, B * H, dtype=torch.uint8, device=self.device)
+        self.places, self.counts, self.spans = [None] * len(self.parts), [0] * len(self.parts), [None] * len(self.parts)
         empty = key_states.new_empty(B, H, 0, D, dtype=torch.float16)
         self.residual = (empty, empty)
         self.is_initialized = True
@@ -168,22 +180,32 @@ class MoQAELayer(CacheLayerMixin):
             key_part.append(key_units[mask])
             value_part.append(value_units[mask])
         self.expert_map = torch.cat([self.expert_map, experts])
+        self.places = [(self.expert_map == index).nonzero().unbind(-1) for index in range(len(self.parts))]
+        self.counts = [len(chunk) for chunk, _ in self.places]   # places: (chunk, head) of each stored unit
+        self.spans = [(int(chunk[0]), int(chunk[-1])) if count and count == (chunk[-1] - chunk[0] + 1) * B * H else None
+                      for (chunk, _), count in zip(self.places, self.counts)]
 
     def read(self):
-        """Keys and values (B, H, T, D) in the model's dtype: every unit dequantized, then the residual."""
+        """Keys and values (B, H, T, D) in the model's dtype: every unit dequantized, then the residual. They are
+        views of a buffer (B·H, slots, N, D) whose last slot holds the residual, so that each unit is one
+        contiguous row of it."""
         B, H, D = self.shape
-        N, C = self.cache.chunk_size, self.expert_map.shape[0]
+        N, C, r = self.cache.chunk_size, self.expert_map.shape[0], self.residual[0].shape[-2]
+        slots = C + (1 if r else 0)
         out = []
         for side, residual in enumerate(self.residual):
-            full = torch.empty(B, H, C * N + residual.shape[-2], D, dtype=self.dtype, device=self.device)
-            body = full[:, :, : C * N].view(B * H, C, N, D).transpose(0, 1)   # (C, B·H, N, D)
-            for index, part in enumerate(self.parts):
-                mask = self.expert_map == index
-                count = int(mask.sum())
-                if count:
-                    body[mask] = part[side].read((count, N, D), self.dtype)
-            full[:, :, C * N:] = residual
-            out.append(full)
+            buffer = torch.empty(B * H, slots, N, D, dtype=self.dtype, device=self.device)
+            rows = buffer.view(B * H * slots, N, D)
+            for part, (chunk, head), count, span in zip(self.parts, self.places, self.counts, self.spans):
+                if span:                                   # every unit of chunks first..last, stored chunk-major
+                    first, last = span
+                    part[side].read((last - first + 1, B * H), N, D, self.dtype,
+                                    out=buffer[:, first: last + 1].transpose(0, 1))
+                elif count:
+                    rows.index_copy_(0, head * slots + chunk, part[side].read((count,), N, D, self.dtype))
+            if r:
+                buffer[:, C, :r] = residual.reshape(B * H, r, D)
+            out.append(buffer.view(B, H, slots * N, D)[:, :, : C * N + r])
         return tuple(out)
 
     def get_mask_sizes(self, query_length):
@@ -207,9 +229,7 @@ class MoQAELayer(CacheLayerMixin):
 
     def unit_counts(self):
         """Units stored at each storage expert: (len(storage_experts),) int64."""
-        if not self.is_initialized:
-            return torch.zeros(len(self.parts), dtype=torch.long)
-        return torch.bincount(self.expert_map.flatten().long(), minlength=len(self.parts)).cpu()
+        return torch.tensor(self.counts if self.is_initialized else [0] * len(self.parts), dtype=torch.long)
 
     def chunk_experts(self):
         """Storage expert of every unit: (B, H, C) int64."""

@@ -44,7 +44,8 @@ def unpack_codes(packed, bits, count):
         return packed.clone()
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :count]
+        codes = packed[..., None] >> shifts
+        return codes.bitwise_and_(2**bits - 1).flatten(-2)[..., :count]
     stream = ((packed.to(torch.int64)[..., None] >> torch.arange(8, device=packed.device)) & 1).flatten(-2)
     stream = stream[..., : count * bits].unflatten(-1, (count, bits))
     return (stream << torch.arange(bits, device=packed.device)).sum(-1).to(torch.uint8)

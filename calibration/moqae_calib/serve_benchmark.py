@@ -1,0 +1,160 @@
+"""`serve-benchmark`: prefill time, decode tokens/s and cache bytes of MoQAECache against DynamicCache and
+transformers' QuantizedCache (quanto backend, int4), on CPU, for the pass-key model and a tiny random Llama.
+
+Each round measures every cache once, side by side, on the same prompt; ratios are taken within a round
+(this machine's speed drifts) and the report gives their median over the rounds.
+"""
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache
+
+from .cache import MoQAECache
+from .dump import check_model_dir, load_model, model_shape
+from .experts import parse_expert
+from .report import write_section
+from .router import RouterExport, read_export
+
+
+def random_export(config, experts=("fp16", "int4", "int2"), scale=1.0, seed=0):
+    """Paper-shaped routers (one per layer, key input, chunk 0 frozen) of random weights for `config`."""
+    layers, heads, head_dim, _ = model_shape(config)
+    generator = torch.Generator().manual_seed(seed)
+    M = len(experts)
+    weights = [tuple(torch.randn(rows, M, generator=generator) * scale for rows in (head_dim, head_dim, M))
+               for _ in range(layers)]
+    return RouterExport([parse_expert(e) for e in experts], head_dim, 32, 1, layers, heads, True, "key", "vote", weights)
+
+
+def tiny_random_llama(max_positions):
+    """A random Llama of 8 layers (hidden 512, 8 query heads, 4 KV heads of 64), float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, max_position_embeddings=max_positions)
+    return LlamaForCausalLM(config).eval()
+
+
+def quantized_cache_factory(config):
+    """transformers' QuantizedCache with the quanto backend at int4 (its defaults otherwise: groups of 64,
+    a residual of 128 tokens at the model's dtype), or None and the reason when quanto cannot run here."""
+    from transformers import QuantizedCache
+    try:
+        probe = QuantizedCache("quanto", config, nbits=4)
+        probe.update(torch.zeros(1, model_shape(config)[1], 4, model_shape(config)[2]),
+                     torch.zeros(1, model_shape(config)[1], 4, model_shape(config)[2]), 0)
+    except Exception as error:  # noqa: BLE001 - ImportError, or a failed build of quanto's C++ extension
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return (lambda: QuantizedCache("quanto", config, nbits=4)), None
+
+
+def cache_bytes(cache):
+    """Bytes a cache holds: MoQAECache.nbytes, QuantizedCache's packed data, scales, shifts and residual,
+    DynamicCache's tensors."""
+    if isinstance(cache, MoQAECache):
+        return cache.nbytes()
+
+    def tensor_bytes(t):
+        if t is None:
+            return 0
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    total = 0
+    for layer in cache.layers:
+        total += tensor_bytes(layer.keys) + tensor_bytes(layer.values)
+        total += tensor_bytes(getattr(layer, "_quantized_keys", None)) + tensor_bytes(getattr(layer, "_quantized_values", None))
+    return total
+
+
+def measure(model, ids, cache, decode_tokens):
+    """Prefill seconds, routing seconds within them, decode tokens/s (greedy, one token per forward), bytes."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        prefill = time.perf_counter() - start
+        routing = cache.routing_seconds if isinstance(cache, MoQAECache) else 0.0
+        token = logits.argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        decode = decode_tokens / (time.perf_counter() - start)
+    return {"prefill_s": prefill, "routing_s": routing, "decode_tok_s": decode, "bytes": cache_bytes(cache),
+            "formula_bytes": cache.formula_bytes() if isinstance(cache, MoQAECache) else None}
+
+
+def run_serve_benchmark(model_dir, router=None, contexts=(2048, 8192), decode_tokens=160, rounds=2, out=None):
+    """Measures every cache on each model and context; writes the "Serving" section of `out`."""
+    check_model_dir(model_dir)
+    passkey = load_model(model_dir, "cpu", None, "float32")
+    passkey_export = read_export(router) if router else random_export(passkey.config)
+    tiny = tiny_random_llama(max(contexts))
+    models = [(f"{model_dir.rstrip('/').split('/')[-1]} ({'router ' + router if router else 'random router'})",
+               passkey, passkey_export),
+              ("tiny random Llama (8 layers, 4 KV heads of 64; random router)", tiny, random_export(tiny.config))]
+    rows, notes = [], []
+    for label, model, export in models:
+        quantized, reason = quantized_cache_factory(model.config)
+        if quantized is None:
+            notes.append(f"QuantizedCache (quanto) cannot run here ({reason}); uniform int4 MoQAECache stands in")
+        layers = model_shape(model.config)[0]
+        caches = {"DynamicCache": DynamicCache,
+                  "MoQAECache router": lambda: MoQAECache.from_export(export, model),
+                  "MoQAECache uniform int4": lambda: MoQAECache.from_layer_plan(
+                      [parse_expert("int4")] * layers, model.config, export.chunk_size, export.freeze_first_chunk)}
+        if quantized is not None:
+            caches["QuantizedCache quanto int4"] = quantized
+        reference = "QuantizedCache quanto int4" if quantized is not None else "MoQAECache uniform int4"
+        for context in contexts:
+            ids = torch.randint(0, 256, (1, context), generator=torch.Generator().manual_seed(context))
+            measured = {name: [] for name in caches}
+            for round_index in range(rounds):
+                for name, factory in caches.items():
+                    measured[name].append(measure(model, ids, factory(), decode_tokens))
+                    m = measured[name][-1]
+                    print(f"{label}, T = {context}, round {round_index + 1}: {name}: prefill {m['prefill_s']:.3f} s, "
+                          f"decode {m['decode_tok_s']:.1f} tok/s, {m['bytes']:,} bytes", file=sys.stderr, flush=True)
+            for name in caches:
+                runs = measured[name]
+                rows.append({
+                    "model": label, "context": context, "cache": name,
+                    "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+                    "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+                    "decode_vs_reference": statistics.median(r["decode_tok_s"] / q["decode_tok_s"]
+                                                             for r, q in zip(runs, measured[reference])),
+                    "routing_share": statistics.median(r["routing_s"] / r["prefill_s"] for r in runs),
+                    "bytes": runs[-1]["bytes"], "formula_bytes": runs[-1]["formula_bytes"],
+                    "bits_per_value": 8 * runs[-1]["bytes"] / (2 * layers * model_shape(model.config)[1]
+                                                               * model_shape(model.config)[2] * (context + decode_tokens)),
+                    "reference": reference})
+    report = format_report(rows, notes, decode_tokens, rounds)
+    print(report)
+    if out:
+        write_section(out, "Performance", "Serving: MoQAECache against DynamicCache and QuantizedCache", report)
+        print(f"wrote {out}")
+    return rows
+
+
+def format_report(rows, notes, decode_tokens, rounds):
+    lines = [f"Written by `python -m moqae_calib serve-benchmark {' '.join(sys.argv[2:])}` (`make serve-benchmark`), "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             f"CPU, float32 models, batch 1, a random prompt of T tokens, then {decode_tokens} greedy decode steps "
+             f"(one forward per token). Medians over {rounds} rounds; every ratio is taken within a round. Bits per "
+             "value: bytes held after decoding × 8 / (2 · layers · KV heads · head dim · tokens). DynamicCache holds "
+             "float32; QuantizedCache keeps its scales, shifts and 128-token residual in the model's dtype (float32 "
+             "here, so half of that in a 16-bit model).", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "| model | T | cache | prefill s | routing / prefill | decode tok/s | decode vs reference | bytes held | "
+              "bits/value | bytes / formula |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        formula = f"{r['bytes'] / r['formula_bytes']:.4f}" if r["formula_bytes"] else "-"
+        routing = f"{100 * r['routing_share']:.2f}%" if r["cache"] == "MoQAECache router" else "-"
+        lines.append(f"| {r['model']} | {r['context']:,} | {r['cache']} | {r['prefill_s']:.3f} | {routing} | "
+                     f"{r['decode_tok_s']:.1f} | {r['decode_vs_reference']:.2f}× | {r['bytes']:,} | "
+                     f"{r['bits_per_value']:.2f} | {formula} |")
+    lines += ["", f"The reference for the decode ratio is {rows[0]['reference']}." if rows else ""]
+    return "\n".join(lines) + "\n"
