@@ -9,7 +9,7 @@ CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: ablation ablation-passkey ablation-perplexity benchmark sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: ablation ablation-passkey ablation-perplexity benchmark serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -116,6 +116,24 @@ pareto-passkey: build passkey-store
 ## 8,192 on a tiny random Llama: the "Dumps at length" section of BENCH_OUT.
 length-benchmark: venv
 	$(CALIB) length-benchmark --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --out $(BENCH_OUT)
+
+## Serving: greedy pass-key answers through MoQAECache by plan (the router, uniform fp16/int4/int2 and
+## PASSKEY_LAYER_PLANS) on SERVE_WINDOWS needle windows, with the router that `make passkey` trains.
+SERVE_WINDOWS ?= 50
+SERVE_ROUTER ?= $(PASSKEY_RUN_DIR)/router.bin
+serve-passkey: venv
+	@[ -f $(SERVE_ROUTER) ] || { echo "$(SERVE_ROUTER): no router export; run make passkey first" >&2; exit 1; }
+	$(CALIB) serve-passkey --model $(PASSKEY_MODEL) --router $(SERVE_ROUTER) --text calibration/reference/wikitext-2/test.txt \
+	  --windows $(SERVE_WINDOWS) --seq-len $(PASSKEY_SEQ_LEN) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
+
+## Prefill time, decode tokens/s and bytes of MoQAECache against DynamicCache and QuantizedCache (quanto,
+## int4) at 2,048 and 8,192 tokens: the "Serving" section of BENCH_OUT. quanto builds its C++ extension
+## on first use (into checkpoints/torch-extensions), with ninja from the venv.
+SERVE_BENCH_ARGS ?=
+serve-benchmark: venv
+	PATH=$(abspath $(VENV))/bin:$$PATH TORCH_EXTENSIONS_DIR=$(abspath checkpoints/torch-extensions) \
+	  $(CALIB) serve-benchmark --model $(PASSKEY_MODEL) $$([ -f $(SERVE_ROUTER) ] && echo --router $(SERVE_ROUTER)) \
+	  --out $(BENCH_OUT) $(SERVE_BENCH_ARGS)
 
 ## Throughput, disk streaming and memory against cat and a PyTorch step on a synthetic store:
 ## docs/PERFORMANCE.md. BENCH_ARGS e.g. "--shape tiny --sequences 64" for a quick run.

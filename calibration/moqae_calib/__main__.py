@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | eval | pareto | generate | serve-passkey | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
+"""python -m moqae_calib dump | eval | pareto | generate | serve-passkey | serve-benchmark | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
 import argparse
 import os
 import re
@@ -178,6 +178,16 @@ def parser():
     serve_passkey.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
     serve_passkey.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
 
+    serve_bench = commands.add_parser("serve-benchmark",
+                                      help="MoQAECache against DynamicCache and QuantizedCache: prefill, decode, bytes")
+    serve_bench.add_argument("--model", required=True, help="model directory (the pass-key model)")
+    serve_bench.add_argument("--router", help="its router export (default: random routers)")
+    serve_bench.add_argument("--contexts", type=lambda text: [int(t) for t in text.split(",")], default=[2048, 8192],
+                             help="prompt lengths, comma-separated (default 2048,8192)")
+    serve_bench.add_argument("--decode-tokens", type=int, default=160, help="greedy decode steps (default 160)")
+    serve_bench.add_argument("--rounds", type=int, default=3, help="rounds of every cache, side by side (default 3)")
+    serve_bench.add_argument("--out", help="report to write the Serving section of (e.g. docs/PERFORMANCE.md)")
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -214,6 +224,9 @@ def main(argv=None):
             from .serve import run_serve_passkey
             run_serve_passkey(args.model, args.router, args.text, args.windows, args.seq_len, args.seed, args.layer_plan,
                               args.value_group, args.device)
+        elif args.command == "serve-benchmark":
+            from .serve_benchmark import run_serve_benchmark
+            run_serve_benchmark(args.model, args.router, args.contexts, args.decode_tokens, args.rounds, args.out)
         elif args.command == "eval":
             from .evaluate import run_eval
             run_eval(args)

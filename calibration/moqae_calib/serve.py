@@ -120,7 +120,7 @@ def run_serve_passkey(model_dir, router, text, windows=50, seq_len=2048, seed=0,
     summaries = []
     print(f"{text}: {windows} pass-key windows of {seq_len} bytes (seed {seed}); prompt up to the answer, "
           f"{task.answer_positions.shape[1]} tokens generated greedily; {router}")
-    print(f"{'plan':<40} {'accuracy (95% CI)':>24} {'KV bytes / 16-bit':>18} {'bits/value':>10} {'routing share':>14}")
+    print(f"{'plan':<40} {'accuracy (95% CI)':>24} {'KV bytes / 16-bit':>18} {'bits/value':>10} {'routing time':>13}")
     for plan in passkey_plans(model, export, value_group, layer_plans):
         correct, held, fp16, routing, elapsed = 0, 0, 0, 0.0, 0.0
         for row in range(windows):
@@ -138,5 +138,5 @@ def run_serve_passkey(model_dir, router, text, windows=50, seq_len=2048, seed=0,
         summaries.append(summary)
         print(f"{plan.name:<40} {100 * summary['accuracy']:7.1f}% ({100 * low:4.1f}–{100 * high:5.1f}%) "
               f"{100 * summary['bytes_fraction_of_fp16']:17.1f}% {summary['bits_per_value']:10.3f} "
-              f"{100 * summary['routing_fraction']:13.2f}%", flush=True)
+              f"{100 * summary['routing_fraction']:12.2f}%", flush=True)
     return summaries

@@ -1,12 +1,16 @@
 """MoQAECache against the evaluator's fake quantization (prefill, bit for bit), against the quantizer
 chunk by chunk through decoding, against DynamicCache at 16 bits, and its bytes against the formula."""
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from conftest import PASSKEY_MODEL, VALID_TXT, run_calib
+from conftest import PASSKEY_MODEL, ROOT, VALID_TXT, run_calib
 from moqae_calib import CalibError
 from moqae_calib.cache import FROZEN, MoQAECache, RouterPolicy
 from moqae_calib.capture import KVHook, RouterInputs
@@ -203,3 +207,17 @@ def test_mismatched_and_damaged_exports_are_refused_with_one_line(tmp_path, pass
     wrong = run_calib("generate", "--model", tiny_llama, "--router", str(other), "--prompt-file", str(prompt),
                       "--tokenizer", "bytes")
     assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "export is for 4 layers" in wrong.stderr
+
+
+def test_the_readmes_serving_example_runs(tmp_path):
+    """The README's Python example, with a random router for the pass-key model in place of the trained one."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    example = re.search(r"## Serving.*?```python\n(.*?)```", readme, flags=re.DOTALL).group(1)
+    router, prompt = tmp_path / "router.bin", tmp_path / "prompt.txt"
+    write_export(str(router), random_export(4, 2, 64, scale=0.5))
+    prompt.write_text("The pass key is 52817. Remember it. " * 3 + "What is the pass key? The pass key is")
+    assert "checkpoints/passkey/router.bin" in example and '"prompt.txt"' in example
+    example = example.replace("checkpoints/passkey/router.bin", str(router)).replace('"prompt.txt"', f'"{prompt}"')
+    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"KV cache: [\d,]+ bytes, [\d,]+ at 16 bits", result.stdout)
