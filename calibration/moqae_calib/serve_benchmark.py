@@ -146,9 +146,11 @@ def format_report(rows, notes, decode_tokens, rounds):
              f"(one forward per token). Medians over {rounds} rounds; every ratio is taken within a round. Bits per "
              "value: bytes held after decoding × 8 / (2 · layers · KV heads · head dim · tokens). DynamicCache holds "
              "float32; QuantizedCache keeps its scales, shifts and 128-token residual in the model's dtype (float32 "
-             "here, so half of that in a 16-bit model).", ""]
-    lines += [f"- {note}" for note in notes]
-    lines += ["", "| model | T | cache | prefill s | routing / prefill | decode tok/s | decode vs reference | bytes held | "
+             "here, so half of that in a 16-bit model). QuantizedCache's prefill attends to unquantized K/V, and it "
+             "requantizes its whole cache each time its residual fills; MoQAECache's prefill attends to the quantized "
+             "chunks, and never requantizes.", ""]
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    lines += ["| model | T | cache | prefill s | routing / prefill | decode tok/s | decode vs reference | bytes held | "
               "bits/value | bytes / formula |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         formula = f"{r['bytes'] / r['formula_bytes']:.4f}" if r["formula_bytes"] else "-"
