@@ -20,6 +20,7 @@ Attention reads the layer's whole cache dequantized to the model's dtype, rebuil
 pass over the packed bytes per layer per step, and a transient buffer of the layer's K/V at the model's
 dtype (docs/PERFORMANCE.md).
 """
+import os
 import time
 
 import torch
@@ -220,6 +221,9 @@ class MoQAELayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx):
         raise CalibError("MoQAECache does not support beam search (reordering packed chunks); use greedy or sampling")
 
+    def crop(self, tokens_to_remove):
+        raise CalibError("MoQAECache cannot drop tokens from packed chunks (assisted decoding is not supported)")
+
     def nbytes(self):
         """Bytes held: packed codes, scales and minima, binary16 parts, the residual and the expert map."""
         if not self.is_initialized:
@@ -258,8 +262,8 @@ class MoQAECache(Cache):
     @classmethod
     def from_export(cls, export, model, value_group=None, model_dir="model"):
         """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`."""
-        if isinstance(export, str):
-            export = read_export(export)
+        if isinstance(export, (str, os.PathLike)):
+            export = read_export(os.fspath(export))
         check_export_fits(export, model.config)
         head_dim = model_shape(model.config)[2]
         inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group or head_dim)
