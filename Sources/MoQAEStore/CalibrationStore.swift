@@ -48,9 +48,10 @@ public final class CalibrationStore: @unchecked Sendable {
     public init(path: String) throws(StoreError) {
         self.path = path
         let manifestPath = path + "/manifest.json"
-        guard isDirectory(path) else { throw .file(FileError(path: path, operation: "open store (not a directory)", code: ENOTDIR_CODE)) }
+        guard fileExists(path) else { throw .file(FileError(path: path, refusal: "no such store directory")) }
+        guard isDirectory(path) else { throw .file(FileError(path: path, refusal: "is a file, expected a store directory")) }
         let manifestBytes: [UInt8]
-        do { manifestBytes = try readFileBytes(manifestPath) } catch { throw .file(error) }
+        do { manifestBytes = try readFileBytes(manifestPath, limit: FileSizeLimit.manifest) } catch { throw .file(error) }
         let manifest: Manifest
         do { manifest = try Manifest.parse(manifestBytes) } catch { throw .manifest(path: manifestPath, error) }
         self.manifest = manifest
@@ -218,10 +219,3 @@ public final class CalibrationStore: @unchecked Sendable {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-private let ENOTDIR_CODE = ENOTDIR
-#elseif canImport(Darwin)
-import Darwin
-private let ENOTDIR_CODE = ENOTDIR
-#endif

@@ -4,19 +4,43 @@ import Glibc
 import Darwin
 #endif
 
-/// A file-system failure, naming the path and the errno text.
+/// A file-system failure, naming the path and the errno text, or a file that is not what a reader accepts.
 public struct FileError: Error, CustomStringConvertible, Equatable {
     public let path: String
     public let operation: String
     public let code: Int32
+    /// Set for a file refused before it is read (not a regular file, too large): replaces the errno text.
+    public let refusal: String?
 
     public init(path: String, operation: String, code: Int32 = errno) {
         self.path = path
         self.operation = operation
         self.code = code
+        self.refusal = nil
     }
 
-    public var description: String { "\(path): \(operation) failed: \(String(cString: strerror(code)))" }
+    public init(path: String, refusal: String) {
+        self.path = path
+        self.operation = "open"
+        self.code = EINVAL
+        self.refusal = refusal
+    }
+
+    public var description: String {
+        refusal.map { "\(path): \($0)" } ?? "\(path): \(operation) failed: \(String(cString: strerror(code)))"
+    }
+}
+
+/// What a file of this mode is, for the refusal of a non-regular file.
+private func fileKind(_ mode: mode_t) -> String {
+    switch mode & S_IFMT {
+    case S_IFDIR: "a directory"
+    case S_IFIFO: "a FIFO"
+    case S_IFCHR: "a character device"
+    case S_IFBLK: "a block device"
+    case S_IFSOCK: "a socket"
+    default: "not a regular file"
+    }
 }
 
 /// A read-only memory mapping of a whole file. Pages are read on demand; `release` drops pages the
@@ -26,15 +50,23 @@ public final class MappedFile: @unchecked Sendable {
     public let bytes: UnsafeRawBufferPointer
     private let base: UnsafeMutableRawPointer?
 
-    public init(path: String) throws(FileError) {
+    /// Maps a regular file. Opening never blocks (O_NONBLOCK: a FIFO without a writer is refused at once
+    /// instead of waiting for one); anything but a regular file, or one larger than `limit` bytes, is refused
+    /// before a byte is read.
+    public init(path: String, limit: Int = .max) throws(FileError) {
         self.path = path
-        let fd = open(path, O_RDONLY)
+        let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else { throw FileError(path: path, operation: "open") }
         defer { close(fd) }
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw FileError(path: path, operation: "stat") }
-        guard (info.st_mode & S_IFMT) == S_IFREG else { throw FileError(path: path, operation: "open (not a regular file)", code: EINVAL) }
+        guard (info.st_mode & S_IFMT) == S_IFREG else {
+            throw FileError(path: path, refusal: "is \(fileKind(info.st_mode)), expected a regular file")
+        }
         let size = Int(info.st_size)
+        guard size <= limit else {
+            throw FileError(path: path, refusal: "is \(size) bytes, more than the \(limit) this file may hold")
+        }
         if size == 0 {
             base = nil
             bytes = UnsafeRawBufferPointer(start: nil, count: 0)
@@ -115,7 +147,7 @@ public enum AtomicFile {
         let directory = parentDirectory(of: path)
         let temporary = path + ".tmp-\(getpid())"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        guard fd >= 0 else { throw FileError(path: temporary, operation: "create") }
+        guard fd >= 0 else { throw FileError(path: path, operation: "create") }
         var failure: FileError?
         do { try produce(FileSink(fd: fd, path: path)) } catch { failure = error }
         if failure == nil, fsync(fd) != 0 { failure = FileError(path: path, operation: "fsync") }
@@ -149,10 +181,20 @@ public enum AtomicFile {
     }
 }
 
-/// Reads a whole file into memory.
-public func readFileBytes(_ path: String) throws(FileError) -> [UInt8] {
-    let file = try MappedFile(path: path)
+/// Reads a whole regular file of at most `limit` bytes into memory.
+public func readFileBytes(_ path: String, limit: Int) throws(FileError) -> [UInt8] {
+    let file = try MappedFile(path: path, limit: limit)
     return Array(file.bytes)
+}
+
+/// Caps on the size of files read whole, so that a damaged or hostile file cannot exhaust memory.
+public enum FileSizeLimit {
+    /// A YAML config.
+    public static let config = 1 << 20
+    /// A store's manifest.json (about 300 bytes per sequence: a million sequences fit).
+    public static let manifest = 256 << 20
+    /// A router export (a thousand routers of D = 512, M = 8 in binary32 fit).
+    public static let export = 64 << 20
 }
 
 public func fileExists(_ path: String) -> Bool { access(path, F_OK) == 0 }

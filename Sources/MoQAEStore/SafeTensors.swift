@@ -27,6 +27,7 @@ public struct TensorInfo: Equatable, Sendable {
 /// Why a safetensors file was rejected. The checks follow the reference loader.
 public enum SafeTensorsError: Error, CustomStringConvertible, Equatable {
     case tooSmall(fileSize: Int)
+    case notSafeTensors
     case headerTooLarge(UInt64)
     case headerOutOfBounds(headerSize: UInt64, fileSize: Int)
     case headerNotJSON(JSONError)
@@ -41,6 +42,7 @@ public enum SafeTensorsError: Error, CustomStringConvertible, Equatable {
     public var description: String {
         switch self {
         case let .tooSmall(size): return "file is \(size) bytes, too small for a safetensors header"
+        case .notSafeTensors: return "not a safetensors file (it does not start with a header length and a JSON object)"
         case let .headerTooLarge(size): return "header length \(size) exceeds the \(SafeTensorsHeader.maxHeaderSize)-byte cap"
         case let .headerOutOfBounds(header, file): return "header length \(header) runs past the end of the \(file)-byte file"
         case let .headerNotJSON(error): return "header is not valid JSON: \(error)"
@@ -79,6 +81,7 @@ public struct SafeTensorsHeader: Sendable {
     public init(file: UnsafeRawBufferPointer) throws(SafeTensorsError) {
         guard file.count >= 8 else { throw .tooSmall(fileSize: file.count) }
         let headerSize = file.loadUnaligned(as: UInt64.self).littleEndian
+        guard file.count == 8 || file[8] == UInt8(ascii: "{") else { throw .notSafeTensors }
         guard headerSize <= SafeTensorsHeader.maxHeaderSize else { throw .headerTooLarge(headerSize) }
         guard Int(headerSize) + 8 <= file.count else {
             throw .headerOutOfBounds(headerSize: headerSize, fileSize: file.count)

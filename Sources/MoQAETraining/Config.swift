@@ -196,7 +196,7 @@ public struct TrainingConfig: Equatable, Sendable {
     /// Loads a YAML file.
     public static func load(file path: String, overrides: [String] = []) throws(ConfigError) -> TrainingConfig {
         let bytes: [UInt8]
-        do { bytes = try readFileBytes(path) } catch { throw ConfigError(location: path, key: "", reason: "cannot read: \(error)") }
+        do { bytes = try readFileBytes(path, limit: FileSizeLimit.config) } catch { throw ConfigError(location: path, key: "", reason: "cannot read: \(error)") }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw ConfigError(location: path, key: "", reason: "not valid UTF-8")
         }
@@ -247,10 +247,26 @@ public struct TrainingConfig: Equatable, Sendable {
         }
     }
 
+    /// The YAML tags a config value may carry: the core schema's, which plain values resolve to.
+    private static let plainTags = Set(([.implicit, .nonSpecific, .str, .seq, .map, .bool, .int, .float, .null] as [Tag.Name]).map(\.rawValue))
+
+    /// The first explicit tag outside the core schema in a value (for example `!!python/object:…`), if any.
+    private static func foreignTag(_ node: Node) -> String? {
+        if !plainTags.contains(node.tag.rawValue) { return node.tag.rawValue }
+        switch node {
+        case let .sequence(items): return items.lazy.compactMap(foreignTag).first
+        case let .mapping(pairs): return pairs.lazy.compactMap { foreignTag($0.key) ?? foreignTag($0.value) }.first
+        default: return nil
+        }
+    }
+
     private static func convert(_ node: Node, key: ConfigKey, location: String) throws(ConfigError) -> ConfigValue {
         let location = node.mark.map { _ in location } ?? location
         func fail(_ expected: String) -> ConfigError {
             ConfigError(location: location, key: key.path, reason: "expected \(expected), got \(describe(node))")
+        }
+        if let tag = foreignTag(node) {
+            throw ConfigError(location: location, key: key.path, reason: "YAML tag \(tag) is not supported (config values are plain numbers, strings, booleans, null and lists)")
         }
         switch key.kind {
         case let .int(range):
@@ -322,7 +338,7 @@ public struct TrainingConfig: Equatable, Sendable {
     }
 
     private static func describe(_ range: ClosedRange<Int>) -> String {
-        range.upperBound >= Int(Int32.max) ? "\(range.lowerBound) or more" : "\(range.lowerBound)...\(range.upperBound)"
+        range.upperBound == Int.max ? "\(range.lowerBound) or more" : "\(range.lowerBound)...\(range.upperBound)"
     }
 
     /// " (did you mean KEY?)" for the known key closest in spelling, if any is close.

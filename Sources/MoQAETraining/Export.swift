@@ -162,7 +162,7 @@ public struct RouterExport: Equatable {
 
     public static func load(path: String) throws(ExportError) -> RouterExport {
         let bytes: [UInt8]
-        do { bytes = try readFileBytes(path) } catch { throw ExportError(path: path, reason: "cannot read: \(error)") }
+        do { bytes = try readFileBytes(path, limit: FileSizeLimit.export) } catch { throw ExportError(path: path, reason: "cannot read: \(error)") }
         return try parse(bytes, path: path)
     }
 }

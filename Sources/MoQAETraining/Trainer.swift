@@ -147,7 +147,8 @@ public final class Trainer {
     /// Keeps the lines of a JSON-lines log whose "step" is at most `step` (drops what a crash left behind).
     static func truncateLog(_ path: String, afterStep step: Int) throws(FileError) {
         guard fileExists(path) else { return }
-        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
+        let file = try MappedFile(path: path)
+        let text = withExtendedLifetime(file) { String(decoding: file.bytes, as: UTF8.self) }
         let kept = text.split(separator: "\n").filter { line in
             guard let json = try? JSON.parse(String(line)), let lineStep = json["step"]?.intValue else { return false }
             return lineStep <= step

@@ -145,8 +145,9 @@ struct Evaluate: ParsableCommand {
             let source: String
             var export: RouterExport?
             // Sniff the magic through a mapping: a checkpoint is read once, by Checkpoint.load.
-            if !isDirectory(file), let mapped = try? MappedFile(path: file), mapped.bytes.starts(with: RouterExport.magic) {
-                let parsed = try RouterExport.parse(Array(mapped.bytes), path: file)
+            if !isDirectory(file), let mapped = try? MappedFile(path: file),
+               withExtendedLifetime(mapped, { mapped.bytes.starts(with: RouterExport.magic) }) {
+                let parsed = try RouterExport.parse(try readFileBytes(file, limit: FileSizeLimit.export), path: file)
                 config = try TrainingConfig.load(file: self.config, overrides: overrides)
                 parameters = parsed.parameters
                 source = self.config
@@ -216,37 +217,42 @@ struct Inspect: ParsableCommand {
                 try inspectStore()
                 return
             }
-            let bytes = try readFileBytes(file)
-            if bytes.starts(with: RouterExport.magic) {
-                let export = try RouterExport.parse(bytes, path: file)
-                let experts = export.expertBits.map { "k\($0.keyBits)v\($0.valueBits)" }.joined(separator: ", ")
-                print("""
-                \(file): MQAE router export version \(export.version), OK (CRC-32 verified)
-                  \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
-                  \(export.parameters.routers) router(s), D = \(export.parameters.inputDim) (router input \(export.routerInput.rawValue)), experts: \(experts)
-                  \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue), hidden width \(export.parameters.hidden)
-                """)
-                return
-            }
-            let parsed = bytes.withUnsafeBytes { buffer in Result { () throws(SafeTensorsError) in try SafeTensorsHeader(file: buffer) } }
-            let header: SafeTensorsHeader
-            switch parsed {
-            case let .success(parsedHeader): header = parsedHeader
-            case let .failure(error): throw StoreError.shard(path: file, error)
-            }
-            if header.metadata["format"] == Checkpoint.format {
-                let checkpoint = try Checkpoint.load(path: file)
-                let layout = checkpoint.setup.layout
-                print("""
-                \(file): moqae checkpoint, OK (checksum verified)
-                  step \(checkpoint.step), epoch \(checkpoint.epoch), batch \(checkpoint.position) of the epoch, AdamW step \(checkpoint.optimizer.step)
-                  \(layout.routers) router(s) × \(checkpoint.parameters.values.count / max(1, layout.routers)) parameters; experts \(checkpoint.setup.experts.map(\.name).joined(separator: ", "))
-                  store: \(checkpoint.config.storePath) (fingerprint \(String(checkpoint.storeFingerprint, radix: 16))), \(layout.layers) layers × \(layout.heads) heads × \(layout.tokens) tokens × \(layout.inputDim) dims (router input \(checkpoint.setup.routerInput.rawValue))
-                """)
-            } else {
-                print("\(file): safetensors, OK: \(header.tensors.count) tensors, \(bytes.count) bytes")
-                for tensor in header.tensors.prefix(20) { print("  \(tensor.name) \(tensor.dtype.rawValue) \(tensor.shape)") }
-            }
+            let mapped = try MappedFile(path: file)
+            try withExtendedLifetime(mapped) { try inspectFile(mapped.bytes) }
+        }
+    }
+
+    /// A checkpoint, an export or a safetensors file, mapped.
+    private func inspectFile(_ bytes: UnsafeRawBufferPointer) throws {
+        if bytes.starts(with: RouterExport.magic) {
+            let export = try RouterExport.parse(try readFileBytes(file, limit: FileSizeLimit.export), path: file)
+            let experts = export.expertBits.map { "k\($0.keyBits)v\($0.valueBits)" }.joined(separator: ", ")
+            print("""
+            \(file): MQAE router export version \(export.version), OK (CRC-32 verified)
+              \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
+              \(export.parameters.routers) router(s), D = \(export.parameters.inputDim) (router input \(export.routerInput.rawValue)), experts: \(experts)
+              \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue), hidden width \(export.parameters.hidden)
+            """)
+            return
+        }
+        let parsed = Result { () throws(SafeTensorsError) in try SafeTensorsHeader(file: bytes) }
+        let header: SafeTensorsHeader
+        switch parsed {
+        case let .success(parsedHeader): header = parsedHeader
+        case let .failure(error): throw StoreError.shard(path: file, error)
+        }
+        if header.metadata["format"] == Checkpoint.format {
+            let checkpoint = try Checkpoint.load(path: file)
+            let layout = checkpoint.setup.layout
+            print("""
+            \(file): moqae checkpoint, OK (checksum verified)
+              step \(checkpoint.step), epoch \(checkpoint.epoch), batch \(checkpoint.position) of the epoch, AdamW step \(checkpoint.optimizer.step)
+              \(layout.routers) router(s) × \(checkpoint.parameters.values.count / max(1, layout.routers)) parameters; experts \(checkpoint.setup.experts.map(\.name).joined(separator: ", "))
+              store: \(checkpoint.config.storePath) (fingerprint \(String(checkpoint.storeFingerprint, radix: 16))), \(layout.layers) layers × \(layout.heads) heads × \(layout.tokens) tokens × \(layout.inputDim) dims (router input \(checkpoint.setup.routerInput.rawValue))
+            """)
+        } else {
+            print("\(file): safetensors, OK: \(header.tensors.count) tensors, \(bytes.count) bytes")
+            for tensor in header.tensors.prefix(20) { print("  \(tensor.name) \(tensor.dtype.rawValue) \(tensor.shape)") }
         }
     }
 

@@ -52,11 +52,14 @@ public struct ProcessResult {
     public let crashed: Bool
     public let stdout: String
     public let stderr: String
+    /// True when the process was still running at its deadline and was killed.
+    public let timedOut: Bool
 }
 
-/// Runs an executable with arguments in `directory`, optionally sending SIGINT once `interruptWhen` holds.
+/// Runs an executable with arguments in `directory`, optionally sending SIGINT once `interruptWhen` holds;
+/// a process still running after `deadline` seconds (a hang) is killed and reported as timed out.
 public func runProcess(_ executable: String, _ arguments: [String], in directory: String? = nil,
-                       interruptWhen: (() -> Bool)? = nil) throws -> ProcessResult {
+                       interruptWhen: (() -> Bool)? = nil, deadline: Double = 300) throws -> ProcessResult {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -71,10 +74,14 @@ public func runProcess(_ executable: String, _ arguments: [String], in directory
         while process.isRunning && !interruptWhen() { usleep(20_000) }
         if process.isRunning { process.interrupt() }
     }
+    let end = Date().addingTimeInterval(deadline)
+    while process.isRunning && Date() < end { usleep(20_000) }
+    let timedOut = process.isRunning
+    if timedOut { kill(process.processIdentifier, SIGKILL) }
     process.waitUntilExit()
     return ProcessResult(status: process.terminationStatus, crashed: process.terminationReason == .uncaughtSignal,
                          stdout: (try? String(contentsOfFile: outFile, encoding: .utf8)) ?? "",
-                         stderr: (try? String(contentsOfFile: errFile, encoding: .utf8)) ?? "")
+                         stderr: (try? String(contentsOfFile: errFile, encoding: .utf8)) ?? "", timedOut: timedOut)
 }
 
 /// The built `moqae-train` next to the test bundle.

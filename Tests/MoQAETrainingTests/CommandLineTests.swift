@@ -20,8 +20,8 @@ import Testing
         """.write(toFile: workspace + "/config.yaml", atomically: true, encoding: .utf8)
     }
 
-    func run(_ arguments: [String], interruptWhen: (() -> Bool)? = nil) throws -> ProcessResult {
-        try runProcess(moqaeTrainExecutable, arguments, in: workspace, interruptWhen: interruptWhen)
+    func run(_ arguments: [String], deadline: Double = 300, interruptWhen: (() -> Bool)? = nil) throws -> ProcessResult {
+        try runProcess(moqaeTrainExecutable, arguments, in: workspace, interruptWhen: interruptWhen, deadline: deadline)
     }
 
     /// A failure must be one `error:` line naming `mentions`, exit status 1, no crash, and no run directory.
@@ -143,5 +143,55 @@ import Testing
         try Data(export).write(to: URL(fileURLWithPath: workspace + "/router.bin"))
         expectCleanFailure(try run(["inspect", "router.bin"]), mentions: ["router.bin", "CRC-32 mismatch"])
         expectCleanFailure(try run(["eval", "router.bin", "--config", "config.yaml"]), mentions: ["router.bin", "CRC-32 mismatch"])
+    }
+
+    /// A FIFO (or a directory) wherever a file is read is refused at once, without waiting for a writer.
+    @Test func nonRegularFilesAreRefusedWithoutBlocking() throws {
+        func fifo(_ name: String) throws {
+            unlink(workspace + "/" + name)
+            try #require(mkfifo(workspace + "/" + name, 0o644) == 0)
+        }
+        func expectRefused(_ arguments: [String], _ mentions: [String], sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let result = try run(arguments, deadline: 60)
+            #expect(!result.timedOut, "\(arguments) blocked", sourceLocation: sourceLocation)
+            expectCleanFailure(result, mentions: mentions, sourceLocation: sourceLocation)
+        }
+        try fifo("fifo.yaml")
+        try expectRefused(["--config", "fifo.yaml"], ["fifo.yaml", "is a FIFO, expected a regular file"])
+        try fifo("router.bin")
+        try expectRefused(["eval", "router.bin", "--config", "config.yaml"], ["router.bin", "is a FIFO"])
+        try expectRefused(["inspect", "router.bin"], ["router.bin", "is a FIFO"])
+        try expectRefused(["export", "router.bin"], ["router.bin", "is a FIFO"])
+        #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
+        try fifo("run/ckpt-000000009.safetensors")                   // newer than the real step-0 checkpoint
+        let resumed = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "1"], deadline: 60)
+        #expect(!resumed.timedOut && resumed.status == 0, "\(resumed.stderr)")
+        #expect(resumed.stderr.contains("skipped damaged checkpoint run/ckpt-000000009.safetensors: cannot read: run/ckpt-000000009.safetensors: is a FIFO"))
+        try FileManager.default.removeItem(atPath: store + "/manifest.json")
+        try fifo("store/manifest.json")
+        try expectRefused(["inspect", "store"], ["store/manifest.json", "is a FIFO"])
+    }
+
+    /// Files read whole have caps that follow from their format, checked before anything is read.
+    @Test func oversizedFilesAreRefusedBeforeReading() throws {
+        for (name, size) in [("huge.yaml", FileSizeLimit.config + 1), ("store/manifest.json", FileSizeLimit.manifest + 1)] {
+            let fd = open(workspace + "/" + name, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            try #require(fd >= 0 && ftruncate(fd, off_t(size)) == 0)   // sparse: no disk used
+            close(fd)
+        }
+        expectCleanFailure(try run(["--config", "huge.yaml"]), mentions: ["huge.yaml", "more than the \(FileSizeLimit.config)"])
+        expectCleanFailure(try run(["inspect", "store"]), mentions: ["store/manifest.json", "more than the \(FileSizeLimit.manifest)"])
+    }
+
+    @Test func messagesNameWhatIsWrong() throws {
+        try "plain text, not a tensor file".write(toFile: workspace + "/notes.txt", atomically: true, encoding: .utf8)
+        expectCleanFailure(try run(["inspect", "notes.txt"]), mentions: ["notes.txt", "not a safetensors file"])
+        expectCleanFailure(try run(["eval", "notes.txt"]), mentions: ["notes.txt", "not a safetensors file"])
+        expectCleanFailure(try run(["--config", "config.yaml", "--set", "store=nowhere"]), mentions: ["nowhere", "no such store directory"])
+        expectCleanFailure(try run(["--config", "config.yaml", "--set", "store=config.yaml"]), mentions: ["config.yaml", "is a file, expected a store directory"])
+        #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
+        let export = try run(["export", "run", "--out", "missing/router.bin"])
+        expectCleanFailure(export, mentions: ["missing/router.bin: create failed"])
+        #expect(!export.stderr.contains(".tmp-"), "names the temporary file: \(export.stderr)")
     }
 }

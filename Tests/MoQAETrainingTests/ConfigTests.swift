@@ -50,6 +50,9 @@ import Testing
         ("data:\n  calibration_fraction: 0.7\n  validation_fraction: 0.7\n", "data.validation_fraction: calibration_fraction + validation_fraction must be at most 1"),
         ("- a\n", "expected a mapping of keys at the top level"),
         ("train: [\n", "not valid YAML"),
+        ("train:\n  lr: !!python/object:os.system 1e-4\n", "test.yaml:2: train.lr: YAML tag tag:yaml.org,2002:python/object:os.system is not supported"),
+        ("router:\n  experts: [fp16, !x int2]\n", "test.yaml:2: router.experts: YAML tag !x is not supported"),
+        ("train:\n  max_steps: 4294967296\n", "test.yaml:2: train.max_steps: expected null or an integer in 0...2147483647"),
     ])
     func rejectsWithKeyAndLine(yaml: String, expected: String) throws {
         let message = try #require(error(yaml))

@@ -9,6 +9,7 @@ W2 (D×H), W3 (H×M) row-major, and a CRC-32 of everything before it.
 """
 import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -47,13 +48,34 @@ class RouterExport:
         return layer // self.group_size
 
 
-def read_export(path):
-    """Reads and checks an export: magic, version, dtype, exact size, CRC, header fields, finite weights."""
+EXPORT_LIMIT = 64 << 20     # bytes: a thousand routers of D = 512, M = 8 in binary32 fit (the trainer's cap too)
+
+
+def read_regular_file(path, limit, magic, wrong_magic):
+    """The bytes of a regular file of at most `limit` bytes that starts with `magic`; anything else is
+    refused before it is read (opening never blocks: a FIFO is refused rather than waited on)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise CalibError(f"{path}: cannot read ({error.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+        raise CalibError(f"{path}: is {kind}, expected a regular file")
+    with os.fdopen(fd, "rb") as f:
+        size = info.st_size
+        if size > limit:
+            raise CalibError(f"{path}: is {size} bytes, more than the {limit} this file may hold")
+        start = f.read(len(magic))
+        if start != magic and len(start) == len(magic):
+            raise CalibError(f"{path}: {wrong_magic}")
+        return start + f.read()
+
+
+def read_export(path):
+    """Reads and checks an export: magic, version, dtype, exact size, CRC, header fields, finite weights."""
+    data = read_regular_file(path, EXPORT_LIMIT, b"MQAE", "not a router export (magic is not MQAE)")
     if len(data) < HEADER.size + 4:
         raise CalibError(f"{path}: {len(data)} bytes, too small for a router export")
     magic, version, dtype, M, D, R, N, G, L, H, flags, reserved = HEADER.unpack_from(data)

@@ -167,3 +167,22 @@ def test_paired_difference_is_the_mean_of_per_window_differences_with_its_interv
     assert math.isclose(d["mean"], differences.mean().item())
     assert all(math.isclose(x, y) for x, y in zip(d["ci95"], [d["mean"] - half, d["mean"] + half]))
     assert math.isclose(d["percent_of_fp16"], 50 * d["mean"]) and d["verdict"] == "router is better"
+
+
+def test_exports_that_are_not_regular_files_or_too_large_are_refused_before_reading(tmp_path):
+    fifo = tmp_path / "router.bin"
+    os.mkfifo(fifo)
+    with pytest.raises(CalibError, match="router.bin: is a FIFO, expected a regular file"):
+        read_export(str(fifo))                      # would block in open() without O_NONBLOCK
+    with pytest.raises(CalibError, match="is a directory"):
+        read_export(str(tmp_path))
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as f:
+        f.write(b"MQAE")
+        f.truncate((64 << 20) + 1)                  # sparse
+    with pytest.raises(CalibError, match=r"huge.bin: is 67108865 bytes, more than the 67108864"):
+        read_export(str(huge))
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"plain text" * 10)
+    with pytest.raises(CalibError, match="magic is not MQAE"):
+        read_export(str(text))
