@@ -12,6 +12,23 @@ struct MoQAETrain: ParsableCommand {
         abstract: "Train MoQAE routers that pick a KV-cache bit-width for every chunk of tokens.",
         subcommands: [Train.self, Export.self, Evaluate.self, Inspect.self, Synth.self],
         defaultSubcommand: Train.self)
+
+    /// Parses and runs the command. A usage error (unknown option, missing or malformed value) is one
+    /// `error:` line on stderr with exit status 64; errors in data and config are one line with status 1
+    /// (`reportingErrors`); `--help` prints the usage and exits 0.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let exit as ExitCode {
+            Self.exit(withError: exit)
+        } catch {
+            guard exitCode(for: error) != .success else { Self.exit(withError: error) }   // --help
+            let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
+            FileHandle.standardError.write(Data("error: \(message) (moqae-train --help for usage)\n".utf8))
+            Self.exit(withError: ExitCode.validationFailure)
+        }
+    }
 }
 
 /// Runs `body`, turning any error into one line on stderr and exit status 1. A write past the
@@ -51,6 +68,12 @@ struct Train: ParsableCommand {
 
     @Option(help: "Stop after this many steps in all (same as --set train.max_steps=N); 0 writes the initial checkpoint and exits.")
     var maxSteps: Int?
+
+    func validate() throws {
+        if let maxSteps, maxSteps < 0 || maxSteps > Int(Int32.max) {
+            throw ValidationError("--max-steps must be in 0...\(Int32.max), got \(maxSteps)")
+        }
+    }
 
     func run() throws {
         try reportingErrors {

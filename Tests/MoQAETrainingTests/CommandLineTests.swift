@@ -194,4 +194,19 @@ import Testing
         expectCleanFailure(export, mentions: ["missing/router.bin: create failed"])
         #expect(!export.stderr.contains(".tmp-"), "names the temporary file: \(export.stderr)")
     }
+
+    /// Usage errors are one line with status 64; data and config errors one line with status 1.
+    @Test func usageErrorsAreOneLine() throws {
+        for arguments in [["--bogus"], ["--max-steps", "-1"], ["--max-steps=-1"], ["export", "run", "--dtype", "f64"],
+                          ["synth", "--sequences", "0", "--out", "synthetic"], ["export"], ["eval"]] {
+            let result = try run(arguments)
+            #expect(!result.crashed && result.status == 64, "\(arguments): status \(result.status)")
+            let lines = result.stderr.split(separator: "\n")
+            #expect(lines.count == 1 && lines[0].hasPrefix("error: ") && lines[0].hasSuffix("(moqae-train --help for usage)"),
+                    "\(arguments): \(result.stderr)")
+        }
+        #expect(!fileExists(workspace + "/synthetic") && !fileExists(workspace + "/run"))
+        let help = try run(["train", "--help"])
+        #expect(help.status == 0 && help.stdout.contains("USAGE: moqae-train train"))
+    }
 }
