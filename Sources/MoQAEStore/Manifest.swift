@@ -179,6 +179,9 @@ extension Manifest {
             }
             experts.append(expert)
         }
+        guard experts.contains(where: \.isUnquantized) else {
+            throw ManifestError(key: "experts", reason: "no expert has 16 key and 16 value bits; delta_nll is measured against one, and reports call it fp16")
+        }
 
         let sensitivity = try reader.string("sensitivity")
         guard sensitivities.contains(sensitivity) else {

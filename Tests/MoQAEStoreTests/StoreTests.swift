@@ -85,6 +85,16 @@ import Testing
             }),
             ("model.head_dim", { $0 = $0.replacingOccurrences(of: #""head_dim":8"#, with: #""head_dim":"8""#) }),
             ("shape", { $0 = $0.replacingOccurrences(of: #""num_layers":4"#, with: #""num_layers":3"#) }),
+            ("no expert has 16 key and 16 value bits", { text in   // fp16 declared as 8/8: reports would call it fp16
+                let json = try! JSON.parse(text)
+                let edited = json.objectValue!.map { key, value -> (String, JSON) in
+                    guard key == "experts" else { return (key, value) }
+                    return (key, .array(value.arrayValue!.map { expert in
+                        .object(expert.objectValue!.map { field, bits in field.hasSuffix("_bits") && bits == .number("16") ? (field, .number("8")) : (field, bits) })
+                    }))
+                }
+                text = JSON.object(edited).serialized
+            }),
             ("expected a file name", { $0 = $0.replacingOccurrences(of: #""shard-00000.safetensors""#, with: #""../shard-00000.safetensors""#) }),
             ("not listed in the manifest", { text in
                 let json = try! JSON.parse(text)
