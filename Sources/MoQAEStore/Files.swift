@@ -199,6 +199,11 @@ public enum FileSizeLimit {
 
 public func fileExists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
+public func isRegularFile(_ path: String) -> Bool {
+    var info = stat()
+    return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG
+}
+
 public func isDirectory(_ path: String) -> Bool {
     var info = stat()
     return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR

@@ -212,13 +212,19 @@ public struct CheckpointDirectory {
 
     public init(path: String) { self.path = path }
 
+    /// The step of a file named like a checkpoint (`ckpt-NNNNNNNNN.safetensors`), or nil.
+    public static func step(ofFileNamed name: String) -> Int? {
+        guard name.hasPrefix("ckpt-"), name.hasSuffix(".safetensors") else { return nil }
+        let digits = name.dropFirst(5).dropLast(12)
+        guard !digits.isEmpty, digits.allSatisfy({ ("0"..."9").contains($0) }) else { return nil }
+        return Int(digits)
+    }
+
     /// `(step, path)` of every file named like a checkpoint, newest first.
     public func candidates() -> [(step: Int, path: String)] {
         let names = (try? listDirectory(path)) ?? []
         return names.compactMap { name -> (Int, String)? in
-            guard name.hasPrefix("ckpt-"), name.hasSuffix(".safetensors"),
-                  let step = Int(name.dropFirst(5).dropLast(12)) else { return nil }
-            return (step, path + "/" + name)
+            CheckpointDirectory.step(ofFileNamed: name).map { ($0, path + "/" + name) }
         }.sorted { $0.0 > $1.0 }
     }
 
@@ -231,13 +237,16 @@ public struct CheckpointDirectory {
         return nil
     }
 
-    /// Deletes the temporary files of atomic writes that a crash interrupted (`NAME.tmp-PID`: checkpoints,
-    /// logs being truncated, exports); returns their names.
+    /// Deletes the temporary files of the trainer's own atomic writes that a crash interrupted
+    /// (`NAME.tmp-PID` where NAME is a checkpoint or a log); returns their names. Other files, a user's
+    /// or an export's, are left alone. Call it holding the run directory's lock, so that no live trainer
+    /// is writing them.
     public func removeInterruptedWrites() throws(FileError) -> [String] {
         let names = ((try? listDirectory(path)) ?? []).filter { name in
             guard let marker = name.range(of: ".tmp-", options: .backwards) else { return false }
-            let pid = name[marker.upperBound...]
-            return !pid.isEmpty && pid.allSatisfy { ("0"..."9").contains($0) }
+            let pid = name[marker.upperBound...], target = String(name[..<marker.lowerBound])
+            guard !pid.isEmpty, pid.allSatisfy({ ("0"..."9").contains($0) }) else { return false }
+            return target == "metrics.jsonl" || target == "eval.jsonl" || CheckpointDirectory.step(ofFileNamed: target) != nil
         }
         for name in names {
             guard unlink(path + "/" + name) == 0 else { throw FileError(path: path + "/" + name, operation: "delete") }

@@ -50,6 +50,8 @@ public final class Trainer {
     private let progress: ProgressReporter
     private let metricsPath: String
     private let evalPath: String
+    /// Held from the first write into the run directory until the trainer goes away.
+    private let lock: RunLock?
 
     public var stepsPerEpoch: Int { (data.calibration.count + config.batchSize - 1) / config.batchSize }
     public var totalSteps: Int { min(config.maxSteps ?? Int.max, config.epochs * stepsPerEpoch) }
@@ -65,8 +67,27 @@ public final class Trainer {
         let runDirectory = config.runDirectory
         metricsPath = runDirectory + "/metrics.jsonl"
         evalPath = runDirectory + "/eval.jsonl"
+        // Everything the config and the run directory can be refused for is checked before anything is written.
+        budget = config.targetBits.map { BitsBudget(targetBits: $0, rate: config.budgetRate) }
+        if let budget {
+            let reachable = BitsBudget.reachableBits(setup: data.setup)
+            guard reachable.contains(budget.targetBits) else {
+                throw .config(ConfigError(location: configSource, key: "router.target_bits",
+                                          reason: String(format: "%g is outside the %.3f...%.3f average payload bits that experts %@ can give here (chunk 0 frozen at 16 bits: %@)",
+                                                         budget.targetBits, reachable.lowerBound, reachable.upperBound,
+                                                         config.expertNames.joined(separator: ", "), config.freezeFirstChunk ? "yes" : "no")))
+            }
+        }
+        try Trainer.checkRunDirectory(runDirectory)
 
+        var resume = resume
+        if resume == .latest, CheckpointDirectory(path: runDirectory).candidates().isEmpty, !fileExists(metricsPath) {
+            progress.log("\(runDirectory) holds no checkpoint and no log yet: starting the run")
+            resume = nil
+        }
         if let resume {
+            // Locked before the checkpoint is chosen, so that a second trainer says nothing but that it is refused.
+            var held = isDirectory(runDirectory) ? try RunLock(directory: runDirectory) : nil
             let checkpoint: Checkpoint
             switch resume {
             case .latest:
@@ -84,11 +105,11 @@ public final class Trainer {
             state = checkpoint
             state.config = config
             state.optimizer.settings = config.optimizer
+            do { try makeDirectories(runDirectory) } catch { throw .file(error) }
+            if held == nil { held = try RunLock(directory: runDirectory) }
+            lock = held
+            try Trainer.removeInterruptedWrites(runDirectory, progress: progress)
             do {
-                try makeDirectories(runDirectory)
-                for name in try CheckpointDirectory(path: runDirectory).removeInterruptedWrites() {
-                    progress.log("removed \(name), left by a write that a crash interrupted")
-                }
                 try Trainer.truncateLog(metricsPath, afterStep: checkpoint.step)
                 try Trainer.truncateLog(evalPath, afterStep: checkpoint.step)
             } catch { throw .file(error) }
@@ -97,6 +118,8 @@ public final class Trainer {
                 throw .run("\(runDirectory) already holds a run; pass --resume latest to continue it, or set run_dir to a new directory")
             }
             do { try makeDirectories(runDirectory) } catch { throw .file(error) }
+            lock = try RunLock(directory: runDirectory)
+            try Trainer.removeInterruptedWrites(runDirectory, progress: progress)
             var random = RandomGenerator(seed: config.seed)
             let layout = data.layout
             let parameters = RouterParameters.initialized(routers: layout.routers, inputDim: layout.inputDim,
@@ -108,14 +131,26 @@ public final class Trainer {
         }
         random = state.epochRandom
         order = random.permutation(data.calibration.count)
-        budget = config.targetBits.map { BitsBudget(targetBits: $0, rate: config.budgetRate) }
-        if let budget {
-            let reachable = BitsBudget.reachableBits(setup: data.setup)
-            guard reachable.contains(budget.targetBits) else {
-                throw .config(ConfigError(location: configSource, key: "router.target_bits",
-                                          reason: String(format: "%g is outside the %.3f...%.3f average payload bits that experts %@ can give here (chunk 0 frozen at 16 bits: %@)",
-                                                         budget.targetBits, reachable.lowerBound, reachable.upperBound,
-                                                         config.expertNames.joined(separator: ", "), config.freezeFirstChunk ? "yes" : "no")))
+    }
+
+    private static func removeInterruptedWrites(_ directory: String, progress: ProgressReporter) throws(TrainingError) {
+        do {
+            for name in try CheckpointDirectory(path: directory).removeInterruptedWrites() {
+                progress.log("removed \(name), left by a write that a crash interrupted")
+            }
+        } catch { throw .file(error) }
+    }
+
+    /// Refuses a run directory that is not a directory, or that holds something other than a regular file
+    /// where the trainer writes one (a checkpoint or a log).
+    static func checkRunDirectory(_ path: String) throws(TrainingError) {
+        guard fileExists(path) else { return }
+        guard isDirectory(path) else { throw .run("\(path): run_dir is a file, expected a directory (or a path to create)") }
+        let names: [String]
+        do { names = try listDirectory(path) } catch { throw .file(error) }
+        for name in names where name == "metrics.jsonl" || name == "eval.jsonl" || CheckpointDirectory.step(ofFileNamed: name) != nil {
+            guard isRegularFile(path + "/" + name) else {
+                throw .run("\(path)/\(name): not a regular file, where moqae-train writes its \(name.hasSuffix(".jsonl") ? "log" : "checkpoint")")
             }
         }
     }
@@ -141,6 +176,18 @@ public final class Trainer {
         }
         if checkpoint.storeFingerprint != data.store.fingerprint {
             progress.log("warning: the store's content differs from the one the checkpoint trained on (fingerprint \(String(checkpoint.storeFingerprint, radix: 16)) -> \(String(data.store.fingerprint, radix: 16)))")
+        }
+    }
+
+    /// Whether eval.jsonl holds a validation report of `step`.
+    private func hasValidationReport(atStep step: Int) throws(TrainingError) -> Bool {
+        guard fileExists(evalPath) else { return false }
+        let file: MappedFile
+        do { file = try MappedFile(path: evalPath) } catch { throw .file(error) }
+        return withExtendedLifetime(file) {
+            String(decoding: file.bytes, as: UTF8.self).split(separator: "\n").contains { line in
+                (try? JSON.parse(String(line)))?["step"]?.intValue == step
+            }
         }
     }
 
@@ -171,12 +218,23 @@ public final class Trainer {
     public func run(shouldStop: () -> Bool = { false }) throws(TrainingError) -> TrainingOutcome {
         let layout = data.layout
         guard state.step < totalSteps else {
-            progress.log("the run is already at step \(state.step) of \(totalSteps): nothing to train (moqae-train eval shows its report)")
+            if try hasValidationReport(atStep: state.step) {
+                progress.log("the run is already at step \(state.step) of \(totalSteps): nothing to train (moqae-train eval shows its report)")
+            } else {
+                progress.log("the run is at step \(state.step) of \(totalSteps) but its final validation report is missing: writing it")
+                try evaluate()
+            }
             return .finished
+        }
+        // Step 0 is checkpointed before any step, so that a run stopped before its first periodic
+        // checkpoint can always be resumed.
+        var lastCheckpointStep = -1
+        if state.step == 0 {
+            try writeCheckpoint()
+            lastCheckpointStep = 0
         }
         progress.begin(total: totalSteps, done: state.step)
         progress.log("training \(layout.routers) router(s) on \(data.calibration.count) calibration sequences (\(stepsPerEpoch) steps per epoch), validating on \(data.validation.count); \(state.parameters.values.count) parameters")
-        var lastCheckpointStep = -1
         while state.step < totalSteps {
             try step()
             if config.evalEvery > 0, state.step % config.evalEvery == 0, state.step < totalSteps { try evaluate() }

@@ -56,10 +56,11 @@ public struct ProcessResult {
     public let timedOut: Bool
 }
 
-/// Runs an executable with arguments in `directory`, optionally sending SIGINT once `interruptWhen` holds;
-/// a process still running after `deadline` seconds (a hang) is killed and reported as timed out.
+/// Runs an executable with arguments in `directory`, optionally sending `signal` (SIGINT by default) once
+/// `interruptWhen` holds; a process still running after `deadline` seconds (a hang) is killed and reported
+/// as timed out.
 public func runProcess(_ executable: String, _ arguments: [String], in directory: String? = nil,
-                       interruptWhen: (() -> Bool)? = nil, deadline: Double = 300) throws -> ProcessResult {
+                       interruptWhen: (() -> Bool)? = nil, signal: Int32 = SIGINT, deadline: Double = 300) throws -> ProcessResult {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -72,7 +73,7 @@ public func runProcess(_ executable: String, _ arguments: [String], in directory
     try process.run()
     if let interruptWhen {
         while process.isRunning && !interruptWhen() { usleep(20_000) }
-        if process.isRunning { process.interrupt() }
+        if process.isRunning { kill(process.processIdentifier, signal) }
     }
     let end = Date().addingTimeInterval(deadline)
     while process.isRunning && Date() < end { usleep(20_000) }

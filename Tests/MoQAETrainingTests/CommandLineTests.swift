@@ -20,8 +20,14 @@ import Testing
         """.write(toFile: workspace + "/config.yaml", atomically: true, encoding: .utf8)
     }
 
-    func run(_ arguments: [String], deadline: Double = 300, interruptWhen: (() -> Bool)? = nil) throws -> ProcessResult {
-        try runProcess(moqaeTrainExecutable, arguments, in: workspace, interruptWhen: interruptWhen, deadline: deadline)
+    func run(_ arguments: [String], deadline: Double = 300, signal: Int32 = SIGINT,
+             interruptWhen: (() -> Bool)? = nil) throws -> ProcessResult {
+        try runProcess(moqaeTrainExecutable, arguments, in: workspace, interruptWhen: interruptWhen, signal: signal, deadline: deadline)
+    }
+
+    /// Lines of a run's log (metrics.jsonl or eval.jsonl); 0 when it does not exist.
+    func logLines(_ name: String) -> [Substring] {
+        ((try? String(contentsOfFile: workspace + "/run/" + name, encoding: .utf8)) ?? "").split(separator: "\n")
     }
 
     /// A failure must be one `error:` line naming `mentions`, exit status 1, no crash, and no run directory.
@@ -164,9 +170,12 @@ import Testing
         try expectRefused(["export", "router.bin"], ["router.bin", "is a FIFO"])
         #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
         try fifo("run/ckpt-000000009.safetensors")                   // newer than the real step-0 checkpoint
-        let resumed = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "1"], deadline: 60)
-        #expect(!resumed.timedOut && resumed.status == 0, "\(resumed.stderr)")
-        #expect(resumed.stderr.contains("skipped damaged checkpoint run/ckpt-000000009.safetensors: cannot read: run/ckpt-000000009.safetensors: is a FIFO"))
+        try expectRefused(["--config", "config.yaml", "--resume", "latest"],
+                          ["run/ckpt-000000009.safetensors: not a regular file, where moqae-train writes its checkpoint"])
+        try expectRefused(["inspect", "run/ckpt-000000009.safetensors"], ["is a FIFO"])
+        let evaluated = try run(["eval", "run"], deadline: 60)
+        #expect(!evaluated.timedOut && evaluated.status == 0, "\(evaluated.stderr)")
+        #expect(evaluated.stderr.contains("skipped damaged checkpoint run/ckpt-000000009.safetensors: cannot read: run/ckpt-000000009.safetensors: is a FIFO"))
         try FileManager.default.removeItem(atPath: store + "/manifest.json")
         try fifo("store/manifest.json")
         try expectRefused(["inspect", "store"], ["store/manifest.json", "is a FIFO"])
@@ -208,5 +217,66 @@ import Testing
         #expect(!fileExists(workspace + "/synthetic") && !fileExists(workspace + "/run"))
         let help = try run(["train", "--help"])
         #expect(help.status == 0 && help.stdout.contains("USAGE: moqae-train train"))
+    }
+
+    /// Refusals come before any write: no run directory is created or changed.
+    @Test func badRunsWriteNothing() throws {
+        expectCleanFailure(try run(["--config", "config.yaml", "--set", "router.target_bits=1.0"]), mentions: ["router.target_bits", "outside"])
+        #expect(!fileExists(workspace + "/run"))
+        try "a file".write(toFile: workspace + "/run", atomically: true, encoding: .utf8)
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["run: run_dir is a file"])
+        try FileManager.default.removeItem(atPath: workspace + "/run")
+        try FileManager.default.createDirectory(atPath: workspace + "/run/ckpt-000000004.safetensors", withIntermediateDirectories: true)
+        expectCleanFailure(try run(["--config", "config.yaml"]), mentions: ["run/ckpt-000000004.safetensors: not a regular file"])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: workspace + "/run") == ["ckpt-000000004.safetensors"])
+    }
+
+    /// A run killed before its first periodic checkpoint resumes from step 0; an empty run directory
+    /// (a first checkpoint that failed to write) is started by --resume latest.
+    @Test func aRunKilledBeforeItsFirstCheckpointResumes() throws {
+        let killed = try run(["--config", "config.yaml", "--set", "checkpoint.every_steps=1000"], signal: SIGKILL) {
+            !self.logLines("metrics.jsonl").isEmpty
+        }
+        #expect(killed.crashed)
+        #expect(CheckpointDirectory(path: workspace + "/run").candidates().map(\.step) == [0])
+        let resumed = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "3"])
+        #expect(resumed.status == 0 && resumed.stderr.contains("resuming from run/ckpt-000000000.safetensors (step 0)"), "\(resumed.stderr)")
+        #expect(logLines("metrics.jsonl").count == 3)
+
+        try FileManager.default.removeItem(atPath: workspace + "/run")
+        try FileManager.default.createDirectory(atPath: workspace + "/run", withIntermediateDirectories: true)
+        let started = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "2"])
+        #expect(started.status == 0 && started.stderr.contains("holds no checkpoint and no log yet: starting the run"), "\(started.stderr)")
+    }
+
+    /// A run stopped after its last step but before its final report writes the report when resumed.
+    @Test func theFinalReportIsNeverLost() throws {
+        let finished = try run(["--config", "config.yaml", "--max-steps", "4"])    // every_steps 4: checkpoint 4 in the loop
+        #expect(finished.status == 0, "\(finished.stderr)")
+        let reports = logLines("eval.jsonl")
+        #expect(reports.count == 1 && reports[0].contains("\"step\":4"))
+        try "".write(toFile: workspace + "/run/eval.jsonl", atomically: true, encoding: .utf8)   // as a kill before the report
+        let resumed = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "4"])
+        #expect(resumed.status == 0 && resumed.stderr.contains("final validation report is missing: writing it"), "\(resumed.stderr)")
+        #expect(logLines("eval.jsonl") == reports)
+        let again = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "4"])
+        #expect(again.stderr.contains("nothing to train") && logLines("eval.jsonl") == reports)
+    }
+
+    /// One trainer per run directory; --resume latest removes only the trainer's own temporary files.
+    @Test func aSecondTrainerIsRefusedAndOthersFilesAreKept() throws {
+        #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
+        let own = workspace + "/run/ckpt-000000008.safetensors.tmp-999999", users = workspace + "/run/notes.tmp-123"
+        for path in [own, users] { try "x".write(toFile: path, atomically: false, encoding: .utf8) }
+        var second: ProcessResult?
+        let first = try run(["--config", "config.yaml", "--resume", "latest"]) {
+            guard !self.logLines("metrics.jsonl").isEmpty else { return false }
+            second = try? self.run(["--config", "config.yaml", "--resume", "latest"])
+            return true
+        }
+        #expect(first.status == 130, "\(first.stderr)")
+        let refused = try #require(second)
+        expectCleanFailure(refused, mentions: ["run: another moqae-train (process", "is using this run directory"])
+        #expect(!fileExists(own) && fileExists(users))
     }
 }
