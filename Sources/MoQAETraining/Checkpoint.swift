@@ -116,10 +116,16 @@ public struct Checkpoint: Equatable {
             throw fail("checksum mismatch: the file is damaged")
         }
         #endif
-        func integer(_ key: String) throws(CheckpointError) -> Int {
-            guard let text = metadata[key], let value = Int(text), value >= 0 else { throw fail("metadata \(key) is not a non-negative integer") }
+        /// Steps are capped as train.max_steps is; the counters below follow from the step.
+        func integer(_ key: String, max: Int = Int(Int32.max)) throws(CheckpointError) -> Int {
+            guard let text = metadata[key], let value = Int(text), (0...max).contains(value) else {
+                throw fail("metadata \(key) is not an integer in 0...\(max)")
+            }
             return value
         }
+        let step = try integer("step")
+        let counters = (adam: try integer("adam_step", max: step), epoch: try integer("epoch", max: step),
+                        position: try integer("position", max: step))
         let config: TrainingConfig
         do { config = try TrainingConfig.load(yaml: metadata["config"] ?? "", source: "\(path) (stored config)") } catch { throw fail("\(error)") }
         let setup = try parseRouting(metadata["routing"] ?? "", fail: fail)
@@ -159,8 +165,8 @@ public struct Checkpoint: Equatable {
         }
         guard header.tensors.count == 3 * parameters.table.count else { throw fail("holds tensors beyond the routers and their moments") }
         return Checkpoint(parameters: parameters,
-                          optimizer: AdamW(settings: config.optimizer, step: try integer("adam_step"), m: m, v: v),
-                          step: try integer("step"), epoch: try integer("epoch"), position: try integer("position"),
+                          optimizer: AdamW(settings: config.optimizer, step: counters.adam, m: m, v: v),
+                          step: step, epoch: counters.epoch, position: counters.position,
                           epochRandom: RandomGenerator(state: (words[0], words[1], words[2], words[3])),
                           lambda: lambda, config: config, setup: setup, storeFingerprint: fingerprint)
     }

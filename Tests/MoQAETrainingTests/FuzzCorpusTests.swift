@@ -36,6 +36,7 @@ import Testing
 
     @Test(arguments: ["safetensors", "manifest", "config", "checkpoint", "export"])
     func reproducersAreRejected(target: String) throws {
+        #expect(!Self.files("Regressions", target).isEmpty, "Fuzz/Regressions/\(target) holds no reproducer")
         for path in Self.files("Regressions", target) {
             #expect(throws: (any Error).self, "\(path)") { try Self.parse(target, try readFileBytes(path, limit: 1 << 26), path: path) }
         }

@@ -134,6 +134,27 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
 
     /// A checkpoint written before router inputs other than the key (the fuzzers' seed is one) has no
     /// head_dim or router_input: it reads as key routers whose head dimension is the input width.
+    /// A checkpoint whose counters were forged and its checksum recomputed is refused, not trusted into
+    /// arithmetic that traps: each counter has the range the step implies, and the step that of max_steps.
+    @Test func forgedCountersAreRefusedEvenWithAValidChecksum() throws {
+        let trainer = try train(try smallConfig(store: store, run: makeTemporaryDirectory("run"), ["train.max_steps=3"]))
+        let directory = makeTemporaryDirectory("forged")
+        let optimizer = trainer.state.optimizer
+        let forgeries: [(String, (inout Checkpoint) -> Void)] = [
+            ("step", { $0.step = Int(Int64.max) - 1 }),
+            ("adam_step", { $0.optimizer = AdamW(settings: optimizer.settings, step: Int(Int64.max) - 1, m: optimizer.m, v: optimizer.v) }),
+            ("epoch", { $0.epoch = 4 }),
+            ("position", { $0.position = Int(Int64.max) }),
+        ]
+        for (key, forge) in forgeries {
+            var forged = trainer.state
+            forge(&forged)
+            let path = directory + "/\(key).safetensors"
+            try forged.write(to: path)
+            #expect { _ = try Checkpoint.load(path: path) } throws: { "\($0)".contains("metadata \(key) is not an integer in 0...") }
+        }
+    }
+
     @Test func checkpointsWithoutRouterInputReadAsKeyRouters() throws {
         let path = FuzzCorpusTests.fuzzDirectory + "/Corpus/checkpoint/default-320.safetensors"
         let checkpoint = try Checkpoint.load(path: path)
