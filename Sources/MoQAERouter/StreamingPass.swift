@@ -66,6 +66,9 @@ public final class StreamingPass {
     private var chunkLogits: [Float], maxTokens: [Int]
     /// `[router][unit]` decisions of the current sequence.
     public private(set) var decisions: [[Int]]
+    /// Set by `process` when a block's token probabilities are not all finite: its inputs hold a NaN or
+    /// an infinity (a cheap check, M values per token, as each block is used).
+    public private(set) var sawNonFiniteInputs = false
     private var loss = LossSettings(lambda: 0)
     private var sensitivity: SensitivityTable?
     /// Over the sequence. Paper: Σ_u P_u[R_u] / B_{R_u} and Σ_u P_u[R_u] · B_{R_u}.
@@ -112,6 +115,7 @@ public final class StreamingPass {
     public func begin(parameters: RouterParameters, loss: LossSettings, sensitivity: SensitivityTable?) {
         self.loss = loss
         self.sensitivity = sensitivity
+        sawNonFiniteInputs = false
         precondition(parameters.hidden == H && parameters.experts == M, "weights of hidden width \(parameters.hidden) for a pass of \(H)")
         for r in 0..<layout.routers {
             let (e1, e2, e3) = (parameters.entry(router: r, "w1"), parameters.entry(router: r, "w2"), parameters.entry(router: r, "w3"))
@@ -165,6 +169,7 @@ public final class StreamingPass {
             }
             moqae_router_forward(x.baseAddress!, rows, D, M, H, w12t.baseAddress! + router * 2 * H * D, w3, stride,
                                  ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, wideTiles, prefetch?.baseAddress, forwardPrefetch)
+            if !(0..<M).allSatisfy({ j in (0..<rows).allSatisfy { p[j * stride + $0].isFinite } }) { sawNonFiniteInputs = true }
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
                 let choice: Int

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 /// Why a calibration store could not be opened or read; every case names the file.
 public enum StoreError: Error, CustomStringConvertible {
     case file(FileError)
@@ -163,6 +168,18 @@ public final class CalibrationStore: @unchecked Sendable {
         let start = bytes.baseAddress! - shards[sequence.shard].bytes.baseAddress!
         shards[sequence.shard].populate(start..<(start + bytes.count))
         return bytes
+    }
+
+    /// Throws if the shard holding a sequence no longer has the size it had when it was mapped: a shard
+    /// truncated while in use would fault (SIGBUS) on its first page past the new end. Called before each
+    /// block is read, it turns that into an error (a truncation between the check and the read remains
+    /// a race, of one block's time).
+    public func checkShardIntact(_ sequence: Sequence) throws(StoreError) {
+        let shard = shards[sequence.shard]
+        var info = stat()
+        guard stat(shard.path, &info) == 0, Int(info.st_size) == shard.bytes.count else {
+            throw .file(FileError(path: shard.path, refusal: "changed size while in use (mapped \(shard.bytes.count) bytes, now \(info.st_size)); the store was modified during the run"))
+        }
     }
 
     /// Asks the kernel to read a layer's inputs ahead of use.

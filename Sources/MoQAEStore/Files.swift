@@ -107,6 +107,22 @@ public final class MappedFile: @unchecked Sendable {
     }
 }
 
+/// The line a SIGBUS prints: a mapped file that shrank under the process (another program truncated it)
+/// faults on the first page read past its new end. Stores check their shards' sizes before each block,
+/// so the fault is the backstop for a truncation that lands between a check and a read.
+nonisolated(unsafe) private var mappedFileFaultLine: UnsafeMutablePointer<CChar>?
+
+/// Turns a SIGBUS into `error: <what> …` on stderr and exit status 1 instead of a crash.
+public func reportMappedFileFaults(naming what: String) {
+    let previous = mappedFileFaultLine
+    mappedFileFaultLine = strdup("error: \(what): a memory-mapped file shrank while in use (read past its new end); the store was modified during the run\n")
+    free(previous)
+    signal(SIGBUS) { _ in
+        if let line = mappedFileFaultLine { _ = write(2, line, strlen(line)) }
+        _exit(1)
+    }
+}
+
 /// Where `AtomicFile.write(to:_:)` sends a file's bytes.
 public struct FileSink {
     fileprivate let fd: Int32

@@ -143,7 +143,7 @@ public func staticPlan(data: RoutedStore, budget: Double) -> [Int] {
 
 /// Runs the routers over the validation split and compares their decisions with the static plan and
 /// the prescient allocation at the router's bits (with constants), and with every uniform expert.
-public func validationReport(streamer: SequenceStreamer, parameters: RouterParameters) -> ValidationReport? {
+public func validationReport(streamer: SequenceStreamer, parameters: RouterParameters) throws(StoreError) -> ValidationReport? {
     let data = streamer.data
     guard !data.validation.isEmpty else { return nil }
     let setup = data.setup, layout = data.layout, M = setup.experts.count
@@ -154,7 +154,8 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
     var baseNLL: [Double] = []      // per sequence
     var tokenWeights: [Double] = []
 
-    for (sequence, decisions) in zip(data.validation, streamer.decisions(data.validation, parameters: parameters)) {
+    for (sequence, decisions) in zip(data.validation, try streamer.decisions(data.validation, parameters: parameters)) {
+        try data.store.checkShardIntact(sequence)
         let nll = data.store.nll(of: sequence), sensitivity = data.sensitivity(of: sequence)
         let weight = Double(sequence.tokens - 1)
         weights += weight

@@ -29,20 +29,21 @@ public final class SequenceStreamer: @unchecked Sendable {
     /// The loss gradient of a batch (mean over its sequences), laid out like `parameters.values`, with
     /// its figures and every sequence's `[router][unit]` decisions. `upcoming` are read ahead.
     public func batchGradient(_ batch: [CalibrationStore.Sequence], upcoming: [CalibrationStore.Sequence] = [],
-                              parameters: RouterParameters, loss: LossSettings) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+                              parameters: RouterParameters, loss: LossSettings) throws(StoreError) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
         let count = parameters.values.count, M = data.experts.count
         var sequenceGradients = [Float](repeating: 0, count: batch.count * count)  // (batch, parameters)
         var results = [(loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double)](repeating: (0, 0, 0, 0), count: batch.count)
         var decisions = [[[Int]]](repeating: [], count: batch.count)
         let scale = 1 / Double(batch.count)
-        sequenceGradients.withUnsafeMutableBufferPointer { gradients in
-        results.withUnsafeMutableBufferPointer { results in
-        decisions.withUnsafeMutableBufferPointer { decisions in
+        try sequenceGradients.withUnsafeMutableBufferPointer { (gradients) throws(StoreError) in
+        try results.withUnsafeMutableBufferPointer { (results) throws(StoreError) in
+        try decisions.withUnsafeMutableBufferPointer { (decisions) throws(StoreError) in
             // Each index is written by one worker only.
             let (gradients, results, decisions) = (UncheckedSendable(gradients), UncheckedSendable(results), UncheckedSendable(decisions))
-            forEachSequence(batch, upcoming: upcoming) { index, sequence, pass, readahead in
+            try forEachSequence(batch, upcoming: upcoming) { (index, sequence, pass, readahead) throws(StoreError) in
                 pass.begin(parameters: parameters, loss: loss, sensitivity: data.sensitivity(of: sequence))
-                stream(sequence, through: pass, backward: true, readahead: readahead)
+                try stream(sequence, through: pass, backward: true, readahead: readahead)
+                try data.store.checkShardIntact(sequence)
                 results.value[index] = pass.finish(nll: data.store.nll(of: sequence), scale: scale,
                                                    gradient: gradients.value.baseAddress! + index * count)
                 decisions.value[index] = pass.decisions
@@ -68,13 +69,13 @@ public final class SequenceStreamer: @unchecked Sendable {
     }
 
     /// The routers' `[router][unit]` decisions for each sequence (forward only).
-    public func decisions(_ sequences: [CalibrationStore.Sequence], parameters: RouterParameters) -> [[[Int]]] {
+    public func decisions(_ sequences: [CalibrationStore.Sequence], parameters: RouterParameters) throws(StoreError) -> [[[Int]]] {
         var decisions = [[[Int]]](repeating: [], count: sequences.count)
-        decisions.withUnsafeMutableBufferPointer { decisions in
+        try decisions.withUnsafeMutableBufferPointer { (decisions) throws(StoreError) in
             let decisions = UncheckedSendable(decisions)  // each index is written by one worker only
-            forEachSequence(sequences, upcoming: []) { index, sequence, pass, readahead in
+            try forEachSequence(sequences, upcoming: []) { (index, sequence, pass, readahead) throws(StoreError) in
                 pass.begin(parameters: parameters, loss: LossSettings(lambda: 0), sensitivity: nil)
-                stream(sequence, through: pass, backward: false, readahead: readahead)
+                try stream(sequence, through: pass, backward: false, readahead: readahead)
                 decisions.value[index] = pass.decisions
             }
         }
@@ -82,27 +83,43 @@ public final class SequenceStreamer: @unchecked Sendable {
     }
 
     /// Runs `body(index, sequence, pass, readahead)` for every sequence, worker w taking indices
-    /// w, w + workers, … and reading its share of `sequences` then of `upcoming` ahead.
+    /// w, w + workers, … and reading its share of `sequences` then of `upcoming` ahead. A worker stops
+    /// at its first error; the error of the lowest sequence index is thrown once all have stopped.
     private func forEachSequence(_ sequences: [CalibrationStore.Sequence], upcoming: [CalibrationStore.Sequence],
-                                 _ body: @Sendable (Int, CalibrationStore.Sequence, StreamingPass, Readahead) -> Void) {
+                                 _ body: @Sendable (Int, CalibrationStore.Sequence, StreamingPass, Readahead) throws(StoreError) -> Void) throws(StoreError) {
         let workers = min(self.workers, max(1, sequences.count))
         let leaders = (0..<data.layout.routers).map(data.layout.leaderLayer(of:))
-        DispatchQueue.concurrentPerform(iterations: workers) { worker in
-            let mine = Array(stride(from: worker, to: sequences.count, by: workers))
-            let next = stride(from: worker, to: upcoming.count, by: workers).map { upcoming[$0] }
-            let readahead = Readahead(store: data.store, items: (mine.map { sequences[$0] } + next).flatMap { sequence in leaders.map { (sequence, $0) } },
-                                      bytes: readaheadBytes)
-            for index in mine { body(index, sequences[index], passes[worker], readahead) }
+        var failures = [StoreError?](repeating: nil, count: sequences.count)
+        failures.withUnsafeMutableBufferPointer { failures in
+            let failures = UncheckedSendable(failures)  // each index is written by one worker only
+            DispatchQueue.concurrentPerform(iterations: workers) { worker in
+                let mine = Array(stride(from: worker, to: sequences.count, by: workers))
+                let next = stride(from: worker, to: upcoming.count, by: workers).map { upcoming[$0] }
+                let readahead = Readahead(store: data.store, items: (mine.map { sequences[$0] } + next).flatMap { sequence in leaders.map { (sequence, $0) } },
+                                          bytes: readaheadBytes)
+                for index in mine {
+                    do throws(StoreError) {
+                        try data.store.checkShardIntact(sequences[index])   // before its nll and delta_nll are read
+                        try body(index, sequences[index], passes[worker], readahead)
+                    } catch {
+                        failures.value[index] = error
+                        return
+                    }
+                }
+            }
         }
+        if let failure = failures.lazy.compactMap({ $0 }).first { throw failure }
     }
 
     /// Feeds one sequence's leader layers to `pass` block by block, with the next block's stored
     /// inputs to prefetch into the CPU cache, releasing each layer's pages after use.
-    private func stream(_ sequence: CalibrationStore.Sequence, through pass: StreamingPass, backward: Bool, readahead: Readahead) {
+    private func stream(_ sequence: CalibrationStore.Sequence, through pass: StreamingPass, backward: Bool,
+                        readahead: Readahead) throws(StoreError) {
         let layout = data.layout
         let blocks = pass.blocks
         for (index, block) in blocks.enumerated() {
             let leader = layout.leaderLayer(of: block.router)
+            try data.store.checkShardIntact(sequence)
             if index == 0 || blocks[index - 1].router != block.router { readahead.advance() }
             pass.block.withUnsafeMutableBufferPointer { rows in
                 data.store.readInputs(sequence, layer: leader, head: block.head, tokens: block.tokens, into: rows.baseAddress!)
@@ -112,6 +129,10 @@ public final class SequenceStreamer: @unchecked Sendable {
             let prefetch = next.map { data.store.populateInputs(sequence, layer: layout.leaderLayer(of: $0.router), head: $0.head, tokens: $0.tokens) }
             pass.process(router: block.router, head: block.head, firstChunk: block.firstChunk, chunks: block.chunks,
                          backward: backward, prefetch: prefetch)
+            if pass.sawNonFiniteInputs {
+                throw .tensor(path: data.store.shardPath(of: sequence), tensor: "seq.\(sequence.id).inputs",
+                              reason: "a non-finite value in layer \(leader), head \(block.head), tokens \(block.tokens.lowerBound)..<\(block.tokens.upperBound) (moqae-train inspect names it)")
+            }
             if next?.router != block.router { data.store.releaseInputs(sequence, layer: leader) }
         }
     }

@@ -267,7 +267,8 @@ public final class Trainer {
             progress.log(String(format: "bits budget %.3f: λ starts at %.4g, where the first batch's best per-unit allocation meets it", budget.targetBits, state.lambda))
         }
         let loss = LossSettings(kind: config.lossKind, lambda: state.lambda)
-        let (gradient, figures, _) = streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, loss: loss)
+        let (gradient, figures, _): ([Float], BatchFigures, [[[Int]]])
+        do { (gradient, figures, _) = try streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, loss: loss) } catch { throw .store(error) }
         let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
         guard figures.loss.isFinite, gradientNorm.isFinite else {
             throw .run("step \(state.step + 1): loss or gradient is not finite on sequences \(sequences.map(\.id)) of \(data.store.path)")
@@ -302,7 +303,9 @@ public final class Trainer {
 
     /// Prints the validation report and appends it to `eval.jsonl`.
     public func evaluate() throws(TrainingError) {
-        guard let report = validationReport(streamer: streamer, parameters: state.parameters) else {
+        let found: ValidationReport?
+        do { found = try validationReport(streamer: streamer, parameters: state.parameters) } catch { throw .store(error) }
+        guard let report = found else {
             progress.log("no validation sequences (data.validation_fraction selects none): no validation report")
             return
         }

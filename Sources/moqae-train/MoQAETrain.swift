@@ -79,6 +79,7 @@ struct Train: ParsableCommand {
         try reportingErrors {
             let overrides = options.overrides + (maxSteps.map { ["train.max_steps=\($0)"] } ?? [])
             let config = try TrainingConfig.load(file: options.config, overrides: overrides)
+            reportMappedFileFaults(naming: config.storePath)
             let progress = ProgressReporter()
             progress.report("effective config (\(options.config)\(overrides.isEmpty ? "" : " with --set")):\n"
                             + config.yaml.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
@@ -182,6 +183,7 @@ struct Evaluate: ParsableCommand {
                 parameters = checkpoint.parameters
                 source = "\(path) (stored config)"
             }
+            reportMappedFileFaults(naming: config.storePath)
             let store = try CalibrationStore(path: config.storePath)
             if let export {
                 config = try configMatching(export: export, store: store, base: config)
@@ -191,7 +193,7 @@ struct Evaluate: ParsableCommand {
                   data.experts.count == parameters.experts else {
                 throw ValidationError("\(file): routers (\(parameters.routers) × D \(parameters.inputDim) × M \(parameters.experts)) do not fit the store \(store.path) under this config")
             }
-            guard let report = validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters) else {
+            guard let report = try validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters) else {
                 throw ValidationError("data.validation_fraction selects no sequence of \(store.path)")
             }
             print(json ? report.json.serialized : report.text)
@@ -280,6 +282,7 @@ struct Inspect: ParsableCommand {
     }
 
     private func inspectStore() throws {
+        reportMappedFileFaults(naming: file)
         let store = try CalibrationStore(path: file)
         let manifest = store.manifest
         if !quick {

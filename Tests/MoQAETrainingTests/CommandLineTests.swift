@@ -279,4 +279,44 @@ import Testing
         expectCleanFailure(refused, mentions: ["run: another moqae-train (process", "is using this run directory"])
         #expect(!fileExists(own) && fileExists(users))
     }
+
+    /// Non-finite router inputs are caught where they are first read, in training and in validation
+    /// alike (and `inspect` reads every value): one line naming the tensor, never a silent report.
+    @Test func nonFiniteInputsAreCaughtWhereverTheyAreRead() throws {
+        #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
+        var sequences = try makeSmallStore(at: store, sequences: 16)
+        let shape = try CalibrationStore(path: store).manifest
+        for index in sequences.indices {   // layer 0, head 0, token 40 (chunk 1: routed), channel 0
+            sequences[index].inputs[40 * shape.inputWidth] = .nan
+        }
+        let manifest = try Manifest.parse([UInt8](try Data(contentsOf: URL(fileURLWithPath: store + "/manifest.json"))))
+        try StoreWriter.write(sequences, manifest: manifest, sequencesPerShard: 4, to: store)
+        let reason = "a non-finite value in layer 0, head 0, tokens 32..<"
+        for arguments in [["eval", "run"], ["--config", "config.yaml", "--resume", "latest"]] {
+            let result = try run(arguments)
+            #expect(!result.crashed && result.status == 1, "\(arguments): \(result.stderr)")
+            #expect(result.stderr.split(separator: "\n").last.map { $0.hasPrefix("error: ") && $0.contains(reason) } == true, "\(result.stderr)")
+        }
+        expectCleanFailure(try run(["inspect", "store"]), mentions: [".inputs", "non-finite value nan at [0, 0, 40, 0]"])
+    }
+
+    /// A shard truncated while training runs is an error on the next block, not a SIGBUS.
+    @Test func aShardTruncatedDuringTrainingIsAnError() throws {
+        var truncated = false
+        let result = try run(["--config", "config.yaml"], deadline: 120) {
+            if !truncated, !self.logLines("metrics.jsonl").isEmpty {
+                let handle = try! FileHandle(forWritingTo: URL(fileURLWithPath: self.store + "/shard-00000.safetensors"))
+                try! handle.truncate(atOffset: 100)
+                try! handle.close()
+                truncated = true
+            }
+            return false   // the trainer stops by itself
+        }
+        #expect(truncated && !result.crashed && !result.timedOut && result.status == 1, "\(result.status): \(result.stderr)")
+        // Checked before each block; a truncation that lands between a check and a read faults, and the
+        // SIGBUS handler reports it in one line as well.
+        let error = result.stderr.split(separator: "\n").filter { $0.hasPrefix("error: ") }
+        #expect(error.count == 1 && (error[0].contains("shard-00000.safetensors: changed size while in use")
+                                     || error[0].contains("store: a memory-mapped file shrank while in use")), "\(result.stderr)")
+    }
 }

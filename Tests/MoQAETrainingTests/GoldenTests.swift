@@ -77,7 +77,7 @@ import Testing
     enum Implementation: String, CaseIterable { case tape, streaming, streamingTwoWorkers }
 
     func batchGradient(_ implementation: Implementation, _ kind: LossKind, _ pooling: ChunkPooling,
-                       parameters: RouterParameters) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
+                       parameters: RouterParameters) throws -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
         let loss = LossSettings(kind: kind, lambda: 0.5)
         let data = Self.routed(store, pooling: pooling, hidden: parameters.hidden)
         switch implementation {
@@ -85,7 +85,7 @@ import Testing
             return MoQAETraining.batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)
         case .streaming, .streamingTwoWorkers:
             let streamer = SequenceStreamer(data: data, workers: implementation == .streaming ? 1 : 2, blockChunks: 1)
-            return streamer.batchGradient(data.calibration, parameters: parameters, loss: loss)
+            return try streamer.batchGradient(data.calibration, parameters: parameters, loss: loss)
         }
     }
 
@@ -98,7 +98,7 @@ import Testing
         let batch = data.calibration.map(data.load)
         #expect(batch.count == 3)
         let parameters = try initialParameters(hidden: hidden)
-        let (gradient, figures, decisions) = batchGradient(implementation, kind, pooling, parameters: parameters)
+        let (gradient, figures, decisions) = try batchGradient(implementation, kind, pooling, parameters: parameters)
         let pool = self.prefix(pooling, hidden)
         let prefix = pool + kind.rawValue + "."
         expectClose(prefix + "loss", [figures.loss], try tensor(prefix + "loss"))
@@ -137,7 +137,7 @@ import Testing
         var optimizer = AdamW(settings: AdamWSettings(), parameterCount: parameters.values.count)
         var losses: [Double] = []
         for _ in 0..<5 {
-            let (gradient, figures, _) = batchGradient(implementation, kind, pooling, parameters: parameters)
+            let (gradient, figures, _) = try batchGradient(implementation, kind, pooling, parameters: parameters)
             losses.append(figures.loss)
             optimizer.update(&parameters.values, gradient: gradient)
         }

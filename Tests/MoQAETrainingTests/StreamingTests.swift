@@ -38,8 +38,8 @@ import Testing
     func pooledMatchesTheTape(pooling: ChunkPooling, kind: LossKind) throws {
         let pooled = Self.routed(store, pooling: pooling)
         try expectStreamingMatchesTheTape(data: pooled, kind: kind, lambda: 0.3)
-        let vote = SequenceStreamer(data: data, workers: 1).decisions(data.calibration, parameters: parameters)
-        #expect(SequenceStreamer(data: pooled, workers: 1).decisions(pooled.calibration, parameters: parameters) != vote,
+        let vote = try SequenceStreamer(data: data, workers: 1).decisions(data.calibration, parameters: parameters)
+        #expect(try SequenceStreamer(data: pooled, workers: 1).decisions(pooled.calibration, parameters: parameters) != vote,
                 "pooling should change some decision")
     }
 
@@ -58,7 +58,7 @@ import Testing
         let loss = LossSettings(kind: kind, lambda: lambda)
         let reference = batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)
         for blockChunks in [1, 4, 9] {
-            let streamed = SequenceStreamer(data: data, workers: 1, blockChunks: blockChunks)
+            let streamed = try SequenceStreamer(data: data, workers: 1, blockChunks: blockChunks)
                 .batchGradient(data.calibration, parameters: parameters, loss: loss)
             #expect(streamed.decisions == reference.decisions)
             #expect(streamed.figures.decisionCounts == reference.figures.decisionCounts)
@@ -72,14 +72,14 @@ import Testing
 
     /// Each sequence is summed whole by one worker, in batch order: any worker count gives the same bits.
     @Test(arguments: LossKind.allCases)
-    func workerCountDoesNotChangeTheResult(kind: LossKind) {
+    func workerCountDoesNotChangeTheResult(kind: LossKind) throws {
         let loss = LossSettings(kind: kind, lambda: 0.5)
-        let one = SequenceStreamer(data: data, workers: 1).batchGradient(data.calibration, parameters: parameters, loss: loss)
+        let one = try SequenceStreamer(data: data, workers: 1).batchGradient(data.calibration, parameters: parameters, loss: loss)
         for workers in [2, 3, 8] {
-            let many = SequenceStreamer(data: data, workers: workers).batchGradient(data.calibration, parameters: parameters, loss: loss)
+            let many = try SequenceStreamer(data: data, workers: workers).batchGradient(data.calibration, parameters: parameters, loss: loss)
             #expect(many.gradient == one.gradient && many.figures == one.figures && many.decisions == one.decisions)
         }
-        let decisions = SequenceStreamer(data: data, workers: 2).decisions(data.calibration, parameters: parameters)
+        let decisions = try SequenceStreamer(data: data, workers: 2).decisions(data.calibration, parameters: parameters)
         #expect(decisions == one.decisions)
     }
 }

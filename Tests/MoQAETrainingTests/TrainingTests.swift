@@ -38,7 +38,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
                                      ["loss.kind=\(kind.rawValue)", "loss.lambda=\(lambda)", "train.lr=3e-3", "train.epochs=60", "train.eval_every=0",
                                       "data.calibration_fraction=0.05", "data.validation_fraction=0.05"])
         let trainer = try train(config)
-        let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
+        let report = try #require(try validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
         let fractions = report.router.expertFractions
         #expect(fractions[expectedExpert] > 0.5 && fractions.max() == fractions[expectedExpert], "\(kind) λ=\(lambda): fractions \(fractions)")
     }
@@ -117,8 +117,8 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
             let pair = try train(try smallConfig(store: pairStore, run: run, ["train.epochs=100", "train.max_steps=4"]))
             #expect(pair.data.layout.inputDim == 16 && pair.data.setup.headDim == 8 && pair.data.setup.routerInput == .keyAndValue)
             #expect(pair.state.parameters.values.count == 2 * (2 * 16 * 3 + 3 * 3))
-            let keyReport = try #require(validationReport(streamer: key.streamer, parameters: key.state.parameters))
-            let pairReport = try #require(validationReport(streamer: pair.streamer, parameters: pair.state.parameters))
+            let keyReport = try #require(try validationReport(streamer: key.streamer, parameters: key.state.parameters))
+            let pairReport = try #require(try validationReport(streamer: pair.streamer, parameters: pair.state.parameters))
             #expect(pairReport.uniform.map(\.memory) == keyReport.uniform.map(\.memory))
             #expect(try Checkpoint.load(path: run + "/" + Checkpoint.fileName(step: 4)).setup == pair.data.setup)
         }
@@ -163,7 +163,7 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
 
     @Test func validationReportIsConsistent() throws {
         let trainer = try train(try smallConfig(store: store, run: makeTemporaryDirectory("run"), ["train.max_steps=2"]))
-        let report = try #require(validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
+        let report = try #require(try validationReport(streamer: trainer.streamer, parameters: trainer.state.parameters))
         let fp16 = report.uniform[0], int4 = report.uniform[1]
         #expect(fp16.memory.payloadBits == 16 && fp16.memory.fractionOfFP16 == 1)
         // 96 tokens: chunk 0 frozen, chunks 1-2 routed. int4 payload: (1/3)·16 + (2/3)·4.
