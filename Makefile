@@ -151,7 +151,7 @@ sensitivity-benchmark: venv
 	cd calibration && ../$(PY) -m moqae_calib sensitivity-benchmark --model reference/wt2-byte-llama \
 	  --corpus reference/wikitext-2/valid.txt --tokenizer bytes --windows $(SENSITIVITY_WINDOWS) --out ../$(BENCH_OUT)
 
-## Kill soak: trains CONFIG while SIGKILLing moqae-train SOAK_KILLS times (some during checkpoint
+## Stop soak: trains CONFIG while stopping moqae-train SOAK_KILLS times (SIGKILL, SIGINT, SIGTERM; some during checkpoint
 ## writes), resuming each time; the result must equal an uninterrupted run (kept in SOAK_RUN_DIR.reference).
 SOAK_KILLS ?= 20
 SOAK_RUN_DIR ?= checkpoints/soak

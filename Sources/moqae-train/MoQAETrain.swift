@@ -55,8 +55,9 @@ struct ConfigOptions: ParsableArguments {
 
 // MARK: - train
 
-/// Set by SIGINT: the loop finishes its step, writes a checkpoint and exits 130.
-let interruptRequested = Atomic<Bool>(false)
+/// Set by SIGINT or SIGTERM (to the signal's number): the loop finishes its step, writes a checkpoint
+/// and exits 128 + the signal (130, 143).
+let interruptSignal = Atomic<Int32>(0)
 
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Train routers on a calibration store (the default command).")
@@ -89,16 +90,18 @@ struct Train: ParsableCommand {
                 progress.log("initial checkpoint (step \(trainer.state.step)): \(try trainer.writeCheckpoint())")
                 return
             }
-            var interruptSignal = sigset_t()
-            sigemptyset(&interruptSignal)
-            sigaddset(&interruptSignal, SIGINT)
-            sigprocmask(SIG_UNBLOCK, &interruptSignal, nil)   // a parent may have left it blocked
-            signal(SIGINT) { _ in
-                interruptRequested.store(true, ordering: .relaxed)
-                signal(SIGINT, SIG_DFL)
+            var stopSignals = sigset_t()
+            sigemptyset(&stopSignals)
+            for stop in [SIGINT, SIGTERM] {
+                sigaddset(&stopSignals, stop)
+                signal(stop) { received in           // a second signal of the same kind stops at once
+                    interruptSignal.store(received, ordering: .relaxed)
+                    signal(received, SIG_DFL)
+                }
             }
-            let outcome = try trainer.run { interruptRequested.load(ordering: .relaxed) }
-            if outcome == .interrupted { throw ExitCode(130) }
+            sigprocmask(SIG_UNBLOCK, &stopSignals, nil)   // a parent may have left them blocked
+            let outcome = try trainer.run { interruptSignal.load(ordering: .relaxed) != 0 }
+            if outcome == .interrupted { throw ExitCode(128 + interruptSignal.load(ordering: .relaxed)) }
         }
     }
 }

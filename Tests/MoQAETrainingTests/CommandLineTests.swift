@@ -319,4 +319,12 @@ import Testing
         #expect(error.count == 1 && (error[0].contains("shard-00000.safetensors: changed size while in use")
                                      || error[0].contains("store: a memory-mapped file shrank while in use")), "\(result.stderr)")
     }
+
+    /// SIGTERM stops a run as Ctrl-C does: the step finishes, a checkpoint is written, exit 143.
+    @Test func sigtermCheckpointsAndExits143() throws {
+        let stopped = try run(["--config", "config.yaml"], signal: SIGTERM) { !self.logLines("metrics.jsonl").isEmpty }
+        #expect(stopped.status == 143 && !stopped.crashed, "\(stopped.status): \(stopped.stderr)")
+        let latest = try #require(CheckpointDirectory(path: workspace + "/run").latest())
+        #expect(latest.checkpoint.step == logLines("metrics.jsonl").count && latest.checkpoint.step >= 1)
+    }
 }

@@ -140,7 +140,7 @@ def parser():
     length.add_argument("--windows", type=int, default=4, help="windows per timed dump (at least 2)")
     length.add_argument("--out", help="Markdown report whose \"Dumps at length\" section to write")
 
-    soak = commands.add_parser("soak", help="SIGKILL moqae-train at random moments, resume each time, compare with an uninterrupted run")
+    soak = commands.add_parser("soak", help="stop moqae-train (SIGKILL, SIGINT, SIGTERM) again and again, resume each time, compare with an uninterrupted run")
     soak.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
     soak.add_argument("--config", required=True, help="training config (the default run's, for example)")
     soak.add_argument("--run-dir", required=True, help="run directory; the reference run is kept beside it as RUN_DIR.reference")

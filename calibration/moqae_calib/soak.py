@@ -1,6 +1,10 @@
-"""Kill soak: trains a config to the end while SIGKILLing moqae-train at random moments, resuming with
-`--resume latest` after each kill, and checks that the final checkpoint, the export and the logs are
-identical to those of an uninterrupted run."""
+"""Kill soak: trains a config to the end while stopping moqae-train again and again, resuming with
+`--resume latest` after each stop, and checks that the final checkpoint, the export and both logs
+(metrics.jsonl and eval.jsonl, the final report included) are identical to those of an uninterrupted run.
+
+Each stop is a SIGKILL, a SIGINT or a SIGTERM (the last two let the trainer finish its step and
+checkpoint), at one of four moments: a random one, during a checkpoint write, right after the start
+(before the first periodic checkpoint) or once the last step is logged (during the final report)."""
 import glob
 import json
 import os
@@ -32,6 +36,18 @@ def final_checkpoint(run_dir):
     if not paths:
         raise CalibError(f"{run_dir}: no checkpoint")
     return paths[-1]
+
+
+MOMENTS = ("at a random moment", "during a checkpoint write", "at the start", "during the final report")
+
+
+def logged_steps(run_dir):
+    """Lines in a run's metrics.jsonl (one per finished step)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def log_records(path):
@@ -69,36 +85,46 @@ def run_soak(args):
     export(binary, run_dir)
     os.rename(run_dir, reference)
 
-    # Rounds of kill-and-resume until the run finishes; another round from scratch while fewer than
-    # `kills` kills have happened. Every finished round must equal the reference.
-    kills, kills_in_write, lives, rounds = 0, 0, 0, 0
+    with open(os.path.join(reference, "metrics.jsonl")) as f:
+        total_steps = sum(1 for _ in f)
+
+    # Rounds of stop-and-resume until the run finishes; another round from scratch while fewer than
+    # `kills` stops have happened. Every life after a round's first resumes with --resume latest, even
+    # one stopped before anything was written. Every finished round must equal the reference.
+    kills, lives, rounds = 0, 0, 0
+    tally = {}
+    graceful = {signal.SIGINT: 130, signal.SIGTERM: 143}
     while rounds == 0 or kills < args.kills:
         rounds += 1
         shutil.rmtree(run_dir, ignore_errors=True)
+        first_life = True
         while True:
             lives += 1
-            resume = bool(glob.glob(os.path.join(run_dir, "ckpt-*.safetensors")))
-            if not resume:
-                shutil.rmtree(run_dir, ignore_errors=True)  # killed before its first checkpoint: start again
-            process = subprocess.Popen(train_command(binary, args.config, run_dir, args.set, resume), env=env,
+            process = subprocess.Popen(train_command(binary, args.config, run_dir, args.set, resume=not first_life), env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            in_write = rng.random() < args.write_fraction
-            deadline = time.monotonic() + rng.uniform(args.min_seconds, args.max_seconds)
-            killed = False
+            first_life = False
+            moment = rng.choices(MOMENTS, weights=(1 - args.write_fraction, args.write_fraction, 0.15, 0.15))[0]
+            stop = rng.choice((signal.SIGKILL, signal.SIGKILL, signal.SIGINT, signal.SIGTERM))
+            deadline = time.monotonic() + (0.0 if moment == "at the start" else rng.uniform(args.min_seconds, args.max_seconds))
+            stopped = False
             while kills < args.kills and process.poll() is None:
-                writing = bool(glob.glob(os.path.join(run_dir, "*.tmp-*")))
-                if (in_write and writing) or (not in_write and time.monotonic() >= deadline):
-                    process.send_signal(signal.SIGKILL)
-                    killed = True
+                if (moment == "during a checkpoint write" and glob.glob(os.path.join(run_dir, "*.tmp-*"))) \
+                        or (moment in ("at a random moment", "at the start") and time.monotonic() >= deadline) \
+                        or (moment == "during the final report" and logged_steps(run_dir) >= total_steps):
+                    process.send_signal(stop)
+                    stopped = True
                     break
                 time.sleep(0.002)
             _, stderr = process.communicate()
-            if killed:
+            if stopped and process.returncode in (-stop, graceful.get(stop), 0):   # -stop: before its handler was set
                 kills += 1
-                kills_in_write += in_write
-                print(f"kill {kills}/{args.kills} ({'during a checkpoint write' if in_write else 'at a random moment'})", flush=True)
+                label = f"{signal.Signals(stop).name} {moment}"
+                tally[label] = tally.get(label, 0) + 1
+                print(f"stop {kills}/{args.kills}: {label} (exit {process.returncode})", flush=True)
+                if process.returncode == 0:
+                    break          # the signal came as the run finished
             elif process.returncode != 0:
-                raise CalibError(f"moqae-train failed after {kills} kills: {stderr.decode()[-2000:]}")
+                raise CalibError(f"moqae-train failed (exit {process.returncode}) after {kills} stops: {stderr.decode()[-2000:]}")
             else:
                 break
         export(binary, run_dir)
@@ -107,4 +133,6 @@ def run_soak(args):
         if problems:
             raise CalibError(f"round {rounds}, after {kills} kills: the resumed run differs from the uninterrupted one: " + "; ".join(problems))
         print(f"round {rounds} finished: final checkpoint, export and logs identical to the uninterrupted run", flush=True)
-    print(f"{kills} kills ({kills_in_write} during checkpoint writes) over {lives} runs in {rounds} round(s): every round identical to the uninterrupted run")
+    print(f"{kills} stops over {lives} runs in {rounds} round(s): every round identical to the uninterrupted run")
+    for label, count in sorted(tally.items()):
+        print(f"  {count} × {label}")
