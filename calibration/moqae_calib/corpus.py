@@ -1,23 +1,20 @@
 """Corpus reading and windowing: token ids split into consecutive windows of seq_len, last partial dropped."""
 import json
-import os
 
 import torch
 
 from . import CalibError
+from .files import read_text_file
 
 
 def read_texts(paths):
     """The texts of .txt files (whole file) and .jsonl files (the "text" field of every line)."""
     texts = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise CalibError(f"{path}: corpus file not found")
         if path.endswith(".jsonl"):
             texts += [record["text"] for _, record in read_jsonl(path, ("text",))]
         elif path.endswith(".txt"):
-            with open(path, "rb") as f:
-                texts.append(f.read().decode("utf-8", errors="strict"))
+            texts.append(read_text_file(path, "the corpus"))
         else:
             raise CalibError(f"{path}: corpus files must end in .txt or .jsonl")
     return texts
@@ -28,17 +25,16 @@ def read_jsonl(path, fields):
     with a string value for every name in `fields`."""
     names = " and ".join(f'"{name}"' for name in fields)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not all(isinstance(record.get(name), str) for name in fields):
-                raise CalibError(f"{path}:{number}: expected an object with string {names} field{'s' * (len(fields) > 1)}")
-            records.append((number, record))
+    for number, line in enumerate(read_text_file(path, "the JSONL file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(name), str) for name in fields):
+            raise CalibError(f"{path}:{number}: expected an object with string {names} field{'s' * (len(fields) > 1)}")
+        records.append((number, record))
     return records
 
 

@@ -9,7 +9,6 @@ W2 (D×H), W3 (H×M) row-major, and a CRC-32 of everything before it.
 """
 import math
 import os
-import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 
 from . import CalibError
 from .experts import Expert
+from .files import read_regular_file
 
 HEADER = struct.Struct("<4sHBBHHHHHHB11s")
 ROUTER_INPUTS = ("key", "key-prerope", "key+value", "key+chunk")    # by their code in bits 1–2 of the flags
@@ -49,28 +49,6 @@ class RouterExport:
 
 
 EXPORT_LIMIT = 64 << 20     # bytes: a thousand routers of D = 512, M = 8 in binary32 fit (the trainer's cap too)
-
-
-def read_regular_file(path, limit, magic, wrong_magic):
-    """The bytes of a regular file of at most `limit` bytes that starts with `magic`; anything else is
-    refused before it is read (opening never blocks: a FIFO is refused rather than waited on)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as error:
-        raise CalibError(f"{path}: cannot read ({error.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
-        raise CalibError(f"{path}: is {kind}, expected a regular file")
-    with os.fdopen(fd, "rb") as f:
-        size = info.st_size
-        if size > limit:
-            raise CalibError(f"{path}: is {size} bytes, more than the {limit} this file may hold")
-        start = f.read(len(magic))
-        if start != magic and len(start) == len(magic):
-            raise CalibError(f"{path}: {wrong_magic}")
-        return start + f.read()
 
 
 def read_export(path):

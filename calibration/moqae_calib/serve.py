@@ -12,6 +12,7 @@ from .capture import check_export_fits
 from .corpus import ByteTokenizer, HFTokenizer, read_texts
 from .dump import check_model_dir, load_model, model_shape, resolve_device
 from .experts import parse_expert
+from .files import read_text_file
 from .passkey import passkey_windows, wilson_interval
 from .router import read_export
 
@@ -61,11 +62,7 @@ def run_generate(model_dir, router, prompt_file, max_new_tokens=64, tokenizer="a
         check_export_fits(export, AutoConfig.from_pretrained(model_dir, local_files_only=True))
     except CalibError as error:
         raise CalibError(f"{router}: {error}") from None
-    try:
-        with open(prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CalibError(f"{prompt_file}: cannot read the prompt ({getattr(error, 'strerror', None) or error})") from None
+    prompt = read_text_file(prompt_file, "the prompt")
     if max_new_tokens < 1:
         raise CalibError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
     encoder = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(model_dir)

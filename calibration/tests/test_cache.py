@@ -221,3 +221,17 @@ def test_the_readmes_serving_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert re.search(r"KV cache: [\d,]+ bytes, [\d,]+ at 16 bits", result.stdout)
+
+
+def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny_llama):
+    fifo = tmp_path / "input.txt"
+    os.mkfifo(fifo)
+    router = tmp_path / "router.bin"
+    write_export(str(router), random_export(3, 2, 16))
+    commands = [["generate", "--model", tiny_llama, "--router", str(router), "--prompt-file", str(fifo), "--tokenizer", "bytes"],
+                ["dump", "--model", tiny_llama, "--corpus", str(fifo), "--out", str(tmp_path / "store"), "--tokenizer", "bytes"]]
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "moqae_calib", *command], capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "calibration")))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 1 and errors == [f"error: {fifo}: is a FIFO, expected a regular file"], result.stderr
