@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, LlamaConfig
 
 from conftest import PASSKEY_MODEL, ROOT, VALID_TXT, run_calib
 from moqae_calib import CalibError
-from moqae_calib.cache import FROZEN, MoQAECache, RouterPolicy
+from moqae_calib.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, RouterPolicy
 from moqae_calib.capture import KVHook, RouterInputs
 from moqae_calib.corpus import ByteTokenizer, read_texts, windows
 from moqae_calib.dump import load_model, model_shape
@@ -235,3 +236,10 @@ def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny
                                 env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "calibration")))
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert result.returncode == 1 and errors == [f"error: {fifo}: is a FIFO, expected a regular file"], result.stderr
+
+
+def test_the_pinned_transformers_is_the_version_the_cache_targets():
+    """MoQAECache follows transformers' per-layer cache API of one version; requirements.txt pins it."""
+    assert transformers.__version__ == TARGET_TRANSFORMERS
+    with open(os.path.join(ROOT, "calibration", "requirements.txt")) as f:
+        assert f"transformers=={TARGET_TRANSFORMERS}\n" in f.read()
