@@ -234,19 +234,28 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
 
 def lagrangian_allocation(costs, bits, budget):
     """Per item, the option minimising cost + μ·bits with the smallest μ ≥ 0 whose total bits fit the
-    budget (bisection). costs, bits: (items, M) → (items,) option indices."""
+    budget (100 steps of bisection); a tie goes to more bits, then to the lower index, and a budget no
+    μ meets gets each item's fewest-bits option: the trainer's rule (`lagrangianAllocation` in
+    Evaluation.swift). costs, bits: (items, M) → (items,) option indices."""
+    costs, bits = costs.double(), bits.double()
+
     def allocate(mu):
-        choice = (costs.double() + mu * bits.double()).argmin(-1)
-        return choice, bits.double().gather(-1, choice[:, None]).sum().item()
+        value = costs + mu * bits
+        tied = value == value.min(-1, keepdim=True).values
+        choice = torch.where(tied, bits, torch.full_like(bits, -math.inf)).argmax(-1)   # first of the most bits
+        return choice, bits.gather(-1, choice[:, None]).sum().item()
+
     choice, total = allocate(0.0)
     if total <= budget:
         return choice
     low, high = 0.0, 1e-12
     choice, total = allocate(high)
-    while total > budget and high < 1e30:
+    while total > budget:
         high *= 4
+        if high > 1e30:
+            return bits.argmin(-1)
         choice, total = allocate(high)
-    for _ in range(80):
+    for _ in range(100):
         middle = (low + high) / 2
         candidate, total = allocate(middle)
         if total <= budget:

@@ -186,3 +186,57 @@ def test_exports_that_are_not_regular_files_or_too_large_are_refused_before_read
     text.write_bytes(b"plain text" * 10)
     with pytest.raises(CalibError, match="magic is not MQAE"):
         read_export(str(text))
+
+
+def test_lagrangian_allocation_is_the_brute_force_optimum_at_hull_budgets():
+    """At a budget equal to the bits of some μ's allocation (a point of the lower convex hull), the
+    bisection finds a plan as cheap as the best of all M^items plans within that budget; a tie goes to
+    more bits, then to the lower index; a budget nothing meets gets the fewest bits (Swift's rule too)."""
+    from moqae_calib.evaluate import lagrangian_allocation
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.tensor([32.0, 16.0, 8.0, 4.0]).expand(5, -1)
+    for case in range(20):
+        costs = torch.rand(5, 4, generator=generator, dtype=torch.float64) * torch.tensor([0.0, 1.0, 2.0, 4.0])
+        mu = 10 ** (torch.rand(1, generator=generator).item() * 3 - 3)
+        hull = (costs + mu * bits).argmin(-1)
+        budget = bits.gather(-1, hull[:, None]).sum().item()
+        choice = lagrangian_allocation(costs, bits, budget)
+        chosen_bits, chosen_cost = bits.gather(-1, choice[:, None]).sum().item(), costs.gather(-1, choice[:, None]).sum().item()
+        best = min(sum(costs[i, e].item() for i, e in enumerate(plan)) for plan in itertools.product(range(4), repeat=5)
+                   if sum(bits[i, e].item() for i, e in enumerate(plan)) <= budget)
+        assert chosen_bits <= budget and chosen_cost == pytest.approx(best, abs=1e-12), case
+    tied = torch.tensor([[0.5, 0.5, 0.9], [0.2, 0.7, 0.2]], dtype=torch.float64)
+    assert lagrangian_allocation(tied, torch.tensor([[4.0, 8.0, 2.0], [8.0, 4.0, 8.0]]), 100).tolist() == [1, 0]
+    assert lagrangian_allocation(tied, torch.tensor([[4.0, 8.0, 2.0], [8.0, 4.0, 8.0]]), 1).tolist() == [2, 1]
+
+
+def test_lagrangian_allocation_takes_the_smallest_feasible_multiplier():
+    """At any budget, the allocation of the smallest feasible μ, found exactly among the μ where some
+    item's choice changes (so a bisection cut short, landing on a larger μ, fails; LagrangianTests.swift too)."""
+    from moqae_calib.evaluate import lagrangian_allocation
+    generator = torch.Generator().manual_seed(11)
+    bits = torch.tensor([32.0, 16.0, 8.0, 4.0], dtype=torch.float64).expand(12, -1)
+    for case in range(20):
+        costs = torch.rand(12, 4, generator=generator, dtype=torch.float64) * torch.tensor([0.0, 1.0, 2.0, 3.0])
+        multipliers = [0.0] + [((costs[u, b] - costs[u, a]) / (bits[u, a] - bits[u, b])).item() * (1 + 1e-9)
+                               for u in range(12) for a in range(4) for b in range(4)
+                               if bits[u, a] > bits[u, b] and costs[u, b] > costs[u, a]]
+        budget = 12 * (4 + torch.rand(1, generator=generator).item() * 28)
+        exact = next(choice for choice in ((costs + mu * bits).argmin(-1) for mu in sorted(multipliers))
+                     if bits.gather(-1, choice[:, None]).sum().item() <= budget)
+        assert torch.equal(lagrangian_allocation(costs, bits, budget), exact), case
+
+
+def test_chunk_ties_go_to_more_bits_then_to_the_lower_index():
+    """Vote and pooled decisions with built ties (router.best_expert, the trainer's rule)."""
+    from moqae_calib.router import chunk_decisions, pooled_decisions
+    experts = [parse_expert(name) for name in ("int2", "fp16", "int4", "k4v2", "k2v4")]
+    one_hot = torch.eye(5)
+
+    def chunk(*votes):                      # 4 tokens, each a one-hot probability row
+        return torch.stack([one_hot[v] for v in votes])
+
+    probabilities = torch.cat([chunk(0, 0, 2, 2), chunk(1, 1, 2, 2), chunk(3, 3, 4, 4), chunk(0, 2, 3, 4)])
+    assert chunk_decisions(probabilities, experts, 4).tolist() == [2, 1, 3, 2]
+    pooled = torch.tensor([[0.4, 0.1, 0.4, 0.05, 0.05], [0.1, 0.1, 0.1, 0.35, 0.35]])
+    assert pooled_decisions(pooled, experts).tolist() == [2, 3]
