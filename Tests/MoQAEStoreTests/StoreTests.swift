@@ -126,11 +126,18 @@ import Testing
         #expect(message.contains("seq.\(s.id).nll") && message.contains("dtype F64"))
     }
 
-    @Test func fingerprintFollowsContent() throws {
-        let a = makeTemporaryDirectory(), b = makeTemporaryDirectory()
+    /// The fingerprint covers the manifest, every shard header and every shard's size (not the data, which
+    /// checkpoints would otherwise have to hash in full): it is the same for a store opened twice and for
+    /// an identical copy, and changes with the sequence count or any manifest field.
+    @Test func fingerprintIsDeterministicAndFollowsManifestAndHeaders() throws {
+        let a = makeTemporaryDirectory(), copy = makeTemporaryDirectory(), fewer = makeTemporaryDirectory()
         try makeSmallStore(at: a)
-        try makeSmallStore(at: b, sequences: 5)
-        #expect(try CalibrationStore(path: a).fingerprint == CalibrationStore(path: a).fingerprint)
-        #expect(try CalibrationStore(path: a).fingerprint != CalibrationStore(path: b).fingerprint)
+        try makeSmallStore(at: copy)
+        try makeSmallStore(at: fewer, sequences: 5)
+        let fingerprint = try CalibrationStore(path: a).fingerprint
+        #expect(try CalibrationStore(path: a).fingerprint == fingerprint && CalibrationStore(path: copy).fingerprint == fingerprint)
+        #expect(try CalibrationStore(path: fewer).fingerprint != fingerprint)
+        try rewriteManifest(copy) { $0 = $0.replacingOccurrences(of: #""source":"test""#, with: #""source":"tesT""#) }
+        #expect(try CalibrationStore(path: copy).fingerprint != fingerprint)
     }
 }
