@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | eval | pareto | generate | serve-passkey | serve-benchmark | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
+"""python -m moqae_calib dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
 import argparse
 import os
 import re
@@ -188,6 +188,10 @@ def parser():
     serve_bench.add_argument("--rounds", type=int, default=3, help="rounds of every cache, side by side (default 3)")
     serve_bench.add_argument("--out", help="report to write the Serving section of (e.g. docs/PERFORMANCE.md)")
 
+    plot = commands.add_parser("plot", help="a run directory's loss, bits, λ and throughput against step, as a PNG")
+    plot.add_argument("run_dir", help="a moqae-train run directory (metrics.jsonl, eval.jsonl)")
+    plot.add_argument("--out", help="image to write (default RUN_DIR/run.png)")
+
     merge = commands.add_parser("merge", help="join the parts of a parallel dump into one store")
     merge.add_argument("--out", required=True)
     merge.add_argument("parts", nargs="+", help="part directories written with --num-shards/--shard-index")
@@ -227,6 +231,9 @@ def main(argv=None):
         elif args.command == "serve-benchmark":
             from .serve_benchmark import run_serve_benchmark
             run_serve_benchmark(args.model, args.router, args.contexts, args.decode_tokens, args.rounds, args.out)
+        elif args.command == "plot":
+            from .plot import plot_run
+            print(f"wrote {plot_run(args.run_dir, args.out)}")
         elif args.command == "eval":
             from .evaluate import run_eval
             run_eval(args)
