@@ -20,10 +20,11 @@ def read_texts(paths):
     return texts
 
 
-def read_jsonl(path, fields):
+def read_jsonl(path, fields, kind=str):
     """(line number, record) for every non-blank line of a JSONL file; each record must be an object
-    with a string value for every name in `fields`."""
+    whose value for every name in `fields` is a `kind` (strings by default; (int, float) for numbers)."""
     names = " and ".join(f'"{name}"' for name in fields)
+    what = "string" if kind is str else "number"
     records = []
     for number, line in enumerate(read_text_file(path, "the JSONL file").split("\n"), 1):
         if not line.strip():
@@ -32,8 +33,8 @@ def read_jsonl(path, fields):
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(name), str) for name in fields):
-            raise CalibError(f"{path}:{number}: expected an object with string {names} field{'s' * (len(fields) > 1)}")
+        if not isinstance(record, dict) or not all(isinstance(record.get(name), kind) for name in fields):
+            raise CalibError(f"{path}:{number}: expected an object with {what} {names} field{'s' * (len(fields) > 1)}")
         records.append((number, record))
     return records
 

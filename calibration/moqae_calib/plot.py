@@ -1,26 +1,14 @@
 """`plot`: a run directory's logs as one picture, RUN_DIR/run.png: training loss, average bits (per
 batch, and the router's at each validation report), λ and throughput against step."""
-import json
 import os
 
 from . import CalibError
-from .files import read_text_file
+from .corpus import read_jsonl
 
 
 def read_log(path, required):
     """The records of a JSON-lines log; each must be an object with a number for every `required` key."""
-    records = []
-    for number, line in enumerate(read_text_file(path, "the log").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(key), (int, float)) for key in required):
-            raise CalibError(f"{path}:{number}: expected an object with numbers {', '.join(required)}")
-        records.append(record)
-    return records
+    return [record for _, record in read_jsonl(path, required, kind=(int, float))]
 
 
 def plot_run(run_dir, out=None):
