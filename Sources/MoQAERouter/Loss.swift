@@ -41,7 +41,7 @@ public struct SensitivityTable: Sendable {
 
 /// Which loss trains the routers.
 public enum LossKind: String, CaseIterable, Sendable {
-    /// SPEC §4, the paper's: every unit is pushed by the sequence's `L_nll` and its chosen expert's bits.
+    /// docs/FORMATS.md, Losses, the paper's: every unit is pushed by the sequence's `L_nll` and its chosen expert's bits.
     case paper
     /// The expected per-unit cost: each unit is pushed by its own `delta_nll`, for every expert.
     case expected
@@ -86,7 +86,7 @@ public struct SequenceLoss {
     public let decisions: [[Int]]
 }
 
-/// Builds the loss of one sequence on `tape`. The paper's (SPEC §4):
+/// Builds the loss of one sequence on `tape`. The paper's (docs/FORMATS.md, Losses):
 ///
 ///     L_model = (1/U) Σ_u P_u[R_u] · L_nll / B_{R_u}      L_mem = (1/U) Σ_u P_u[R_u] · B_{R_u} / 16
 ///

@@ -1,11 +1,11 @@
-/// The SPEC §2 split hash: a SplitMix64 finaliser of `(id, seed)` mapped to [0, 1).
+/// The split hash of docs/FORMATS.md, Split selection: a SplitMix64 finaliser of `(id, seed)` mapped to [0, 1).
 ///
 /// A sequence belongs to the split `[a, b)` of seed `s` when `a <= u(id, s) < b`. The calibration
 /// split is `[0, calibration_fraction)`, the validation split the next `validation_fraction`.
 public enum Selection {
     static let phi: UInt64 = 0x9E37_79B9_7F4A_7C15
 
-    /// The mixed 64-bit value `z` of the SPEC for sequence `id` under `seed`.
+    /// The mixed 64-bit value `z` of docs/FORMATS.md for sequence `id` under `seed`.
     public static func mix(id: UInt64, seed: UInt64) -> UInt64 {
         var z = (id ^ (seed &* phi)) &+ phi
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9

@@ -88,7 +88,7 @@ public struct TrainingConfig: Equatable, Sendable {
         ConfigKey(path: "router.target_bits", kind: .optionalDouble(1...16), defaultValue: .null,
                   help: "bits budget: average payload bits per KV element to land on; λ then follows it during training, from where the first batch's best per-unit allocation meets it (null: fixed λ = loss.lambda)"),
         ConfigKey(path: "loss.kind", kind: .choice(LossKind.allCases.map(\.rawValue)), defaultValue: .string("paper"),
-                  help: "paper: the paper's loss (SPEC §4); expected: the expected per-unit cost, from each unit's own delta_nll"),
+                  help: "paper: the paper's loss (docs/FORMATS.md, Losses); expected: the expected per-unit cost, from each unit's own delta_nll"),
         ConfigKey(path: "loss.lambda", kind: .double(0...1, lowerOpen: false), defaultValue: .double(0.5),
                   help: "λ in λ·L_model + (1−λ)·L_mem: 1 favours accuracy, 0 memory"),
         ConfigKey(path: "loss.budget_rate", kind: .double(0...100, lowerOpen: true), defaultValue: .double(0.2),

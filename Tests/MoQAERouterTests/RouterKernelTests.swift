@@ -2,7 +2,7 @@ import CRouterKernels
 import Foundation
 import Testing
 
-/// The streaming pass's C kernels against a float64 reference of SPEC §3, over shapes that reach
+/// The streaming pass's C kernels against a float64 reference of docs/FORMATS.md, Router, over shapes that reach
 /// every tile and tail: token counts that are not a multiple of the 4-token tile, head widths below,
 /// at and between multiples of 16 and 64, and expert counts whose 2M columns do not fill a 6-column tile,
 /// with the wide (AVX-512) register tiles and the narrow ones.

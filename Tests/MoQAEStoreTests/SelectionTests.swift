@@ -2,7 +2,7 @@ import MoQAEStore
 import Testing
 
 @Suite struct SelectionTests {
-    /// The SPEC §2 test vectors.
+    /// The test vectors of docs/FORMATS.md, Split selection.
     @Test(arguments: [
         (UInt64(0), UInt64(0), UInt64(0xE220_A839_7B1D_CDAF), 0.88331080821364272),
         (1, 0, 0x910A_2DEC_8902_5CC1, 0.56656157517228101),

@@ -1,4 +1,4 @@
-"""A straightforward PyTorch implementation of moqae-train's training step (SPEC §3-4), for the
+"""A straightforward PyTorch implementation of moqae-train's training step (docs/FORMATS.md: Router, Losses), for the
 benchmark: per sequence, the leader layers' routed keys go through the routers, decisions and L_nll
 are computed, and autograd takes the gradient of the paper's loss; AdamW as moqae-train's."""
 import json

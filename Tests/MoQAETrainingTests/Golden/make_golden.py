@@ -38,7 +38,7 @@ MASK = (1 << 64) - 1
 
 
 def u(seq_id, seed):
-    """SPEC §2 split hash."""
+    """The split hash (docs/FORMATS.md, Split selection)."""
     phi = 0x9E3779B97F4A7C15
     z = ((seq_id ^ ((seed * phi) & MASK)) + phi) & MASK
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
@@ -91,7 +91,7 @@ def pooled_decisions(P):
 
 
 def sequence_loss(kind, weights, inputs, nll, delta, pooling="vote"):
-    """paper: SPEC §4. expected: λ Σ_u Σ_j P_u[j] D_u[j] + (1−λ) (1/U) Σ_u Σ_j P_u[j] B_j/16, with D_u[j]
+    """paper: docs/FORMATS.md, Losses. expected: λ Σ_u Σ_j P_u[j] D_u[j] + (1−λ) (1/U) Σ_u Σ_j P_u[j] B_j/16, with D_u[j]
     the unit's delta_nll summed over its router's layers. P_u: vote, the chunk mean of the token
     probabilities; mean or max, the softmax of the chunk mean or max of the token log-probabilities."""
     B = torch.tensor([(k + v) / 2 for _, k, v in EXPERTS], dtype=torch.float64)
