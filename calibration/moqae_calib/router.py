@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import CalibError
-from .experts import Expert
+from .experts import Expert, parse_expert
 from .files import read_regular_file
 
 HEADER = struct.Struct("<4sHBBHHHHHHB11s")
@@ -158,6 +158,22 @@ def route_chunks(export, router, inputs):
     if export.pooling == "vote":
         return chunk_decisions(torch.softmax(logits, dim=-1), export.experts, export.chunk_size)
     return pooled_decisions(pooled_probabilities(logits, export.chunk_size, export.pooling), export.experts)
+
+
+def random_export(layers, heads, width, experts="fp16,int4,int2", group=1, freeze=True, router_input="key",
+                  pooling="vote", seed=0, scale=1.0):
+    """Routers of random weights, for tests and benchmarks of models that have no trained router: normal
+    draws scaled by `scale` and rounded to binary16 (so an export round-trips them exactly); scale 0
+    gives all-equal logits, so every tie goes to fp16."""
+    generator = torch.Generator().manual_seed(seed)
+    experts = [parse_expert(name) for name in experts.split(",")]
+    M = len(experts)
+
+    def weight(rows, columns):
+        return (torch.randn(rows, columns, generator=generator) * scale).half().float()
+
+    weights = [(weight(width, M), weight(width, M), weight(M, M)) for _ in range(math.ceil(layers / group))]
+    return RouterExport(experts, width, 32, group, layers, heads, freeze, router_input, pooling, weights)
 
 
 def write_export(path, export, dtype=torch.float16):

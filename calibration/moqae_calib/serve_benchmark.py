@@ -15,17 +15,7 @@ from .cache import MoQAECache
 from .dump import check_model_dir, load_model, model_shape
 from .experts import parse_expert
 from .report import write_section
-from .router import RouterExport, read_export
-
-
-def random_export(config, experts=("fp16", "int4", "int2"), scale=1.0, seed=0):
-    """Paper-shaped routers (one per layer, key input, chunk 0 frozen) of random weights for `config`."""
-    layers, heads, head_dim, _ = model_shape(config)
-    generator = torch.Generator().manual_seed(seed)
-    M = len(experts)
-    weights = [tuple(torch.randn(rows, M, generator=generator) * scale for rows in (head_dim, head_dim, M))
-               for _ in range(layers)]
-    return RouterExport([parse_expert(e) for e in experts], head_dim, 32, 1, layers, heads, True, "key", "vote", weights)
+from .router import random_export, read_export
 
 
 def tiny_random_llama(max_positions):
@@ -42,9 +32,9 @@ def quantized_cache_factory(config):
     a residual of 128 tokens at the model's dtype), or None and the reason when quanto cannot run here."""
     from transformers import QuantizedCache
     try:
-        probe = QuantizedCache("quanto", config, nbits=4)
-        probe.update(torch.zeros(1, model_shape(config)[1], 4, model_shape(config)[2]),
-                     torch.zeros(1, model_shape(config)[1], 4, model_shape(config)[2]), 0)
+        _, heads, head_dim, _ = model_shape(config)
+        states = torch.zeros(1, heads, 4, head_dim)
+        QuantizedCache("quanto", config, nbits=4).update(states, states, 0)
     except Exception as error:  # noqa: BLE001 - ImportError, or a failed build of quanto's C++ extension
         return None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return (lambda: QuantizedCache("quanto", config, nbits=4)), None
@@ -91,11 +81,11 @@ def run_serve_benchmark(model_dir, router=None, contexts=(2048, 8192), decode_to
     """Measures every cache on each model and context; writes the "Serving" section of `out`."""
     check_model_dir(model_dir)
     passkey = load_model(model_dir, "cpu", None, "float32")
-    passkey_export = read_export(router) if router else random_export(passkey.config)
+    passkey_export = read_export(router) if router else random_export(*model_shape(passkey.config)[:3])
     tiny = tiny_random_llama(max(contexts))
     models = [(f"{model_dir.rstrip('/').split('/')[-1]} ({'router ' + router if router else 'random router'})",
                passkey, passkey_export),
-              ("tiny random Llama (8 layers, 4 KV heads of 64; random router)", tiny, random_export(tiny.config))]
+              ("tiny random Llama (8 layers, 4 KV heads of 64; random router)", tiny, random_export(*model_shape(tiny.config)[:3]))]
     rows, notes = [], []
     for label, model, export in models:
         quantized, reason = quantized_cache_factory(model.config)

@@ -1,6 +1,5 @@
 """MoQAECache against the evaluator's fake quantization (prefill, bit for bit), against the quantizer
 chunk by chunk through decoding, against DynamicCache at 16 bits, and its bytes against the formula."""
-import math
 import os
 import re
 import subprocess
@@ -20,21 +19,7 @@ from moqae_calib.dump import load_model, model_shape
 from moqae_calib.evaluate import Layout, LayerPlan, RouterPlan, apply_plan
 from moqae_calib.experts import parse_expert
 from moqae_calib.features import CHUNK_FEATURES
-from moqae_calib.router import RouterExport, route_chunks, write_export
-
-
-def random_export(layers, heads, width, experts="fp16,int4,int2", group=1, freeze=True, router_input="key",
-                  pooling="vote", seed=0, scale=1.0):
-    """Routers of random weights (scaled by `scale`; 0 gives all-equal logits, so ties go to fp16)."""
-    generator = torch.Generator().manual_seed(seed)
-    experts = [parse_expert(name) for name in experts.split(",")]
-    M = len(experts)
-
-    def weight(rows, columns):
-        return (torch.randn(rows, columns, generator=generator) * scale).half().float()
-
-    weights = [(weight(width, M), weight(width, M), weight(M, M)) for _ in range(math.ceil(layers / group))]
-    return RouterExport(experts, width, 32, group, layers, heads, freeze, router_input, pooling, weights)
+from moqae_calib.router import random_export, route_chunks, write_export
 
 
 def text_ids(tokens, count=1):
