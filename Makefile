@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 BIN := .build/release/moqae-train
 CONFIG ?= configs/default.yaml
-STORE ?= calibration/stores/wt2-byte-llama
-VENV := calibration/.venv
+STORE ?= stores/wt2-byte-llama
+VENV := python/.venv
 PY := $(VENV)/bin/python
-CALIB := PYTHONPATH=calibration $(PY) -m moqae_calib
+MOQAE := PYTHONPATH=python $(PY) -m moqae
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
@@ -15,11 +15,11 @@ TRAIN_ARGS ?=
 setup:
 	@dpkg -s libopenblas-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libopenblas-dev pkg-config; }
 
-## A virtual environment with the pinned Python packages of calibration/requirements.txt.
+## A virtual environment with the pinned Python packages of python/requirements.txt.
 venv: $(PY)
-$(PY): calibration/requirements.txt
+$(PY): python/requirements.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r calibration/requirements.txt
+	$(PY) -m pip install -q -r python/requirements.txt
 	touch $(PY)
 
 build: setup
@@ -29,7 +29,7 @@ build: setup
 ## 512-byte windows: the calibration and validation splits). An interrupted dump is resumed.
 store: venv
 	@if [ ! -f $(STORE)/manifest.json ]; then \
-	  $(CALIB) dump --model calibration/reference/wt2-byte-llama --corpus calibration/reference/wikitext-2/valid.txt \
+	  $(MOQAE) dump --model models/wt2-byte-llama --corpus models/wikitext-2/valid.txt \
 	    --tokenizer bytes --out $(STORE) $$([ -f $(STORE)/dump-state.json ] && echo --resume); fi
 
 ## Train on the default store (continuing the run if it exists), then export the router.
@@ -47,15 +47,15 @@ PARETO_WINDOWS ?= 600
 PARETO_CONFIGS ?= configs/budget-3.5.yaml configs/budget-4.1.yaml
 PARETO_ARGS ?=
 pareto: build store
-	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) \
-	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
+	$(MOQAE) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) \
+	  --model models/wt2-byte-llama --text models/wikitext-2/test.txt --tokenizer bytes \
 	  --out $(PARETO_OUT) --max-windows $(PARETO_WINDOWS) $(addprefix --config-run ,$(PARETO_CONFIGS)) $(PARETO_ARGS)
 
 ## The pass-key model, end to end at 2,048 bytes: a store of every 2,048-byte window of valid.txt, half
 ## of them with a needle (`make passkey-store`); routers under PASSKEY_CONFIG's bits budget; then
 ## pass-key accuracy and bits per byte of every plan on PASSKEY_WINDOWS needle windows of test.txt.
-PASSKEY_MODEL ?= calibration/reference/passkey-byte-llama
-PASSKEY_STORE ?= calibration/stores/passkey-byte-llama
+PASSKEY_MODEL ?= models/passkey-byte-llama
+PASSKEY_STORE ?= stores/passkey-byte-llama
 PASSKEY_SEQ_LEN ?= 2048
 PASSKEY_CONFIG ?= configs/passkey-3.0.yaml
 PASSKEY_RUN_DIR ?= checkpoints/passkey
@@ -67,7 +67,7 @@ PASSKEY_TRAIN_ARGS ?=
 PASSKEY_LAYER_PLANS ?= int4,int2,int2,int2
 passkey-store: venv
 	@if [ ! -f $(PASSKEY_STORE)/manifest.json ]; then \
-	  $(CALIB) dump --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --tokenizer bytes \
+	  $(MOQAE) dump --model $(PASSKEY_MODEL) --corpus models/wikitext-2/valid.txt --tokenizer bytes \
 	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --answer-weight $(PASSKEY_ANSWER_WEIGHT) --router-input $(PASSKEY_ROUTER_INPUT) \
 	    --out $(PASSKEY_STORE) \
 	    $$([ -f $(PASSKEY_STORE)/dump-state.json ] && echo --resume); fi
@@ -75,7 +75,7 @@ passkey: build passkey-store
 	$(BIN) train --config $(PASSKEY_CONFIG) --set store=$(PASSKEY_STORE) --set run_dir=$(PASSKEY_RUN_DIR) \
 	  $$(ls $(PASSKEY_RUN_DIR)/ckpt-*.safetensors >/dev/null 2>&1 && echo --resume latest) $(PASSKEY_TRAIN_ARGS)
 	$(BIN) export $(PASSKEY_RUN_DIR) --out $(PASSKEY_RUN_DIR)/router.bin
-	$(CALIB) eval --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
+	$(MOQAE) eval --model $(PASSKEY_MODEL) --text models/wikitext-2/test.txt --tokenizer bytes \
 	  --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows $(PASSKEY_WINDOWS) --router $(PASSKEY_RUN_DIR)/router.bin \
 	  --store $(PASSKEY_STORE) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
 
@@ -91,13 +91,13 @@ ABLATION_PASSKEY_VARIANTS ?= $(ABLATION_VARIANTS) router.pooling=max,seed=1 rout
 ABLATION_PPL_WINDOWS ?= 300
 ablation: ablation-passkey ablation-perplexity
 ablation-passkey: build passkey-store
-	$(CALIB) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= --no-diagnostics \
-	  --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes --task passkey \
+	$(MOQAE) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= --no-diagnostics \
+	  --model $(PASSKEY_MODEL) --text models/wikitext-2/test.txt --tokenizer bytes --task passkey \
 	  --calibration-fraction 0.6 --out $(ABLATION_OUT)/passkey --max-windows $(ABLATION_WINDOWS) \
 	  $(foreach v,$(ABLATION_PASSKEY_VARIANTS),--config-run $(PASSKEY_CONFIG):$(v))
 ablation-perplexity: build store
-	$(CALIB) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) --lambdas= --no-diagnostics \
-	  --model calibration/reference/wt2-byte-llama --text calibration/reference/wikitext-2/test.txt --tokenizer bytes \
+	$(MOQAE) pareto --moqae-train $(BIN) --config $(CONFIG) --store $(STORE) --lambdas= --no-diagnostics \
+	  --model models/wt2-byte-llama --text models/wikitext-2/test.txt --tokenizer bytes \
 	  --out $(ABLATION_OUT)/perplexity --max-windows $(ABLATION_PPL_WINDOWS) \
 	  $(foreach c,$(PARETO_CONFIGS),$(foreach v,$(ABLATION_VARIANTS),--config-run $(c):$(v)))
 
@@ -107,15 +107,15 @@ PASSKEY_PARETO_OUT ?= checkpoints/pareto-passkey
 PASSKEY_PARETO_CONFIGS ?= configs/passkey-2.5.yaml configs/passkey-3.0.yaml configs/passkey-4.0.yaml
 PASSKEY_PARETO_ARGS ?=
 pareto-passkey: build passkey-store
-	$(CALIB) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= \
-	  --model $(PASSKEY_MODEL) --text calibration/reference/wikitext-2/test.txt --tokenizer bytes --task passkey \
+	$(MOQAE) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= \
+	  --model $(PASSKEY_MODEL) --text models/wikitext-2/test.txt --tokenizer bytes --task passkey \
 	  --calibration-fraction 0.6 --out $(PASSKEY_PARETO_OUT) --max-windows $(PASSKEY_WINDOWS) \
 	  $(addprefix --config-run ,$(PASSKEY_PARETO_CONFIGS)) $(PASSKEY_PARETO_ARGS)
 
 ## Dump time and peak memory at T = 512, 1,024 and 2,048 bytes on the pass-key model, and 4,096 and
 ## 8,192 on a tiny random Llama: the "Dumps at length" section of BENCH_OUT.
 length-benchmark: venv
-	$(CALIB) length-benchmark --model $(PASSKEY_MODEL) --corpus calibration/reference/wikitext-2/valid.txt --out $(BENCH_OUT)
+	$(MOQAE) length-benchmark --model $(PASSKEY_MODEL) --corpus models/wikitext-2/valid.txt --out $(BENCH_OUT)
 
 ## Serving: greedy pass-key answers through MoQAECache by plan (the router, uniform fp16/int4/int2 and
 ## PASSKEY_LAYER_PLANS) on SERVE_WINDOWS needle windows, with the router that `make passkey` trains.
@@ -123,7 +123,7 @@ SERVE_WINDOWS ?= 50
 SERVE_ROUTER ?= $(PASSKEY_RUN_DIR)/router.bin
 serve-passkey: venv
 	@[ -f $(SERVE_ROUTER) ] || { echo "$(SERVE_ROUTER): no router export; run make passkey first" >&2; exit 1; }
-	$(CALIB) serve-passkey --model $(PASSKEY_MODEL) --router $(SERVE_ROUTER) --text calibration/reference/wikitext-2/test.txt \
+	$(MOQAE) serve-passkey --model $(PASSKEY_MODEL) --router $(SERVE_ROUTER) --text models/wikitext-2/test.txt \
 	  --windows $(SERVE_WINDOWS) --seq-len $(PASSKEY_SEQ_LEN) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
 
 ## Prefill time, decode tokens/s and bytes of MoQAECache against DynamicCache and QuantizedCache (quanto,
@@ -132,7 +132,7 @@ serve-passkey: venv
 SERVE_BENCH_ARGS ?=
 serve-benchmark: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH TORCH_EXTENSIONS_DIR=$(abspath checkpoints/torch-extensions) \
-	  $(CALIB) serve-benchmark --model $(PASSKEY_MODEL) $$([ -f $(SERVE_ROUTER) ] && echo --router $(SERVE_ROUTER)) \
+	  $(MOQAE) serve-benchmark --model $(PASSKEY_MODEL) $$([ -f $(SERVE_ROUTER) ] && echo --router $(SERVE_ROUTER)) \
 	  --out $(BENCH_OUT) $(SERVE_BENCH_ARGS)
 
 ## Throughput, disk streaming and memory against cat and a PyTorch step on a synthetic store:
@@ -141,22 +141,21 @@ BENCH_WORK ?= checkpoints/bench
 BENCH_OUT ?= docs/PERFORMANCE.md
 BENCH_ARGS ?= --shape llama2-7b --sequences 16 --cold
 benchmark: build venv
-	cd calibration && ../$(PY) -m moqae_calib benchmark --moqae-train ../$(BIN) --work ../$(BENCH_WORK) \
-	  --out ../$(BENCH_OUT) $(BENCH_ARGS)
+	$(MOQAE) benchmark --moqae-train $(BIN) --work $(BENCH_WORK) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 ## Seconds per window of Taylor and exact sensitivities (resumed, and full forwards) on the same
 ## SENSITIVITY_WINDOWS windows of the reference model: the "Exact sensitivities" section of BENCH_OUT.
 SENSITIVITY_WINDOWS ?= 8
 sensitivity-benchmark: venv
-	cd calibration && ../$(PY) -m moqae_calib sensitivity-benchmark --model reference/wt2-byte-llama \
-	  --corpus reference/wikitext-2/valid.txt --tokenizer bytes --windows $(SENSITIVITY_WINDOWS) --out ../$(BENCH_OUT)
+	$(MOQAE) sensitivity-benchmark --model models/wt2-byte-llama \
+	  --corpus models/wikitext-2/valid.txt --tokenizer bytes --windows $(SENSITIVITY_WINDOWS) --out $(BENCH_OUT)
 
 ## Stop soak: trains CONFIG while stopping moqae-train SOAK_KILLS times (SIGKILL, SIGINT, SIGTERM; some during checkpoint
 ## writes), resuming each time; the result must equal an uninterrupted run (kept in SOAK_RUN_DIR.reference).
 SOAK_KILLS ?= 20
 SOAK_RUN_DIR ?= checkpoints/soak
 soak: build store
-	$(CALIB) soak --moqae-train $(BIN) --config $(CONFIG) --run-dir $(SOAK_RUN_DIR) --set store=$(STORE) --kills $(SOAK_KILLS)
+	$(MOQAE) soak --moqae-train $(BIN) --config $(CONFIG) --run-dir $(SOAK_RUN_DIR) --set store=$(STORE) --kills $(SOAK_KILLS)
 
 ## libFuzzer on each parser of untrusted files (Fuzz/): `make fuzz-checkpoint`, or all of them with
 ## `make fuzz`, each for FUZZ_SECONDS. New inputs go to checkpoints/fuzz/TARGET, crashes to
@@ -175,7 +174,7 @@ fuzz: $(addprefix fuzz-,$(FUZZ_TARGETS))
 ## Every test: Swift Testing (debug build), then pytest for the Python tools.
 test: setup venv
 	swift test
-	cd calibration && ../$(PY) -m pytest -q tests
+	cd python && ../$(PY) -m pytest -q tests
 
 clean-run:
 	rm -rf $(RUN_DIR)

@@ -4,7 +4,7 @@ does pass-key retrieval in 2,048-byte windows, on CPU, fine-tuned from the first
 Training data (generated on the fly, deterministic in --seed) all come from the haystack/training text
 (wikitext-2 valid.txt) and are of three kinds, mixed in every batch:
 
-  * needle windows: exactly the moqae_calib.passkey format (haystack, " The pass key is NNNNN. Remember
+  * needle windows: exactly the moqae.passkey format (haystack, " The pass key is NNNNN. Remember
     it. " at a random depth, more haystack, " What is the pass key? The pass key is NNNNN.") with a random
     key, at the current sequence length;
   * copy windows: haystack text with one random string (8-32 printable characters) written twice; the
@@ -26,8 +26,8 @@ with uniform int2 K/V (chunk 0 of 32 tokens kept at 16 bits), and bits/byte on t
 2,048-byte windows.
 
 Run from the repository root:
-    PYTHONPATH=calibration calibration/.venv/bin/python calibration/reference/train_passkey_lm.py \
-        --out calibration/reference/passkey-byte-llama
+    PYTHONPATH=python python/.venv/bin/python models/train_passkey_lm.py \
+        --out models/passkey-byte-llama
 """
 import argparse
 import json
@@ -45,12 +45,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # calibration/, for moqae_calib
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))  # for moqae
 
-from moqae_calib.corpus import ByteTokenizer, read_texts, windows  # noqa: E402
-from moqae_calib.passkey import answer_correct, passkey_windows  # noqa: E402
+from moqae.corpus import ByteTokenizer, read_texts, windows  # noqa: E402
+from moqae.passkey import answer_correct, passkey_windows  # noqa: E402
 
-# the same needle / question format as moqae_calib.passkey
+# the same needle / question format as moqae.passkey
 NEEDLE = " The pass key is {key}. Remember it. "
 QUESTION = " What is the pass key? The pass key is "
 END = "."
@@ -195,10 +195,10 @@ def evaluate(model_dir, test_path, log):
     """The acceptance figures, with the project's own loading (moqae attention) and KV hook."""
     from transformers import AutoConfig
 
-    from moqae_calib.capture import KVHook
-    from moqae_calib.dump import load_model, model_shape
-    from moqae_calib.evaluate import Layout, apply_plan
-    from moqae_calib.experts import parse_expert
+    from moqae.capture import KVHook
+    from moqae.dump import load_model, model_shape
+    from moqae.evaluate import Layout, apply_plan
+    from moqae.experts import parse_expert
 
     model = load_model(model_dir, "cpu", None, "float32")
     layers, kv_heads, head_dim, _ = model_shape(AutoConfig.from_pretrained(model_dir, local_files_only=True))
@@ -287,7 +287,7 @@ def main():
     def log(msg):
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
-    command = "PYTHONPATH=calibration calibration/.venv/bin/python calibration/reference/train_passkey_lm.py " + \
+    command = "PYTHONPATH=python python/.venv/bin/python models/train_passkey_lm.py " + \
         " ".join(sys.argv[1:])
 
     if args.eval_only:

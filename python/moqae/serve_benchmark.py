@@ -130,7 +130,7 @@ def run_serve_benchmark(model_dir, router=None, contexts=(2048, 8192), decode_to
 
 
 def format_report(rows, notes, decode_tokens, rounds):
-    lines = [f"Written by `python -m moqae_calib serve-benchmark {' '.join(sys.argv[2:])}` (`make serve-benchmark`), "
+    lines = [f"Written by `python -m moqae serve-benchmark {' '.join(sys.argv[2:])}` (`make serve-benchmark`), "
              f"{time.strftime('%Y-%m-%d')}.", "",
              f"CPU, float32 models, batch 1, a random prompt of T tokens, then {decode_tokens} greedy decode steps "
              f"(one forward per token). Medians over {rounds} rounds; every ratio is taken within a round. Bits per "

@@ -63,7 +63,7 @@ def run_sensitivity_benchmark(args):
     share = resumed_work_share(layers, seq_len // args.chunk_size)
     speedups = [row[2] / row[1] for row in rows]
     lines = [
-        f"Written by `python -m moqae_calib sensitivity-benchmark {' '.join(sys.argv[2:])}` "
+        f"Written by `python -m moqae sensitivity-benchmark {' '.join(sys.argv[2:])}` "
         "(`make sensitivity-benchmark`).", "",
         f"- {len(rows)} windows of {seq_len} tokens, experts {args.experts}, chunks of {args.chunk_size}; CPU, float32", "",
         "| per window (median) | seconds | / Taylor |", "|---|---|---|",

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from moqae_calib.packing import pack_codes, packed_bytes, unpack_codes
-from moqae_calib.quantizer import dequantize_codes, group_codes, quantize_groups
+from moqae.packing import pack_codes, packed_bytes, unpack_codes
+from moqae.quantizer import dequantize_codes, group_codes, quantize_groups
 
 
 def reference_pack(codes, bits):

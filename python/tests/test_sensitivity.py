@@ -2,12 +2,12 @@
 import torch
 
 from conftest import REFERENCE_MODEL, VALID_TXT
-from moqae_calib.corpus import ByteTokenizer, read_texts, windows
-from moqae_calib.dump import load_model
-from moqae_calib.experts import parse_experts
+from moqae.corpus import ByteTokenizer, read_texts, windows
+from moqae.dump import load_model
+from moqae.experts import parse_experts
 import pytest
 
-from moqae_calib.sensitivity import (exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta,
+from moqae.sensitivity import (exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta,
                                      weighted_taylor_delta)
 
 

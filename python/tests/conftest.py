@@ -7,18 +7,18 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CALIBRATION = os.path.dirname(HERE)
-ROOT = os.path.dirname(CALIBRATION)
-REFERENCE_MODEL = os.path.join(CALIBRATION, "reference", "wt2-byte-llama")
-PASSKEY_MODEL = os.path.join(CALIBRATION, "reference", "passkey-byte-llama")
-VALID_TXT = os.path.join(CALIBRATION, "reference", "wikitext-2", "valid.txt")
-sys.path.insert(0, CALIBRATION)
+PYTHON = os.path.dirname(HERE)
+ROOT = os.path.dirname(PYTHON)
+REFERENCE_MODEL = os.path.join(ROOT, "models", "wt2-byte-llama")
+PASSKEY_MODEL = os.path.join(ROOT, "models", "passkey-byte-llama")
+VALID_TXT = os.path.join(ROOT, "models", "wikitext-2", "valid.txt")
+sys.path.insert(0, PYTHON)
 
 
-def run_calib(*args):
-    """Runs `python -m moqae_calib ARGS` and returns the completed process."""
-    env = dict(os.environ, PYTHONPATH=CALIBRATION)
-    return subprocess.run([sys.executable, "-m", "moqae_calib", *args], capture_output=True, text=True, env=env)
+def run_moqae(*args):
+    """Runs `python -m moqae ARGS` and returns the completed process."""
+    env = dict(os.environ, PYTHONPATH=PYTHON)
+    return subprocess.run([sys.executable, "-m", "moqae", *args], capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="session")

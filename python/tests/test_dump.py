@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_MODEL, copy_model, run_calib
-from moqae_calib import CalibError
+from conftest import REFERENCE_MODEL, copy_model, run_moqae
+from moqae import CalibError
 
 
 def dump(model, corpus, out, *extra):
-    return run_calib("dump", "--model", model, "--corpus", corpus, "--out", out, "--tokenizer", "bytes", *extra)
+    return run_moqae("dump", "--model", model, "--corpus", corpus, "--out", out, "--tokenizer", "bytes", *extra)
 
 
 def store_tensors(directory):
@@ -86,7 +86,7 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
     inspect = subprocess.run([moqae_train, "inspect", export], capture_output=True, text=True)
     width = {"key+value": 32, "key+chunk": 23}.get(router_input, 16)
     assert f"D = {width} (router input {router_input})" in inspect.stdout, inspect.stdout
-    scored = run_calib("eval", "--model", tiny_llama, "--text", small_corpus, "--tokenizer", "bytes", "--seq-len", "128",
+    scored = run_moqae("eval", "--model", tiny_llama, "--text", small_corpus, "--tokenizer", "bytes", "--seq-len", "128",
                        "--router", export, "--max-windows", "2", "--store", out, "--json", "--layer-plan", "int4,int2,int2")
     assert scored.returncode == 0, scored.stderr
     report = json.loads(scored.stdout)
@@ -102,8 +102,8 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
 
 
 def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path, monkeypatch):
-    from moqae_calib.__main__ import parser
-    from moqae_calib import dump as dump_module
+    from moqae.__main__ import parser
+    from moqae import dump as dump_module
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     args = ["--model", tiny_llama, "--corpus", small_corpus, "--tokenizer", "bytes", "--seq-len", "128", "--fraction", "0.2",
             "--shard-size", "100K"]
@@ -147,9 +147,9 @@ def test_parallel_parts_merge_into_the_same_store(tiny_llama, small_corpus, tmp_
         assert result.returncode == 0, result.stderr
         assert not os.path.exists(os.path.join(part, "manifest.json"))
         parts.append(part)
-    incomplete = run_calib("merge", "--out", merged, parts[0])
+    incomplete = run_moqae("merge", "--out", merged, parts[0])
     expect_clean_failure(incomplete, merged, "parts 0..1")
-    assert run_calib("merge", "--out", merged, *parts).returncode == 0
+    assert run_moqae("merge", "--out", merged, *parts).returncode == 0
     a, b = store_tensors(single), store_tensors(merged)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = lambda d: [s["id"] for s in json.load(open(os.path.join(d, "manifest.json")))["sequences"]]
@@ -177,8 +177,8 @@ def test_bad_inputs(tmp_path, small_corpus):
 def test_attention_outside_the_interface_is_refused(tmp_path, small_corpus, monkeypatch):
     """A model whose attention bypasses transformers' attention interface cannot be captured."""
     from transformers.models.llama import modeling_llama
-    from moqae_calib.__main__ import parser
-    from moqae_calib import dump as dump_module
+    from moqae.__main__ import parser
+    from moqae import dump as dump_module
 
     def bypassing_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)

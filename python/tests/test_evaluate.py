@@ -8,19 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_MODEL, ROOT, VALID_TXT, run_calib
-from moqae_calib import CalibError
-from moqae_calib.capture import KVHook
-from moqae_calib.corpus import ByteTokenizer, read_texts, windows
-from moqae_calib.dump import load_model
+from conftest import REFERENCE_MODEL, ROOT, VALID_TXT, run_moqae
+from moqae import CalibError
+from moqae.capture import KVHook
+from moqae.corpus import ByteTokenizer, read_texts, windows
+from moqae.dump import load_model
 import itertools
 import math
 
-from moqae_calib.evaluate import Layout, Result, UniformPlan, evaluate_plan, paired_difference, prescient_plan, static_plan
-from moqae_calib.experts import parse_expert
-from moqae_calib.quantizer import quantize_keys, quantize_values, unit_storage_bits
-from moqae_calib.router import POOLINGS, read_export, route
-from moqae_calib.sensitivity import mean_nll
+from moqae.evaluate import Layout, Result, UniformPlan, evaluate_plan, paired_difference, prescient_plan, static_plan
+from moqae.experts import parse_expert
+from moqae.quantizer import quantize_keys, quantize_values, unit_storage_bits
+from moqae.router import POOLINGS, read_export, route
+from moqae.sensitivity import mean_nll
 
 GOLDEN = os.path.join(ROOT, "Tests", "MoQAETrainingTests", "Golden")
 
@@ -103,7 +103,7 @@ def test_damaged_exports_are_rejected(tmp_path):
         path.write_bytes(bytes(damaged))
         with pytest.raises(CalibError, match=reasons[name]):
             read_export(str(path))
-    result = run_calib("eval", "--model", REFERENCE_MODEL, "--text", VALID_TXT, "--tokenizer", "bytes",
+    result = run_moqae("eval", "--model", REFERENCE_MODEL, "--text", VALID_TXT, "--tokenizer", "bytes",
                        "--router", str(tmp_path / "flipped.bin"))
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {tmp_path / 'flipped.bin'}: CRC-32 mismatch: the file is damaged"]
 
@@ -192,7 +192,7 @@ def test_lagrangian_allocation_is_the_brute_force_optimum_at_hull_budgets():
     """At a budget equal to the bits of some μ's allocation (a point of the lower convex hull), the
     bisection finds a plan as cheap as the best of all M^items plans within that budget; a tie goes to
     more bits, then to the lower index; a budget nothing meets gets the fewest bits (Swift's rule too)."""
-    from moqae_calib.evaluate import lagrangian_allocation
+    from moqae.evaluate import lagrangian_allocation
     generator = torch.Generator().manual_seed(0)
     bits = torch.tensor([32.0, 16.0, 8.0, 4.0]).expand(5, -1)
     for case in range(20):
@@ -213,7 +213,7 @@ def test_lagrangian_allocation_is_the_brute_force_optimum_at_hull_budgets():
 def test_lagrangian_allocation_takes_the_smallest_feasible_multiplier():
     """At any budget, the allocation of the smallest feasible μ, found exactly among the μ where some
     item's choice changes (so a bisection cut short, landing on a larger μ, fails; LagrangianTests.swift too)."""
-    from moqae_calib.evaluate import lagrangian_allocation
+    from moqae.evaluate import lagrangian_allocation
     generator = torch.Generator().manual_seed(11)
     bits = torch.tensor([32.0, 16.0, 8.0, 4.0], dtype=torch.float64).expand(12, -1)
     for case in range(20):
@@ -229,7 +229,7 @@ def test_lagrangian_allocation_takes_the_smallest_feasible_multiplier():
 
 def test_chunk_ties_go_to_more_bits_then_to_the_lower_index():
     """Vote and pooled decisions with built ties (router.best_expert, the trainer's rule)."""
-    from moqae_calib.router import chunk_decisions, pooled_decisions
+    from moqae.router import chunk_decisions, pooled_decisions
     experts = [parse_expert(name) for name in ("int2", "fp16", "int4", "k4v2", "k2v4")]
     one_hot = torch.eye(5)
 

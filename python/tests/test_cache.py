@@ -10,16 +10,16 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig
 
-from conftest import PASSKEY_MODEL, ROOT, VALID_TXT, run_calib
-from moqae_calib import CalibError
-from moqae_calib.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, RouterPolicy
-from moqae_calib.capture import KVHook, RouterInputs
-from moqae_calib.corpus import ByteTokenizer, read_texts, windows
-from moqae_calib.dump import load_model, model_shape
-from moqae_calib.evaluate import Layout, LayerPlan, RouterPlan, apply_plan
-from moqae_calib.experts import parse_expert
-from moqae_calib.features import CHUNK_FEATURES
-from moqae_calib.router import random_export, route_chunks, write_export
+from conftest import PASSKEY_MODEL, ROOT, VALID_TXT, run_moqae
+from moqae import CalibError
+from moqae.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, RouterPolicy
+from moqae.capture import KVHook, RouterInputs
+from moqae.corpus import ByteTokenizer, read_texts, windows
+from moqae.dump import load_model, model_shape
+from moqae.evaluate import Layout, LayerPlan, RouterPlan, apply_plan
+from moqae.experts import parse_expert
+from moqae.features import CHUNK_FEATURES
+from moqae.router import random_export, route_chunks, write_export
 
 
 def text_ids(tokens, count=1):
@@ -178,19 +178,19 @@ def test_mismatched_and_damaged_exports_are_refused_with_one_line(tmp_path, pass
     prompt.write_text("The pass key is 12345. " * 4)
     router = tmp_path / "router.bin"
     write_export(str(router), random_export(3, 2, 16, scale=2.0))
-    good = run_calib("generate", "--model", tiny_llama, "--router", str(router), "--prompt-file", str(prompt),
+    good = run_moqae("generate", "--model", tiny_llama, "--router", str(router), "--prompt-file", str(prompt),
                      "--tokenizer", "bytes", "--max-new-tokens", "40")
     assert good.returncode == 0, good.stderr
     assert "layer 2 head 1: " in good.stdout and "KV cache: " in good.stdout and "bytes held" in good.stdout
     data = bytearray(router.read_bytes())
     data[40] ^= 1
     router.write_bytes(bytes(data))
-    bad = run_calib("generate", "--model", tiny_llama, "--router", str(router), "--prompt-file", str(prompt),
+    bad = run_moqae("generate", "--model", tiny_llama, "--router", str(router), "--prompt-file", str(prompt),
                     "--tokenizer", "bytes")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [f"error: {router}: CRC-32 mismatch: the file is damaged"]
     other = tmp_path / "other.bin"
     write_export(str(other), random_export(4, 2, 64))
-    wrong = run_calib("generate", "--model", tiny_llama, "--router", str(other), "--prompt-file", str(prompt),
+    wrong = run_moqae("generate", "--model", tiny_llama, "--router", str(other), "--prompt-file", str(prompt),
                       "--tokenizer", "bytes")
     assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "export is for 4 layers" in wrong.stderr
 
@@ -217,8 +217,8 @@ def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny
     commands = [["generate", "--model", tiny_llama, "--router", str(router), "--prompt-file", str(fifo), "--tokenizer", "bytes"],
                 ["dump", "--model", tiny_llama, "--corpus", str(fifo), "--out", str(tmp_path / "store"), "--tokenizer", "bytes"]]
     for command in commands:
-        result = subprocess.run([sys.executable, "-m", "moqae_calib", *command], capture_output=True, text=True, timeout=120,
-                                env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "calibration")))
+        result = subprocess.run([sys.executable, "-m", "moqae", *command], capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert result.returncode == 1 and errors == [f"error: {fifo}: is a FIFO, expected a regular file"], result.stderr
 
@@ -226,5 +226,5 @@ def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny
 def test_the_pinned_transformers_is_the_version_the_cache_targets():
     """MoQAECache follows transformers' per-layer cache API of one version; requirements.txt pins it."""
     assert transformers.__version__ == TARGET_TRANSFORMERS
-    with open(os.path.join(ROOT, "calibration", "requirements.txt")) as f:
+    with open(os.path.join(ROOT, "python", "requirements.txt")) as f:
         assert f"transformers=={TARGET_TRANSFORMERS}\n" in f.read()

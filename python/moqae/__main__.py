@@ -1,4 +1,4 @@
-"""python -m moqae_calib dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
+"""python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
 import argparse
 import os
 import re
@@ -17,7 +17,7 @@ def byte_size(text):
 
 
 def parser():
-    root = argparse.ArgumentParser(prog="python -m moqae_calib", description="Calibration stores for moqae-train.")
+    root = argparse.ArgumentParser(prog="python -m moqae", description="Calibration stores for moqae-train.")
     commands = root.add_subparsers(dest="command", required=True)
 
     dump = commands.add_parser("dump", help="dump a store from a local Hugging Face causal LM and a text corpus")

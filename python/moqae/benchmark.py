@@ -126,7 +126,7 @@ def run_benchmark(args):
         pass
     gb = store_bytes / 1e9
     section = [
-        f"Written by `python -m moqae_calib benchmark {' '.join(sys.argv[2:])}` (see docs/PERFORMANCE.md, Overview).", "",
+        f"Written by `python -m moqae benchmark {' '.join(sys.argv[2:])}` (see docs/PERFORMANCE.md, Overview).", "",
         f"- machine: {machine}",
         f"- store: synthetic `{args.shape}` ({model['num_layers']} layers × {model['num_kv_heads']} KV heads × {model['head_dim']} dims × "
         f"{manifest['corpus']['seq_len']} tokens, F16), {len(manifest['sequences'])} sequences, {gb:.2f} GB"
@@ -186,7 +186,7 @@ def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, thread
         f"| moqae-train, {threads} workers, page cache | {figure([r['train'] for r in rounds])} M vectors/s; "
         f"median epoch {warm['step_seconds']:.3f} s/step, {warm['wall']:.1f} s wall |",
         f"| moqae-train, 1 worker | {figure(one_worker)} M vectors/s |",
-        f"| PyTorch {__import__('torch').__version__} step (`calibration/moqae_calib/torch_step.py`), same batch | "
+        f"| PyTorch {__import__('torch').__version__} step (`python/moqae/torch_step.py`), same batch | "
         f"{figure([r['torch'] for r in rounds], digits=3)} M vectors/s |",
         f"| moqae-train / PyTorch, per round | **{figure([r['vs_torch'] for r in rounds], scale=1, digits=1)}×** (target ≥ 10×) |",
         f"| moqae-train / page-cache read rate, per round | **{figure([100 * r['vs_cat'] for r in rounds], scale=1, digits=0)}%** (target ≥ 80%) |",

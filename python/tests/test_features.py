@@ -3,9 +3,9 @@ import math
 
 import torch
 
-from moqae_calib.experts import parse_expert
-from moqae_calib.features import CHUNK_FEATURES, chunk_statistics, key_with_chunk_statistics
-from moqae_calib.quantizer import quantize_keys, quantize_values
+from moqae.experts import parse_expert
+from moqae.features import CHUNK_FEATURES, chunk_statistics, key_with_chunk_statistics
+from moqae.quantizer import quantize_keys, quantize_values
 
 
 def test_chunk_statistics_follow_their_definitions():

@@ -51,7 +51,7 @@ sys.exit(result.returncode)
 def timed_dump(model, corpus, seq_len, windows, work):
     """(seconds per window after loading, peak RSS in MB) of a byte-level Taylor dump of `windows` windows."""
     out = os.path.join(work, f"store-{seq_len}")
-    command = [sys.executable, "-m", "moqae_calib", "dump", "--model", model, "--corpus", corpus, "--tokenizer", "bytes",
+    command = [sys.executable, "-m", "moqae", "dump", "--model", model, "--corpus", corpus, "--tokenizer", "bytes",
                "--seq-len", str(seq_len), "--device", "cpu", "--out", out, "--fraction", repr(fraction_for(windows, corpus, seq_len))]
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -74,7 +74,7 @@ def run_length_benchmark(args):
             rows.append((label, seq_len, per_window, peak))
             print(f"{label}, T = {seq_len}: {per_window:.2f} s per window, peak RSS {peak:.0f} MB", flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    lines = [f"Written by `python -m moqae_calib length-benchmark {' '.join(sys.argv[2:])}` (`make length-benchmark`).", "",
+    lines = [f"Written by `python -m moqae length-benchmark {' '.join(sys.argv[2:])}` (`make length-benchmark`).", "",
              f"- Taylor dumps (one forward and one backward per window) of byte windows of `{os.path.basename(args.corpus)}`, "
              f"CPU, float32; {args.windows} windows per dump, seconds per window after the model has loaded; peak RSS of "
              "the whole dump process", "",

@@ -2,9 +2,9 @@
 import os
 
 from conftest import VALID_TXT
-from moqae_calib.length_benchmark import fraction_for
-from moqae_calib.report import write_section
-from moqae_calib.selection import selected
+from moqae.length_benchmark import fraction_for
+from moqae.report import write_section
+from moqae.selection import selected
 
 
 def test_a_section_is_replaced_or_extended_and_the_others_are_kept(tmp_path):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import VALID_TXT
-from moqae_calib.corpus import ByteTokenizer, read_texts, windows
-from moqae_calib.dump import load_model, with_needles
-from moqae_calib.evaluate import Layout, UniformPlan, evaluate_plan, source_aware_plan
-from moqae_calib.experts import parse_expert
-from moqae_calib import CalibError
-from moqae_calib.passkey import answer_correct, passkey_windows, task_windows, wilson_interval
+from moqae.corpus import ByteTokenizer, read_texts, windows
+from moqae.dump import load_model, with_needles
+from moqae.evaluate import Layout, UniformPlan, evaluate_plan, source_aware_plan
+from moqae.experts import parse_expert
+from moqae import CalibError
+from moqae.passkey import answer_correct, passkey_windows, task_windows, wilson_interval
 
 HAYSTACK = read_texts([VALID_TXT])[0][:50_000]
 

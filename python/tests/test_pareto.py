@@ -5,9 +5,9 @@ import os
 import pytest
 
 from conftest import ROOT
-from moqae_calib import CalibError
-from moqae_calib.evaluate import PRESCIENT_NOTE
-from moqae_calib.pareto import markdown, runs_of
+from moqae import CalibError
+from moqae.evaluate import PRESCIENT_NOTE
+from moqae.pareto import markdown, runs_of
 
 
 def arguments(lambdas, config_runs=None):

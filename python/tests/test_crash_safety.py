@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from conftest import CALIBRATION
+from conftest import PYTHON
 from test_dump import dump, store_tensors
 
 
@@ -74,12 +74,12 @@ def test_export_on_a_full_disk_keeps_the_previous_export(moqae_train, tmp_path):
 
 
 DUMP_ARGS = ["--seq-len", "128", "--fraction", "0.2", "--shard-size", "100K"]
-DUMP_ENV = dict(os.environ, PYTHONPATH=CALIBRATION)
+DUMP_ENV = dict(os.environ, PYTHONPATH=PYTHON)
 
 
 def dump_command(model, corpus, out, *extra):
     """The `dump` command line as `test_dump.dump` runs it, for a child with limits or a kill."""
-    return [sys.executable, "-m", "moqae_calib", "dump", "--model", model, "--corpus", corpus, "--out", out,
+    return [sys.executable, "-m", "moqae", "dump", "--model", model, "--corpus", corpus, "--out", out,
             "--tokenizer", "bytes", *extra]
 
 

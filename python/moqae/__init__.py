@@ -1,4 +1,4 @@
-"""moqae_calib: calibration stores for moqae-train from real Hugging Face causal LMs."""
+"""moqae: calibration stores for moqae-train from real Hugging Face causal LMs."""
 
 
 class CalibError(Exception):

@@ -1,8 +1,8 @@
 import torch
 
-from moqae_calib.experts import Expert, parse_experts
-from moqae_calib.quantizer import quantize_groups, quantize_keys, quantize_values, unit_storage_bits
-from moqae_calib.selection import mix, unit_value
+from moqae.experts import Expert, parse_experts
+from moqae.quantizer import quantize_groups, quantize_keys, quantize_values, unit_storage_bits
+from moqae.selection import mix, unit_value
 
 
 def test_selection_vectors():
