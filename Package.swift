@@ -15,7 +15,7 @@ let package = Package(
     targets: [
         // MARK: - System libraries
 
-        /// OpenBLAS's CBLAS interface: the autograd tape's matrix products go through `cblas_sgemm`.
+        /// OpenBLAS's CBLAS interface: the reference tape's matrix products go through `cblas_sgemm`.
         .systemLibrary(
             name: "COpenBLAS",
             pkgConfig: "openblas",
@@ -28,19 +28,30 @@ let package = Package(
         /// The streaming pass's router forward and chunk backward, compiled per x86-64 level (AVX-512, AVX2, baseline).
         .target(name: "CRouterKernels"),
 
-        // MARK: - Data flow: store → router/loss/optimizer → training, checkpoint, export
+        // MARK: - Product data flow: store → router/loss/optimizer → training, checkpoint, export
+
+        /// The KV bit-width configurations routers choose among, and their storage bits.
+        .target(name: "MoQAEExperts"),
 
         /// Calibration store I/O: a distrustful safetensors reader/writer, the manifest, split selection.
-        .target(name: "MoQAEStore", dependencies: ["CHalfPrecision"]),
+        .target(name: "MoQAEStore", dependencies: ["CHalfPrecision", "MoQAEExperts"]),
 
-        /// Reverse-mode autograd over router parameters, the router, the SPEC §4 loss and AdamW.
-        .target(name: "MoQAERouter", dependencies: ["COpenBLAS", "CRouterKernels", "MoQAEStore"]),
+        /// The router, its decisions, the losses, the streaming forward/backward pass over
+        /// `CRouterKernels`, and AdamW.
+        .target(name: "MoQAERouter", dependencies: ["CRouterKernels", "MoQAEExperts"]),
 
         /// Config, training loop, evaluation, checkpoints and the router export.
         .target(
             name: "MoQAETraining",
-            dependencies: ["MoQAEStore", "MoQAERouter", .product(name: "Yams", package: "Yams")]
+            dependencies: ["MoQAEExperts", "MoQAEStore", "MoQAERouter", .product(name: "Yams", package: "Yams")]
         ),
+
+        // MARK: - Reference the product is checked against (tests only)
+
+        /// The hand-written reverse-mode autograd: a tape of forward/backward primitive pairs with
+        /// OpenBLAS products, the router and the losses built on it, and a batch gradient that loads
+        /// whole sequences. Slow and plain; the streaming pass must agree with it.
+        .target(name: "MoQAEReference", dependencies: ["COpenBLAS", "MoQAEExperts", "MoQAEStore", "MoQAERouter", "MoQAETraining"]),
 
         // MARK: - Command line
 
@@ -52,12 +63,13 @@ let package = Package(
         // MARK: - Tests
 
         /// Small stores built in code, temporary directories, running the built binary.
-        .target(name: "MoQAETestSupport", dependencies: ["MoQAEStore"], path: "Tests/MoQAETestSupport"),
+        .target(name: "MoQAETestSupport", dependencies: ["MoQAEExperts", "MoQAEStore"], path: "Tests/MoQAETestSupport"),
         .testTarget(name: "MoQAEStoreTests", dependencies: ["MoQAEStore", "CHalfPrecision", "MoQAETestSupport"]),
-        .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAERouter", "CRouterKernels"]),
+        .testTarget(name: "MoQAERouterTests", dependencies: ["MoQAEExperts", "MoQAERouter", "CRouterKernels", "MoQAETestSupport"]),
+        .testTarget(name: "MoQAEReferenceTests", dependencies: ["MoQAEExperts", "MoQAERouter", "MoQAEReference", "MoQAETestSupport"]),
         .testTarget(
             name: "MoQAETrainingTests",
-            dependencies: ["MoQAETraining", "MoQAETestSupport", "moqae-train"],
+            dependencies: ["MoQAEExperts", "MoQAETraining", "MoQAEReference", "MoQAETestSupport", "moqae-train"],
             exclude: ["Golden/make_golden.py"],
             resources: [.copy("Golden/store"), .copy("Golden/golden.safetensors"), .copy("Golden/router-init.bin"), .copy("Golden/router-h5-max.bin")]
         ),

@@ -1,4 +1,4 @@
-import MoQAEStore
+import MoQAEExperts
 
 /// `delta_nll` of one sequence, `[L, H, C, storeExperts]` as stored, read through the columns of the
 /// experts the router chooses among.
@@ -56,6 +56,21 @@ public struct LossSettings: Equatable, Sendable {
         self.kind = kind
         self.lambda = lambda
     }
+
+    /// `λ · model + (1 − λ) · memory`.
+    public func combined(model: Double, memory: Double) -> Double { lambda * model + (1 - lambda) * memory }
+}
+
+/// The weight each loss term gives a unit's probability (docs/FORMATS.md, Losses), with U the routed
+/// units of a sequence. The streaming pass and the reference tape both take them from here.
+public enum UnitLossWeight {
+    /// Of `P_u[R_u]` in the paper's `L_model`: `L_nll / (U · B_R)`.
+    public static func paperModel(estimatedNLL: Double, expert: Expert, units: Double) -> Double {
+        estimatedNLL / (units * expert.bitWidth)
+    }
+
+    /// Of `P_u[j]` in `L_mem`: `B_j / (16 U)` (the paper's loss weighs only `j = R_u`).
+    public static func memory(expert: Expert, units: Double) -> Double { expert.bitWidth / (16 * units) }
 }
 
 /// `L_nll(s) = nll(s) + Σ_u Σ_{layers l of u's group} delta_nll[l, head, c, R_u]`.
@@ -72,62 +87,4 @@ public func estimatedNLL(nll: Float, decisions: [[Int]], layout: RoutingLayout, 
         }
     }
     return total
-}
-
-/// The loss of one sequence and the figures it was built from.
-public struct SequenceLoss {
-    /// `(1, 1)`: `λ L_model + (1 − λ) L_mem`.
-    public let loss: Variable
-    public let modelTerm: Double
-    public let memoryTerm: Double
-    /// `L_nll(s)`, a constant for the gradient.
-    public let estimatedNLL: Double
-    /// `[router][unit]` expert indices, constants for the gradient.
-    public let decisions: [[Int]]
-}
-
-/// Builds the loss of one sequence on `tape`. The paper's (docs/FORMATS.md, Losses):
-///
-///     L_model = (1/U) Σ_u P_u[R_u] · L_nll / B_{R_u}      L_mem = (1/U) Σ_u P_u[R_u] · B_{R_u} / 16
-///
-/// Decisions `R_u` and `L_nll` are computed from the forward values first and enter as constants, so
-/// gradients reach the routers only through `P_u`, the chunk's probability under the layout's pooling
-/// (`ChunkPooling`; the paper's is the chunk-mean probability).
-///
-/// The expected per-unit cost, with `D_u[j]` the unit's `delta_nll` for expert j summed over its group:
-///
-///     L_model = Σ_u Σ_j P_u[j] · D_u[j]                  L_mem = (1/U) Σ_u Σ_j P_u[j] · B_j / 16
-///
-/// Both give `λ L_model + (1 − λ) L_mem`.
-///
-/// - Parameter inputs: per router, its leader layer's routed rows `(layout.rowsPerRouter, D)`.
-public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVariables], inputs: [Variable],
-                         nll: Float, sensitivity: SensitivityTable, experts: [Expert], loss settings: LossSettings) -> SequenceLoss {
-    let U = Double(layout.unitsPerSequence)
-    let chunks = zip(routers, inputs).map { weights, x in
-        chunkProbabilities(tape: tape, inputs: x, weights: weights, chunkSize: layout.chunkSize, pooling: layout.pooling, experts: experts)
-    }
-    let decisions = chunks.map(\.decisions)
-    let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
-
-    var modelTerm: Variable?
-    var memoryTerm: Variable?
-    for (router, (unitProbabilities, routerDecisions)) in chunks.enumerated() {  // P_u: (units, M)
-        let model: Variable, memory: Variable
-        switch settings.kind {
-        case .paper:
-            let chosen = tape.pick(unitProbabilities, columns: routerDecisions)
-            model = tape.weightedSum(chosen, weights: routerDecisions.map { Float(lNLL / (U * experts[$0].bitWidth)) })
-            memory = tape.weightedSum(chosen, weights: routerDecisions.map { Float(experts[$0].bitWidth / (16 * U)) })
-        case .expected:
-            model = tape.weightedSum(unitProbabilities, weights: sensitivity.unitDeltas(router: router, layout: layout))
-            memory = tape.weightedSum(unitProbabilities, weights: (0..<layout.unitsPerRouter).flatMap { _ in experts.map { Float($0.bitWidth / (16 * U)) } })
-        }
-        modelTerm = modelTerm.map { tape.add($0, model) } ?? model
-        memoryTerm = memoryTerm.map { tape.add($0, memory) } ?? memory
-    }
-    let lambda = settings.lambda
-    let loss = tape.add(tape.scale(modelTerm!, by: Float(lambda)), tape.scale(memoryTerm!, by: Float(1 - lambda)))
-    return SequenceLoss(loss: loss, modelTerm: Double(modelTerm!.value[0]), memoryTerm: Double(memoryTerm!.value[0]),
-                        estimatedNLL: lNLL, decisions: decisions)
 }

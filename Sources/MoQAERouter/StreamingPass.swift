@@ -1,5 +1,5 @@
 import CRouterKernels
-import MoQAEStore
+import MoQAEExperts
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -203,7 +203,7 @@ public final class StreamingPass {
                         let delta = Double(sensitivity!.unitDelta(layers: unitLayers, head: head, chunk: chunk, expert: j))
                         modelSum += Double(unitP[j]) * delta
                         bitsSum += Double(unitP[j]) * expert.bitWidth
-                        upstream[j] = Float(loss.lambda * delta + (1 - loss.lambda) * expert.bitWidth / (16 * U))
+                        upstream[j] = Float(loss.combined(model: delta, memory: UnitLossWeight.memory(expert: expert, units: U)))
                     }
                 }
                 let (part, first, share) = (router * M + choice, chunkRows.lowerBound, backwardPrefetch(c))
@@ -278,7 +278,7 @@ public final class StreamingPass {
     /// written (not added) into `gradient`, laid out like `RouterParameters.values`.
     public func finish(nll: Float, scale: Double,
                        gradient: UnsafeMutablePointer<Float>) -> (loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double) {
-        let U = Double(layout.unitsPerSequence), lambda = loss.lambda
+        let U = Double(layout.unitsPerSequence)
         let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity!)
         let memoryTerm = bitsSum / (16 * U)
         let modelTerm: Double
@@ -287,7 +287,10 @@ public final class StreamingPass {
         switch loss.kind {
         case .paper:
             modelTerm = lNLL * modelSum / U
-            weights = experts.map { Float(scale * (lambda * lNLL / (U * $0.bitWidth) + (1 - lambda) * $0.bitWidth / (16 * U))) }
+            weights = experts.map {
+                Float(scale * loss.combined(model: UnitLossWeight.paperModel(estimatedNLL: lNLL, expert: $0, units: U),
+                                            memory: UnitLossWeight.memory(expert: $0, units: U)))
+            }
         case .expected:
             modelTerm = modelSum
             weights = experts.map { _ in Float(scale) }
@@ -307,6 +310,6 @@ public final class StreamingPass {
             }
             offset += 2 * D * H + H * M
         }
-        return (lambda * modelTerm + (1 - lambda) * memoryTerm, modelTerm, memoryTerm, lNLL)
+        return (loss.combined(model: modelTerm, memory: memoryTerm), modelTerm, memoryTerm, lNLL)
     }
 }

@@ -1,3 +1,5 @@
+import MoQAEExperts
+
 /// The model dimensions a store was dumped from.
 public struct ModelShape: Equatable, Sendable {
     public var name: String

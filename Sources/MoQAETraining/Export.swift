@@ -1,3 +1,4 @@
+import MoQAEExperts
 import MoQAERouter
 import MoQAEStore
 

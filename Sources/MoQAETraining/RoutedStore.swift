@@ -1,3 +1,4 @@
+import MoQAEExperts
 import MoQAERouter
 import MoQAEStore
 
@@ -31,16 +32,6 @@ public struct RouterSetup: Equatable, Sendable {
     public var unitBits: [Double] {
         experts.map { Double($0.unitStorageBits(chunkSize: layout.chunkSize, headDim: headDim, valueGroup: valueGroup)) }
     }
-}
-
-/// One sequence ready for the router: its leader layers' routed rows and its loss constants.
-public struct SequenceData {
-    public let id: UInt64
-    /// Per router, `(layout.rowsPerRouter, D)`: routed tokens of every head of the leader layer.
-    public let inputs: [[Float]]
-    public let nll: Float
-    public let sensitivity: SensitivityTable
-    public let tokens: Int
 }
 
 /// A calibration store seen through a router setup: the calibration and validation splits, and
@@ -103,27 +94,6 @@ public final class RoutedStore: @unchecked Sendable {
         validation = store.sequences.filter {
             Selection.contains(id: $0.id, seed: seed, lower: calibrationFraction, upper: calibrationFraction + validationFraction)
         }
-    }
-
-    /// Reads a sequence's leader layers (converted to Float32) and its loss constants.
-    public func load(_ sequence: CalibrationStore.Sequence) -> SequenceData {
-        let layout = self.layout
-        let rowsPerHead = layout.routedTokens.count
-        let D = layout.inputDim
-        var inputs: [[Float]] = []
-        for router in 0..<layout.routers {
-            let leader = layout.leaderLayer(of: router)
-            var rows = [Float](repeating: 0, count: layout.rowsPerRouter * D)
-            rows.withUnsafeMutableBufferPointer { buffer in
-                for head in 0..<layout.heads {
-                    store.readInputs(sequence, layer: leader, head: head, tokens: layout.routedTokens,
-                                     into: buffer.baseAddress! + head * rowsPerHead * D)
-                }
-            }
-            store.releaseInputs(sequence, layer: leader)
-            inputs.append(rows)
-        }
-        return SequenceData(id: sequence.id, inputs: inputs, nll: store.nll(of: sequence), sensitivity: sensitivity(of: sequence), tokens: sequence.tokens)
     }
 
     /// A sequence's `delta_nll`, read through the router's experts.

@@ -1,4 +1,5 @@
 import Foundation
+import MoQAEExperts
 import MoQAERouter
 import MoQAEStore
 

@@ -1,5 +1,6 @@
 import CRouterKernels
 import Foundation
+import MoQAETestSupport
 import Testing
 
 /// The streaming pass's C kernels against a float64 reference of docs/FORMATS.md, Router, over shapes that reach

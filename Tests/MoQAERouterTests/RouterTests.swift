@@ -1,5 +1,5 @@
+import MoQAEExperts
 import MoQAERouter
-import MoQAEStore
 import Testing
 
 @Suite struct DecisionTests {

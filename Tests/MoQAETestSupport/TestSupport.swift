@@ -1,4 +1,5 @@
 import Foundation
+import MoQAEExperts
 import MoQAEStore
 
 /// A fresh empty directory under the system temporary directory.
@@ -93,4 +94,15 @@ public var moqaeTrainExecutable: String {
         directory = directory.deletingLastPathComponent()
     }
     return directory.appendingPathComponent("moqae-train").path
+}
+
+/// Deterministic pseudo-random floats in [-1, 1).
+public struct Sampler {
+    public var state: UInt64
+    public init(state: UInt64) { self.state = state }
+    public mutating func next() -> Float {
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        return Float(state >> 40) * 0x1p-23 - 1
+    }
+    public mutating func values(_ count: Int, scale: Float = 1) -> [Float] { (0..<count).map { _ in scale * next() } }
 }

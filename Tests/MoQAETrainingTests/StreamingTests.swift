@@ -1,3 +1,4 @@
+import MoQAEReference
 import MoQAERouter
 import MoQAEStore
 import MoQAETestSupport
@@ -56,7 +57,7 @@ import Testing
         let parameters = parameters ?? self.parameters
         #expect(data.calibration.count == 5)
         let loss = LossSettings(kind: kind, lambda: lambda)
-        let reference = batchGradient(data.calibration.map(data.load), parameters: parameters, setup: data.setup, loss: loss)
+        let reference = data.referenceBatchGradient(data.calibration, parameters: parameters, loss: loss)
         for blockChunks in [1, 4, 9] {
             let streamed = try SequenceStreamer(data: data, workers: 1, blockChunks: blockChunks)
                 .batchGradient(data.calibration, parameters: parameters, loss: loss)

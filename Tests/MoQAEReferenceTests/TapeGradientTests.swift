@@ -1,17 +1,9 @@
 import Foundation
-@testable import MoQAERouter
-import MoQAEStore
+import MoQAEExperts
+@testable import MoQAEReference
+import MoQAERouter
+import MoQAETestSupport
 import Testing
-
-/// Deterministic pseudo-random floats in [-1, 1).
-struct Sampler {
-    var state: UInt64
-    mutating func next() -> Float {
-        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-        return Float(state >> 40) * 0x1p-23 - 1
-    }
-    mutating func values(_ count: Int, scale: Float = 1) -> [Float] { (0..<count).map { _ in scale * next() } }
-}
 
 /// Checks the tape's gradient of `build` against central finite differences for every input element.
 ///

@@ -2,6 +2,26 @@ import Dispatch
 import MoQAERouter
 import MoQAEStore
 
+/// Loss terms and routing figures of one batch.
+public struct BatchFigures: Equatable, Sendable {
+    /// Mean over the batch's sequences of `λ L_model + (1−λ) L_mem` (of the loss it was computed with).
+    public var loss: Double
+    public var modelTerm: Double
+    public var memoryTerm: Double
+    /// Mean `L_nll(s)` over the batch.
+    public var meanEstimatedNLL: Double
+    /// Routed units decided for each expert, over the batch.
+    public var decisionCounts: [Int]
+    /// Payload bits per KV element over the batch's sequences (frozen and tail tokens at 16).
+    public var payloadBits: Double
+
+    /// All zero, for `experts` experts.
+    public init(experts: Int) {
+        (loss, modelTerm, memoryTerm, meanEstimatedNLL, payloadBits) = (0, 0, 0, 0, 0)
+        decisionCounts = Array(repeating: 0, count: experts)
+    }
+}
+
 /// Streams store sequences through `StreamingPass`es on worker threads. Worker w takes sequences
 /// w, w + workers, … of a batch; each sequence's gradient is computed whole by one worker and the
 /// batch is summed in sequence order, so results do not depend on the number of workers.
@@ -53,8 +73,7 @@ public final class SequenceStreamer: @unchecked Sendable {
         for index in batch.indices {
             for i in 0..<count { gradient[i] += sequenceGradients[index * count + i] }
         }
-        var figures = BatchFigures(loss: 0, modelTerm: 0, memoryTerm: 0, meanEstimatedNLL: 0,
-                                   decisionCounts: Array(repeating: 0, count: M), payloadBits: 0)
+        var figures = BatchFigures(experts: M)
         var tally = BitsTally(experts: M)
         for (result, sequenceDecisions) in zip(results, decisions) {
             figures.loss += scale * result.loss
