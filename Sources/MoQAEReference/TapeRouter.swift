@@ -13,20 +13,20 @@ public struct RouterVariables {
 
     /// - Parameter trainable: false records the weights as constants (evaluation: no gradients).
     public init(tape: Tape, parameters: RouterParameters, router: Int, trainable: Bool = true) {
-        func leaf(_ name: String) -> Variable {
-            let entry = parameters.entry(router: router, name)
+        func leaf(_ matrix: RouterParameters.Matrix) -> Variable {
+            let entry = parameters.entry(router: router, matrix)
             let value = Array(parameters.values[entry.range])
             return trainable ? tape.parameter(value, rows: entry.rows, cols: entry.cols) : tape.constant(value, rows: entry.rows, cols: entry.cols)
         }
-        w1 = leaf("w1")
-        w2 = leaf("w2")
-        w3 = leaf("w3")
+        w1 = leaf(.w1)
+        w2 = leaf(.w2)
+        w3 = leaf(.w3)
     }
 
     /// Adds the three gradients into a flat gradient buffer laid out like `parameters.values`.
     public func accumulateGradients(into gradient: inout [Float], parameters: RouterParameters, router: Int) {
-        for (name, variable) in [("w1", w1), ("w2", w2), ("w3", w3)] {
-            let offset = parameters.entry(router: router, name).offset
+        for (matrix, variable) in [(RouterParameters.Matrix.w1, w1), (.w2, w2), (.w3, w3)] {
+            let offset = parameters.entry(router: router, matrix).offset
             for i in 0..<variable.count { gradient[offset + i] += variable.grad[i] }
         }
     }

@@ -11,11 +11,17 @@ public enum ChunkPooling: String, CaseIterable, Sendable {
     case max
 
     /// The code of the router kind in an export's header (docs/FORMATS.md, export version 2).
-    public var exportCode: UInt8 { UInt8(ChunkPooling.allCases.firstIndex(of: self)!) }
+    public var exportCode: UInt8 {
+        switch self {
+        case .vote: return 0
+        case .mean: return 1
+        case .max: return 2
+        }
+    }
 
     public init?(exportCode: UInt8) {
-        guard Int(exportCode) < ChunkPooling.allCases.count else { return nil }
-        self = ChunkPooling.allCases[Int(exportCode)]
+        guard let pooling = ChunkPooling.allCases.first(where: { $0.exportCode == exportCode }) else { return nil }
+        self = pooling
     }
 }
 
@@ -95,8 +101,9 @@ public struct RouterParameters: Equatable, Sendable {
         var table: [Entry] = []
         var offset = 0
         for r in 0..<routers {
-            for (name, rows, cols) in [("w1", inputDim, hidden), ("w2", inputDim, hidden), ("w3", hidden, experts)] {
-                table.append(Entry(name: "router.\(r).\(name)", rows: rows, cols: cols, offset: offset))
+            for matrix in Matrix.allCases {
+                let (rows, cols) = matrix == .w3 ? (hidden, experts) : (inputDim, hidden)
+                table.append(Entry(name: "router.\(r).\(matrix)", rows: rows, cols: cols, offset: offset))
                 offset += rows * cols
             }
         }
@@ -127,7 +134,12 @@ public struct RouterParameters: Equatable, Sendable {
         return RouterParameters(routers: routers, inputDim: inputDim, experts: experts, hidden: hidden, values: values)
     }
 
-    public func entry(router: Int, _ name: String) -> Entry { table[router * 3 + ["w1", "w2", "w3"].firstIndex(of: name)!] }
+    /// The three weight matrices of a router, in table order.
+    public enum Matrix: Int, CaseIterable, Sendable {
+        case w1, w2, w3
+    }
+
+    public func entry(router: Int, _ matrix: Matrix) -> Entry { table[router * 3 + matrix.rawValue] }
 }
 
 /// Decision of each chunk under a pooled rule: the expert of highest `P_u`; a tie goes to the expert

@@ -118,7 +118,7 @@ public final class StreamingPass {
         sawNonFiniteInputs = false
         precondition(parameters.hidden == H && parameters.experts == M, "weights of hidden width \(parameters.hidden) for a pass of \(H)")
         for r in 0..<layout.routers {
-            let (e1, e2, e3) = (parameters.entry(router: r, "w1"), parameters.entry(router: r, "w2"), parameters.entry(router: r, "w3"))
+            let (e1, e2, e3) = (parameters.entry(router: r, .w1), parameters.entry(router: r, .w2), parameters.entry(router: r, .w3))
             for d in 0..<D {
                 for j in 0..<H {
                     w12t[(r * 2 * H + j) * D + d] = parameters.values[e1.offset + d * H + j]
@@ -198,9 +198,10 @@ public final class StreamingPass {
                     bitsSum += Double(unitP[choice]) * bits
                     for j in 0..<M { upstream[j] = j == choice ? 1 : 0 }
                 case .expected:
+                    guard let sensitivity else { preconditionFailure("backward with the expected loss needs the sequence's sensitivity") }
                     let (unitLayers, chunk, U) = (layout.layers(of: router), firstChunk + c, Double(layout.unitsPerSequence))
                     for (j, expert) in experts.enumerated() {
-                        let delta = Double(sensitivity!.unitDelta(layers: unitLayers, head: head, chunk: chunk, expert: j))
+                        let delta = Double(sensitivity.unitDelta(layers: unitLayers, head: head, chunk: chunk, expert: j))
                         modelSum += Double(unitP[j]) * delta
                         bitsSum += Double(unitP[j]) * expert.bitWidth
                         upstream[j] = Float(loss.combined(model: delta, memory: UnitLossWeight.memory(expert: expert, units: U)))
@@ -278,8 +279,9 @@ public final class StreamingPass {
     /// written (not added) into `gradient`, laid out like `RouterParameters.values`.
     public func finish(nll: Float, scale: Double,
                        gradient: UnsafeMutablePointer<Float>) -> (loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double) {
+        guard let sensitivity else { preconditionFailure("finish needs a sequence begun with its sensitivity") }
         let U = Double(layout.unitsPerSequence)
-        let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity!)
+        let lNLL = estimatedNLL(nll: nll, decisions: decisions, layout: layout, sensitivity: sensitivity)
         let memoryTerm = bitsSum / (16 * U)
         let modelTerm: Double
         // c(R) of each expert, times scale.

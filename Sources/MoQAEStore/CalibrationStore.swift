@@ -66,7 +66,12 @@ public final class CalibrationStore: @unchecked Sendable {
         var shardIndex: [String: Int] = [:]
         var shards: [MappedFile] = []
         var headers: [SafeTensorsHeader] = []
-        for name in manifest.sequences.map(\.shard) where shardIndex[name] == nil {
+        var sequenceShards: [Int] = []  // the index in `shards` of each manifest sequence
+        for name in manifest.sequences.map(\.shard) {
+            if let known = shardIndex[name] {
+                sequenceShards.append(known)
+                continue
+            }
             let shardPath = path + "/" + name
             let file: MappedFile
             do { file = try MappedFile(path: shardPath) } catch { throw .file(error) }
@@ -75,6 +80,7 @@ public final class CalibrationStore: @unchecked Sendable {
             fingerprint.update(header.headerBytes)
             fingerprint.update(UInt64(file.bytes.count))
             shardIndex[name] = shards.count
+            sequenceShards.append(shards.count)
             shards.append(file)
             headers.append(header)
         }
@@ -86,8 +92,7 @@ public final class CalibrationStore: @unchecked Sendable {
         let (C, M) = (manifest.chunksPerSequence, manifest.experts.count)
         var claimed = Array(repeating: Set<String>(), count: shards.count)
         var sequences: [Sequence] = []
-        for entry in manifest.sequences {
-            let shard = shardIndex[entry.shard]!
+        for (entry, shard) in zip(manifest.sequences, sequenceShards) {
             let shardPath = path + "/" + entry.shard
             func tensor(_ suffix: String, dtypes: [DType], shape: [Int]) throws(StoreError) -> TensorInfo {
                 let name = "seq.\(entry.id).\(suffix)"

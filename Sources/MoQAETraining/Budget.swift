@@ -62,6 +62,6 @@ public struct BitsBudget: Equatable, Sendable {
             return tally.memory(setup: setup, sequences: 1).payloadBits
         }
         let bits = setup.experts.indices.map(allAt)
-        return bits.min()!...bits.max()!
+        return bits.reduce(.infinity, min)...bits.reduce(-.infinity, max)
     }
 }

@@ -45,12 +45,33 @@ func reportingErrors(_ body: () throws -> Void) throws {
     }
 }
 
+/// `--config` and `--set`, shared by `train` and `eval`.
 struct ConfigOptions: ParsableArguments {
-    @Option(help: "YAML config file.")
+    @Option(help: "YAML config file (eval: for an export; a checkpoint brings its own).")
     var config: String = "configs/default.yaml"
 
     @Option(name: .customLong("set"), help: ArgumentHelp("Override a config key, e.g. --set train.lr=1e-4 (repeatable).", valueName: "KEY=VALUE"))
     var overrides: [String] = []
+}
+
+/// The weight type of an export, as `--dtype` names it.
+enum ExportDType: String, CaseIterable, ExpressibleByArgument {
+    case f16, f32
+
+    var weightType: RouterExport.WeightType { self == .f16 ? .binary16 : .binary32 }
+}
+
+/// The input dtype of a synthetic store, as `--dtype` names it.
+enum InputDType: String, CaseIterable, ExpressibleByArgument {
+    case f16, bf16, f32
+
+    var dtype: DType {
+        switch self {
+        case .f16: return .f16
+        case .bf16: return .bf16
+        case .f32: return .f32
+        }
+    }
 }
 
 // MARK: - train
@@ -117,18 +138,14 @@ struct Export: ParsableCommand {
     @Option(help: "Output file.")
     var out: String = "router.bin"
 
-    @Option(help: "Weight type: f16 (binary16, default) or f32 (binary32).")
-    var dtype: String = "f16"
-
-    func validate() throws {
-        guard ["f16", "f32"].contains(dtype) else { throw ValidationError("--dtype must be f16 or f32, got '\(dtype)'") }
-    }
+    @Option(help: "Weight type: f16 (binary16) or f32 (binary32).")
+    var dtype: ExportDType = .f16
 
     func run() throws {
         try reportingErrors {
             let (checkpoint, path) = try loadCheckpoint(self.checkpoint)
             let export = RouterExport(parameters: checkpoint.parameters, setup: checkpoint.setup,
-                                      weightType: dtype == "f16" ? .binary16 : .binary32)
+                                      weightType: dtype.weightType)
             let bytes = export.serialized()
             try AtomicFile.write(bytes, to: out)
             print("wrote \(out): \(bytes.count) bytes, \(checkpoint.parameters.routers) router(s), step \(checkpoint.step) of \(path)")
@@ -156,11 +173,7 @@ struct Evaluate: ParsableCommand {
     @Argument(help: "A checkpoint, a run directory, or an MQAE export.")
     var file: String
 
-    @Option(help: "YAML config for an export (store and splits).")
-    var config: String = "configs/default.yaml"
-
-    @Option(name: .customLong("set"), help: ArgumentHelp("Override a config key (repeatable).", valueName: "KEY=VALUE"))
-    var overrides: [String] = []
+    @OptionGroup var options: ConfigOptions
 
     @Flag(help: "Print the report as JSON.")
     var json = false
@@ -175,14 +188,14 @@ struct Evaluate: ParsableCommand {
             if !isDirectory(file), let mapped = try? MappedFile(path: file),
                withExtendedLifetime(mapped, { mapped.bytes.starts(with: RouterExport.magic) }) {
                 let parsed = try RouterExport.parse(try readFileBytes(file, limit: FileSizeLimit.export), path: file)
-                config = try TrainingConfig.load(file: self.config, overrides: overrides)
+                config = try TrainingConfig.load(file: options.config, overrides: options.overrides)
                 parameters = parsed.parameters
-                source = self.config
+                source = options.config
                 export = parsed
             } else {
                 let (checkpoint, path) = try loadCheckpoint(file)
                 config = checkpoint.config
-                for override in overrides { try config.apply(override: override) }
+                for override in options.overrides { try config.apply(override: override) }
                 parameters = checkpoint.parameters
                 source = "\(path) (stored config)"
             }
@@ -309,8 +322,8 @@ struct Synth: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Write a synthetic store in a real model's shape (random inputs; for tests and benchmarks only).")
 
-    @Option(help: "Shape: \(SyntheticStore.shapes.map(\.name).joined(separator: ", ")).")
-    var shape: String = "tiny"
+    @Option(help: "A real model's shape.")
+    var shape: SyntheticStore.Shape = SyntheticStore.shapes[0]
 
     @Option(help: "Number of sequences.")
     var sequences: Int = 64
@@ -321,28 +334,23 @@ struct Synth: ParsableCommand {
     @Option(help: "Selection seed of the store.")
     var seed: UInt64 = 0
 
-    @Option(help: "Input dtype: f16, bf16 or f32.")
-    var dtype: String = "f16"
+    @Option(help: "Input dtype.")
+    var dtype: InputDType = .f16
 
-    @Option(help: "Router input the store claims: key, key-prerope or key+value (twice the head dim wide).")
+    @Option(help: "Router input the store claims (key+value is twice the head dim wide).")
     var routerInput: RouterInput = .key
 
     func validate() throws {
-        guard SyntheticStore.shapes.contains(where: { $0.name == shape }) else {
-            throw ValidationError("--shape must be one of \(SyntheticStore.shapes.map(\.name).joined(separator: ", ")), got '\(shape)'")
-        }
         guard sequences >= 1 else { throw ValidationError("--sequences must be at least 1") }
-        guard ["f16", "bf16", "f32"].contains(dtype) else { throw ValidationError("--dtype must be f16, bf16 or f32") }
     }
 
     func run() throws {
         try reportingErrors {
             guard !fileExists(out) else { throw ValidationError("\(out) already exists; synth writes a new store") }
-            let shape = SyntheticStore.shapes.first { $0.name == self.shape }!
             let progress = ProgressReporter()
             progress.begin(total: sequences, done: 0, unit: "sequence")
             try SyntheticStore.write(shape: shape, sequences: sequences, to: out, seed: seed,
-                                     inputDType: ["f16": .f16, "bf16": .bf16, "f32": .f32][dtype]!, routerInput: routerInput) {
+                                     inputDType: dtype.dtype, routerInput: routerInput) {
                 progress.update(done: $0, status: "")
             }
             progress.finish()
@@ -352,3 +360,13 @@ struct Synth: ParsableCommand {
 }
 
 extension RouterInput: ExpressibleByArgument {}
+
+extension SyntheticStore.Shape: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let shape = SyntheticStore.shapes.first(where: { $0.name == argument }) else { return nil }
+        self = shape
+    }
+
+    public static var allValueStrings: [String] { SyntheticStore.shapes.map(\.name) }
+    public var defaultValueDescription: String { name }
+}
