@@ -4,7 +4,7 @@ does pass-key retrieval in 2,048-byte windows, on CPU, fine-tuned from the first
 Training data (generated on the fly, deterministic in --seed) all come from the haystack/training text
 (wikitext-2 valid.txt) and are of three kinds, mixed in every batch:
 
-  * needle windows: exactly the moqae.passkey format (haystack, " The pass key is NNNNN. Remember
+  * needle windows: exactly the moqae.tasks format (haystack, " The pass key is NNNNN. Remember
     it. " at a random depth, more haystack, " What is the pass key? The pass key is NNNNN.") with a random
     key, at the current sequence length;
   * copy windows: haystack text with one random string (8-32 printable characters) written twice; the
@@ -48,9 +48,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))  # for moqae
 
 from moqae.corpus import ByteTokenizer, read_texts, windows  # noqa: E402
-from moqae.passkey import answer_correct, passkey_windows  # noqa: E402
+from moqae.tasks import answer_correct, passkey_windows  # noqa: E402
 
-# the same needle / question format as moqae.passkey
+# the same needle / question format as moqae.tasks
 NEEDLE = " The pass key is {key}. Remember it. "
 QUESTION = " What is the pass key? The pass key is "
 END = "."
@@ -196,8 +196,8 @@ def evaluate(model_dir, test_path, log):
     from transformers import AutoConfig
 
     from moqae.capture import KVHook
-    from moqae.dump import load_model, model_shape
-    from moqae.evaluate import Layout, apply_plan
+    from moqae.evaluate.plans import Layout, apply_plan
+    from moqae.model import load_model, model_shape
     from moqae.experts import parse_expert
 
     model = load_model(model_dir, "cpu", None, "float32")

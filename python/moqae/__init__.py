@@ -1,5 +1,8 @@
-"""moqae: calibration stores for moqae-train from real Hugging Face causal LMs."""
+"""moqae: calibration stores for moqae-train from Hugging Face causal LMs (calibrate), real perplexity and
+task accuracy of routers beside baselines (evaluate), a mixed-precision KV cache for generation (serve),
+and the harnesses that measure them (harness). The shared core sits at the top: experts, quantizer,
+router exports, stores, models, capture, corpora and tasks."""
 
 
-class CalibError(Exception):
+class MoqaeError(Exception):
     """A user-facing error: one line that names the file or option at fault and what was expected."""

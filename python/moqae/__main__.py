@@ -1,10 +1,11 @@
 """python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
 import argparse
+import json
 import os
 import re
 import sys
 
-from . import CalibError
+from . import MoqaeError
 from .router import ROUTER_INPUTS
 
 
@@ -16,8 +17,16 @@ def byte_size(text):
     return int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
 
 
+def numbers(text):
+    """A comma-separated list of numbers (empty: none)."""
+    try:
+        return [float(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
+
+
 def parser():
-    root = argparse.ArgumentParser(prog="python -m moqae", description="Calibration stores for moqae-train.")
+    root = argparse.ArgumentParser(prog="python -m moqae", description="Calibration stores for moqae-train; evaluating and serving its routers.")
     commands = root.add_subparsers(dest="command", required=True)
 
     dump = commands.add_parser("dump", help="dump a store from a local Hugging Face causal LM and a text corpus")
@@ -93,7 +102,7 @@ def parser():
     pareto.add_argument("--text", required=True, help="evaluation text")
     pareto.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
     pareto.add_argument("--out", required=True, help="directory for the runs, pareto.json, pareto.md, pareto.png")
-    pareto.add_argument("--lambdas", default="0.1,0.3,0.5,0.7,0.9", help="λ of the paper-loss runs (empty: none)")
+    pareto.add_argument("--lambdas", type=numbers, default="0.1,0.3,0.5,0.7,0.9", help="λ of the paper-loss runs (empty: none)")
     pareto.add_argument("--config-run", action="append", metavar="FILE[:KEY=VALUE,...]",
                         help="a further run: a moqae-train config file, labelled by its name, with optional overrides "
                              "after a colon, e.g. configs/passkey-3.0.yaml:router.pooling=max (repeatable)")
@@ -199,55 +208,83 @@ def parser():
 
 
 def main(argv=None):
+    """Parses the command line, runs the command; an error is one line on stderr and exit status 1."""
     args = parser().parse_args(argv)
     try:
-        if args.command == "dump":
-            from .dump import dump
-            count, seconds = dump(args)
-            print(f"wrote {count} sequences to {args.out} ({seconds:.3f} s per sequence dumped, after loading the model)")
-        elif args.command == "pareto":
-            from .pareto import run_pareto
-            run_pareto(args)
-        elif args.command == "benchmark":
-            from .benchmark import run_benchmark
-            run_benchmark(args)
-        elif args.command == "sensitivity-benchmark":
-            from .sensitivity_benchmark import run_sensitivity_benchmark
-            run_sensitivity_benchmark(args)
-        elif args.command == "length-benchmark":
-            from .length_benchmark import run_length_benchmark
-            run_length_benchmark(args)
-        elif args.command == "soak":
-            from .soak import run_soak
-            run_soak(args)
-        elif args.command == "generate":
-            from .serve import run_generate
-            run_generate(args.model, args.router, args.prompt_file, args.max_new_tokens, args.tokenizer, args.device,
-                         args.model_dtype, args.value_group)
-        elif args.command == "serve-passkey":
-            from .serve import run_serve_passkey
-            run_serve_passkey(args.model, args.router, args.text, args.windows, args.seq_len, args.seed, args.layer_plan,
-                              args.value_group, args.device)
-        elif args.command == "serve-benchmark":
-            from .serve_benchmark import run_serve_benchmark
-            run_serve_benchmark(args.model, args.router, args.contexts, args.decode_tokens, args.rounds, args.out)
-        elif args.command == "plot":
-            from .plot import plot_run
-            print(f"wrote {plot_run(args.run_dir, args.out)}")
-        elif args.command == "eval":
-            from .evaluate import run_eval
-            run_eval(args)
-        else:
-            from .store import merge
-            count = merge(args.out, args.parts)
-            print(f"merged {count} sequences into {args.out}")
-    except CalibError as error:
+        run(args)
+    except MoqaeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; continue with the same command and --resume", file=sys.stderr)
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def run(args):
+    """Calls the command's library function with the parsed arguments."""
+    if args.command == "dump":
+        from .calibrate.dump import dump
+        count, seconds = dump(
+            args.model, args.corpus, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len, fraction=args.fraction,
+            seed=args.seed, passkey=args.passkey, passkey_seed=args.passkey_seed, answer_weight=args.answer_weight,
+            chunk_size=args.chunk_size, value_group=args.value_group, experts=args.experts, sensitivity=args.sensitivity,
+            router_input=args.router_input, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size, resume=args.resume,
+            device=args.device, device_map=args.device_map, model_dtype=args.model_dtype, num_shards=args.num_shards,
+            shard_index=args.shard_index)
+        print(f"wrote {count} sequences to {args.out} ({seconds:.3f} s per sequence dumped, after loading the model)")
+    elif args.command == "merge":
+        from .calibrate.writer import merge
+        print(f"merged {merge(args.out, args.parts)} sequences into {args.out}")
+    elif args.command == "eval":
+        from .evaluate.report import format_report
+        from .evaluate.run import evaluate
+        report = evaluate(
+            args.model, args.text, args.router, tokenizer=args.tokenizer, seq_len=args.seq_len, store=args.store,
+            calibration_fraction=args.calibration_fraction, value_group=args.value_group, batch_size=args.batch_size,
+            max_windows=args.max_windows, task=args.task, task_seed=args.task_seed, baselines=not args.no_baselines,
+            layer_plans=args.layer_plan or [], device=args.device, device_map=args.device_map,
+            model_dtype=args.model_dtype, progress=not args.json)
+        print(json.dumps(report.as_json()) if args.json else format_report(report))
+    elif args.command == "generate":
+        from .serve.generate import generate
+        generate(args.model, args.router, args.prompt_file, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
+                 device=args.device, model_dtype=args.model_dtype, value_group=args.value_group)
+    elif args.command == "serve-passkey":
+        from .serve.passkey import serve_passkey
+        serve_passkey(args.model, args.router, args.text, windows=args.windows, seq_len=args.seq_len, seed=args.seed,
+                      layer_plans=args.layer_plan, value_group=args.value_group, device=args.device)
+    elif args.command == "pareto":
+        from .harness.pareto import pareto
+        pareto(args.moqae_train, args.store, args.model, args.text, args.out, config=args.config, tokenizer=args.tokenizer,
+               lambdas=args.lambdas, config_runs=args.config_run or [], diagnostics=not args.no_diagnostics,
+               max_windows=args.max_windows, task=args.task, task_seed=args.task_seed,
+               calibration_fraction=args.calibration_fraction, batch_size=args.batch_size, device=args.device,
+               train_args=args.train_arg or [])
+    elif args.command == "benchmark":
+        from .harness.benchmark import benchmark
+        benchmark(args.moqae_train, args.work, shape=args.shape, sequences=args.sequences, threads=args.threads,
+                  cold=args.cold, out=args.out, disk_only=args.disk_only, append=args.append)
+    elif args.command == "sensitivity-benchmark":
+        from .harness.sensitivity_benchmark import sensitivity_benchmark
+        sensitivity_benchmark(args.model, args.corpus, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                              chunk_size=args.chunk_size, experts=args.experts, windows=args.windows, out=args.out)
+    elif args.command == "length-benchmark":
+        from .harness.length_benchmark import length_benchmark
+        length_benchmark(args.model, args.corpus, lengths=args.lengths, tiny_lengths=args.tiny_lengths,
+                         windows=args.windows, out=args.out)
+    elif args.command == "serve-benchmark":
+        from .harness.serve_benchmark import serve_benchmark
+        serve_benchmark(args.model, args.router, contexts=args.contexts, decode_tokens=args.decode_tokens,
+                        rounds=args.rounds, out=args.out)
+    elif args.command == "soak":
+        from .harness.soak import soak
+        soak(args.moqae_train, args.config, args.run_dir, overrides=args.set, kills=args.kills,
+             write_fraction=args.write_fraction, rename_delay_ms=args.rename_delay_ms, min_seconds=args.min_seconds,
+             max_seconds=args.max_seconds, seed=args.seed)
+    else:
+        from .harness.plot import plot_run
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
 
 
 if __name__ == "__main__":

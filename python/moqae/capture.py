@@ -11,7 +11,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from . import CalibError
+from . import MoqaeError
 from .features import CHUNK_FEATURES, key_with_chunk_statistics
 from .router import ROUTER_INPUTS
 
@@ -61,7 +61,7 @@ def check_all_layers_seen(hook, num_layers, model_dir):
     """Raises when some layer's attention did not go through the interface."""
     missing = sorted(set(range(num_layers)) - hook.layers_seen)
     if missing:
-        raise CalibError(
+        raise MoqaeError(
             f"{model_dir}: attention of layer(s) {missing} does not go through transformers' attention interface, "
             "so its KV cache cannot be captured (this model family is not supported)")
 
@@ -77,12 +77,12 @@ class RouterInputs:
 
     def __init__(self, kind, model, model_dir, chunk_size=None, value_group=None):
         if kind not in ROUTER_INPUTS:
-            raise CalibError(f"router input {kind!r} is unknown (expected one of {', '.join(ROUTER_INPUTS)})")
+            raise MoqaeError(f"router input {kind!r} is unknown (expected one of {', '.join(ROUTER_INPUTS)})")
         self.kind, self.rotary, self.chunk_size, self.value_group = kind, None, chunk_size, value_group
         if kind == "key-prerope":
             self.rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
             if self.rotary is None:
-                raise CalibError(f"{model_dir}: router input key-prerope needs the model's rotary embedding "
+                raise MoqaeError(f"{model_dir}: router input key-prerope needs the model's rotary embedding "
                                  "(model.model.rotary_emb), which this model does not have")
 
     def width(self, head_dim):
@@ -103,16 +103,6 @@ class RouterInputs:
 def router_input_width(kind, head_dim):
     """Dimensions of a router input vector of `kind` for heads of `head_dim`."""
     return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(kind, head_dim)
-
-
-def check_export_fits(export, config):
-    """Raises unless the export's routers are for the model's layers, KV heads and router input width."""
-    from .dump import model_shape
-    layers, heads, head_dim, _ = model_shape(config)
-    width = router_input_width(export.router_input, head_dim)
-    if (export.num_layers, export.num_kv_heads, export.input_dim) != (layers, heads, width):
-        raise CalibError(f"the router export is for {export.num_layers} layers × {export.num_kv_heads} KV heads × "
-                         f"{export.input_dim} dims ({export.router_input}), the model has {layers} × {heads} × {width}")
 
 
 def undo_rope(key, rotary, start=0):

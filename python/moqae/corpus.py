@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from . import CalibError
+from . import MoqaeError
 from .files import read_text_file
 
 
@@ -16,7 +16,7 @@ def read_texts(paths):
         elif path.endswith(".txt"):
             texts.append(read_text_file(path, "the corpus"))
         else:
-            raise CalibError(f"{path}: corpus files must end in .txt or .jsonl")
+            raise MoqaeError(f"{path}: corpus files must end in .txt or .jsonl")
     return texts
 
 
@@ -32,9 +32,9 @@ def read_jsonl(path, fields, kind=str):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise CalibError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            raise MoqaeError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict) or not all(isinstance(record.get(name), kind) for name in fields):
-            raise CalibError(f"{path}:{number}: expected an object with {what} {names} field{'s' * (len(fields) > 1)}")
+            raise MoqaeError(f"{path}:{number}: expected an object with {what} {names} field{'s' * (len(fields) > 1)}")
         records.append((number, record))
     return records
 
@@ -58,7 +58,7 @@ class HFTokenizer:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except Exception as error:  # noqa: BLE001 - transformers raises many kinds here
-            raise CalibError(f"{model_dir}: no usable tokenizer in the model directory ({type(error).__name__}); "
+            raise MoqaeError(f"{model_dir}: no usable tokenizer in the model directory ({type(error).__name__}); "
                              "pass --tokenizer bytes for byte-level models") from None
         self.name = f"{model_dir} ({type(self.tokenizer).__name__})"
 
@@ -76,5 +76,10 @@ def windows(texts, tokenizer, seq_len):
         ids.extend(tokenizer.encode(text))
     count = len(ids) // seq_len
     if count == 0:
-        raise CalibError(f"the corpus holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+        raise MoqaeError(f"the corpus holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+
+
+def tokenizer_for(kind: str, model_dir: str):
+    """`--tokenizer bytes`: a ByteTokenizer; `auto`: the model directory's own."""
+    return ByteTokenizer() if kind == "bytes" else HFTokenizer(model_dir)

@@ -2,7 +2,7 @@
 import re
 from dataclasses import dataclass
 
-from . import CalibError
+from . import MoqaeError
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,10 @@ def parse_expert(name):
     else:
         match = re.fullmatch(r"k(\d+)v(\d+)", name)
         if not match:
-            raise CalibError(f"--experts: unknown expert '{name}' (expected fp16, intB or kXvY, e.g. int4, k4v2)")
+            raise MoqaeError(f"--experts: unknown expert '{name}' (expected fp16, intB or kXvY, e.g. int4, k4v2)")
         key_bits, value_bits = int(match.group(1)), int(match.group(2))
     if not (_valid(key_bits) and _valid(value_bits)):
-        raise CalibError(f"--experts: '{name}' has bits outside 1..8 (or 16)")
+        raise MoqaeError(f"--experts: '{name}' has bits outside 1..8 (or 16)")
     return Expert(name, key_bits, value_bits)
 
 
@@ -41,9 +41,9 @@ def parse_experts(text):
     """A comma-separated expert set; it must hold a 16/16 expert and no duplicates."""
     experts = [parse_expert(part) for part in text.split(",") if part.strip()]
     if not any(e.is_unquantized for e in experts):
-        raise CalibError(f"--experts: '{text}' has no 16/16 expert (add fp16): delta_nll is measured against it")
+        raise MoqaeError(f"--experts: '{text}' has no 16/16 expert (add fp16): delta_nll is measured against it")
     if len({e.name for e in experts}) != len(experts):
-        raise CalibError(f"--experts: '{text}' names an expert twice")
+        raise MoqaeError(f"--experts: '{text}' names an expert twice")
     if len(experts) > 255:
-        raise CalibError("--experts: at most 255 experts")
+        raise MoqaeError("--experts: at most 255 experts")
     return experts

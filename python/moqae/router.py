@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import CalibError
+from . import MoqaeError
 from .experts import Expert, parse_expert
 from .files import read_regular_file
 
@@ -55,43 +55,43 @@ def read_export(path):
     """Reads and checks an export: magic, version, dtype, exact size, CRC, header fields, finite weights."""
     data = read_regular_file(path, EXPORT_LIMIT, b"MQAE", "not a router export (magic is not MQAE)")
     if len(data) < HEADER.size + 4:
-        raise CalibError(f"{path}: {len(data)} bytes, too small for a router export")
+        raise MoqaeError(f"{path}: {len(data)} bytes, too small for a router export")
     magic, version, dtype, M, D, R, N, G, L, H, flags, reserved = HEADER.unpack_from(data)
     if magic != b"MQAE":
-        raise CalibError(f"{path}: not a router export (magic is not MQAE)")
+        raise MoqaeError(f"{path}: not a router export (magic is not MQAE)")
     if version not in (1, 2):
-        raise CalibError(f"{path}: export version {version} is not supported (expected 1 or 2)")
+        raise MoqaeError(f"{path}: export version {version} is not supported (expected 1 or 2)")
     if dtype not in (1, 2):
-        raise CalibError(f"{path}: weight dtype {dtype} is unknown (expected 1 = binary16 or 2 = binary32)")
+        raise MoqaeError(f"{path}: weight dtype {dtype} is unknown (expected 1 = binary16 or 2 = binary32)")
     kind, hidden, reserved = (0, M, reserved) if version == 1 else (reserved[0], int.from_bytes(reserved[1:3], "little"), reserved[3:])
     if hidden < 1:
-        raise CalibError(f"{path}: header holds a zero hidden width")
+        raise MoqaeError(f"{path}: header holds a zero hidden width")
     width = 2 if dtype == 1 else 4
     expected = HEADER.size + 2 * M + R * (2 * D * hidden + hidden * M) * width + 4
     if len(data) != expected:
-        raise CalibError(f"{path}: file is {len(data)} bytes, its header implies {expected}")
+        raise MoqaeError(f"{path}: file is {len(data)} bytes, its header implies {expected}")
     if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
-        raise CalibError(f"{path}: CRC-32 mismatch: the file is damaged")
+        raise MoqaeError(f"{path}: CRC-32 mismatch: the file is damaged")
     if flags & ~7 or any(reserved):
-        raise CalibError(f"{path}: reserved header bits are not zero")
+        raise MoqaeError(f"{path}: reserved header bits are not zero")
     if kind >= len(POOLINGS):
-        raise CalibError(f"{path}: router kind {kind} is unknown (expected 0 = vote, 1 = mean, 2 = max)")
+        raise MoqaeError(f"{path}: router kind {kind} is unknown (expected 0 = vote, 1 = mean, 2 = max)")
     if min(M, D, N, G, L, H) < 1 or R != math.ceil(L / G):
-        raise CalibError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
+        raise MoqaeError(f"{path}: inconsistent header (M={M}, D={D}, R={R}, N={N}, G={G}, L={L}, H={H})")
     router_input = ROUTER_INPUTS[flags >> 1]   # bits 1–2: every code is known
     if router_input == "key+value" and D % 2:
-        raise CalibError(f"{path}: D = {D} is odd, but key+value inputs are two head vectors")
+        raise MoqaeError(f"{path}: D = {D} is odd, but key+value inputs are two head vectors")
     experts = []
     for index in range(M):
         kb, vb = data[HEADER.size + 2 * index], data[HEADER.size + 2 * index + 1]
         if not all(b == 16 or 1 <= b <= 8 for b in (kb, vb)):
-            raise CalibError(f"{path}: expert {index} has invalid bits ({kb}, {vb})")
+            raise MoqaeError(f"{path}: expert {index} has invalid bits ({kb}, {vb})")
         experts.append(Expert("fp16" if (kb, vb) == (16, 16) else (f"int{kb}" if kb == vb else f"k{kb}v{vb}"), kb, vb))
     count = R * (2 * D * hidden + hidden * M)
     values = torch.frombuffer(bytearray(data[HEADER.size + 2 * M: HEADER.size + 2 * M + count * width]),
                               dtype=torch.float16 if dtype == 1 else torch.float32).float()
     if not torch.isfinite(values).all():
-        raise CalibError(f"{path}: holds a non-finite weight")
+        raise MoqaeError(f"{path}: holds a non-finite weight")
     weights, offset = [], 0
     for _ in range(R):
         w1 = values[offset: offset + D * hidden].reshape(D, hidden)

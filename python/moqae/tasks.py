@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import CalibError
+from . import MoqaeError
 from .corpus import read_jsonl, read_texts
 
 NEEDLE_START, NEEDLE_END = " The pass key is ", ". Remember it. "
@@ -51,7 +51,7 @@ def passkey_windows(haystack, tokenizer, seq_len, count, seed):
         needle = needle_start + answer + tokenizer.encode(NEEDLE_END)
         room = seq_len - len(needle) - len(question) - len(answer) - len(end)
         if room < 1 or len(hay) < room:
-            raise CalibError(f"pass-key windows of {seq_len} tokens need more than {seq_len - room} tokens and a "
+            raise MoqaeError(f"pass-key windows of {seq_len} tokens need more than {seq_len - room} tokens and a "
                              f"haystack of at least {max(room, 1)} tokens (it has {len(hay)})")
         offset = generator.randrange(len(hay) - room + 1)
         filler = hay[offset: offset + room]
@@ -74,12 +74,12 @@ def record_windows(path, tokenizer, seq_len):
     try:
         records = read_jsonl(path, ("context", "question", "answer"))
     except (OSError, UnicodeDecodeError) as error:
-        raise CalibError(f"{path}: cannot read the task file ({error})") from None
+        raise MoqaeError(f"{path}: cannot read the task file ({error})") from None
     for number, record in records:
         context, question, answer = (tokenizer.encode(record[k]) for k in ("context", "question", "answer"))
         keep = seq_len - len(question) - len(answer)
         if not answer or keep < 1 or len(context) < keep:
-            raise CalibError(f"{path}:{number}: {len(context) + len(question) + len(answer)} tokens with a non-empty "
+            raise MoqaeError(f"{path}:{number}: {len(context) + len(question) + len(answer)} tokens with a non-empty "
                              f"answer are needed to fill --seq-len {seq_len} with at least one context token")
         context = context[len(context) - keep:]
         source = next((i for i in range(keep - len(answer), -1, -1) if context[i: i + len(answer)] == answer), -1)
@@ -89,7 +89,7 @@ def record_windows(path, tokenizer, seq_len):
         depths.append(source / keep if source >= 0 else math.nan)
         keys.append(record["answer"])
     if not rows:
-        raise CalibError(f"{path}: no records")
+        raise MoqaeError(f"{path}: no records")
     return TaskWindows(torch.tensor(rows, dtype=torch.long), answers, torch.tensor(key_spans, dtype=torch.long),
                        torch.tensor(depths, dtype=torch.float64), keys, name=os.path.basename(path))
 
@@ -119,7 +119,7 @@ def task_windows(task, text, tokenizer, seq_len, count, seed):
     if task == "passkey":
         return passkey_windows(read_texts([text])[0], tokenizer, seq_len, count or 200, seed)
     if not task.endswith(".jsonl"):
-        raise CalibError(f"--task {task}: expected passkey or a .jsonl file of context, question and answer records")
+        raise MoqaeError(f"--task {task}: expected passkey or a .jsonl file of context, question and answer records")
     windows = record_windows(task, tokenizer, seq_len)
     if count:
         windows = TaskWindows(windows.ids[:count], windows.answer_positions[:count], windows.key_spans[:count],

@@ -11,12 +11,12 @@ import transformers
 from transformers import DynamicCache, LlamaConfig
 
 from conftest import PASSKEY_MODEL, ROOT, VALID_TXT, run_moqae
-from moqae import CalibError
-from moqae.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, RouterPolicy
+from moqae import MoqaeError
+from moqae.serve.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, RouterPolicy
 from moqae.capture import KVHook, RouterInputs
 from moqae.corpus import ByteTokenizer, read_texts, windows
-from moqae.dump import load_model, model_shape
-from moqae.evaluate import Layout, LayerPlan, RouterPlan, apply_plan
+from moqae.model import load_model, model_shape
+from moqae.evaluate.plans import Layout, LayerPlan, RouterPlan, apply_plan
 from moqae.experts import parse_expert
 from moqae.features import CHUNK_FEATURES
 from moqae.router import random_export, route_chunks, write_export
@@ -172,7 +172,7 @@ def test_bytes_held_match_the_storage_formula(passkey_model):
 
 
 def test_mismatched_and_damaged_exports_are_refused_with_one_line(tmp_path, passkey_model, tiny_llama):
-    with pytest.raises(CalibError, match=r"export is for 3 layers × 2 KV heads × 16 dims \(key\), the model has 4 × 2 × 64"):
+    with pytest.raises(MoqaeError, match=r"export is for 3 layers × 2 KV heads × 16 dims \(key\), the model has 4 × 2 × 64"):
         MoQAECache.from_export(random_export(3, 2, 16), passkey_model)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The pass key is 12345. " * 4)

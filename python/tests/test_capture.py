@@ -5,7 +5,7 @@ import torch
 
 from conftest import REFERENCE_MODEL, VALID_TXT
 from moqae.capture import KVHook, RouterInputs, undo_rope
-from moqae.dump import load_model
+from moqae.model import load_model
 
 
 def rotate_half(x):
@@ -71,6 +71,6 @@ def test_undo_rope_handles_attention_scaling_and_partial_rotation():
 
 
 def test_a_model_without_rotary_embedding_is_named():
-    from moqae import CalibError
-    with pytest.raises(CalibError, match="somewhere: router input key-prerope needs the model's rotary embedding"):
+    from moqae import MoqaeError
+    with pytest.raises(MoqaeError, match="somewhere: router input key-prerope needs the model's rotary embedding"):
         RouterInputs("key-prerope", torch.nn.Linear(1, 1), "somewhere")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REFERENCE_MODEL, copy_model, run_moqae
-from moqae import CalibError
+from moqae import MoqaeError
 
 
 def dump(model, corpus, out, *extra):
@@ -102,12 +102,10 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
 
 
 def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path, monkeypatch):
-    from moqae.__main__ import parser
-    from moqae import dump as dump_module
+    from moqae.calibrate import dump as dump_module
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    args = ["--model", tiny_llama, "--corpus", small_corpus, "--tokenizer", "bytes", "--seq-len", "128", "--fraction", "0.2",
-            "--shard-size", "100K"]
-    assert dump(tiny_llama, small_corpus, whole, *args[6:]).returncode == 0
+    args = ["--seq-len", "128", "--fraction", "0.2", "--shard-size", "100K"]
+    assert dump(tiny_llama, small_corpus, whole, *args).returncode == 0
 
     real_add = dump_module.StoreWriter.add
     calls = {"n": 0}
@@ -120,13 +118,13 @@ def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path
 
     monkeypatch.setattr(dump_module.StoreWriter, "add", interrupted_add)
     with pytest.raises(KeyboardInterrupt):
-        dump_module.dump(parser().parse_args(["dump", *args, "--out", split]))
+        dump_module.dump(tiny_llama, [small_corpus], split, tokenizer="bytes", seq_len=128, fraction=0.2, shard_size=100 << 10)
     assert not os.path.exists(os.path.join(split, "manifest.json"))
     assert any(n.startswith("shard-") for n in os.listdir(split))
     monkeypatch.setattr(dump_module.StoreWriter, "add", real_add)
-    refused = dump(tiny_llama, small_corpus, split, *args[6:])
+    refused = dump(tiny_llama, small_corpus, split, *args)
     expect_clean_failure(refused, split, "--resume")
-    assert dump(tiny_llama, small_corpus, split, *args[6:], "--resume").returncode == 0
+    assert dump(tiny_llama, small_corpus, split, *args, "--resume").returncode == 0
     a, b = store_tensors(whole), store_tensors(split)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -177,8 +175,7 @@ def test_bad_inputs(tmp_path, small_corpus):
 def test_attention_outside_the_interface_is_refused(tmp_path, small_corpus, monkeypatch):
     """A model whose attention bypasses transformers' attention interface cannot be captured."""
     from transformers.models.llama import modeling_llama
-    from moqae.__main__ import parser
-    from moqae import dump as dump_module
+    from moqae.calibrate.dump import dump
 
     def bypassing_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -190,7 +187,6 @@ def test_attention_outside_the_interface_is_refused(tmp_path, small_corpus, monk
 
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", bypassing_forward)
     out = str(tmp_path / "store")
-    with pytest.raises(CalibError, match="does not go through transformers' attention interface"):
-        dump_module.dump(parser().parse_args(["dump", "--model", REFERENCE_MODEL, "--corpus", small_corpus, "--out", out,
-                                              "--tokenizer", "bytes", "--fraction", "0.05"]))
+    with pytest.raises(MoqaeError, match="does not go through transformers' attention interface"):
+        dump(REFERENCE_MODEL, [small_corpus], out, tokenizer="bytes", fraction=0.05)
     assert not os.path.exists(os.path.join(out, "manifest.json"))

@@ -1,7 +1,6 @@
 """The evaluator: plans against direct fake-quantized forwards, router decisions against the trainer's
 golden ones, and export damage."""
 import os
-import shutil
 import zlib
 
 import pytest
@@ -9,18 +8,21 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REFERENCE_MODEL, ROOT, VALID_TXT, run_moqae
-from moqae import CalibError
+from moqae import MoqaeError
 from moqae.capture import KVHook
 from moqae.corpus import ByteTokenizer, read_texts, windows
-from moqae.dump import load_model
+from moqae.model import load_model
 import itertools
 import math
 
-from moqae.evaluate import Layout, Result, UniformPlan, evaluate_plan, paired_difference, prescient_plan, static_plan
+from moqae.evaluate.allocation import static_plan
+from moqae.evaluate.oracles import prescient_plan
+from moqae.evaluate.plans import Layout, UniformPlan
+from moqae.evaluate.scoring import Result, evaluate_plan, paired_difference
 from moqae.experts import parse_expert
 from moqae.quantizer import quantize_keys, quantize_values, unit_storage_bits
 from moqae.router import POOLINGS, read_export, route
-from moqae.sensitivity import mean_nll
+from moqae.calibrate.sensitivity import mean_nll
 
 GOLDEN = os.path.join(ROOT, "Tests", "MoQAETrainingTests", "Golden")
 
@@ -101,7 +103,7 @@ def test_damaged_exports_are_rejected(tmp_path):
     for name, damaged in cases.items():
         path = tmp_path / f"{name}.bin"
         path.write_bytes(bytes(damaged))
-        with pytest.raises(CalibError, match=reasons[name]):
+        with pytest.raises(MoqaeError, match=reasons[name]):
             read_export(str(path))
     result = run_moqae("eval", "--model", REFERENCE_MODEL, "--text", VALID_TXT, "--tokenizer", "bytes",
                        "--router", str(tmp_path / "flipped.bin"))
@@ -172,19 +174,19 @@ def test_paired_difference_is_the_mean_of_per_window_differences_with_its_interv
 def test_exports_that_are_not_regular_files_or_too_large_are_refused_before_reading(tmp_path):
     fifo = tmp_path / "router.bin"
     os.mkfifo(fifo)
-    with pytest.raises(CalibError, match="router.bin: is a FIFO, expected a regular file"):
+    with pytest.raises(MoqaeError, match="router.bin: is a FIFO, expected a regular file"):
         read_export(str(fifo))                      # would block in open() without O_NONBLOCK
-    with pytest.raises(CalibError, match="is a directory"):
+    with pytest.raises(MoqaeError, match="is a directory"):
         read_export(str(tmp_path))
     huge = tmp_path / "huge.bin"
     with open(huge, "wb") as f:
         f.write(b"MQAE")
         f.truncate((64 << 20) + 1)                  # sparse
-    with pytest.raises(CalibError, match=r"huge.bin: is 67108865 bytes, more than the 67108864"):
+    with pytest.raises(MoqaeError, match=r"huge.bin: is 67108865 bytes, more than the 67108864"):
         read_export(str(huge))
     text = tmp_path / "notes.txt"
     text.write_bytes(b"plain text" * 10)
-    with pytest.raises(CalibError, match="magic is not MQAE"):
+    with pytest.raises(MoqaeError, match="magic is not MQAE"):
         read_export(str(text))
 
 
@@ -192,7 +194,7 @@ def test_lagrangian_allocation_is_the_brute_force_optimum_at_hull_budgets():
     """At a budget equal to the bits of some μ's allocation (a point of the lower convex hull), the
     bisection finds a plan as cheap as the best of all M^items plans within that budget; a tie goes to
     more bits, then to the lower index; a budget nothing meets gets the fewest bits (Swift's rule too)."""
-    from moqae.evaluate import lagrangian_allocation
+    from moqae.evaluate.allocation import lagrangian_allocation
     generator = torch.Generator().manual_seed(0)
     bits = torch.tensor([32.0, 16.0, 8.0, 4.0]).expand(5, -1)
     for case in range(20):
@@ -213,7 +215,7 @@ def test_lagrangian_allocation_is_the_brute_force_optimum_at_hull_budgets():
 def test_lagrangian_allocation_takes_the_smallest_feasible_multiplier():
     """At any budget, the allocation of the smallest feasible μ, found exactly among the μ where some
     item's choice changes (so a bisection cut short, landing on a larger μ, fails; LagrangianTests.swift too)."""
-    from moqae.evaluate import lagrangian_allocation
+    from moqae.evaluate.allocation import lagrangian_allocation
     generator = torch.Generator().manual_seed(11)
     bits = torch.tensor([32.0, 16.0, 8.0, 4.0], dtype=torch.float64).expand(12, -1)
     for case in range(20):

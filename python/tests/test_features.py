@@ -3,7 +3,6 @@ import math
 
 import torch
 
-from moqae.experts import parse_expert
 from moqae.features import CHUNK_FEATURES, chunk_statistics, key_with_chunk_statistics
 from moqae.quantizer import quantize_keys, quantize_values
 

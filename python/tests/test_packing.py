@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moqae.packing import pack_codes, packed_bytes, unpack_codes
+from moqae.serve.packing import pack_codes, packed_bytes, unpack_codes
 from moqae.quantizer import dequantize_codes, group_codes, quantize_groups
 
 

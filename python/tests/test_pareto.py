@@ -1,41 +1,39 @@
 """`pareto`'s run list and its table (the training and scoring themselves run in CI's `make pareto`)."""
-import argparse
 import os
 
 import pytest
 
 from conftest import ROOT
-from moqae import CalibError
-from moqae.evaluate import PRESCIENT_NOTE
-from moqae.pareto import markdown, runs_of
+from moqae import MoqaeError
+from moqae.evaluate.oracles import PRESCIENT_NOTE
+from moqae.harness.pareto import markdown, runs_of
 
 
-def arguments(lambdas, config_runs=None):
-    return argparse.Namespace(lambdas=lambdas, config=os.path.join(ROOT, "configs", "default.yaml"), config_run=config_runs)
+DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
 
 
 def test_runs_are_the_lambdas_then_the_config_files():
     budget = os.path.join(ROOT, "configs", "budget-3.5.yaml")
-    runs = runs_of(arguments("0.1,0.9", [budget]))
+    runs = runs_of(DEFAULT, [0.1, 0.9], [budget])
     assert [r.label for r in runs] == ["paper λ=0.1", "paper λ=0.9", "budget-3.5"]
     assert [r.directory for r in runs] == ["paper-lambda-0.1", "paper-lambda-0.9", "budget-3.5"]
     assert runs[0].overrides == ["loss.lambda=0.1"] and runs[2].config == budget and runs[2].overrides == []
-    assert [r.label for r in runs_of(arguments("", [budget]))] == ["budget-3.5"]
+    assert [r.label for r in runs_of(DEFAULT, [], [budget])] == ["budget-3.5"]
 
 
 def test_a_missing_config_file_is_named():
-    with pytest.raises(CalibError, match="--config-run nowhere.yaml: no such config file"):
-        runs_of(arguments("0.5", ["nowhere.yaml"]))
+    with pytest.raises(MoqaeError, match="--config-run nowhere.yaml: no such config file"):
+        runs_of(DEFAULT, [0.5], ["nowhere.yaml"])
 
 
 def test_config_runs_take_overrides_after_a_colon():
     budget = os.path.join(ROOT, "configs", "budget-3.5.yaml")
-    runs = runs_of(arguments("", [budget, f"{budget}:router.pooling=max,router.hidden_width=16"]))
+    runs = runs_of(DEFAULT, [], [budget, f"{budget}:router.pooling=max,router.hidden_width=16"])
     assert [r.label for r in runs] == ["budget-3.5", "budget-3.5 (router.pooling=max, router.hidden_width=16)"]
     assert runs[1].overrides == ["router.pooling=max", "router.hidden_width=16"] and runs[1].config == budget
     assert runs[1].directory == "budget-3.5--router.pooling-max--router.hidden_width-16-"
-    with pytest.raises(CalibError, match="overrides after the colon must be KEY=VALUE"):
-        runs_of(arguments("", [f"{budget}:router.pooling"]))
+    with pytest.raises(MoqaeError, match="overrides after the colon must be KEY=VALUE"):
+        runs_of(DEFAULT, [], [f"{budget}:router.pooling"])
 
 
 def summary(name, bits, bpb):

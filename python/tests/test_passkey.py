@@ -7,11 +7,14 @@ import torch
 
 from conftest import VALID_TXT
 from moqae.corpus import ByteTokenizer, read_texts, windows
-from moqae.dump import load_model, with_needles
-from moqae.evaluate import Layout, UniformPlan, evaluate_plan, source_aware_plan
+from moqae.calibrate.dump import with_needles
+from moqae.model import load_model
+from moqae.evaluate.oracles import source_aware_plan
+from moqae.evaluate.plans import Layout, UniformPlan
+from moqae.evaluate.scoring import evaluate_plan
 from moqae.experts import parse_expert
-from moqae import CalibError
-from moqae.passkey import answer_correct, passkey_windows, task_windows, wilson_interval
+from moqae import MoqaeError
+from moqae.tasks import answer_correct, passkey_windows, task_windows, wilson_interval
 
 HAYSTACK = read_texts([VALID_TXT])[0][:50_000]
 
@@ -96,7 +99,7 @@ def test_records_are_cut_to_the_window_and_their_answer_is_located(tmp_path):
     for bad, reason in (('{"context": "a"}', "expected an object"), ("{", "not valid JSON"),
                         (json.dumps({"context": "short", "question": "?", "answer": "a"}), "needed to fill --seq-len 128")):
         path.write_text(bad + "\n")
-        with pytest.raises(CalibError, match=f"{path}:1: .*{reason}"):
+        with pytest.raises(MoqaeError, match=f"{path}:1: .*{reason}"):
             task_windows(str(path), None, ByteTokenizer(), 128, None, 0)
 
 

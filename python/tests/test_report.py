@@ -2,8 +2,8 @@
 import os
 
 from conftest import VALID_TXT
-from moqae.length_benchmark import fraction_for
-from moqae.report import write_section
+from moqae.harness.length_benchmark import fraction_for
+from moqae.harness.report import write_section
 from moqae.selection import selected
 
 

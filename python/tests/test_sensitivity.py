@@ -3,11 +3,11 @@ import torch
 
 from conftest import REFERENCE_MODEL, VALID_TXT
 from moqae.corpus import ByteTokenizer, read_texts, windows
-from moqae.dump import load_model
+from moqae.model import load_model
 from moqae.experts import parse_experts
 import pytest
 
-from moqae.sensitivity import (exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta,
+from moqae.calibrate.sensitivity import (exact_delta, exact_delta_full, forward_with_kv_gradients, resumable_decoder, taylor_delta,
                                      weighted_taylor_delta)
 
 

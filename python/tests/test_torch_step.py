@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moqae.torch_step import TorchTrainer
+from moqae.harness.torch_step import TorchTrainer
 
 GOLDEN = Path(__file__).resolve().parents[2] / "Tests/MoQAETrainingTests/Golden"
 

@@ -7,58 +7,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import CalibError
-from .capture import IMPLEMENTATION, RouterInputs
-from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
-from .experts import parse_experts
-from .passkey import passkey_windows
-from .selection import selected, unit_value
+from .. import MoqaeError
+from ..capture import RouterInputs
+from ..corpus import read_texts, tokenizer_for, windows
+from ..experts import parse_experts
+from ..model import check_model_dir, load_model, model_shape, resolve_device
+from ..selection import selected, unit_value
+from ..tasks import passkey_windows
 from .sensitivity import exact_delta, weighted_taylor_delta
-from .store import StoreWriter
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def model_shape(config):
-    """(layers, kv heads, head dim, max positions) from a transformers config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return config.num_hidden_layers, kv_heads, head_dim, getattr(config, "max_position_embeddings", None)
-
-
-def check_model_dir(model_dir):
-    if not os.path.isdir(model_dir):
-        raise CalibError(f"{model_dir}: model directory not found")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CalibError(f"{model_dir}/config.json: missing (expected a Hugging Face model directory)")
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in WEIGHT_FILES):
-        raise CalibError(f"{model_dir}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CalibError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
-def load_model(model_dir, device, device_map, dtype_name):
-    from transformers import AutoModelForCausalLM
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, attn_implementation=IMPLEMENTATION, dtype=dtype,
-            **({"device_map": device_map} if device_map else {}))
-    except (OSError, ValueError) as error:
-        raise CalibError(f"{model_dir}: cannot load the model ({str(error).splitlines()[0]})") from None
-    if not device_map:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+from .writer import StoreWriter
 
 
 def with_needles(corpus, haystack, tokenizer, fraction, seed, answer_weight=1.0):
@@ -74,85 +31,90 @@ def with_needles(corpus, haystack, tokenizer, fraction, seed, answer_weight=1.0)
     return torch.where(chosen[:, None], needles.ids, corpus), weights
 
 
-def dump(args):
+def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", seq_len: int | None = None,
+         fraction: float = 0.10, seed: int = 0, passkey: float = 0.0, passkey_seed: int = 1, answer_weight: float = 1.0,
+         chunk_size: int = 32, value_group: int | None = None, experts: str = "fp16,int4,int2",
+         sensitivity: str = "taylor", router_input: str = "key", inputs_dtype: str = "float16", shard_size: int = 1 << 30,
+         resume: bool = False, device: str = "auto", device_map: str | None = None, model_dtype: str = "auto",
+         num_shards: int = 1, shard_index: int = 0) -> tuple[int, float]:
+    """Dumps the store `out` (or this process's part of it); returns (sequences, seconds per sequence dumped)."""
     from transformers import AutoConfig
-    check_model_dir(args.model)
-    experts = parse_experts(args.experts)
-    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    check_model_dir(model)
+    expert_set = parse_experts(experts)
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
     layers, kv_heads, head_dim, max_positions = model_shape(config)
-    if max_positions is None and not args.seq_len:
-        raise CalibError(f"{args.model}/config.json: no max_position_embeddings; pass --seq-len")
-    seq_len = args.seq_len or min(max_positions, 4096)
+    if max_positions is None and not seq_len:
+        raise MoqaeError(f"{model}/config.json: no max_position_embeddings; pass --seq-len")
+    seq_len = seq_len or min(max_positions, 4096)
     if max_positions is not None and seq_len > max_positions:
-        raise CalibError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
-    value_group = args.value_group or head_dim
+        raise MoqaeError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    value_group = value_group or head_dim
     if head_dim % value_group:
-        raise CalibError(f"--value-group {value_group} must divide the head dimension {head_dim}")
-    if seq_len // args.chunk_size < 2:
-        raise CalibError(f"--seq-len {seq_len} holds fewer than two chunks of --chunk-size {args.chunk_size}")
-    if not 0 < args.fraction <= 1:
-        raise CalibError(f"--fraction must be in (0, 1], got {args.fraction}")
-    if not 0 <= args.shard_index < args.num_shards:
-        raise CalibError(f"--shard-index must be in 0..{args.num_shards - 1}, got {args.shard_index}")
+        raise MoqaeError(f"--value-group {value_group} must divide the head dimension {head_dim}")
+    if seq_len // chunk_size < 2:
+        raise MoqaeError(f"--seq-len {seq_len} holds fewer than two chunks of --chunk-size {chunk_size}")
+    if not 0 < fraction <= 1:
+        raise MoqaeError(f"--fraction must be in (0, 1], got {fraction}")
+    if not 0 <= shard_index < num_shards:
+        raise MoqaeError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
 
-    if not 0 <= args.passkey <= 1:
-        raise CalibError(f"--passkey must be in [0, 1], got {args.passkey}")
-    if not (math.isfinite(args.answer_weight) and args.answer_weight > 0):
-        raise CalibError(f"--answer-weight must be a positive number, got {args.answer_weight}")
-    if args.answer_weight != 1 and not args.passkey:
-        raise CalibError("--answer-weight weighs the answers of pass-key windows: it needs --passkey")
-    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
-    texts = read_texts(args.corpus)
-    corpus, weights = windows(texts, tokenizer, seq_len), None
-    if args.passkey:
-        corpus, weights = with_needles(corpus, "".join(texts), tokenizer, args.passkey, args.passkey_seed,
-                                       args.answer_weight)
-    chosen = [i for i in range(corpus.shape[0]) if selected(i, args.seed, args.fraction)]
+    if not 0 <= passkey <= 1:
+        raise MoqaeError(f"--passkey must be in [0, 1], got {passkey}")
+    if not (math.isfinite(answer_weight) and answer_weight > 0):
+        raise MoqaeError(f"--answer-weight must be a positive number, got {answer_weight}")
+    if answer_weight != 1 and not passkey:
+        raise MoqaeError("--answer-weight weighs the answers of pass-key windows: it needs --passkey")
+    encoder = tokenizer_for(tokenizer, model)
+    texts = read_texts(corpus)
+    corpus_windows, weights = windows(texts, encoder, seq_len), None
+    if passkey:
+        corpus_windows, weights = with_needles(corpus_windows, "".join(texts), encoder, passkey, passkey_seed,
+                                               answer_weight)
+    chosen = [i for i in range(corpus_windows.shape[0]) if selected(i, seed, fraction)]
     if not chosen:
-        raise CalibError(f"--fraction {args.fraction} selects none of the corpus's {corpus.shape[0]} windows")
-    mine = chosen[args.shard_index:: args.num_shards]
+        raise MoqaeError(f"--fraction {fraction} selects none of the corpus's {corpus_windows.shape[0]} windows")
+    mine = chosen[shard_index:: num_shards]
 
     header = {
         "format": "moqae-calibration", "version": 1,
-        "model": {"name": os.path.basename(os.path.normpath(args.model)), "num_layers": layers,
+        "model": {"name": os.path.basename(os.path.normpath(model)), "num_layers": layers,
                   "num_kv_heads": kv_heads, "head_dim": head_dim},
-        "router_input": args.router_input, "chunk_size": args.chunk_size, "value_group": value_group,
-        "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in experts],
-        "sensitivity": args.sensitivity, "selection": {"seed": args.seed, "fraction": args.fraction},
-        "corpus": {"source": ", ".join(os.path.basename(p) for p in args.corpus), "tokenizer": tokenizer.name,
-                   "seq_len": seq_len, "num_sequences": int(corpus.shape[0]),
-                   **({"passkey": {"fraction": args.passkey, "seed": args.passkey_seed, "answer_weight": args.answer_weight}}
-                      if args.passkey else {})},
+        "router_input": router_input, "chunk_size": chunk_size, "value_group": value_group,
+        "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in expert_set],
+        "sensitivity": sensitivity, "selection": {"seed": seed, "fraction": fraction},
+        "corpus": {"source": ", ".join(os.path.basename(p) for p in corpus), "tokenizer": encoder.name,
+                   "seq_len": seq_len, "num_sequences": int(corpus_windows.shape[0]),
+                   **({"passkey": {"fraction": passkey, "seed": passkey_seed, "answer_weight": answer_weight}}
+                      if passkey else {})},
     }
-    settings = dict(header, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size,
-                    part={"index": args.shard_index, "count": args.num_shards})
-    writer = StoreWriter(args.out, header, settings, args.shard_size, resume=args.resume)
+    settings = dict(header, inputs_dtype=inputs_dtype, shard_size=shard_size,
+                    part={"index": shard_index, "count": num_shards})
+    writer = StoreWriter(out, header, settings, shard_size, resume=resume)
     todo = [i for i in mine if i not in writer.done_ids]
 
-    device = resolve_device(args.device)
-    model = load_model(args.model, device, args.device_map, args.model_dtype)
-    router_inputs = RouterInputs(args.router_input, model, args.model, args.chunk_size, value_group)
+    lm = load_model(model, resolve_device(device), device_map, model_dtype)
+    router_inputs = RouterInputs(router_input, lm, model, chunk_size, value_group)
     width = router_inputs.width(head_dim)
-    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.inputs_dtype]
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[inputs_dtype]
     # A context manager, so that the bar is closed before an error is reported on its own line.
-    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {args.sensitivity}",
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {sensitivity}",
               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as progress:
         started = time.perf_counter()
         for seq_id in todo:
-            ids = corpus[seq_id].to(model.device)
+            ids = corpus_windows[seq_id].to(lm.device)
             token_weights = None if weights is None else weights[seq_id]
-            if args.sensitivity == "exact":
-                nll, keys, values, delta = exact_delta(model, ids, experts, args.chunk_size, value_group, args.model,
+            if sensitivity == "exact":
+                nll, keys, values, delta = exact_delta(lm, ids, expert_set, chunk_size, value_group, model,
                                                        token_weights)
             else:
-                nll, keys, values, delta = weighted_taylor_delta(model, ids, experts, args.chunk_size, value_group, args.model,
-                                                                 token_weights, rule=args.sensitivity)
+                nll, keys, values, delta = weighted_taylor_delta(lm, ids, expert_set, chunk_size, value_group, model,
+                                                                 token_weights, rule=sensitivity)
             inputs = torch.stack([router_inputs(k, v) for k, v in zip(keys, values)])
             if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):
-                raise CalibError(f"{args.model}: router inputs ({args.router_input}) of shape {tuple(inputs.shape)}, the config "
+                raise MoqaeError(f"{model}: router inputs ({router_input}) of shape {tuple(inputs.shape)}, the config "
                                  f"implies {(layers, kv_heads, seq_len, width)}")
             writer.add(seq_id, inputs.to(store_dtype), nll, delta)
             progress.update(1)
-    part = {"index": args.shard_index, "count": args.num_shards} if args.num_shards > 1 else None
+    part = {"index": shard_index, "count": num_shards} if num_shards > 1 else None
     writer.finish(part=part)
     return len(mine), (time.perf_counter() - started) / max(1, len(todo))

@@ -18,8 +18,8 @@ a plain stack of full-attention layers, and falls back to the reference elsewher
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from .capture import KVHook, check_all_layers_seen
-from .quantizer import quantize_keys, quantize_values
+from ..capture import KVHook, check_all_layers_seen
+from ..quantizer import quantize_keys, quantize_values
 
 def token_nll(logits, targets):
     """NLL of each target: logits (B, T, V), targets (B, T) → (B, T)."""

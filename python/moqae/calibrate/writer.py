@@ -13,11 +13,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import CalibError
+from .. import MoqaeError
+from ..files import read_json_file
+from ..store import MANIFEST
 
 STATE = "dump-state.json"
 PART = "part.json"
-MANIFEST = "manifest.json"
 HEADER_BYTES_PER_SEQUENCE = 512      # a generous bound on a sequence's three safetensors header entries
 
 
@@ -33,7 +34,7 @@ def atomic_write(path, write):
     except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error for a failed write
         if os.path.exists(temporary):
             os.unlink(temporary)
-        raise CalibError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error})") from None
+        raise MoqaeError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error})") from None
     fsync_directory(os.path.dirname(path) or ".")
 
 
@@ -77,12 +78,12 @@ class StoreWriter:
         self.sequences, self.pending, self.pending_bytes = [], {}, 0
         self.pending_entries = []
         if os.path.exists(os.path.join(directory, MANIFEST)):
-            raise CalibError(f"{directory}: already holds a complete store (manifest.json); choose another --out")
+            raise MoqaeError(f"{directory}: already holds a complete store (manifest.json); choose another --out")
         if resume:
             self._resume(settings)
         else:
             if os.path.isdir(directory) and os.listdir(directory):
-                raise CalibError(f"{directory}: exists and is not empty; pass --resume to continue an interrupted dump")
+                raise MoqaeError(f"{directory}: exists and is not empty; pass --resume to continue an interrupted dump")
             os.makedirs(directory, exist_ok=True)
             atomic_write_json(os.path.join(directory, STATE), settings)
         self.next_shard = len(completed_shards(directory))
@@ -90,12 +91,11 @@ class StoreWriter:
     def _resume(self, settings):
         state_path = os.path.join(self.directory, STATE)
         if not os.path.isfile(state_path):
-            raise CalibError(f"{self.directory}: no interrupted dump to resume (no {STATE})")
-        with open(state_path) as f:
-            saved = json.load(f)
+            raise MoqaeError(f"{self.directory}: no interrupted dump to resume (no {STATE})")
+        saved = read_json_file(state_path)
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
-            raise CalibError(f"{self.directory}: cannot resume with different settings: {', '.join(changed)} changed")
+            raise MoqaeError(f"{self.directory}: cannot resume with different settings: {', '.join(changed)} changed")
         for name in os.listdir(self.directory):
             if ".tmp-" in name:
                 os.unlink(os.path.join(self.directory, name))
@@ -142,26 +142,25 @@ class StoreWriter:
             atomic_write_json(os.path.join(self.directory, PART), dict(body, part=part))
 
 
-def merge(out, part_dirs):
-    """Joins the parts of a parallel dump into one store; the manifest is written last."""
+def merge(out: str, part_dirs: list[str]) -> int:
+    """Joins the parts of a parallel dump into one store (the manifest written last); returns its sequences."""
     parts = []
     for directory in part_dirs:
         path = os.path.join(directory, PART)
         if not os.path.isfile(path):
-            raise CalibError(f"{directory}: not a finished dump part (no {PART}); finish it with --resume")
-        with open(path) as f:
-            parts.append((directory, json.load(f)))
+            raise MoqaeError(f"{directory}: not a finished dump part (no {PART}); finish it with --resume")
+        parts.append((directory, read_json_file(path)))
     first = parts[0][1]
     count = first["part"]["count"]
     indices = sorted(p["part"]["index"] for _, p in parts)
     if indices != list(range(count)):
-        raise CalibError(f"merge: expected parts 0..{count - 1} exactly once, got {indices}")
+        raise MoqaeError(f"merge: expected parts 0..{count - 1} exactly once, got {indices}")
     for directory, part in parts:
         mismatched = [k for k in first if k not in ("sequences", "part") and part.get(k) != first[k]]
         if mismatched:
-            raise CalibError(f"{directory}: part differs from {parts[0][0]} in {', '.join(mismatched)}")
+            raise MoqaeError(f"{directory}: part differs from {parts[0][0]} in {', '.join(mismatched)}")
     if os.path.exists(out) and os.listdir(out):
-        raise CalibError(f"{out}: exists and is not empty")
+        raise MoqaeError(f"{out}: exists and is not empty")
     os.makedirs(out, exist_ok=True)
     sequences, index = [], 0
     for directory, part in sorted(parts, key=lambda p: p[1]["part"]["index"]):

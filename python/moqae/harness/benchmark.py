@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from . import CalibError
+from .. import MoqaeError
+from ..store import MANIFEST, read_manifest
 from .report import write_section
 from .torch_step import TorchTrainer
 
@@ -37,7 +38,7 @@ def run_child(command):
     result = subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise CalibError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
+        raise MoqaeError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
     return seconds, int(result.stdout.split()[-1]) / 1024
 
 
@@ -89,26 +90,29 @@ def train(binary, store, run, threads, overrides=()):
             "vectors": vectors, "vectors_per_second": vectors / step_seconds}
 
 
-def run_benchmark(args):
-    binary, work = os.path.abspath(args.moqae_train), os.path.abspath(args.work)
-    store = os.path.join(work, f"store-{args.shape}-{args.sequences}")
-    if not os.path.exists(os.path.join(store, "manifest.json")):
+def benchmark(moqae_train: str, work: str, *, shape: str = "llama2-7b", sequences: int = 16,
+              threads: int | None = os.cpu_count(), cold: bool = False, out: str | None = None, disk_only: bool = False,
+              append: bool = False) -> str:
+    """Measures moqae-train on a synthetic store in `work` (made when absent); prints the report, writes
+    its section of `out` when given, and returns it."""
+    binary, work = os.path.abspath(moqae_train), os.path.abspath(work)
+    store = os.path.join(work, f"store-{shape}-{sequences}")
+    if not os.path.exists(os.path.join(store, MANIFEST)):
         shutil.rmtree(store, ignore_errors=True)
-        print(f"writing a synthetic {args.shape} store of {args.sequences} sequences to {store}", flush=True)
-        run_child([binary, "synth", "--shape", args.shape, "--sequences", str(args.sequences), "--out", store])
+        print(f"writing a synthetic {shape} store of {sequences} sequences to {store}", flush=True)
+        run_child([binary, "synth", "--shape", shape, "--sequences", str(sequences), "--out", store])
+    manifest = read_manifest(store)
     files = store_files(store)
     store_bytes = sum(os.path.getsize(f) for f in files)
-    with open(os.path.join(store, "manifest.json")) as f:
-        manifest = json.load(f)
-    model = manifest["model"]
+    model = manifest.model
     run = os.path.join(work, "run")
 
-    rows = [] if args.disk_only else page_cache_rows(binary, store, run, files, store_bytes, model["head_dim"] * 2, args.threads)
-    if args.cold or args.disk_only:
+    rows = [] if disk_only else page_cache_rows(binary, store, run, files, store_bytes, model.head_dim * 2, threads)
+    if cold or disk_only:
         if drop_caches():
             cold_cat = cat_seconds(files)
             drop_caches()
-            cold_train = train(binary, store, run, args.threads)
+            cold_train = train(binary, store, run, threads)
             rows += [
                 f"| `cat` of the shards, cold cache | {cold_cat:.1f} s, {store_bytes / cold_cat / 1e9:.2f} GB/s |",
                 f"| moqae-train epoch, cold cache | {cold_train['wall']:.1f} s wall = **{cold_train['wall'] / cold_cat:.2f}×** the cold `cat` "
@@ -128,8 +132,8 @@ def run_benchmark(args):
     section = [
         f"Written by `python -m moqae benchmark {' '.join(sys.argv[2:])}` (see docs/PERFORMANCE.md, Overview).", "",
         f"- machine: {machine}",
-        f"- store: synthetic `{args.shape}` ({model['num_layers']} layers × {model['num_kv_heads']} KV heads × {model['head_dim']} dims × "
-        f"{manifest['corpus']['seq_len']} tokens, F16), {len(manifest['sequences'])} sequences, {gb:.2f} GB"
+        f"- store: synthetic `{shape}` ({model.num_layers} layers × {model.num_kv_heads} KV heads × {model.head_dim} dims × "
+        f"{manifest.seq_len} tokens, F16), {len(manifest.sequences)} sequences, {gb:.2f} GB"
         + (" (larger than RAM)" if store_bytes > ram else ""),
         "- training: one epoch, one router per layer (`router.group_size: 1`, so every byte of the inputs is read), "
         "batch 8, no validation; a token vector is one routed key of one head of one layer",
@@ -137,9 +141,10 @@ def run_benchmark(args):
     ]
     text = "\n".join(section) + "\n"
     print(text)
-    if args.out:
-        write_section(args.out, "Performance", "Training: throughput, streaming from disk and memory", text, append=args.append)
-        print(f"wrote {args.out}")
+    if out:
+        write_section(out, "Performance", "Training: throughput, streaming from disk and memory", text, append=append)
+        print(f"wrote {out}")
+    return text
 
 
 def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, threads):
@@ -186,7 +191,7 @@ def page_cache_rows(binary, store, run, files, store_bytes, vector_bytes, thread
         f"| moqae-train, {threads} workers, page cache | {figure([r['train'] for r in rounds])} M vectors/s; "
         f"median epoch {warm['step_seconds']:.3f} s/step, {warm['wall']:.1f} s wall |",
         f"| moqae-train, 1 worker | {figure(one_worker)} M vectors/s |",
-        f"| PyTorch {__import__('torch').__version__} step (`python/moqae/torch_step.py`), same batch | "
+        f"| PyTorch {__import__('torch').__version__} step (`python/moqae/harness/torch_step.py`), same batch | "
         f"{figure([r['torch'] for r in rounds], digits=3)} M vectors/s |",
         f"| moqae-train / PyTorch, per round | **{figure([r['vs_torch'] for r in rounds], scale=1, digits=1)}×** (target ≥ 10×) |",
         f"| moqae-train / page-cache read rate, per round | **{figure([100 * r['vs_cat'] for r in rounds], scale=1, digits=0)}%** (target ≥ 80%) |",

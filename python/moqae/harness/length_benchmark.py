@@ -13,9 +13,9 @@ import tempfile
 
 import torch
 
-from . import CalibError
+from .. import MoqaeError
 from .report import write_section
-from .selection import unit_value
+from ..selection import unit_value
 
 
 def tiny_llama(directory, max_positions):
@@ -32,7 +32,7 @@ def fraction_for(count, corpus, seq_len):
     """A `--fraction` that selects exactly `count` of the corpus's byte windows (seed 0)."""
     total = os.path.getsize(corpus) // seq_len
     if total < count:
-        raise CalibError(f"{corpus}: {total} windows of {seq_len} bytes, fewer than {count}")
+        raise MoqaeError(f"{corpus}: {total} windows of {seq_len} bytes, fewer than {count}")
     values = sorted(unit_value(i, 0) for i in range(total))
     return (values[count - 1] + values[count]) / 2 if count < total else 1.0
 
@@ -57,32 +57,35 @@ def timed_dump(model, corpus, seq_len, windows, work):
     shutil.rmtree(out, ignore_errors=True)
     match = re.search(r"\(([0-9.]+) s per sequence", result.stdout)
     if result.returncode != 0 or not match:
-        raise CalibError(f"dump at --seq-len {seq_len} failed: {result.stderr.strip()[-2000:]}")
+        raise MoqaeError(f"dump at --seq-len {seq_len} failed: {result.stderr.strip()[-2000:]}")
     return float(match.group(1)), int(result.stdout.split()[-1]) / 1024
 
 
-def run_length_benchmark(args):
-    if not os.path.isfile(args.corpus):
-        raise CalibError(f"{args.corpus}: corpus file not found")
+def length_benchmark(model: str, corpus: str, *, lengths: list[int] = (512, 1024, 2048),
+                     tiny_lengths: list[int] = (4096, 8192), windows: int = 4, out: str | None = None) -> list[tuple]:
+    """Times a dump of `windows` windows at every length, on `model` and on a tiny random Llama; returns
+    (model label, T, seconds per window, peak RSS MB) rows."""
+    if not os.path.isfile(corpus):
+        raise MoqaeError(f"{corpus}: corpus file not found")
     work = tempfile.mkdtemp(prefix="moqae-length-")
-    tiny = tiny_llama(os.path.join(work, "tiny-llama"), max(args.tiny_lengths))
+    tiny = tiny_llama(os.path.join(work, "tiny-llama"), max(tiny_lengths))
     rows = []
-    for label, model, lengths in ((os.path.basename(os.path.normpath(args.model)), args.model, args.lengths),
-                                  ("tiny random Llama", tiny, args.tiny_lengths)):
-        for seq_len in lengths:
-            per_window, peak = timed_dump(model, args.corpus, seq_len, args.windows, work)
+    for label, directory, seq_lens in ((os.path.basename(os.path.normpath(model)), model, lengths),
+                                       ("tiny random Llama", tiny, tiny_lengths)):
+        for seq_len in seq_lens:
+            per_window, peak = timed_dump(directory, corpus, seq_len, windows, work)
             rows.append((label, seq_len, per_window, peak))
             print(f"{label}, T = {seq_len}: {per_window:.2f} s per window, peak RSS {peak:.0f} MB", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     lines = [f"Written by `python -m moqae length-benchmark {' '.join(sys.argv[2:])}` (`make length-benchmark`).", "",
-             f"- Taylor dumps (one forward and one backward per window) of byte windows of `{os.path.basename(args.corpus)}`, "
-             f"CPU, float32; {args.windows} windows per dump, seconds per window after the model has loaded; peak RSS of "
+             f"- Taylor dumps (one forward and one backward per window) of byte windows of `{os.path.basename(corpus)}`, "
+             f"CPU, float32; {windows} windows per dump, seconds per window after the model has loaded; peak RSS of "
              "the whole dump process", "",
              "| model | T | seconds per window | peak RSS |", "|---|---|---|---|"]
     lines += [f"| {label} | {seq_len:,} | {per_window:.2f} | {peak:.0f} MB |" for label, seq_len, per_window, peak in rows]
     report = "\n".join(lines) + "\n"
     print(report)
-    if args.out:
-        write_section(args.out, "Performance", "Dumps at length", report)
-        print(f"wrote {args.out}")
+    if out:
+        write_section(out, "Performance", "Dumps at length", report)
+        print(f"wrote {out}")
     return rows

@@ -14,13 +14,17 @@ import json
 import os
 import subprocess
 
-from . import CalibError
-from .corpus import ByteTokenizer, HFTokenizer, read_texts, windows
-from .passkey import task_windows
-from .dump import load_model, resolve_device
-from .evaluate import (PRESCIENT_NOTE, CalibrationDeltas, Evaluation, format_difference, format_table, paired_difference,
-                       source_aware_plan)
-from .router import read_export
+from .. import MoqaeError
+from ..corpus import read_texts, tokenizer_for, windows
+from ..evaluate.allocation import CalibrationDeltas
+from ..evaluate.oracles import PRESCIENT_NOTE, source_aware_plan
+from ..evaluate.report import format_difference, format_table
+from ..evaluate.run import Evaluation
+from ..evaluate.scoring import paired_difference
+from ..model import load_model, resolve_device
+from ..router import read_export
+from ..store import Store
+from ..tasks import task_windows
 
 
 class Run:
@@ -34,17 +38,17 @@ class Run:
         return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.label.replace("λ", "lambda"))
 
 
-def runs_of(args):
-    """The paper-loss runs at --lambdas, then one run per --config-run `FILE[:KEY=VALUE,...]`, labelled
-    by the file's name and its overrides."""
-    runs = [Run(f"paper λ={lam}", args.config, [f"loss.lambda={lam}"]) for lam in (float(x) for x in args.lambdas.split(",") if x)]
-    for spec in args.config_run or []:
+def runs_of(config: str, lambdas: list[float], config_runs: list[str]) -> list[Run]:
+    """The paper-loss runs of `config` at `lambdas`, then one run per config run `FILE[:KEY=VALUE,...]`,
+    labelled by the file's name and its overrides."""
+    runs = [Run(f"paper λ={lam}", config, [f"loss.lambda={lam}"]) for lam in lambdas]
+    for spec in config_runs:
         path, _, settings = spec.partition(":")
         overrides = [s for s in settings.split(",") if s]
         if not os.path.isfile(path):
-            raise CalibError(f"--config-run {spec}: no such config file {path}")
+            raise MoqaeError(f"--config-run {spec}: no such config file {path}")
         if any("=" not in s for s in overrides):
-            raise CalibError(f"--config-run {spec}: overrides after the colon must be KEY=VALUE, separated by commas")
+            raise MoqaeError(f"--config-run {spec}: overrides after the colon must be KEY=VALUE, separated by commas")
         label = os.path.splitext(os.path.basename(path))[0]
         runs.append(Run(label + (f" ({', '.join(overrides)})" if overrides else ""), path, overrides))
     return runs
@@ -58,10 +62,10 @@ def train_router(moqae_train, run, store, run_dir, extra):
     for step in (command, [moqae_train, "export", run_dir, "--out", os.path.join(run_dir, "router.bin")]):
         result = subprocess.run(step, capture_output=True, text=True)
         if result.returncode != 0:
-            raise CalibError(f"{' '.join(step[:2])} failed for {run.label}: {result.stderr.strip().splitlines()[-1:]}")
+            raise MoqaeError(f"{' '.join(step[:2])} failed for {run.label}: {result.stderr.strip().splitlines()[-1:]}")
     estimate = subprocess.run([moqae_train, "eval", run_dir, "--json"], capture_output=True, text=True)
     if estimate.returncode != 0:
-        raise CalibError(f"moqae-train eval failed for {run.label}: {estimate.stderr.strip()}")
+        raise MoqaeError(f"moqae-train eval failed for {run.label}: {estimate.stderr.strip()}")
     return os.path.join(run_dir, "router.bin"), json.loads(estimate.stdout)
 
 
@@ -181,45 +185,51 @@ def uniform_summaries(evaluation, bytes_per_token, with_fp16):
     return summaries
 
 
-def run_pareto(args):
-    runs = runs_of(args)
+def pareto(moqae_train: str, store: str, model: str, text: str, out: str, *, config: str = "configs/default.yaml",
+           tokenizer: str = "auto", lambdas: list[float] = (0.1, 0.3, 0.5, 0.7, 0.9), config_runs: list[str] = (),
+           diagnostics: bool = True, max_windows: int | None = None, task: str | None = None, task_seed: int = 0,
+           calibration_fraction: float = 0.05, batch_size: int = 8, device: str = "auto",
+           train_args: list[str] = ()) -> dict:
+    """Trains a router per run on `store`, scores each on `text` beside every baseline; writes
+    OUT/pareto.json, pareto.md and pareto.png and returns what pareto.json holds."""
+    runs = runs_of(config, lambdas, config_runs)
     if not runs:
-        raise CalibError("nothing to train: --lambdas is empty and no --config-run was given")
-    os.makedirs(args.out, exist_ok=True)
+        raise MoqaeError("nothing to train: --lambdas is empty and no --config-run was given")
+    calibration_store = Store(store)
+    seq_len = calibration_store.manifest.seq_len
+    os.makedirs(out, exist_ok=True)
     exports = {}
     for run in runs:
-        exports[run.label] = train_router(args.moqae_train, run, args.store, os.path.join(args.out, run.directory), args.train_arg or [])
+        exports[run.label] = train_router(moqae_train, run, store, os.path.join(out, run.directory), list(train_args))
         print(f"{run.label}: trained and exported", flush=True)
-    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.model)
-    with open(os.path.join(args.store, "manifest.json")) as f:
-        manifest = json.load(f)
-    task = None
-    if args.task:
-        task = task_windows(args.task, args.text, tokenizer, manifest["corpus"]["seq_len"], args.max_windows, args.task_seed)
-        text_windows = task.ids
+    encoder = tokenizer_for(tokenizer, model)
+    task_set = None
+    if task:
+        task_set = task_windows(task, text, encoder, seq_len, max_windows, task_seed)
+        text_windows = task_set.ids
     else:
-        text_windows = windows(read_texts([args.text]), tokenizer, manifest["corpus"]["seq_len"])
-        if args.max_windows:
-            text_windows = text_windows[: args.max_windows]
-    model = load_model(args.model, resolve_device(args.device), None, "auto")
-    bytes_per_token = 1 if args.tokenizer == "bytes" else None
+        text_windows = windows(read_texts([text]), encoder, seq_len)
+        if max_windows:
+            text_windows = text_windows[: max_windows]
+    lm = load_model(model, resolve_device(device), None, "auto")
+    bytes_per_token = 1 if tokenizer == "bytes" else None
 
     calibration = None
     shared, uniform_layouts, prescient_deltas, rows = [], set(), {}, []
     for run in runs:
         path, estimate = exports[run.label]
-        evaluation = Evaluation(model, text_windows, read_export(path), manifest["value_group"], args.model,
-                                args.batch_size, progress=os.isatty(2), task=task)
+        evaluation = Evaluation(lm, text_windows, read_export(path), calibration_store.manifest.value_group, model,
+                                batch_size, progress=os.isatty(2), task=task_set)
         if calibration is None:
-            calibration = CalibrationDeltas(args.store, args.calibration_fraction, evaluation.layout)
+            calibration = CalibrationDeltas(calibration_store, calibration_fraction, evaluation.layout)
         expert_set = tuple(e.name for e in evaluation.export.experts)
         evaluation.prescient_deltas = prescient_deltas.get(expert_set)
         first = evaluation.layout.first
         if first not in uniform_layouts:
             uniform_layouts.add(first)
             shared += uniform_summaries(evaluation, bytes_per_token, with_fp16=not shared)
-            if task is not None and not args.no_diagnostics:
-                shared.append(evaluation.score(source_aware_plan(task, evaluation.layout)).summary(bytes_per_token))
+            if task_set is not None and diagnostics:
+                shared.append(evaluation.score(source_aware_plan(task_set, evaluation.layout)).summary(bytes_per_token))
         router = evaluation.router()
         static = evaluation.static(router, calibration)
         fp16 = next(s for s in shared if s["name"] == "uniform fp16")
@@ -231,20 +241,21 @@ def run_pareto(args):
                                                      bytes_per_token),
                "router": router.summary(bytes_per_token), "static": static.summary(bytes_per_token),
                "layer-wise": evaluation.layerwise(router, calibration).summary(bytes_per_token)}
-        if not args.no_diagnostics:
+        if diagnostics:
             row["random"] = evaluation.random(router).summary(bytes_per_token)
             row["prescient"] = evaluation.prescient(router).summary(bytes_per_token)
             prescient_deltas[expert_set] = evaluation.prescient_deltas
         rows.append(row)
         print(f"{run.label}:\n" + format_table([row[m] for m in METHODS if m in row]) + "\n"
               + format_difference(row["router_vs_static"]), flush=True)
-    result = {"text": args.text, "task": args.task, "task_seed": args.task_seed if task else None,
+    result = {"text": text, "task": task, "task_seed": task_seed if task_set else None,
               "windows": len(text_windows), "seq_len": int(text_windows.shape[1]),
               "shared": shared, "runs": rows}
-    with open(os.path.join(args.out, "pareto.json"), "w") as f:
+    with open(os.path.join(out, "pareto.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "pareto.md"), "w") as f:
+    with open(os.path.join(out, "pareto.md"), "w") as f:
         f.write(markdown(rows, shared))
-    plot(rows, shared, os.path.join(args.out, "pareto.png"))
+    plot(rows, shared, os.path.join(out, "pareto.png"))
     print(format_table(shared))
-    print(f"wrote {args.out}/pareto.json, pareto.md, pareto.png")
+    print(f"wrote {out}/pareto.json, pareto.md, pareto.png")
+    return result

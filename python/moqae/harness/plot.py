@@ -2,8 +2,8 @@
 batch, and the router's at each validation report), λ and throughput against step."""
 import os
 
-from . import CalibError
-from .corpus import read_jsonl
+from .. import MoqaeError
+from ..corpus import read_jsonl
 
 
 def read_log(path, required):
@@ -11,11 +11,11 @@ def read_log(path, required):
     return [record for _, record in read_jsonl(path, required, kind=(int, float))]
 
 
-def plot_run(run_dir, out=None):
+def plot_run(run_dir: str, out: str | None = None) -> str:
     """Writes the picture of `run_dir` (default RUN_DIR/run.png); returns its path."""
     metrics = read_log(os.path.join(run_dir, "metrics.jsonl"), ("step", "loss", "avg_bits", "lambda", "vectors_per_second"))
     if not metrics:
-        raise CalibError(f"{os.path.join(run_dir, 'metrics.jsonl')}: no steps logged yet")
+        raise MoqaeError(f"{os.path.join(run_dir, 'metrics.jsonl')}: no steps logged yet")
     evaluation_path = os.path.join(run_dir, "eval.jsonl")
     reports = read_log(evaluation_path, ("step",)) if os.path.exists(evaluation_path) else []
     import matplotlib

@@ -11,11 +11,11 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .cache import MoQAECache
-from .dump import check_model_dir, load_model, model_shape
-from .experts import parse_expert
+from ..experts import parse_expert
+from ..model import check_model_dir, load_model, model_shape
+from ..router import random_export, read_export
+from ..serve.cache import MoQAECache
 from .report import write_section
-from .router import random_export, read_export
 
 
 def tiny_random_llama(max_positions):
@@ -77,7 +77,8 @@ def measure(model, ids, cache, decode_tokens):
             "formula_bytes": cache.formula_bytes() if isinstance(cache, MoQAECache) else None}
 
 
-def run_serve_benchmark(model_dir, router=None, contexts=(2048, 8192), decode_tokens=160, rounds=2, out=None):
+def serve_benchmark(model_dir: str, router: str | None = None, *, contexts: list[int] = (2048, 8192),
+                    decode_tokens: int = 160, rounds: int = 2, out: str | None = None) -> list[dict]:
     """Measures every cache on each model and context; writes the "Serving" section of `out`."""
     check_model_dir(model_dir)
     passkey = load_model(model_dir, "cpu", None, "float32")

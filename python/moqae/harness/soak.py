@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from . import CalibError
+from .. import MoqaeError
 
 # Log fields that measure time rather than training; everything else in a log line must match.
 TIMING_FIELDS = {"step_seconds", "vectors_per_second"}
@@ -34,7 +34,7 @@ def export(binary, run_dir):
 def final_checkpoint(run_dir):
     paths = sorted(glob.glob(os.path.join(run_dir, "ckpt-*.safetensors")))
     if not paths:
-        raise CalibError(f"{run_dir}: no checkpoint")
+        raise MoqaeError(f"{run_dir}: no checkpoint")
     return paths[-1]
 
 
@@ -71,17 +71,21 @@ def compare_runs(reference, soaked):
     return problems
 
 
-def run_soak(args):
-    binary, run_dir = os.path.abspath(args.moqae_train), os.path.abspath(args.run_dir)
+def soak(moqae_train: str, config: str, run_dir: str, *, overrides: list[str] = (), kills: int = 20,
+         write_fraction: float = 0.5, rename_delay_ms: int = 100, min_seconds: float = 0.05, max_seconds: float = 1.0,
+         seed: int = 0) -> int:
+    """Stops and resumes `config`'s run `kills` times (at least one round); raises unless every round ends
+    identical to an uninterrupted run. Returns the rounds."""
+    binary, run_dir = os.path.abspath(moqae_train), os.path.abspath(run_dir)
     reference = run_dir + ".reference"
-    rng = random.Random(args.seed)
-    env = {**os.environ, "MOQAE_TEST_DELAY_BEFORE_RENAME_MS": str(args.rename_delay_ms)}
+    rng = random.Random(seed)
+    env = {**os.environ, "MOQAE_TEST_DELAY_BEFORE_RENAME_MS": str(rename_delay_ms)}
 
     # The reference runs in the soak's own run_dir (the config stored in checkpoints names it), then moves aside.
     for path in (run_dir, reference):
         shutil.rmtree(path, ignore_errors=True)
     print(f"uninterrupted reference run in {run_dir}", flush=True)
-    subprocess.run(train_command(binary, args.config, run_dir, args.set, resume=False), check=True, capture_output=True)
+    subprocess.run(train_command(binary, config, run_dir, overrides, resume=False), check=True, capture_output=True)
     export(binary, run_dir)
     os.rename(run_dir, reference)
 
@@ -91,23 +95,23 @@ def run_soak(args):
     # Rounds of stop-and-resume until the run finishes; another round from scratch while fewer than
     # `kills` stops have happened. Every life after a round's first resumes with --resume latest, even
     # one stopped before anything was written. Every finished round must equal the reference.
-    kills, lives, rounds = 0, 0, 0
+    stops, lives, rounds = 0, 0, 0
     tally = {}
     graceful = {signal.SIGINT: 130, signal.SIGTERM: 143}
-    while rounds == 0 or kills < args.kills:
+    while rounds == 0 or stops < kills:
         rounds += 1
         shutil.rmtree(run_dir, ignore_errors=True)
         first_life = True
         while True:
             lives += 1
-            process = subprocess.Popen(train_command(binary, args.config, run_dir, args.set, resume=not first_life), env=env,
+            process = subprocess.Popen(train_command(binary, config, run_dir, overrides, resume=not first_life), env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             first_life = False
-            moment = rng.choices(MOMENTS, weights=(1 - args.write_fraction, args.write_fraction, 0.15, 0.15))[0]
+            moment = rng.choices(MOMENTS, weights=(1 - write_fraction, write_fraction, 0.15, 0.15))[0]
             stop = rng.choice((signal.SIGKILL, signal.SIGKILL, signal.SIGINT, signal.SIGTERM))
-            deadline = time.monotonic() + (0.0 if moment == "at the start" else rng.uniform(args.min_seconds, args.max_seconds))
+            deadline = time.monotonic() + (0.0 if moment == "at the start" else rng.uniform(min_seconds, max_seconds))
             stopped = False
-            while kills < args.kills and process.poll() is None:
+            while stops < kills and process.poll() is None:
                 if (moment == "during a checkpoint write" and glob.glob(os.path.join(run_dir, "*.tmp-*"))) \
                         or (moment in ("at a random moment", "at the start") and time.monotonic() >= deadline) \
                         or (moment == "during the final report" and logged_steps(run_dir) >= total_steps):
@@ -117,22 +121,23 @@ def run_soak(args):
                 time.sleep(0.002)
             _, stderr = process.communicate()
             if stopped and process.returncode in (-stop, graceful.get(stop), 0):   # -stop: before its handler was set
-                kills += 1
+                stops += 1
                 label = f"{signal.Signals(stop).name} {moment}"
                 tally[label] = tally.get(label, 0) + 1
-                print(f"stop {kills}/{args.kills}: {label} (exit {process.returncode})", flush=True)
+                print(f"stop {stops}/{kills}: {label} (exit {process.returncode})", flush=True)
                 if process.returncode == 0:
                     break          # the signal came as the run finished
             elif process.returncode != 0:
-                raise CalibError(f"moqae-train failed (exit {process.returncode}) after {kills} stops: {stderr.decode()[-2000:]}")
+                raise MoqaeError(f"moqae-train failed (exit {process.returncode}) after {stops} stops: {stderr.decode()[-2000:]}")
             else:
                 break
         export(binary, run_dir)
         problems = compare_runs(reference, run_dir)
         problems += [f"{os.path.basename(p)} left behind" for p in glob.glob(os.path.join(run_dir, "*.tmp-*"))]
         if problems:
-            raise CalibError(f"round {rounds}, after {kills} kills: the resumed run differs from the uninterrupted one: " + "; ".join(problems))
+            raise MoqaeError(f"round {rounds}, after {stops} kills: the resumed run differs from the uninterrupted one: " + "; ".join(problems))
         print(f"round {rounds} finished: final checkpoint, export and logs identical to the uninterrupted run", flush=True)
-    print(f"{kills} stops over {lives} runs in {rounds} round(s): every round identical to the uninterrupted run")
+    print(f"{stops} stops over {lives} runs in {rounds} round(s): every round identical to the uninterrupted run")
     for label, count in sorted(tally.items()):
         print(f"  {count} × {label}")
+    return rounds

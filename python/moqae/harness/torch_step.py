@@ -1,32 +1,24 @@
 """A straightforward PyTorch implementation of moqae-train's training step (docs/FORMATS.md: Router, Losses), for the
 benchmark: per sequence, the leader layers' routed keys go through the routers, decisions and L_nll
 are computed, and autograd takes the gradient of the paper's loss; AdamW as moqae-train's."""
-import json
-import os
-
 import torch
-from safetensors import safe_open
 
-from .experts import Expert
-from .router import chunk_decisions, token_probabilities
-from .selection import selected
+from ..router import chunk_decisions, token_probabilities
+from ..store import Store
 
 
 class TorchTrainer:
-    def __init__(self, store, group_size=3, lam=0.5, calibration_fraction=0.05, seed=0, freeze_first_chunk=True):
-        with open(os.path.join(store, "manifest.json")) as f:
-            self.manifest = json.load(f)
-        model = self.manifest["model"]
-        self.L, self.H, self.D = model["num_layers"], model["num_kv_heads"], model["head_dim"]
-        self.N = self.manifest["chunk_size"]
-        self.experts = [Expert(e["name"], e["key_bits"], e["value_bits"]) for e in self.manifest["experts"]]
+    def __init__(self, store: str, group_size: int = 3, lam: float = 0.5, calibration_fraction: float = 0.05, seed: int = 0,
+                 freeze_first_chunk: bool = True):
+        self.store = Store(store)
+        manifest = self.store.manifest
+        self.L, self.H, self.D = manifest.model.num_layers, manifest.model.num_kv_heads, manifest.model.head_dim
+        self.N = manifest.chunk_size
+        self.experts = manifest.experts
         self.M, self.G, self.lam = len(self.experts), group_size, lam
         self.first = 1 if freeze_first_chunk else 0
         self.bits = torch.tensor([(e.key_bits + e.value_bits) / 2 for e in self.experts], dtype=torch.float32)
-        seed_of_store = self.manifest["selection"]["seed"]
-        self.sequences = [s for s in self.manifest["sequences"] if selected(s["id"], seed_of_store, calibration_fraction)]
-        self.store = store
-        self.files = {}
+        self.sequences = manifest.split(calibration_fraction)
         generator = torch.Generator().manual_seed(seed)
         R = (self.L + self.G - 1) // self.G
         bound_d, bound_m = self.D ** -0.5, self.M ** -0.5
@@ -41,17 +33,11 @@ class TorchTrainer:
         self.optimizer = torch.optim.AdamW([w for router in self.weights for w in router], lr=3e-4,
                                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
-    def tensor(self, sequence, name):
-        shard = sequence["shard"]
-        if shard not in self.files:
-            self.files[shard] = safe_open(os.path.join(self.store, shard), framework="pt")
-        return self.files[shard].get_tensor(f"seq.{sequence['id']}.{name}")
-
     def sequence_loss(self, sequence):
         """λ L_model + (1 − λ) L_mem of one sequence, and its number of routed token vectors."""
-        T = sequence["tokens"]
+        T = sequence.tokens
         C = T // self.N
-        inputs = self.tensor(sequence, "inputs")                     # (L, H, T, D), read lazily per layer
+        inputs = self.store.tensor(sequence, "inputs")                     # (L, H, T, D), read lazily per layer
         chosen, choices = [], []
         for router, weights in enumerate(self.weights):
             x = inputs[router * self.G, :, self.first * self.N: C * self.N, :].float()   # (H, rows, D)
@@ -60,8 +46,8 @@ class TorchTrainer:
             P = p.reshape(self.H, -1, self.N, self.M).mean(2)                         # (H, units, M)
             chosen.append(P.gather(-1, decisions.unsqueeze(-1)).squeeze(-1))
             choices.append(decisions)
-        delta = self.tensor(sequence, "delta_nll")                                     # (L, H, C, M)
-        l_nll = self.tensor(sequence, "nll").double()
+        delta = self.store.tensor(sequence, "delta_nll")                                     # (L, H, C, M)
+        l_nll = self.store.tensor(sequence, "nll").double()
         for router, decisions in enumerate(choices):
             for layer in range(router * self.G, min(self.L, (router + 1) * self.G)):
                 l_nll = l_nll + delta[layer, :, self.first:C, :].gather(-1, decisions.unsqueeze(-1)).double().sum()

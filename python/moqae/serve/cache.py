@@ -26,13 +26,13 @@ import time
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import CalibError
-from .capture import RouterInputs, check_export_fits
-from .dump import model_shape
-from .experts import Expert
+from .. import MoqaeError
+from ..capture import RouterInputs
+from ..experts import Expert
+from ..model import check_export_fits, model_shape
+from ..quantizer import group_codes, unit_storage_bits
+from ..router import read_export, route_chunks
 from .packing import pack_codes, unpack_codes
-from .quantizer import group_codes, unit_storage_bits
-from .router import read_export, route_chunks
 
 TARGET_TRANSFORMERS = "5.23.0"
 FROZEN = Expert("frozen fp16", 16, 16)   # storage of a frozen chunk 0
@@ -56,7 +56,7 @@ class RouterPolicy:
             self.seconds += time.perf_counter() - start
         first, decisions = self.decided.get(router, (None, None))
         if first != first_chunk or decisions.shape[-1] != keys.shape[-2] // self.export.chunk_size:
-            raise CalibError(f"layer {layer} stores chunks its leader layer {self.export.leader(router)} did not route")
+            raise MoqaeError(f"layer {layer} stores chunks its leader layer {self.export.leader(router)} did not route")
         return decisions
 
 
@@ -219,10 +219,10 @@ class MoQAELayer(CacheLayerMixin):
         return -1
 
     def reorder_cache(self, beam_idx):
-        raise CalibError("MoQAECache does not support beam search (reordering packed chunks); use greedy or sampling")
+        raise MoqaeError("MoQAECache does not support beam search (reordering packed chunks); use greedy or sampling")
 
     def crop(self, tokens_to_remove):
-        raise CalibError("MoQAECache cannot drop tokens from packed chunks (assisted decoding is not supported)")
+        raise MoqaeError("MoQAECache cannot drop tokens from packed chunks (assisted decoding is not supported)")
 
     def nbytes(self):
         """Bytes held: packed codes, scales and minima, binary16 parts, the residual and the expert map."""
@@ -249,12 +249,12 @@ class MoQAECache(Cache):
         config = config.get_text_config(decoder=True)
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
-            raise CalibError(f"MoQAECache serves models whose layers are all full attention; this one has "
+            raise MoqaeError(f"MoQAECache serves models whose layers are all full attention; this one has "
                              f"{', '.join(sorted(layer_types))} layers")
         layers, self.num_kv_heads, self.head_dim, _ = model_shape(config)
         self.value_group = value_group or self.head_dim
         if self.head_dim % self.value_group:
-            raise CalibError(f"value group {self.value_group} does not divide the head dimension {self.head_dim}")
+            raise MoqaeError(f"value group {self.value_group} does not divide the head dimension {self.head_dim}")
         self.policy, self.chunk_size, self.freeze_first_chunk = policy, chunk_size, freeze_first_chunk
         self.storage_experts = list(policy.experts) + [FROZEN]
         super().__init__(layers=[MoQAELayer(layer, self) for layer in range(layers)])

@@ -1,20 +1,16 @@
-"""Generating with a `MoQAECache`: the `generate` command (a prompt, a router, the text and what the cache
-held), and `serve-passkey`: greedy pass-key answers by plan, each with its own cache."""
+"""`generate`: a prompt's greedy continuation through a `MoQAECache`, the experts of its chunks and the
+bytes the cache held."""
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
 
-from . import CalibError
+from .. import MoqaeError
+from ..corpus import tokenizer_for
+from ..files import read_text_file
+from ..model import check_export_fits, check_model_dir, load_model, resolve_device
+from ..router import read_export
 from .cache import FROZEN, MoQAECache
-from .capture import check_export_fits
-from .corpus import ByteTokenizer, HFTokenizer, read_texts
-from .dump import check_model_dir, load_model, model_shape, resolve_device
-from .experts import parse_expert
-from .files import read_text_file
-from .passkey import passkey_windows, wilson_interval
-from .router import read_export
 
 
 def greedy(model, cache, ids, new_tokens):
@@ -53,22 +49,22 @@ def format_bytes(cache):
             f"{8 * held / values:.3f} bits per value with scales, minima and the expert map)")
 
 
-def run_generate(model_dir, router, prompt_file, max_new_tokens=64, tokenizer="auto", device="auto",
-                 model_dtype="auto", value_group=None):
-    """The generate command: prints the continuation of the prompt, the experts per chunk and the bytes held."""
+def generate(model_dir: str, router: str, prompt_file: str, *, max_new_tokens: int = 64, tokenizer: str = "auto",
+             device: str = "auto", model_dtype: str = "auto", value_group: int | None = None) -> MoQAECache:
+    """Prints the continuation of the prompt, the experts per chunk and the bytes held; returns the cache."""
     export = read_export(router)
     check_model_dir(model_dir)
     try:
         check_export_fits(export, AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    except CalibError as error:
-        raise CalibError(f"{router}: {error}") from None
+    except MoqaeError as error:
+        raise MoqaeError(f"{router}: {error}") from None
     prompt = read_text_file(prompt_file, "the prompt")
     if max_new_tokens < 1:
-        raise CalibError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
-    encoder = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(model_dir)
+        raise MoqaeError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
+    encoder = tokenizer_for(tokenizer, model_dir)
     ids = encoder.encode(prompt)
     if not ids:
-        raise CalibError(f"{prompt_file}: the prompt is empty")
+        raise MoqaeError(f"{prompt_file}: the prompt is empty")
     model = load_model(model_dir, resolve_device(device), None, model_dtype)
     cache = MoQAECache.from_export(export, model, value_group, model_dir)
     start = time.perf_counter()
@@ -80,60 +76,3 @@ def run_generate(model_dir, router, prompt_file, max_new_tokens=64, tokenizer="a
     print(format_chunk_experts(cache))
     print(format_bytes(cache))
     return cache
-
-
-@dataclass
-class PasskeyPlan:
-    name: str
-    make_cache: object       # () → MoQAECache
-
-
-def passkey_plans(model, export, value_group, layer_plans, uniform=("fp16", "int4", "int2")):
-    """The router, uniform experts (frozen chunk 0 as the router's) and per-layer plans, each as a cache factory."""
-    layers = model_shape(model.config)[0]
-    plans = [PasskeyPlan("router", lambda: MoQAECache.from_export(export, model, value_group))]
-
-    def layer_plan(name, experts):
-        return PasskeyPlan(name, lambda: MoQAECache.from_layer_plan(
-            experts, model.config, export.chunk_size, export.freeze_first_chunk, value_group))
-
-    plans += [layer_plan(f"uniform {name}", [parse_expert(name)] * layers) for name in uniform]
-    for text in layer_plans:
-        experts = [parse_expert(name) for name in text.split(",")]
-        if len(experts) != layers:
-            raise CalibError(f"--layer-plan {text}: {len(experts)} experts for {layers} layers")
-        plans.append(layer_plan(f"layer plan ({', '.join(e.name for e in experts)})", experts))
-    return plans
-
-
-def run_serve_passkey(model_dir, router, text, windows=50, seq_len=2048, seed=0, layer_plans=(), value_group=None,
-                      device="auto"):
-    """Greedy generation of the pass key after each window's question, by plan: accuracy (Wilson 95%) and
-    the bytes each cache held at the end, against 16 bits. Returns one summary dict per plan."""
-    export = read_export(router)
-    check_model_dir(model_dir)
-    task = passkey_windows(read_texts([text])[0], ByteTokenizer(), seq_len, windows, seed)
-    model = load_model(model_dir, resolve_device(device), None, "float32")
-    summaries = []
-    print(f"{text}: {windows} pass-key windows of {seq_len} bytes (seed {seed}); prompt up to the answer, "
-          f"{task.answer_positions.shape[1]} tokens generated greedily; {router}")
-    print(f"{'plan':<40} {'accuracy (95% CI)':>24} {'KV bytes / 16-bit':>18} {'bits/value':>10} {'routing time':>13}")
-    for plan in passkey_plans(model, export, value_group, layer_plans):
-        correct, held, fp16, routing, elapsed = 0, 0, 0, 0.0, 0.0
-        for row in range(windows):
-            first = int(task.answer_positions[row, 0])
-            cache = plan.make_cache()
-            start = time.perf_counter()
-            answer = greedy(model, cache, task.ids[row: row + 1, :first].to(model.device), task.answer_positions.shape[1])
-            elapsed += time.perf_counter() - start
-            correct += bool((answer.cpu() == task.ids[row, task.answer_positions[row]]).all())
-            held, fp16, routing = held + cache.nbytes(), fp16 + cache.fp16_bytes(), routing + cache.routing_seconds
-        low, high = wilson_interval(correct, windows)
-        summary = {"name": plan.name, "correct": correct, "windows": windows, "accuracy": correct / windows,
-                   "wilson95": [low, high], "bytes_fraction_of_fp16": held / fp16, "bits_per_value": 16 * held / fp16,
-                   "routing_fraction": routing / elapsed}
-        summaries.append(summary)
-        print(f"{plan.name:<40} {100 * summary['accuracy']:7.1f}% ({100 * low:4.1f}–{100 * high:5.1f}%) "
-              f"{100 * summary['bytes_fraction_of_fp16']:17.1f}% {summary['bits_per_value']:10.3f} "
-              f"{100 * summary['routing_fraction']:12.2f}%", flush=True)
-    return summaries

@@ -1,0 +1,114 @@
+"""Plans: which expert every unit (layer, KV head, routed chunk) of every window gets, and `apply_plan`,
+which fake-quantizes K and V accordingly.
+
+The first chunk (when the router freezes it) and the tail tokens stay at 16 bits, as does everything a
+plan leaves unquantized (rounded to binary16, which is how a cache stores 16 bits).
+"""
+import torch
+
+from ..quantizer import quantize_keys, quantize_values
+from ..router import route
+
+
+class Layout:
+    """Which tokens are routed: chunks `first..C-1` of every window of `tokens` tokens."""
+
+    def __init__(self, tokens, chunk_size, first, num_layers, num_heads, head_dim, value_group):
+        self.tokens, self.chunk_size, self.first = tokens, chunk_size, first
+        self.chunks = tokens // chunk_size
+        self.routed = self.chunks - first
+        self.num_layers, self.num_heads, self.head_dim, self.value_group = num_layers, num_heads, head_dim, value_group
+        self.region = slice(first * chunk_size, self.chunks * chunk_size)
+
+
+class Plan:
+    """Decides experts per unit. `decide(layer, key, value, windows, layout)` returns (B, H, routed chunks)
+    indices into `experts`, or None for all at expert 0; `windows` are the batch's window indices.
+    A plan with a `note` is a diagnostic that no inference-time router could be: the note says why."""
+    name = "plan"
+    note = None
+
+    def __init__(self, experts):
+        self.experts = experts
+
+    def decide(self, layer, key, value, windows, layout):
+        raise NotImplementedError
+
+
+class UniformPlan(Plan):
+    def __init__(self, expert, name=None):
+        super().__init__([expert])
+        self.name = name or f"uniform {expert.name}"
+
+    def decide(self, layer, key, value, windows, layout):
+        return None   # everything at expert 0
+
+
+class LayerPlan(Plan):
+    """One expert per layer (KVTuner-style)."""
+
+    def __init__(self, experts, per_layer, name="layer-wise"):
+        super().__init__(experts)
+        self.per_layer, self.name = per_layer, name
+
+    def decide(self, layer, key, value, windows, layout):
+        return torch.full((*key.shape[:2], layout.routed), self.per_layer[layer], dtype=torch.long)
+
+
+class StaticPlan(Plan):
+    """One expert per (layer, head, chunk position), the same for every window: it reads no content."""
+
+    def __init__(self, experts, per_position, name="static"):
+        super().__init__(experts)
+        self.per_position, self.name = per_position, name   # (L, H, routed chunks)
+
+    def decide(self, layer, key, value, windows, layout):
+        return self.per_position[layer].expand(key.shape[0], -1, -1)
+
+
+class RouterPlan(Plan):
+    """The export's routers: router r runs on its leader layer's inputs (the export's router input, from
+    that layer's K and V); the decision holds for its group."""
+    name = "router"
+
+    def __init__(self, export, inputs):
+        super().__init__(export.experts)
+        self.export, self.inputs, self.cached = export, inputs, None
+
+    def decide(self, layer, key, value, windows, layout):
+        router = self.export.router_of_layer(layer)
+        if layer == self.export.leader(router):
+            self.cached = route(self.export, router, self.inputs(key, value)).cpu()
+        return self.cached
+
+
+class UnitPlan(Plan):
+    """Fixed decisions per window: `decisions[window]` is (L, H, routed chunks)."""
+
+    def __init__(self, experts, decisions, name, note=None):
+        super().__init__(experts)
+        self.decisions, self.name, self.note = decisions, name, note
+
+    def decide(self, layer, key, value, windows, layout):
+        return torch.stack([self.decisions[w][layer] for w in windows])
+
+
+def apply_plan(key, value, decisions, experts, layout):
+    """Fake-quantizes K, V (B, H, T, D) by per-unit decisions (B, H, routed) (None: all at expert 0)."""
+    out_k, out_v = key.half().to(key.dtype), value.half().to(value.dtype)
+    region, N = layout.region, layout.chunk_size
+    for m, expert in enumerate(experts):
+        if expert.is_unquantized:
+            continue
+        mask = None if decisions is None else (decisions == m).to(key.device)
+        if mask is not None and not mask.any():
+            continue
+        qk = quantize_keys(key[:, :, region], expert.key_bits, N)
+        qv = quantize_values(value[:, :, region], expert.value_bits, N, layout.value_group)
+        if mask is None:
+            out_k[:, :, region], out_v[:, :, region] = qk, qv
+        else:
+            tokens = mask.repeat_interleave(N, dim=-1)[..., None]
+            out_k[:, :, region] = torch.where(tokens, qk, out_k[:, :, region])
+            out_v[:, :, region] = torch.where(tokens, qv, out_v[:, :, region])
+    return out_k, out_v

@@ -1,0 +1,135 @@
+"""Scoring a plan: forward passes over every evaluation window with K and V fake-quantized by the plan;
+perplexity, the memory it holds (payload and with constants) and, for a task, its exact answers; and
+the paired difference of two plans over the same windows.
+"""
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+from ..calibrate.sensitivity import mean_nll
+from ..capture import KVHook, check_all_layers_seen
+from ..quantizer import unit_storage_bits
+from ..tasks import answer_correct, wilson_interval
+from .plans import apply_plan
+
+
+class Result:
+    """Perplexity and memory of one plan over the evaluation windows and, for a task, its answers."""
+
+    def __init__(self, name, experts, layout, windows, note=None, task=None):
+        self.name, self.experts, self.layout, self.windows, self.note, self.task = name, experts, layout, windows, note, task
+        self.nll_sum, self.tokens = 0.0, 0
+        self.window_nll = []   # mean NLL of each window, in window order
+        self.correct = []      # task: whether each window's answer was exact, in window order
+        self.key_bits = torch.full((windows,), 16.0)   # task: fewest average bits any unit holding the key got
+        self.counts = torch.zeros(layout.num_layers, len(experts), dtype=torch.long)   # routed units per layer, expert
+
+    @property
+    def nll(self):
+        return self.nll_sum / self.tokens
+
+    def summary(self, bytes_per_token=None):
+        lay = self.layout
+        unit_elements = 2 * lay.chunk_size * lay.head_dim
+        total_elements = self.windows * lay.num_layers * lay.num_heads * lay.tokens * lay.head_dim * 2
+        units = self.counts.sum(0).double()
+        routed_elements = units.sum().item() * unit_elements
+        payload = sum(units[m].item() * unit_elements * (e.key_bits + e.value_bits) / 2 for m, e in enumerate(self.experts))
+        constants = sum(units[m].item() * unit_storage_bits(e, lay.chunk_size, lay.head_dim, lay.value_group)
+                        for m, e in enumerate(self.experts))
+        rest = (total_elements - routed_elements) * 16
+        out = {"name": self.name, "perplexity": math.exp(self.nll), "nll": self.nll,
+               "payload_bits": (payload + rest) / total_elements, "bits_with_constants": (constants + rest) / total_elements,
+               "experts": [e.name for e in self.experts],
+               "expert_fractions": (units / max(1.0, units.sum().item())).tolist(),
+               "decisions_per_layer": self.counts.tolist()}
+        out["kv_fraction_of_fp16"] = out["bits_with_constants"] / 16
+        if bytes_per_token:
+            out["bits_per_byte"] = self.nll / math.log(2) / bytes_per_token
+        if self.note:
+            out["diagnostic"], out["note"] = True, self.note
+        if self.task is not None:
+            out["task"] = self.task_summary()
+        return out
+
+    def task_summary(self):
+        """Accuracy with its Wilson interval, by depth decile of the answer's source, and by whether the
+        units holding the source went to 2 bits or fewer (windows whose answer has no source in the
+        context count in neither)."""
+        correct = torch.tensor(self.correct, dtype=torch.bool)
+        located = self.task.key_spans[:, 0] >= 0
+
+        def accuracy(mask):
+            n, k = int(mask.sum()), int(correct[mask].sum())
+            return {"windows": n, "correct": k, "accuracy": k / n if n else None, "wilson95": list(wilson_interval(k, n))}
+
+        deciles = (self.task.depths.nan_to_num(-1) * 10).long().clamp(-1, 9)
+        return {"name": self.task.name, **accuracy(torch.ones_like(correct)),
+                "by_depth_decile": [accuracy(deciles == d) for d in range(10)],
+                "key_at_2_bits_or_fewer": accuracy(located & (self.key_bits <= 2)),
+                "key_above_2_bits": accuracy(located & (self.key_bits > 2))}
+
+
+def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True, task=None):
+    """Forward passes over every window with the plan applied; returns a Result. With a task (its `ids`
+    are the windows), also whether each window's answer is exact and the bits the key was stored at."""
+    result = Result(plan.name, plan.experts, layout, len(windows), plan.note, task)
+    expert_bits = torch.tensor([(e.key_bits + e.value_bits) / 2 for e in plan.experts])
+    state = {}
+
+    def transform(layer, key, value):
+        decisions = plan.decide(layer, key, value, state["windows"], layout)
+        if decisions is None:
+            result.counts[layer, 0] += key.shape[0] * key.shape[1] * layout.routed
+        else:
+            result.counts[layer] += torch.bincount(decisions.flatten().cpu(), minlength=len(plan.experts))
+        if task is not None:
+            unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], layout.routed) if decisions is None \
+                else expert_bits[decisions.cpu()]
+            for row, window in enumerate(state["windows"]):
+                if task.key_spans[window, 0] < 0:
+                    continue
+                first, last = (task.key_spans[window] - torch.tensor([0, 1])) // layout.chunk_size - layout.first
+                routed = unit_bits[row, :, max(first, 0): min(last + 1, layout.routed)]
+                if routed.numel():
+                    result.key_bits[window] = min(result.key_bits[window], routed.min())
+        return apply_plan(key, value, decisions, plan.experts, layout)
+
+    hook = KVHook(transform=transform)
+    bar = tqdm(total=len(windows), unit="window", desc=plan.name, disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if os.isatty(2) else 30, leave=False)
+    with torch.no_grad(), hook.active():
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start: start + batch_size].to(model.device)
+            state["windows"] = list(range(start, start + ids.shape[0]))
+            logits = model(ids).logits
+            nll = mean_nll(logits, ids)
+            result.window_nll += nll.double().tolist()
+            result.nll_sum += nll.double().sum().item() * (ids.shape[1] - 1)
+            result.tokens += ids.numel() - ids.shape[0]
+            if task is not None:
+                result.correct += answer_correct(logits, ids, task.answer_positions[start: start + ids.shape[0]]).tolist()
+            bar.update(ids.shape[0])
+    bar.close()
+    check_all_layers_seen(hook, layout.num_layers, model_dir)
+    return result
+
+
+def paired_difference(a, b, fp16_value, bytes_per_token=None):
+    """`a` minus `b` over the same windows: the mean of per-window differences (bits per byte when
+    `bytes_per_token` is given, else nats per token), its 95% confidence interval (normal
+    approximation), and both as a percentage of fp16's figure `fp16_value` in the same unit."""
+    scale = 1 / math.log(2) / bytes_per_token if bytes_per_token else 1.0
+    differences = torch.tensor(a.window_nll, dtype=torch.float64) - torch.tensor(b.window_nll, dtype=torch.float64)
+    differences *= scale
+    n = differences.numel()
+    mean = differences.mean().item()
+    half = 1.96 * (differences.std().item() / math.sqrt(n) if n > 1 else 0.0)
+    verdict = (f"{a.name} is better" if mean + half < 0 else f"{b.name} is better" if mean - half > 0
+               else "no clear difference")
+    return {"a": a.name, "b": b.name, "unit": "bits_per_byte" if bytes_per_token else "nll", "windows": n,
+            "mean": mean, "ci95": [mean - half, mean + half], "percent_of_fp16": 100 * mean / fp16_value,
+            "ci95_percent_of_fp16": [100 * (mean - half) / fp16_value, 100 * (mean + half) / fp16_value],
+            "verdict": verdict}

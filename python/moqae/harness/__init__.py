@@ -1,0 +1,2 @@
+"""Harnesses: studies and benchmarks built on the other parts and on moqae-train (pareto, benchmark,
+soak, length-, sensitivity- and serve-benchmark, plot) and their Markdown reports."""
