@@ -49,12 +49,24 @@ public enum RouterInput: String, CaseIterable, Equatable, Sendable {
         }
     }
 
-    /// Its code in bits 1–2 of a router export's flags byte: its place in `allCases`.
-    public var exportCode: UInt8 { UInt8(RouterInput.allCases.firstIndex(of: self)!) }
+    /// Its code in bits 1–2 of a router export's flags byte (docs/FORMATS.md).
+    public var exportCode: UInt8 {
+        switch self {
+        case .key: 0
+        case .keyPreRoPE: 1
+        case .keyAndValue: 2
+        case .keyAndChunkStatistics: 3
+        }
+    }
 
     public init?(exportCode: UInt8) {
-        guard Int(exportCode) < RouterInput.allCases.count else { return nil }
-        self = RouterInput.allCases[Int(exportCode)]
+        switch exportCode {
+        case 0: self = .key
+        case 1: self = .keyPreRoPE
+        case 2: self = .keyAndValue
+        case 3: self = .keyAndChunkStatistics
+        default: return nil
+        }
     }
 }
 
@@ -131,9 +143,81 @@ public struct Manifest: Equatable, Sendable {
 
 /// Why a manifest was rejected: the key path and what was expected.
 public struct ManifestError: Error, CustomStringConvertible, Equatable {
+    /// What is wrong with the value at `key` (or, with an empty key, with the JSON text).
+    public enum Reason: Equatable, Sendable {
+        case invalidJSON(JSONError)
+        case missing
+        case notAString
+        case notAnInteger(min: Int, max: Int)
+        /// Absent, not a number, or not finite.
+        case notANumber
+        /// Not an integer in 0...2⁶⁴−1 (`selection.seed`).
+        case notAnUnsignedInteger
+        /// Not an integer in 0...2⁶⁴−1 (a sequence id).
+        case notANonNegativeInteger
+        /// `format` is not `moqae-calibration`.
+        case unknownFormat(String)
+        case unsupportedVersion(Int)
+        case unknownRouterInput(String)
+        case valueGroupNotADivisor(valueGroup: Int, headDim: Int)
+        /// `experts` is absent, empty, or longer than 255.
+        case invalidExpertList
+        case invalidExpertBits(keyBits: Int, valueBits: Int)
+        case duplicateExpert(String)
+        /// No expert has 16 key and 16 value bits.
+        case noUnquantizedExpert
+        case unknownSensitivity(String)
+        /// `selection.fraction` outside (0, 1].
+        case fractionOutOfRange(Double)
+        /// `sequences` is absent or empty.
+        case noSequences
+        /// A shard name that is not a plain `.safetensors` file name inside the store.
+        case invalidShardName(String)
+        case tokensMismatch(tokens: Int, seqLen: Int)
+        case idOutsideCorpus(id: UInt64, sequences: Int)
+        case duplicateSequenceID(UInt64)
+        /// The id's selection value `u` is not below the store's selection fraction.
+        case notInSelection(id: UInt64, u: Double, fraction: Double)
+
+        /// The reason as the command line prints it, after the key.
+        public var message: String {
+            switch self {
+            case let .invalidJSON(error): "\(error)"
+            case .missing: "missing"
+            case .notAString: "expected a string"
+            case let .notAnInteger(min, max): "expected an integer in \(min)...\(max)"
+            case .notANumber: "expected a number"
+            case .notAnUnsignedInteger: "expected an unsigned 64-bit integer"
+            case .notANonNegativeInteger: "expected a non-negative integer"
+            case .unknownFormat: "expected \"\(Manifest.format)\""
+            case .unsupportedVersion: "expected \(Manifest.version)"
+            case let .unknownRouterInput(name): "expected one of \(RouterInput.allCases.map(\.rawValue)), got \"\(name)\""
+            case let .valueGroupNotADivisor(valueGroup, headDim): "must divide head_dim \(headDim), got \(valueGroup)"
+            case .invalidExpertList: "expected a list of 1 to 255 experts"
+            case let .invalidExpertBits(keyBits, valueBits): "bits must be 16 or in 1...8, got (\(keyBits), \(valueBits))"
+            case let .duplicateExpert(name): "duplicate expert name \"\(name)\""
+            case .noUnquantizedExpert: "no expert has 16 key and 16 value bits; delta_nll is measured against one, and reports call it fp16"
+            case let .unknownSensitivity(name): "expected one of \(Manifest.sensitivities), got \"\(name)\""
+            case let .fractionOutOfRange(fraction): "expected a value in (0, 1], got \(fraction)"
+            case .noSequences: "expected a non-empty list"
+            case let .invalidShardName(name): "expected a file name ending in .safetensors inside the store, got \"\(name)\""
+            case let .tokensMismatch(tokens, seqLen): "expected corpus.seq_len = \(seqLen), got \(tokens)"
+            case let .idOutsideCorpus(id, sequences): "id \(id) is outside the corpus of \(sequences) sequences"
+            case let .duplicateSequenceID(id): "duplicate sequence id \(id)"
+            case let .notInSelection(id, u, fraction): "sequence \(id) is not in the store's selection (u = \(u) >= fraction \(fraction))"
+            }
+        }
+    }
+
     public let key: String
-    public let reason: String
-    public var description: String { key.isEmpty ? reason : "\(key): \(reason)" }
+    public let reason: Reason
+
+    public init(key: String, reason: Reason) {
+        self.key = key
+        self.reason = reason
+    }
+
+    public var description: String { key.isEmpty ? reason.message : "\(key): \(reason.message)" }
 }
 
 extension Manifest {
@@ -142,11 +226,13 @@ extension Manifest {
     /// sequence exactly `seq_len` tokens in a plain shard file name.
     public static func parse(_ bytes: [UInt8]) throws(ManifestError) -> Manifest {
         let root: JSON
-        do { root = try JSON.parse(bytes) } catch { throw ManifestError(key: "", reason: "\(error)") }
+        do { root = try JSON.parse(bytes) } catch { throw ManifestError(key: "", reason: .invalidJSON(error)) }
         let reader = ManifestReader(root: root)
 
-        guard try reader.string("format") == format else { throw ManifestError(key: "format", reason: "expected \"\(format)\"") }
-        guard try reader.int("version") == version else { throw ManifestError(key: "version", reason: "expected \(version)") }
+        let formatName = try reader.string("format")
+        guard formatName == format else { throw ManifestError(key: "format", reason: .unknownFormat(formatName)) }
+        let versionNumber = try reader.int("version")
+        guard versionNumber == version else { throw ManifestError(key: "version", reason: .unsupportedVersion(versionNumber)) }
         let model = ModelShape(
             name: try reader.string("model.name"),
             numLayers: try reader.int("model.num_layers", min: 1, max: 65535),
@@ -154,16 +240,16 @@ extension Manifest {
             headDim: try reader.int("model.head_dim", min: 1, max: 65535))
         let routerInputName = try reader.string("router_input")
         guard let routerInput = RouterInput(rawValue: routerInputName) else {
-            throw ManifestError(key: "router_input", reason: "expected one of \(RouterInput.allCases.map(\.rawValue)), got \"\(routerInputName)\"")
+            throw ManifestError(key: "router_input", reason: .unknownRouterInput(routerInputName))
         }
         let chunkSize = try reader.int("chunk_size", min: 1, max: 65535)
         let valueGroup = try reader.int("value_group", min: 1, max: model.headDim)
         guard model.headDim % valueGroup == 0 else {
-            throw ManifestError(key: "value_group", reason: "must divide head_dim \(model.headDim), got \(valueGroup)")
+            throw ManifestError(key: "value_group", reason: .valueGroupNotADivisor(valueGroup: valueGroup, headDim: model.headDim))
         }
 
         guard let expertItems = root["experts"]?.arrayValue, !expertItems.isEmpty, expertItems.count <= 255 else {
-            throw ManifestError(key: "experts", reason: "expected a list of 1 to 255 experts")
+            throw ManifestError(key: "experts", reason: .invalidExpertList)
         }
         var experts: [Expert] = []
         for index in expertItems.indices {
@@ -174,31 +260,31 @@ extension Manifest {
                 keyBits: try item.int("key_bits", min: 1, max: 16, context: key),
                 valueBits: try item.int("value_bits", min: 1, max: 16, context: key))
             guard Expert.isValidBits(expert.keyBits), Expert.isValidBits(expert.valueBits) else {
-                throw ManifestError(key: key, reason: "bits must be 16 or in 1...8, got (\(expert.keyBits), \(expert.valueBits))")
+                throw ManifestError(key: key, reason: .invalidExpertBits(keyBits: expert.keyBits, valueBits: expert.valueBits))
             }
             guard !experts.contains(where: { $0.name == expert.name }) else {
-                throw ManifestError(key: key, reason: "duplicate expert name \"\(expert.name)\"")
+                throw ManifestError(key: key, reason: .duplicateExpert(expert.name))
             }
             experts.append(expert)
         }
         guard experts.contains(where: \.isUnquantized) else {
-            throw ManifestError(key: "experts", reason: "no expert has 16 key and 16 value bits; delta_nll is measured against one, and reports call it fp16")
+            throw ManifestError(key: "experts", reason: .noUnquantizedExpert)
         }
 
         let sensitivity = try reader.string("sensitivity")
         guard sensitivities.contains(sensitivity) else {
-            throw ManifestError(key: "sensitivity", reason: "expected one of \(sensitivities), got \"\(sensitivity)\"")
+            throw ManifestError(key: "sensitivity", reason: .unknownSensitivity(sensitivity))
         }
         guard let seed = root["selection"]?["seed"]?.uint64Value else {
-            throw ManifestError(key: "selection.seed", reason: "expected an unsigned 64-bit integer")
+            throw ManifestError(key: "selection.seed", reason: .notAnUnsignedInteger)
         }
         let fraction = try reader.double("selection.fraction")
-        guard fraction > 0, fraction <= 1 else { throw ManifestError(key: "selection.fraction", reason: "expected a value in (0, 1], got \(fraction)") }
+        guard fraction > 0, fraction <= 1 else { throw ManifestError(key: "selection.fraction", reason: .fractionOutOfRange(fraction)) }
         let seqLen = try reader.int("corpus.seq_len", min: 1, max: Int(Int32.max))
         let numSequences = try reader.int("corpus.num_sequences", min: 0, max: Int.max)
 
         guard let sequenceItems = root["sequences"]?.arrayValue, !sequenceItems.isEmpty else {
-            throw ManifestError(key: "sequences", reason: "expected a non-empty list")
+            throw ManifestError(key: "sequences", reason: .noSequences)
         }
         var sequences: [ManifestSequence] = []
         var seenIDs = Set<UInt64>()
@@ -206,21 +292,21 @@ extension Manifest {
             let item = ManifestReader(root: sequenceItems[index])
             let key = "sequences[\(index)]"
             guard let id = sequenceItems[index]["id"]?.uint64Value else {
-                throw ManifestError(key: key + ".id", reason: "expected a non-negative integer")
+                throw ManifestError(key: key + ".id", reason: .notANonNegativeInteger)
             }
             let shard = try item.string("shard", context: key)
             guard isPlainShardName(shard) else {
-                throw ManifestError(key: key + ".shard", reason: "expected a file name ending in .safetensors inside the store, got \"\(shard)\"")
+                throw ManifestError(key: key + ".shard", reason: .invalidShardName(shard))
             }
             let tokens = try item.int("tokens", min: 1, max: Int(Int32.max), context: key)
-            guard tokens == seqLen else { throw ManifestError(key: key + ".tokens", reason: "expected corpus.seq_len = \(seqLen), got \(tokens)") }
+            guard tokens == seqLen else { throw ManifestError(key: key + ".tokens", reason: .tokensMismatch(tokens: tokens, seqLen: seqLen)) }
             guard id < UInt64(numSequences) else {
-                throw ManifestError(key: key + ".id", reason: "id \(id) is outside the corpus of \(numSequences) sequences")
+                throw ManifestError(key: key + ".id", reason: .idOutsideCorpus(id: id, sequences: numSequences))
             }
-            guard seenIDs.insert(id).inserted else { throw ManifestError(key: key + ".id", reason: "duplicate sequence id \(id)") }
+            guard seenIDs.insert(id).inserted else { throw ManifestError(key: key + ".id", reason: .duplicateSequenceID(id)) }
             let u = Selection.unitValue(id: id, seed: seed)
             guard u < fraction else {
-                throw ManifestError(key: key + ".id", reason: "sequence \(id) is not in the store's selection (u = \(u) >= fraction \(fraction))")
+                throw ManifestError(key: key + ".id", reason: .notInSelection(id: id, u: u, fraction: fraction))
             }
             sequences.append(ManifestSequence(id: id, shard: shard, tokens: tokens))
         }
@@ -245,7 +331,7 @@ private struct ManifestReader {
         var node = root
         for component in path.split(separator: ".") {
             guard let next = node[String(component)] else {
-                throw ManifestError(key: qualified(path, context), reason: "missing")
+                throw ManifestError(key: qualified(path, context), reason: .missing)
             }
             node = next
         }
@@ -256,21 +342,21 @@ private struct ManifestReader {
 
     func string(_ path: String, context: String = "") throws(ManifestError) -> String {
         guard let text = try value(path, context: context).stringValue else {
-            throw ManifestError(key: qualified(path, context), reason: "expected a string")
+            throw ManifestError(key: qualified(path, context), reason: .notAString)
         }
         return text
     }
 
     func int(_ path: String, min: Int = .min, max: Int = .max, context: String = "") throws(ManifestError) -> Int {
         guard let number = try value(path, context: context).intValue, number >= min, number <= max else {
-            throw ManifestError(key: qualified(path, context), reason: "expected an integer in \(min)...\(max)")
+            throw ManifestError(key: qualified(path, context), reason: .notAnInteger(min: min, max: max))
         }
         return number
     }
 
     func double(_ path: String, context: String = "") throws(ManifestError) -> Double {
         guard let number = try value(path, context: context).doubleValue, number.isFinite else {
-            throw ManifestError(key: qualified(path, context), reason: "expected a number")
+            throw ManifestError(key: qualified(path, context), reason: .notANumber)
         }
         return number
     }

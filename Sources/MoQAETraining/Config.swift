@@ -29,11 +29,83 @@ public enum ConfigValue: Equatable, Sendable {
 
 /// A config mistake: where it is (file and line, or `--set`), the key path, and what was expected.
 public struct ConfigError: Error, CustomStringConvertible, Equatable {
+    /// What is wrong: with the text, with one key's value, or with the config against the store.
+    public enum Reason: Equatable, Sendable {
+        case unreadable(FileError)
+        case notUTF8
+        /// The YAML parser's message, on one line.
+        case invalidYAML(String)
+        /// A `--set` value that is not YAML: the parser's message, on one line.
+        case invalidOverrideYAML(String)
+        case topLevelNotMapping
+        /// A `--set` without `=`.
+        case malformedOverride
+        /// A key the schema does not have, with the known key closest in spelling (nil: none is close).
+        case unknownKey(suggestion: String?)
+        case keyNotPlainName
+        /// A section (`train`, …) whose value is not a mapping.
+        case sectionNotMapping
+        /// A value tagged outside YAML's core schema (`!!python/object:…`).
+        case unsupportedTag(String)
+        /// A value of the wrong type or outside its range: what the key takes, and what was found.
+        case invalidValue(expected: String, got: String)
+        /// `data.calibration_fraction + data.validation_fraction` above 1.
+        case fractionsAboveOne(Double)
+        case invalidExpertList
+        /// `router.experts` names an expert the store lacks.
+        case expertNotInStore(expert: String, store: String, available: [String])
+        case chunkSizeMismatch(configured: Int, store: String, stored: Int)
+        /// The two splits need more of the corpus than the store's selection holds.
+        case fractionsExceedStore(requested: Double, available: Double, store: String)
+        /// Route freezing leaves no chunk of the store's sequences to route.
+        case nothingToRoute(tokens: Int, chunks: Int, chunkSize: Int)
+        case noCalibrationSequences(store: String, sequences: Int)
+        /// `router.target_bits` outside the average payload bits the experts can give.
+        case unreachableTargetBits(Double, reachable: ClosedRange<Double>, experts: [String], freezeFirstChunk: Bool)
+
+        /// The reason as the command line prints it, after the location and key.
+        public var message: String {
+            switch self {
+            case let .unreadable(error): "cannot read: \(error)"
+            case .notUTF8: "not valid UTF-8"
+            case let .invalidYAML(message): "not valid YAML: \(message)"
+            case let .invalidOverrideYAML(message): "value is not valid YAML: \(message)"
+            case .topLevelNotMapping: "expected a mapping of keys at the top level"
+            case .malformedOverride: "expected KEY=VALUE, for example train.lr=1e-4"
+            case let .unknownKey(suggestion):
+                "unknown key" + (suggestion.map { " (did you mean \($0)?)" } ?? " (known keys: \(TrainingConfig.keys.map(\.path).joined(separator: ", ")))")
+            case .keyNotPlainName: "keys must be plain names"
+            case .sectionNotMapping: "expected a mapping of keys"
+            case let .unsupportedTag(tag): "YAML tag \(tag) is not supported (config values are plain numbers, strings, booleans, null and lists)"
+            case let .invalidValue(expected, got): "expected \(expected), got \(got)"
+            case let .fractionsAboveOne(sum): "calibration_fraction + validation_fraction must be at most 1, got \(sum)"
+            case .invalidExpertList: "expected a non-empty list of distinct expert names"
+            case let .expertNotInStore(expert, store, available):
+                "expert \"\(expert)\" is not in the store \(store) (it has \(available.joined(separator: ", ")))"
+            case let .chunkSizeMismatch(configured, store, stored): "is \(configured) but the store \(store) was dumped with chunk_size \(stored)"
+            case let .fractionsExceedStore(requested, available, store):
+                "calibration_fraction + validation_fraction = \(requested) exceeds the fraction \(available) the store \(store) holds"
+            case let .nothingToRoute(tokens, chunks, chunkSize):
+                "the store's \(tokens)-token sequences have \(chunks) chunk(s) of \(chunkSize): nothing is left to route"
+            case let .noCalibrationSequences(store, sequences): "selects no sequence of the store \(store) (\(sequences) sequences)"
+            case let .unreachableTargetBits(target, reachable, experts, freezeFirstChunk):
+                String(format: "%g is outside the %.3f...%.3f average payload bits that experts %@ can give here (chunk 0 frozen at 16 bits: %@)",
+                       target, reachable.lowerBound, reachable.upperBound, experts.joined(separator: ", "), freezeFirstChunk ? "yes" : "no")
+            }
+        }
+    }
+
     public let location: String
     public let key: String
-    public let reason: String
+    public let reason: Reason
 
-    public var description: String { "\(location): \(key.isEmpty ? "" : key + ": ")\(reason)" }
+    public init(location: String, key: String, reason: Reason) {
+        self.location = location
+        self.key = key
+        self.reason = reason
+    }
+
+    public var description: String { "\(location): \(key.isEmpty ? "" : key + ": ")\(reason.message)" }
 }
 
 /// One config key: its dotted path, type and range, default, and meaning.
@@ -136,10 +208,16 @@ public struct TrainingConfig: Equatable, Sendable {
     public var chunkSize: Int { int("router.chunk_size") }
     public var groupSize: Int { int("router.group_size") }
     public var hiddenWidth: Int? { if case let .int(v) = values["router.hidden_width"] { return v } else { return nil } }
-    public var pooling: ChunkPooling { ChunkPooling(rawValue: string("router.pooling"))! }
+    public var pooling: ChunkPooling {
+        guard let pooling = ChunkPooling(rawValue: string("router.pooling")) else { preconditionFailure("router.pooling is checked") }
+        return pooling
+    }
     public var freezeFirstChunk: Bool { if case let .bool(v) = values["router.freeze_first_chunk"] { return v } else { return true } }
     public var lambda: Double { double("loss.lambda") }
-    public var lossKind: LossKind { LossKind(rawValue: string("loss.kind"))! }
+    public var lossKind: LossKind {
+        guard let kind = LossKind(rawValue: string("loss.kind")) else { preconditionFailure("loss.kind is checked") }
+        return kind
+    }
     public var targetBits: Double? { if case let .double(v) = values["router.target_bits"] { return v } else { return nil } }
     public var budgetRate: Double { double("loss.budget_rate") }
     public var batchSize: Int { int("train.batch_size") }
@@ -154,6 +232,12 @@ public struct TrainingConfig: Equatable, Sendable {
         guard case let .doubles(betas) = values["train.betas"] else { preconditionFailure("train.betas is checked") }
         return AdamWSettings(learningRate: double("train.lr"), beta1: betas[0], beta2: betas[1],
                              epsilon: double("train.eps"), weightDecay: double("train.weight_decay"))
+    }
+
+    /// The value of a schema key; every key has one (its default unless set).
+    public func value(_ path: String) -> ConfigValue {
+        guard let value = values[path] else { preconditionFailure("\(path) is not a config key") }
+        return value
     }
 
     private func int(_ path: String) -> Int { if case let .int(v) = values[path] { return v } else { preconditionFailure(path) } }
@@ -182,10 +266,10 @@ public struct TrainingConfig: Equatable, Sendable {
         var config = TrainingConfig()
         let root: Node?
         do { root = try Yams.compose(yaml: text) } catch {
-            throw ConfigError(location: source, key: "", reason: "not valid YAML: \(oneLine(error))")
+            throw ConfigError(location: source, key: "", reason: .invalidYAML(oneLine(error)))
         }
         if let root {
-            guard case .mapping = root else { throw ConfigError(location: source, key: "", reason: "expected a mapping of keys at the top level") }
+            guard case .mapping = root else { throw ConfigError(location: source, key: "", reason: .topLevelNotMapping) }
             try config.merge(root, prefix: "", source: source)
         }
         for override in overrides { try config.apply(override: override) }
@@ -196,9 +280,9 @@ public struct TrainingConfig: Equatable, Sendable {
     /// Loads a YAML file.
     public static func load(file path: String, overrides: [String] = []) throws(ConfigError) -> TrainingConfig {
         let bytes: [UInt8]
-        do { bytes = try readFileBytes(path, limit: FileSizeLimit.config) } catch { throw ConfigError(location: path, key: "", reason: "cannot read: \(error)") }
+        do { bytes = try readFileBytes(path, limit: FileSizeLimit.config) } catch { throw ConfigError(location: path, key: "", reason: .unreadable(error)) }
         guard let text = String(validating: bytes, as: UTF8.self) else {
-            throw ConfigError(location: path, key: "", reason: "not valid UTF-8")
+            throw ConfigError(location: path, key: "", reason: .notUTF8)
         }
         return try load(yaml: text, source: path, overrides: overrides)
     }
@@ -206,16 +290,16 @@ public struct TrainingConfig: Equatable, Sendable {
     /// Applies one `KEY=VALUE` override; the value is read as YAML (`--set router.experts=[fp16,int2]`).
     public mutating func apply(override: String) throws(ConfigError) {
         guard let equals = override.firstIndex(of: "=") else {
-            throw ConfigError(location: "--set", key: override, reason: "expected KEY=VALUE, for example train.lr=1e-4")
+            throw ConfigError(location: "--set", key: override, reason: .malformedOverride)
         }
         let path = String(override[..<equals])
         let location = "--set \(path)"
         guard let key = TrainingConfig.keys.first(where: { $0.path == path }) else {
-            throw ConfigError(location: "--set", key: path, reason: "unknown key\(TrainingConfig.suggestion(for: path))")
+            throw ConfigError(location: "--set", key: path, reason: .unknownKey(suggestion: TrainingConfig.suggestion(for: path)))
         }
         let node: Node?
         do { node = try Yams.compose(yaml: String(override[override.index(after: equals)...])) } catch {
-            throw ConfigError(location: location, key: path, reason: "value is not valid YAML: \(oneLine(error))")
+            throw ConfigError(location: location, key: path, reason: .invalidOverrideYAML(oneLine(error)))
         }
         values[path] = try TrainingConfig.convert(node ?? Node("", Tag(.null), .plain), key: key, location: "--set")
     }
@@ -224,15 +308,15 @@ public struct TrainingConfig: Equatable, Sendable {
         guard case let .mapping(mapping) = node else { preconditionFailure() }
         for (keyNode, valueNode) in mapping {
             let location = "\(source):\((keyNode.mark?.line).map(String.init) ?? "?")"
-            guard case let .scalar(scalar) = keyNode else { throw ConfigError(location: location, key: prefix, reason: "keys must be plain names") }
+            guard case let .scalar(scalar) = keyNode else { throw ConfigError(location: location, key: prefix, reason: .keyNotPlainName) }
             let path = prefix.isEmpty ? scalar.string : prefix + "." + scalar.string
             if let key = TrainingConfig.keys.first(where: { $0.path == path }) {
                 values[path] = try TrainingConfig.convert(valueNode, key: key, location: location)
             } else if TrainingConfig.keys.contains(where: { $0.path.hasPrefix(path + ".") }) {
-                guard case .mapping = valueNode else { throw ConfigError(location: location, key: path, reason: "expected a mapping of keys") }
+                guard case .mapping = valueNode else { throw ConfigError(location: location, key: path, reason: .sectionNotMapping) }
                 try merge(valueNode, prefix: path, source: source)
             } else {
-                throw ConfigError(location: location, key: path, reason: "unknown key\(TrainingConfig.suggestion(for: path))")
+                throw ConfigError(location: location, key: path, reason: .unknownKey(suggestion: TrainingConfig.suggestion(for: path)))
             }
         }
     }
@@ -240,10 +324,10 @@ public struct TrainingConfig: Equatable, Sendable {
     private func checkCombinations(source: String) throws(ConfigError) {
         guard calibrationFraction + validationFraction <= 1 else {
             throw ConfigError(location: source, key: "data.validation_fraction",
-                              reason: "calibration_fraction + validation_fraction must be at most 1, got \(calibrationFraction + validationFraction)")
+                              reason: .fractionsAboveOne(calibrationFraction + validationFraction))
         }
         guard !expertNames.isEmpty, Set(expertNames).count == expertNames.count else {
-            throw ConfigError(location: source, key: "router.experts", reason: "expected a non-empty list of distinct expert names")
+            throw ConfigError(location: source, key: "router.experts", reason: .invalidExpertList)
         }
     }
 
@@ -263,10 +347,10 @@ public struct TrainingConfig: Equatable, Sendable {
     private static func convert(_ node: Node, key: ConfigKey, location: String) throws(ConfigError) -> ConfigValue {
         let location = node.mark.map { _ in location } ?? location
         func fail(_ expected: String) -> ConfigError {
-            ConfigError(location: location, key: key.path, reason: "expected \(expected), got \(describe(node))")
+            ConfigError(location: location, key: key.path, reason: .invalidValue(expected: expected, got: describe(node)))
         }
         if let tag = foreignTag(node) {
-            throw ConfigError(location: location, key: key.path, reason: "YAML tag \(tag) is not supported (config values are plain numbers, strings, booleans, null and lists)")
+            throw ConfigError(location: location, key: key.path, reason: .unsupportedTag(tag))
         }
         switch key.kind {
         case let .int(range):
@@ -341,11 +425,11 @@ public struct TrainingConfig: Equatable, Sendable {
         range.upperBound == Int.max ? "\(range.lowerBound) or more" : "\(range.lowerBound)...\(range.upperBound)"
     }
 
-    /// " (did you mean KEY?)" for the known key closest in spelling, if any is close.
-    private static func suggestion(for path: String) -> String {
+    /// The known key closest in spelling, if any is close.
+    private static func suggestion(for path: String) -> String? {
         let best = keys.map { ($0.path, editDistance(Array($0.path), Array(path))) }.min { $0.1 < $1.1 }
-        guard let best, best.1 <= 3 else { return " (known keys: \(keys.map(\.path).joined(separator: ", ")))" }
-        return " (did you mean \(best.0)?)"
+        guard let best, best.1 <= 3 else { return nil }
+        return best.0
     }
 
     private static func editDistance(_ a: [Character], _ b: [Character]) -> Int {
@@ -373,10 +457,10 @@ public struct TrainingConfig: Equatable, Sendable {
                     section = parts[0]
                     lines.append("\(section):")
                 }
-                lines.append("  \(parts[1]): \(values[key.path]!.yaml)")
+                lines.append("  \(parts[1]): \(value(key.path).yaml)")
             } else {
                 section = ""
-                lines.append("\(key.path): \(values[key.path]!.yaml)")
+                lines.append("\(key.path): \(value(key.path).yaml)")
             }
         }
         return lines.joined(separator: "\n") + "\n"

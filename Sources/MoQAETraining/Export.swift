@@ -2,11 +2,69 @@ import MoQAEExperts
 import MoQAERouter
 import MoQAEStore
 
-/// Why a router export was rejected.
-public struct ExportError: Error, CustomStringConvertible {
+/// Why a router export was rejected; every case names the file.
+public struct ExportError: Error, CustomStringConvertible, Equatable {
+    /// What is wrong with the file, in the order `RouterExport.parse` checks.
+    public enum Reason: Equatable, Sendable {
+        /// Shorter than a header and a CRC.
+        case tooSmall(bytes: Int)
+        /// The first four bytes are not `MQAE`.
+        case notAnExport
+        case unsupportedVersion(Int)
+        /// Header byte 6 is neither 1 (binary16) nor 2 (binary32).
+        case unknownWeightType(UInt8)
+        /// A version 2 header's hidden width H is 0.
+        case zeroHiddenWidth
+        /// The file's length differs from the one its header implies.
+        case sizeMismatch(actual: Int, expected: Int)
+        case checksumMismatch
+        /// One of M, D, N, G, L, H is 0.
+        case zeroDimension
+        /// R is not ceil(L / G).
+        case routerCountMismatch(routers: Int, layers: Int, groupSize: Int)
+        case reservedBitsSet
+        /// Version 2's router kind byte names no pooling.
+        case unknownRouterKind(UInt8)
+        /// Flags bits 1–2 name no router input.
+        case unknownRouterInput(UInt8)
+        /// Key+value inputs with an odd width D.
+        case oddKeyAndValueWidth(Int)
+        case invalidExpertBits(index: Int, keyBits: Int, valueBits: Int)
+        case nonFiniteWeight
+
+        /// The reason as the command line prints it, after the path.
+        public var message: String {
+            switch self {
+            case let .tooSmall(bytes): "file is \(bytes) bytes, too small for a router export"
+            case .notAnExport: "not a router export (magic is not MQAE)"
+            case let .unsupportedVersion(version): "export version \(version) is not supported (expected 1 or 2)"
+            case let .unknownWeightType(code): "weight dtype \(code) is unknown (expected 1 = binary16 or 2 = binary32)"
+            case .zeroHiddenWidth: "header holds a zero hidden width"
+            case let .sizeMismatch(actual, expected): "file is \(actual) bytes, its header implies \(expected)"
+            case .checksumMismatch: "CRC-32 mismatch: the file is damaged"
+            case .zeroDimension: "header holds a zero dimension"
+            case let .routerCountMismatch(routers, layers, groupSize):
+                "header says \(routers) routers, but \(layers) layers in groups of \(groupSize) need \((layers + groupSize - 1) / groupSize)"
+            case .reservedBitsSet: "reserved header bits are not zero"
+            case let .unknownRouterKind(code): "router kind \(code) is unknown (expected 0 = vote, 1 = mean, 2 = max)"
+            case let .unknownRouterInput(code):
+                "router input code \(code) in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value, 3 = key+chunk)"
+            case let .oddKeyAndValueWidth(width): "D = \(width) is odd, but key+value inputs are two head vectors"
+            case let .invalidExpertBits(index, keyBits, valueBits): "expert \(index) has invalid bits (\(keyBits), \(valueBits))"
+            case .nonFiniteWeight: "holds a non-finite weight"
+            }
+        }
+    }
+
     public let path: String
-    public let reason: String
-    public var description: String { "\(path): \(reason)" }
+    public let reason: Reason
+
+    public init(path: String, reason: Reason) {
+        self.path = path
+        self.reason = reason
+    }
+
+    public var description: String { "\(path): \(reason.message)" }
 }
 
 /// The router export, format `MQAE`: a 32-byte header, the expert table, every router's W1, W2, W3 as
@@ -115,34 +173,32 @@ public struct RouterExport: Equatable {
     /// Reads and checks an export: magic, version, dtype, header fields, the exact file size the
     /// header implies, and the CRC, before any weight is used.
     public static func parse(_ bytes: [UInt8], path: String) throws(ExportError) -> RouterExport {
-        func fail(_ reason: String) -> ExportError { ExportError(path: path, reason: reason) }
-        guard bytes.count >= headerSize + 4 else { throw fail("file is \(bytes.count) bytes, too small for a router export") }
-        guard Array(bytes[0..<4]) == magic else { throw fail("not a router export (magic is not MQAE)") }
+        func fail(_ reason: ExportError.Reason) -> ExportError { ExportError(path: path, reason: reason) }
+        guard bytes.count >= headerSize + 4 else { throw fail(.tooSmall(bytes: bytes.count)) }
+        guard Array(bytes[0..<4]) == magic else { throw fail(.notAnExport) }
         func u16(_ offset: Int) -> Int { Int(bytes[offset]) | Int(bytes[offset + 1]) << 8 }
         let version = u16(4)
-        guard versions.contains(version) else { throw fail("export version \(version) is not supported (expected 1 or 2)") }
-        guard let weightType = WeightType(rawValue: bytes[6]) else { throw fail("weight dtype \(bytes[6]) is unknown (expected 1 = binary16 or 2 = binary32)") }
+        guard versions.contains(version) else { throw fail(.unsupportedVersion(version)) }
+        guard let weightType = WeightType(rawValue: bytes[6]) else { throw fail(.unknownWeightType(bytes[6])) }
         let (M, D, R, N, G, L, H) = (Int(bytes[7]), u16(8), u16(10), u16(12), u16(14), u16(16), u16(18))
         let hidden = version == 1 ? M : u16(22)
-        guard hidden >= 1 else { throw fail("header holds a zero hidden width") }
+        guard hidden >= 1 else { throw fail(.zeroHiddenWidth) }
         let expected = fileSize(experts: M, inputDim: D, routers: R, hidden: hidden, weightType: weightType)
-        guard bytes.count == expected else { throw fail("file is \(bytes.count) bytes, its header implies \(expected)") }
+        guard bytes.count == expected else { throw fail(.sizeMismatch(actual: bytes.count, expected: expected)) }
         #if !FUZZING  // fuzzing builds skip the CRC so that damaged inputs reach the checks behind it
         let stored = UInt32(bytes[expected - 4]) | UInt32(bytes[expected - 3]) << 8 | UInt32(bytes[expected - 2]) << 16 | UInt32(bytes[expected - 1]) << 24
-        guard CRC32.checksum(Array(bytes[0..<(expected - 4)])) == stored else { throw fail("CRC-32 mismatch: the file is damaged") }
+        guard CRC32.checksum(Array(bytes[0..<(expected - 4)])) == stored else { throw fail(.checksumMismatch) }
         #endif
-        guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail("header holds a zero dimension") }
-        guard R == (L + G - 1) / G else { throw fail("header says \(R) routers, but \(L) layers in groups of \(G) need \((L + G - 1) / G)") }
-        guard bytes[20] & ~7 == 0, bytes[(version == 1 ? 21 : 24)..<32].allSatisfy({ $0 == 0 }) else { throw fail("reserved header bits are not zero") }
-        guard let pooling = version == 1 ? .vote : ChunkPooling(exportCode: bytes[21]) else {
-            throw fail("router kind \(bytes[21]) is unknown (expected 0 = vote, 1 = mean, 2 = max)")
-        }
-        guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail("router input code \(bytes[20] >> 1) in the flags is unknown (expected 0 = key, 1 = key-prerope, 2 = key+value, 3 = key+chunk)") }
-        guard routerInput != .keyAndValue || D % 2 == 0 else { throw fail("D = \(D) is odd, but key+value inputs are two head vectors") }
+        guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail(.zeroDimension) }
+        guard R == (L + G - 1) / G else { throw fail(.routerCountMismatch(routers: R, layers: L, groupSize: G)) }
+        guard bytes[20] & ~7 == 0, bytes[(version == 1 ? 21 : 24)..<32].allSatisfy({ $0 == 0 }) else { throw fail(.reservedBitsSet) }
+        guard let pooling = version == 1 ? .vote : ChunkPooling(exportCode: bytes[21]) else { throw fail(.unknownRouterKind(bytes[21])) }
+        guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail(.unknownRouterInput(bytes[20] >> 1)) }
+        guard routerInput != .keyAndValue || D % 2 == 0 else { throw fail(.oddKeyAndValueWidth(D)) }
         var expertBits: [(keyBits: Int, valueBits: Int)] = []
         for index in 0..<M {
             let (kb, vb) = (Int(bytes[32 + 2 * index]), Int(bytes[33 + 2 * index]))
-            guard Expert.isValidBits(kb), Expert.isValidBits(vb) else { throw fail("expert \(index) has invalid bits (\(kb), \(vb))") }
+            guard Expert.isValidBits(kb), Expert.isValidBits(vb) else { throw fail(.invalidExpertBits(index: index, keyBits: kb, valueBits: vb)) }
             expertBits.append((kb, vb))
         }
         let start = headerSize + 2 * M
@@ -155,15 +211,9 @@ public struct RouterExport: Equatable {
                 return Float(bitPattern: UInt32(bytes[o]) | UInt32(bytes[o + 1]) << 8 | UInt32(bytes[o + 2]) << 16 | UInt32(bytes[o + 3]) << 24)
             }
         }
-        guard values.allSatisfy(\.isFinite) else { throw fail("holds a non-finite weight") }
+        guard values.allSatisfy(\.isFinite) else { throw fail(.nonFiniteWeight) }
         return RouterExport(weightType: weightType, expertBits: expertBits, layers: L, heads: H, chunkSize: N, groupSize: G,
                             freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput, pooling: pooling,
                             parameters: RouterParameters(routers: R, inputDim: D, experts: M, hidden: hidden, values: values))
-    }
-
-    public static func load(path: String) throws(ExportError) -> RouterExport {
-        let bytes: [UInt8]
-        do { bytes = try readFileBytes(path, limit: FileSizeLimit.export) } catch { throw ExportError(path: path, reason: "cannot read: \(error)") }
-        return try parse(bytes, path: path)
     }
 }

@@ -55,25 +55,26 @@ public final class RoutedStore: @unchecked Sendable {
         for name in config.expertNames {
             guard let column = manifest.experts.firstIndex(where: { $0.name == name }) else {
                 throw ConfigError(location: source, key: "router.experts",
-                                  reason: "expert \"\(name)\" is not in the store \(store.path) (it has \(manifest.experts.map(\.name).joined(separator: ", ")))")
+                                  reason: .expertNotInStore(expert: name, store: store.path, available: manifest.experts.map(\.name)))
             }
             columns.append(column)
         }
         guard config.chunkSize == manifest.chunkSize else {
             throw ConfigError(location: source, key: "router.chunk_size",
-                              reason: "is \(config.chunkSize) but the store \(store.path) was dumped with chunk_size \(manifest.chunkSize)")
+                              reason: .chunkSizeMismatch(configured: config.chunkSize, store: store.path, stored: manifest.chunkSize))
         }
         let available = manifest.selectionFraction
         guard config.calibrationFraction + config.validationFraction <= available + 1e-12 else {
             throw ConfigError(location: source, key: "data.calibration_fraction",
-                              reason: "calibration_fraction + validation_fraction = \(config.calibrationFraction + config.validationFraction) exceeds the fraction \(available) the store \(store.path) holds")
+                              reason: .fractionsExceedStore(requested: config.calibrationFraction + config.validationFraction, available: available,
+                                                           store: store.path))
         }
         let layout = RoutingLayout(layers: store.model.numLayers, heads: store.model.numKVHeads, tokens: manifest.seqLen,
                                    inputDim: store.inputWidth, chunkSize: config.chunkSize, groupSize: config.groupSize,
                                    freezeFirstChunk: config.freezeFirstChunk, pooling: config.pooling)
         guard layout.unitsPerRouter > 0 else {
             throw ConfigError(location: source, key: "router.freeze_first_chunk",
-                              reason: "the store's \(manifest.seqLen)-token sequences have \(layout.chunks) chunk(s) of \(config.chunkSize): nothing is left to route")
+                              reason: .nothingToRoute(tokens: manifest.seqLen, chunks: layout.chunks, chunkSize: config.chunkSize))
         }
         let setup = RouterSetup(layout: layout, experts: columns.map { manifest.experts[$0] }, valueGroup: manifest.valueGroup,
                                 headDim: store.model.headDim, routerInput: manifest.routerInput, hiddenWidth: config.hiddenWidth)
@@ -81,7 +82,7 @@ public final class RoutedStore: @unchecked Sendable {
                   calibrationFraction: config.calibrationFraction, validationFraction: config.validationFraction)
         guard !calibration.isEmpty else {
             throw ConfigError(location: source, key: "data.calibration_fraction",
-                              reason: "selects no sequence of the store \(store.path) (\(store.sequences.count) sequences)")
+                              reason: .noCalibrationSequences(store: store.path, sequences: store.sequences.count))
         }
     }
 

@@ -23,7 +23,7 @@ public final class RunLock {
             close(fd)
             guard failure == EWOULDBLOCK else { throw .file(FileError(path: path, operation: "lock", code: failure)) }
             let pid = String(decoding: holder.prefix(max(0, count)), as: UTF8.self).trimmingTrailingNewline
-            throw .run("\(directory): another moqae-train (process \(pid.isEmpty ? "?" : pid)) is using this run directory; wait for it to finish or stop it")
+            throw .runDirectoryInUse(directory: directory, pid: pid.isEmpty ? nil : pid)
         }
         let text = Array("\(getpid())\n".utf8)
         guard ftruncate(fd, 0) == 0, pwrite(fd, text, text.count, 0) == text.count else {

@@ -4,19 +4,58 @@ import MoQAEStore
 
 /// Why training stopped before it could start or finish.
 public enum TrainingError: Error, CustomStringConvertible {
+    /// What the trainer writes in a run directory, for a name that is not a regular file.
+    public enum RunFile: String, Sendable {
+        case log
+        case checkpoint
+    }
+
     case config(ConfigError)
     case store(StoreError)
     case checkpoint(CheckpointError)
     case file(FileError)
-    case run(String)
+    /// Another trainer holds the run directory's lock; `pid` as its lock file names it (nil: unnamed).
+    case runDirectoryInUse(directory: String, pid: String?)
+    /// `--resume latest` found checkpoints, but none that verifies.
+    case noVerifiedCheckpoint(directory: String)
+    /// A fresh run in a directory that holds a checkpoint or a log.
+    case runAlreadyExists(directory: String)
+    case runDirectoryIsAFile(path: String)
+    /// A name the trainer writes (a log or a checkpoint) is something other than a regular file.
+    case notARegularFile(path: String, role: RunFile)
+    /// A model-shaping or data-order key differs from the checkpoint's.
+    case incompatibleCheckpoint(key: String, checkpoint: ConfigValue, config: ConfigValue)
+    /// The checkpoint's routers read another input than the store holds.
+    case routerInputChanged(checkpoint: RouterInput, store: String, stored: RouterInput)
+    /// The store's layout, experts, value group or head dimension differ from the checkpoint's.
+    case storeShapeChanged(checkpoint: RoutingLayout, store: RoutingLayout)
+    /// The checkpoint's position in its epoch lies beyond the calibration split.
+    case positionBeyondSplit(position: Int, calibrationSequences: Int)
+    /// A step's loss or gradient is not finite.
+    case nonFiniteStep(step: Int, sequences: [UInt64], store: String)
 
     public var description: String {
         switch self {
-        case let .config(error): return "\(error)"
-        case let .store(error): return "\(error)"
-        case let .checkpoint(error): return "\(error)"
-        case let .file(error): return "\(error)"
-        case let .run(message): return message
+        case let .config(error): "\(error)"
+        case let .store(error): "\(error)"
+        case let .checkpoint(error): "\(error)"
+        case let .file(error): "\(error)"
+        case let .runDirectoryInUse(directory, pid):
+            "\(directory): another moqae-train (process \(pid ?? "?")) is using this run directory; wait for it to finish or stop it"
+        case let .noVerifiedCheckpoint(directory): "\(directory): no checkpoint that verifies to resume from"
+        case let .runAlreadyExists(directory):
+            "\(directory) already holds a run; pass --resume latest to continue it, or set run_dir to a new directory"
+        case let .runDirectoryIsAFile(path): "\(path): run_dir is a file, expected a directory (or a path to create)"
+        case let .notARegularFile(path, role): "\(path): not a regular file, where moqae-train writes its \(role.rawValue)"
+        case let .incompatibleCheckpoint(key, checkpoint, config):
+            "cannot resume: \(key) is \(config.yaml) but the checkpoint was trained with \(checkpoint.yaml)"
+        case let .routerInputChanged(checkpoint, store, stored):
+            "cannot resume: the checkpoint's routers read router_input \(checkpoint.rawValue), the store \(store) holds \(stored.rawValue)"
+        case let .storeShapeChanged(old, new):
+            "cannot resume: store shape changed: the checkpoint has \(old.layers) layers × \(old.heads) heads × \(old.tokens) tokens × \(old.inputDim) dims, the store \(new.layers) × \(new.heads) × \(new.tokens) × \(new.inputDim)"
+        case let .positionBeyondSplit(position, sequences):
+            "cannot resume: the checkpoint is \(position) batches into an epoch, but the store's calibration split has only \(sequences) sequences"
+        case let .nonFiniteStep(step, sequences, store): "step \(step): loss or gradient is not finite on sequences \(sequences) of \(store)"
         }
     }
 }
@@ -73,9 +112,8 @@ public final class Trainer {
             let reachable = BitsBudget.reachableBits(setup: data.setup)
             guard reachable.contains(budget.targetBits) else {
                 throw .config(ConfigError(location: configSource, key: "router.target_bits",
-                                          reason: String(format: "%g is outside the %.3f...%.3f average payload bits that experts %@ can give here (chunk 0 frozen at 16 bits: %@)",
-                                                         budget.targetBits, reachable.lowerBound, reachable.upperBound,
-                                                         config.expertNames.joined(separator: ", "), config.freezeFirstChunk ? "yes" : "no")))
+                                          reason: .unreachableTargetBits(budget.targetBits, reachable: reachable, experts: config.expertNames,
+                                                                         freezeFirstChunk: config.freezeFirstChunk)))
             }
         }
         try Trainer.checkRunDirectory(runDirectory)
@@ -92,7 +130,7 @@ public final class Trainer {
             switch resume {
             case .latest:
                 guard let found = CheckpointDirectory(path: runDirectory).latest() else {
-                    throw .run("\(runDirectory): no checkpoint that verifies to resume from")
+                    throw .noVerifiedCheckpoint(directory: runDirectory)
                 }
                 for skipped in found.skipped { progress.log("skipped damaged checkpoint \(skipped)") }
                 progress.log("resuming from \(found.path) (step \(found.checkpoint.step))")
@@ -115,7 +153,7 @@ public final class Trainer {
             } catch { throw .file(error) }
         } else {
             if !CheckpointDirectory(path: runDirectory).candidates().isEmpty || fileExists(metricsPath) {
-                throw .run("\(runDirectory) already holds a run; pass --resume latest to continue it, or set run_dir to a new directory")
+                throw .runAlreadyExists(directory: runDirectory)
             }
             do { try makeDirectories(runDirectory) } catch { throw .file(error) }
             lock = try RunLock(directory: runDirectory)
@@ -145,34 +183,34 @@ public final class Trainer {
     /// where the trainer writes one (a checkpoint or a log).
     static func checkRunDirectory(_ path: String) throws(TrainingError) {
         guard fileExists(path) else { return }
-        guard isDirectory(path) else { throw .run("\(path): run_dir is a file, expected a directory (or a path to create)") }
+        guard isDirectory(path) else { throw .runDirectoryIsAFile(path: path) }
         let names: [String]
         do { names = try listDirectory(path) } catch { throw .file(error) }
         for name in names where name == "metrics.jsonl" || name == "eval.jsonl" || CheckpointDirectory.step(ofFileNamed: name) != nil {
             guard isRegularFile(path + "/" + name) else {
-                throw .run("\(path)/\(name): not a regular file, where moqae-train writes its \(name.hasSuffix(".jsonl") ? "log" : "checkpoint")")
+                throw .notARegularFile(path: path + "/" + name, role: name.hasSuffix(".jsonl") ? .log : .checkpoint)
             }
         }
     }
 
     private static func checkCompatible(_ checkpoint: Checkpoint, with config: TrainingConfig, data: RoutedStore,
                                         progress: ProgressReporter) throws(TrainingError) {
-        for key in TrainingConfig.modelShapingKeys + TrainingConfig.dataOrderKeys where checkpoint.config.values[key] != config.values[key] {
-            throw .run("cannot resume: \(key) is \(config.values[key]!.yaml) but the checkpoint was trained with \(checkpoint.config.values[key]!.yaml)")
+        for key in TrainingConfig.modelShapingKeys + TrainingConfig.dataOrderKeys where checkpoint.config.value(key) != config.value(key) {
+            throw .incompatibleCheckpoint(key: key, checkpoint: checkpoint.config.value(key), config: config.value(key))
         }
         let (old, new) = (checkpoint.setup.layout, data.layout)
         guard checkpoint.setup.routerInput == data.setup.routerInput else {
-            throw .run("cannot resume: the checkpoint's routers read router_input \(checkpoint.setup.routerInput.rawValue), the store \(data.store.path) holds \(data.setup.routerInput.rawValue)")
+            throw .routerInputChanged(checkpoint: checkpoint.setup.routerInput, store: data.store.path, stored: data.setup.routerInput)
         }
         guard old == new, checkpoint.setup.experts == data.experts, checkpoint.setup.valueGroup == data.setup.valueGroup,
               checkpoint.setup.headDim == data.setup.headDim else {
-            throw .run("cannot resume: store shape changed: the checkpoint has \(old.layers) layers × \(old.heads) heads × \(old.tokens) tokens × \(old.inputDim) dims, the store \(new.layers) × \(new.heads) × \(new.tokens) × \(new.inputDim)")
+            throw .storeShapeChanged(checkpoint: old, store: new)
         }
         for key in config.changedKeys(from: checkpoint.config) {
-            progress.log("resuming with changed \(key): \(checkpoint.config.values[key]!.yaml) -> \(config.values[key]!.yaml)")
+            progress.log("resuming with changed \(key): \(checkpoint.config.value(key).yaml) -> \(config.value(key).yaml)")
         }
         guard checkpoint.position * config.batchSize < data.calibration.count else {
-            throw .run("cannot resume: the checkpoint is \(checkpoint.position) batches into an epoch, but the store's calibration split has only \(data.calibration.count) sequences")
+            throw .positionBeyondSplit(position: checkpoint.position, calibrationSequences: data.calibration.count)
         }
         if checkpoint.storeFingerprint != data.store.fingerprint {
             progress.log("warning: the store's content differs from the one the checkpoint trained on (fingerprint \(String(checkpoint.storeFingerprint, radix: 16)) -> \(String(data.store.fingerprint, radix: 16)))")
@@ -271,7 +309,7 @@ public final class Trainer {
         do { (gradient, figures, _) = try streamer.batchGradient(sequences, upcoming: upcoming, parameters: state.parameters, loss: loss) } catch { throw .store(error) }
         let gradientNorm = gradient.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
         guard figures.loss.isFinite, gradientNorm.isFinite else {
-            throw .run("step \(state.step + 1): loss or gradient is not finite on sequences \(sequences.map(\.id)) of \(data.store.path)")
+            throw .nonFiniteStep(step: state.step + 1, sequences: sequences.map(\.id), store: data.store.path)
         }
         var optimizer = state.optimizer
         optimizer.update(&state.parameters.values, gradient: gradient)

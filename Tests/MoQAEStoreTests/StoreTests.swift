@@ -39,7 +39,10 @@ import Testing
         try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""router_input":"key+value""#, with: #""router_input":"key""#) }
         #expect(openError(directory)?.contains("shape [4, 2, 96, 16], expected [4, 2, 96, 8]") == true)
         try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""router_input":"key""#, with: #""router_input":"query""#) }
-        #expect(openError(directory)?.contains(#"router_input: expected one of ["key", "key-prerope", "key+value", "key+chunk"], got "query""#) == true)
+        let refusal = try #require(manifestError(directory))
+        #expect(refusal == ManifestError(key: "router_input", reason: .unknownRouterInput("query")))
+        // The message names the key, what it may be and what it is, on one line.
+        #expect(refusal.description == #"router_input: expected one of ["key", "key-prerope", "key+value", "key+chunk"], got "query""#)
     }
 
     /// Rewrites one shard tensor's header entry and the data it points to.
@@ -51,6 +54,14 @@ import Testing
 
     func openError(_ directory: String) -> String? {
         do { _ = try CalibrationStore(path: directory); return nil } catch { return "\(error)" }
+    }
+
+    /// The manifest's refusal, when opening the store fails on its manifest.
+    func manifestError(_ directory: String) -> ManifestError? {
+        do { _ = try CalibrationStore(path: directory); return nil } catch {
+            guard case let .manifest(path, refusal) = error, path == directory + "/manifest.json" else { return nil }
+            return refusal
+        }
     }
 
     @Test func rejectsTruncatedShard() throws {
@@ -77,15 +88,13 @@ import Testing
         let directory = makeTemporaryDirectory()
         _ = try makeSmallStore(at: directory)
         let pristine = try String(contentsOfFile: directory + "/manifest.json", encoding: .utf8)
-        let cases: [(String, (inout String) -> Void)] = [
-            ("outside the corpus", { $0 = $0.replacingOccurrences(of: #""num_sequences":"#, with: #""num_sequences":1,"x":"#) }),
-            ("missing from the shard", { text in
-                let first = text.range(of: "shard-00000.safetensors")!
-                text.replaceSubrange(first, with: "shard-00001.safetensors")
-            }),
-            ("model.head_dim", { $0 = $0.replacingOccurrences(of: #""head_dim":8"#, with: #""head_dim":"8""#) }),
-            ("shape", { $0 = $0.replacingOccurrences(of: #""num_layers":4"#, with: #""num_layers":3"#) }),
-            ("no expert has 16 key and 16 value bits", { text in   // fp16 declared as 8/8: reports would call it fp16
+        let outside = try #require(try Manifest.parse(Array(pristine.utf8)).sequences.enumerated().first { $0.element.id >= 1 })
+        let cases: [(ManifestError, (inout String) -> Void)] = [
+            (ManifestError(key: "sequences[\(outside.offset)].id", reason: .idOutsideCorpus(id: outside.element.id, sequences: 1)),
+             { $0 = $0.replacingOccurrences(of: #""num_sequences":"#, with: #""num_sequences":1,"x":"#) }),
+            (ManifestError(key: "model.head_dim", reason: .notAnInteger(min: 1, max: 65535)),
+             { $0 = $0.replacingOccurrences(of: #""head_dim":8"#, with: #""head_dim":"8""#) }),
+            (ManifestError(key: "experts", reason: .noUnquantizedExpert), { text in   // fp16 declared as 8/8: reports would call it fp16
                 let json = try! JSON.parse(text)
                 let edited = json.objectValue!.map { key, value -> (String, JSON) in
                     guard key == "experts" else { return (key, value) }
@@ -95,7 +104,27 @@ import Testing
                 }
                 text = JSON.object(edited).serialized
             }),
-            ("expected a file name", { $0 = $0.replacingOccurrences(of: #""shard-00000.safetensors""#, with: #""../shard-00000.safetensors""#) }),
+            (ManifestError(key: "sequences[0].shard", reason: .invalidShardName("../shard-00000.safetensors")),
+             { $0 = $0.replacingOccurrences(of: #""shard-00000.safetensors""#, with: #""../shard-00000.safetensors""#) }),
+        ]
+        for (expected, transform) in cases {
+            try pristine.write(toFile: directory + "/manifest.json", atomically: true, encoding: .utf8)
+            try rewriteManifest(directory, transform)
+            #expect(manifestError(directory) == expected)
+        }
+    }
+
+    /// A manifest that parses but disagrees with the shards; the message names the store.
+    @Test func rejectsManifestsThatDisagreeWithTheShards() throws {
+        let directory = makeTemporaryDirectory()
+        _ = try makeSmallStore(at: directory)
+        let pristine = try String(contentsOfFile: directory + "/manifest.json", encoding: .utf8)
+        let cases: [(String, (inout String) -> Void)] = [
+            ("missing from the shard", { text in
+                let first = text.range(of: "shard-00000.safetensors")!
+                text.replaceSubrange(first, with: "shard-00001.safetensors")
+            }),
+            ("shape", { $0 = $0.replacingOccurrences(of: #""num_layers":4"#, with: #""num_layers":3"#) }),
             ("not listed in the manifest", { text in
                 let json = try! JSON.parse(text)
                 let trimmed = json.objectValue!.map { key, value -> (String, JSON) in

@@ -74,7 +74,12 @@ import Testing
         #expect {
             _ = try Trainer(config: config, configSource: "test.yaml", resume: nil, progress: ProgressReporter(interactive: false))
         } throws: { error in
-            "\(error)".hasPrefix("test.yaml: router.target_bits: 1.5 is outside the ")
+            guard case let .config(refusal)? = error as? TrainingError, refusal.location == "test.yaml", refusal.key == "router.target_bits",
+                  case let .unreachableTargetBits(target, reachable, experts, frozen) = refusal.reason else { return false }
+            return target == 1.5 && !reachable.contains(1.5) && reachable.upperBound == 16 && experts == config.expertNames && frozen
         }
+        #expect(ConfigError(location: "test.yaml", key: "router.target_bits",
+                            reason: .unreachableTargetBits(1.5, reachable: 3.4...16, experts: ["fp16", "int4", "int2"], freezeFirstChunk: true)).description
+                == "test.yaml: router.target_bits: 1.5 is outside the 3.400...16.000 average payload bits that experts fp16, int4, int2 can give here (chunk 0 frozen at 16 bits: yes)")
     }
 }
