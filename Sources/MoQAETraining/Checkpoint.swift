@@ -79,14 +79,6 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
         self.path = path
         self.reason = reason
     }
-
-    /// Transitional, for `loadCheckpoint` in MoQAETrain.swift, whose one use is "no checkpoint that verifies";
-    /// it goes once that call passes `.noVerifiedCheckpoint`.
-    @available(*, deprecated, message: "pass a Reason: CheckpointError(path:reason: .noVerifiedCheckpoint)")
-    public init(path: String, reason: String) {
-        assert(reason == Reason.noVerifiedCheckpoint.message, "CheckpointError(path:reason: String) stands only for .noVerifiedCheckpoint")
-        self.init(path: path, reason: .noVerifiedCheckpoint)
-    }
 }
 
 /// Everything needed to continue a run exactly: weights, AdamW moments, data position, RNG state,

@@ -60,6 +60,8 @@ public struct ConfigError: Error, CustomStringConvertible, Equatable {
         /// Route freezing leaves no chunk of the store's sequences to route.
         case nothingToRoute(tokens: Int, chunks: Int, chunkSize: Int)
         case noCalibrationSequences(store: String, sequences: Int)
+        /// `eval`: the validation split of the store is empty.
+        case noValidationSequences(store: String)
         /// `router.target_bits` outside the average payload bits the experts can give.
         case unreachableTargetBits(Double, reachable: ClosedRange<Double>, experts: [String], freezeFirstChunk: Bool)
 
@@ -88,6 +90,7 @@ public struct ConfigError: Error, CustomStringConvertible, Equatable {
             case let .nothingToRoute(tokens, chunks, chunkSize):
                 "the store's \(tokens)-token sequences have \(chunks) chunk(s) of \(chunkSize): nothing is left to route"
             case let .noCalibrationSequences(store, sequences): "selects no sequence of the store \(store) (\(sequences) sequences)"
+            case let .noValidationSequences(store): "selects no sequence of the store \(store) to evaluate on"
             case let .unreachableTargetBits(target, reachable, experts, freezeFirstChunk):
                 String(format: "%g is outside the %.3f...%.3f average payload bits that experts %@ can give here (chunk 0 frozen at 16 bits: %@)",
                        target, reachable.lowerBound, reachable.upperBound, experts.joined(separator: ", "), freezeFirstChunk ? "yes" : "no")
@@ -288,6 +291,32 @@ public struct TrainingConfig: Equatable, Sendable {
     }
 
     /// Applies one `KEY=VALUE` override; the value is read as YAML (`--set router.experts=[fp16,int2]`).
+    /// The config to evaluate an export on a store with: this config's store, splits and threads, and
+    /// the export's routing (experts named as in the store by their bits, chunk size, group size,
+    /// chunk-0 freezing, pooling, hidden width).
+    public func routing(of export: RouterExport, path: String, on store: CalibrationStore) throws(ExportError) -> TrainingConfig {
+        var names: [String] = []
+        for expert in export.expertBits {
+            guard let match = store.manifest.experts.first(where: { $0.keyBits == expert.keyBits && $0.valueBits == expert.valueBits }) else {
+                throw ExportError(path: path, reason: .expertNotInStore(keyBits: expert.keyBits, valueBits: expert.valueBits, store: store.path))
+            }
+            names.append(match.name)
+        }
+        guard export.layers == store.model.numLayers, export.heads == store.model.numKVHeads else {
+            throw ExportError(path: path, reason: .modelShapeMismatch(layers: export.layers, heads: export.heads, store: store.path,
+                                                                      storeLayers: store.model.numLayers, storeHeads: store.model.numKVHeads))
+        }
+        let hidden = export.parameters.hidden
+        var config = self
+        config.values["router.experts"] = .strings(names)
+        config.values["router.chunk_size"] = .int(export.chunkSize)
+        config.values["router.group_size"] = .int(export.groupSize)
+        config.values["router.freeze_first_chunk"] = .bool(export.freezeFirstChunk)
+        config.values["router.pooling"] = .string(export.pooling.rawValue)
+        config.values["router.hidden_width"] = hidden == export.parameters.experts ? .null : .int(hidden)
+        return config
+    }
+
     public mutating func apply(override: String) throws(ConfigError) {
         guard let equals = override.firstIndex(of: "=") else {
             throw ConfigError(location: "--set", key: override, reason: .malformedOverride)

@@ -31,6 +31,12 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
         case oddKeyAndValueWidth(Int)
         case invalidExpertBits(index: Int, keyBits: Int, valueBits: Int)
         case nonFiniteWeight
+        /// Evaluating on a store: an expert of the export has no expert of the same bits in the store.
+        case expertNotInStore(keyBits: Int, valueBits: Int, store: String)
+        /// Evaluating on a store: the routers were trained for another number of layers or KV heads.
+        case modelShapeMismatch(layers: Int, heads: Int, store: String, storeLayers: Int, storeHeads: Int)
+        /// Evaluating on a store: the routers' count, input width or expert count differ from the routing the store and config give.
+        case routersDoNotFit(routers: Int, inputDim: Int, experts: Int, store: String)
 
         /// The reason as the command line prints it, after the path.
         public var message: String {
@@ -52,6 +58,11 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
             case let .oddKeyAndValueWidth(width): "D = \(width) is odd, but key+value inputs are two head vectors"
             case let .invalidExpertBits(index, keyBits, valueBits): "expert \(index) has invalid bits (\(keyBits), \(valueBits))"
             case .nonFiniteWeight: "holds a non-finite weight"
+            case let .expertNotInStore(keyBits, valueBits, store): "expert (\(keyBits), \(valueBits)) is not in the store \(store)"
+            case let .modelShapeMismatch(layers, heads, store, storeLayers, storeHeads):
+                "routers for \(layers) layers × \(heads) heads, the store \(store) has \(storeLayers) × \(storeHeads)"
+            case let .routersDoNotFit(routers, inputDim, experts, store):
+                "routers (\(routers) × D \(inputDim) × M \(experts)) do not fit the store \(store) under this config"
             }
         }
     }

@@ -157,7 +157,7 @@ struct Export: ParsableCommand {
 func loadCheckpoint(_ path: String) throws -> (Checkpoint, String) {
     guard isDirectory(path) else { return (try Checkpoint.load(path: path), path) }
     let directory = CheckpointDirectory(path: path)
-    guard let found = directory.latest() else { throw CheckpointError(path: path, reason: "no checkpoint that verifies") }
+    guard let found = directory.latest() else { throw CheckpointError(path: path, reason: .noVerifiedCheckpoint) }
     for skipped in found.skipped { FileHandle.standardError.write(Data("skipped damaged checkpoint \(skipped)\n".utf8)) }
     return (found.checkpoint, found.path)
 }
@@ -202,41 +202,19 @@ struct Evaluate: ParsableCommand {
             reportMappedFileFaults(naming: config.storePath)
             let store = try CalibrationStore(path: config.storePath)
             if let export {
-                config = try configMatching(export: export, store: store, base: config)
+                config = try config.routing(of: export, path: file, on: store)
             }
             let data = try RoutedStore(store: store, config: config, source: source)
             guard data.layout.routers == parameters.routers, data.layout.inputDim == parameters.inputDim,
                   data.experts.count == parameters.experts else {
-                throw ValidationError("\(file): routers (\(parameters.routers) × D \(parameters.inputDim) × M \(parameters.experts)) do not fit the store \(store.path) under this config")
+                throw ExportError(path: file, reason: .routersDoNotFit(routers: parameters.routers, inputDim: parameters.inputDim,
+                                                                       experts: parameters.experts, store: store.path))
             }
             guard let report = try validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters) else {
-                throw ValidationError("data.validation_fraction selects no sequence of \(store.path)")
+                throw ConfigError(location: source, key: "data.validation_fraction", reason: .noValidationSequences(store: store.path))
             }
             print(json ? report.json.serialized : report.text)
         }
-    }
-
-    /// The config with the export's routing (chunk size, group size, freezing, experts by bits).
-    private func configMatching(export: RouterExport, store: CalibrationStore, base: TrainingConfig) throws -> TrainingConfig {
-        var config = base
-        var names: [String] = []
-        for expert in export.expertBits {
-            guard let match = store.manifest.experts.first(where: { $0.keyBits == expert.keyBits && $0.valueBits == expert.valueBits }) else {
-                throw ValidationError("\(file): expert (\(expert.keyBits), \(expert.valueBits)) is not in the store \(store.path)")
-            }
-            names.append(match.name)
-        }
-        guard export.layers == store.model.numLayers, export.heads == store.model.numKVHeads else {
-            throw ValidationError("\(file): routers for \(export.layers) layers × \(export.heads) heads, the store \(store.path) has \(store.model.numLayers) × \(store.model.numKVHeads)")
-        }
-        try config.apply(override: "router.experts=[\(names.joined(separator: ","))]")
-        try config.apply(override: "router.chunk_size=\(export.chunkSize)")
-        try config.apply(override: "router.group_size=\(export.groupSize)")
-        try config.apply(override: "router.freeze_first_chunk=\(export.freezeFirstChunk)")
-        try config.apply(override: "router.pooling=\(export.pooling.rawValue)")
-        let hidden = export.parameters.hidden
-        try config.apply(override: "router.hidden_width=\(hidden == export.parameters.experts ? "null" : "\(hidden)")")
-        return config
     }
 }
 

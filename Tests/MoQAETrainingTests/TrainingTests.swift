@@ -144,6 +144,37 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         }
     }
 
+    /// `eval` of an export takes its routing from the export: a pooled router of hidden width 5 with
+    /// routed chunk 0 gives back the config it was trained with; experts missing from the store and
+    /// routers for another model shape are refused.
+    @Test func anExportBringsItsRouting() throws {
+        let trained = try smallConfig(store: store, run: makeTemporaryDirectory("run"),
+                                      ["router.pooling=max", "router.hidden_width=5", "router.freeze_first_chunk=false", "router.group_size=3",
+                                       "router.experts=[int2, fp16]"])
+        let storeFile = try CalibrationStore(path: store)
+        let data = try RoutedStore(store: storeFile, config: trained, source: "test")
+        var random = RandomGenerator(seed: 2)
+        let parameters = RouterParameters.initialized(routers: data.layout.routers, inputDim: data.layout.inputDim, experts: 2, hidden: 5, random: &random)
+        let export = RouterExport(parameters: parameters, setup: data.setup, weightType: .binary32)
+        let base = try smallConfig(store: store, run: "elsewhere")
+        let config = try base.routing(of: export, path: "r.bin", on: storeFile)
+        for key in TrainingConfig.keys.map(\.path) {
+            #expect(config.value(key) == (key.hasPrefix("router.") ? trained : base).value(key), "\(key)")
+        }
+
+        var foreign = export
+        foreign.expertBits[0] = (keyBits: 3, valueBits: 3)
+        #expect(throws: ExportError(path: "r.bin", reason: .expertNotInStore(keyBits: 3, valueBits: 3, store: store))) {
+            try base.routing(of: foreign, path: "r.bin", on: storeFile)
+        }
+        var taller = export
+        taller.layers += 1
+        #expect(throws: ExportError(path: "r.bin", reason: .modelShapeMismatch(layers: taller.layers, heads: taller.heads, store: store,
+                                                                                storeLayers: export.layers, storeHeads: export.heads))) {
+            try base.routing(of: taller, path: "r.bin", on: storeFile)
+        }
+    }
+
     /// A checkpoint written before router inputs other than the key (the fuzzers' seed is one) has no
     /// head_dim or router_input: it reads as key routers whose head dimension is the input width.
     /// A checkpoint whose counters were forged and its checksum recomputed is refused, not trusted into
