@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import MoqaeError
-from .corpus import read_jsonl, read_texts
+from .corpus import read_jsonl, read_texts, windows
 
 NEEDLE_START, NEEDLE_END = " The pass key is ", ". Remember it. "
 QUESTION = " What is the pass key? The pass key is "
@@ -120,8 +120,18 @@ def task_windows(task, text, tokenizer, seq_len, count, seed):
         return passkey_windows(read_texts([text])[0], tokenizer, seq_len, count or 200, seed)
     if not task.endswith(".jsonl"):
         raise MoqaeError(f"--task {task}: expected passkey or a .jsonl file of context, question and answer records")
-    windows = record_windows(task, tokenizer, seq_len)
+    records = record_windows(task, tokenizer, seq_len)
     if count:
-        windows = TaskWindows(windows.ids[:count], windows.answer_positions[:count], windows.key_spans[:count],
-                              windows.depths[:count], windows.keys[:count], windows.name)
-    return windows
+        records = TaskWindows(records.ids[:count], records.answer_positions[:count], records.key_spans[:count],
+                              records.depths[:count], records.keys[:count], records.name)
+    return records
+
+
+def scored_windows(text, tokenizer, seq_len, max_windows=None, task=None, task_seed=0):
+    """The windows an evaluation scores, (windows, seq_len), and their TaskWindows: those of `task` (see
+    `task_windows`), or without one the first `max_windows` (default all) windows of the text file and None."""
+    if task:
+        task_set = task_windows(task, text, tokenizer, seq_len, max_windows, task_seed)
+        return task_set.ids, task_set
+    text_windows = windows(read_texts([text]), tokenizer, seq_len)
+    return (text_windows[:max_windows] if max_windows else text_windows), None

@@ -1,21 +1,19 @@
 """`eval`: real perplexity of a model whose KV cache follows a plan, for the router and the baselines.
 
-A plan decides an expert for every unit (layer, KV head, routed chunk) of every window; the first chunk
-(when the router freezes it) and the tail tokens stay at 16 bits, as does everything a plan leaves
-unquantized (rounded to binary16, which is how a cache stores 16 bits). Every plan is scored by a
-forward pass over every window of the evaluation text with its K and V fake-quantized by the shared
-quantizer.
+`Evaluation` holds the model, the evaluation windows and the router export, and scores every method on
+them (plans.py, allocation.py, oracles.py) by a forward pass over every window with K and V
+fake-quantized by the shared quantizer (scoring.py); `evaluate` is the command.
 """
 from dataclasses import dataclass
 
 from .. import MoqaeError
 from ..capture import RouterInputs
-from ..corpus import read_texts, tokenizer_for, windows
+from ..corpus import tokenizer_for
 from ..experts import parse_expert
 from ..model import check_export_fits, check_model_dir, load_model, model_shape, resolve_device
 from ..router import read_export
 from ..store import Store
-from ..tasks import task_windows
+from ..tasks import scored_windows
 from .allocation import CalibrationDeltas, layerwise_plan, random_plan, routed_unit_bits, static_plan
 from .oracles import prescient_plan, source_aware_plan, taylor_sensitivities
 from .plans import Layout, LayerPlan, RouterPlan, UniformPlan
@@ -115,14 +113,7 @@ def evaluate(model: str, text: str, router: str, *, tokenizer: str = "auto", seq
     if max_positions is not None and seq_len > max_positions:
         raise MoqaeError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     encoder = tokenizer_for(tokenizer, model)
-    task_set = None
-    if task:
-        task_set = task_windows(task, text, encoder, seq_len, max_windows, task_seed)
-        text_windows = task_set.ids
-    else:
-        text_windows = windows(read_texts([text]), encoder, seq_len)
-        if max_windows:
-            text_windows = text_windows[: max_windows]
+    text_windows, task_set = scored_windows(text, encoder, seq_len, max_windows, task, task_seed)
     calibration_store = Store(store) if store else None
     value_group = calibration_store.manifest.value_group if calibration_store else value_group or head_dim
     lm = load_model(model, resolve_device(device), device_map, model_dtype)

@@ -15,7 +15,7 @@ import os
 import subprocess
 
 from .. import MoqaeError
-from ..corpus import read_texts, tokenizer_for, windows
+from ..corpus import tokenizer_for
 from ..evaluate.allocation import CalibrationDeltas
 from ..evaluate.oracles import PRESCIENT_NOTE, source_aware_plan
 from ..evaluate.report import format_difference, format_table
@@ -24,7 +24,7 @@ from ..evaluate.scoring import paired_difference
 from ..model import load_model, resolve_device
 from ..router import read_export
 from ..store import Store
-from ..tasks import task_windows
+from ..tasks import scored_windows
 
 
 class Run:
@@ -203,14 +203,7 @@ def pareto(moqae_train: str, store: str, model: str, text: str, out: str, *, con
         exports[run.label] = train_router(moqae_train, run, store, os.path.join(out, run.directory), list(train_args))
         print(f"{run.label}: trained and exported", flush=True)
     encoder = tokenizer_for(tokenizer, model)
-    task_set = None
-    if task:
-        task_set = task_windows(task, text, encoder, seq_len, max_windows, task_seed)
-        text_windows = task_set.ids
-    else:
-        text_windows = windows(read_texts([text]), encoder, seq_len)
-        if max_windows:
-            text_windows = text_windows[: max_windows]
+    text_windows, task_set = scored_windows(text, encoder, seq_len, max_windows, task, task_seed)
     lm = load_model(model, resolve_device(device), None, "auto")
     bytes_per_token = 1 if tokenizer == "bytes" else None
 
