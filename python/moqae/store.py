@@ -42,15 +42,15 @@ class Manifest:
     router_input: str
     chunk_size: int         # N
     value_group: int
-    experts: list           # Expert per delta_nll column
+    experts: list[Expert]   # one per delta_nll column
     sensitivity: str
     selection_seed: int
     selection_fraction: float
     seq_len: int            # T
     num_sequences: int      # windows of the corpus
-    sequences: list         # Sequence, in manifest order
+    sequences: list[Sequence]   # in manifest order
 
-    def split(self, fraction: float) -> list:
+    def split(self, fraction: float) -> list[Sequence]:
         """The sequences with u(id, seed) < fraction: the calibration split at `fraction`."""
         return [s for s in self.sequences if unit_value(s.id, self.selection_seed) < fraction]
 

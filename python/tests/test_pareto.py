@@ -59,3 +59,13 @@ def test_table_leads_with_router_against_static_and_labels_the_prescient_row():
     assert "+10.00% |" in table and "+5.00% |" in table   # router's and static's estimates against their fp16 estimate
     assert "| prescient (gradients of the evaluated text) | budget-3.5 |" in table and PRESCIENT_NOTE in table
     assert "regret" not in table.lower() and "oracle" not in table.lower()
+
+
+def test_lambdas_are_read_as_numbers_on_the_command_line():
+    from moqae.__main__ import parser
+    required = ["pareto", "--moqae-train", "BIN", "--store", "STORE", "--model", "DIR", "--text", "FILE", "--out", "OUT"]
+    assert parser().parse_args(required).lambdas == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert parser().parse_args([*required, "--lambdas="]).lambdas == []
+    assert parser().parse_args([*required, "--lambdas", "0.2,0.8"]).lambdas == [0.2, 0.8]
+    with pytest.raises(SystemExit):
+        parser().parse_args([*required, "--lambdas", "0.2,high"])
