@@ -9,7 +9,8 @@ public struct MemoryFigures: Equatable, Sendable {
     public var fractionOfFP16: Double { bitsWithConstants / 16 }
 }
 
-/// Counts (layer, head, chunk) units per expert; everything not counted is stored at 16 bits.
+/// Counts (layer, head, chunk) units per expert; everything not counted is stored at 16 bits. The
+/// evaluator's `kv_memory_bits` (python/moqae/evaluate/scoring.py) must agree with `memory`; a test checks it.
 public struct BitsTally: Equatable, Sendable {
     public var layerUnits: [Int]
 

@@ -15,6 +15,19 @@ from ..tasks import answer_correct, wilson_interval
 from .plans import apply_plan
 
 
+def kv_memory_bits(layout, experts, layer_units, windows):
+    """Average bits per K and V element over `windows` windows, as (payload, with quantization constants):
+    `layer_units[m]` routed (layer, head, chunk) units at `experts[m]`, every other element at 16 bits.
+    The trainer's `BitsTally.memory` computes the same; tests/test_memory_accounting.py checks the two agree."""
+    unit_elements = 2 * layout.chunk_size * layout.head_dim
+    total_elements = windows * layout.num_layers * layout.num_heads * layout.tokens * layout.head_dim * 2
+    rest = (total_elements - sum(layer_units) * unit_elements) * 16
+    payload = sum(units * unit_elements * (e.key_bits + e.value_bits) / 2 for units, e in zip(layer_units, experts))
+    constants = sum(units * unit_storage_bits(e, layout.chunk_size, layout.head_dim, layout.value_group)
+                    for units, e in zip(layer_units, experts))
+    return (payload + rest) / total_elements, (constants + rest) / total_elements
+
+
 class Result:
     """Perplexity and memory of one plan over the evaluation windows and, for a task, its answers."""
 
@@ -31,17 +44,10 @@ class Result:
         return self.nll_sum / self.tokens
 
     def summary(self, bytes_per_token=None):
-        lay = self.layout
-        unit_elements = 2 * lay.chunk_size * lay.head_dim
-        total_elements = self.windows * lay.num_layers * lay.num_heads * lay.tokens * lay.head_dim * 2
         units = self.counts.sum(0).double()
-        routed_elements = units.sum().item() * unit_elements
-        payload = sum(units[m].item() * unit_elements * (e.key_bits + e.value_bits) / 2 for m, e in enumerate(self.experts))
-        constants = sum(units[m].item() * unit_storage_bits(e, lay.chunk_size, lay.head_dim, lay.value_group)
-                        for m, e in enumerate(self.experts))
-        rest = (total_elements - routed_elements) * 16
+        payload_bits, bits_with_constants = kv_memory_bits(self.layout, self.experts, units.tolist(), self.windows)
         out = {"name": self.name, "perplexity": math.exp(self.nll), "nll": self.nll,
-               "payload_bits": (payload + rest) / total_elements, "bits_with_constants": (constants + rest) / total_elements,
+               "payload_bits": payload_bits, "bits_with_constants": bits_with_constants,
                "experts": [e.name for e in self.experts],
                "expert_fractions": (units / max(1.0, units.sum().item())).tolist(),
                "decisions_per_layer": self.counts.tolist()}
