@@ -2,9 +2,13 @@
 
 `moqae` is registered as an attention implementation: it sees each layer's post-RoPE key and value
 states (before any grouped-query repetition: exactly what the KV cache holds), lets a `KVHook` record
-or replace them, then runs transformers' own SDPA attention. No model code is edited.
+or replace them, then runs transformers' own SDPA attention. `moqae-eager` does the same, then runs the
+model's own eager attention, for models whose attention SDPA cannot compute (logit soft-capping,
+Gemma 2). No model code is edited.
 """
 import contextlib
+import inspect
+import sys
 
 import torch
 from transformers import AttentionInterface
@@ -16,6 +20,7 @@ from .features import CHUNK_FEATURES, key_with_chunk_statistics
 from .router import ROUTER_INPUTS
 
 IMPLEMENTATION = "moqae"
+EAGER_IMPLEMENTATION = "moqae-eager"
 _active_hooks = []
 
 
@@ -41,20 +46,44 @@ class KVHook:
             _active_hooks.pop()
 
 
+def attention_implementation(config) -> str:
+    """The implementation to load a model with: `moqae-eager` where its attention soft-caps its logits."""
+    return EAGER_IMPLEMENTATION if getattr(config, "attn_logit_softcapping", None) else IMPLEMENTATION
+
+
+def captured(module, key, value, sliding_window=None):
+    """The active hook's view of one layer's K and V (B, H, T, D): recorded, or replaced by its transform."""
+    if not _active_hooks:
+        return key, value
+    layer = module.layer_idx
+    if sliding_window and key.shape[-2] > sliding_window:
+        raise MoqaeError(f"layer {layer} attends through a sliding window of {sliding_window} tokens but was given "
+                         f"{key.shape[-2]}: its cache holds only the window, which chunk routing does not model")
+    hook = _active_hooks[-1]
+    hook.layers_seen.add(layer)
+    if hook.transform is not None:
+        key, value = hook.transform(layer, key, value)
+    if hook.record:
+        hook.keys[layer], hook.values[layer] = key, value
+    return key, value
+
+
 def moqae_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    if _active_hooks:
-        hook = _active_hooks[-1]
-        layer = module.layer_idx
-        hook.layers_seen.add(layer)
-        if hook.transform is not None:
-            key, value = hook.transform(layer, key, value)
-        if hook.record:
-            hook.keys[layer], hook.values[layer] = key, value
+    key, value = captured(module, key, value, kwargs.get("sliding_window"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def moqae_eager_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """Capture, then the eager attention of the module's own modeling file (which soft-caps)."""
+    key, value = captured(module, key, value, kwargs.get("sliding_window"))
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(IMPLEMENTATION, moqae_attention_forward)
 AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+AttentionInterface.register(EAGER_IMPLEMENTATION, moqae_eager_attention_forward)
+AttentionMaskInterface.register(EAGER_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def check_all_layers_seen(hook, num_layers, model_dir):
@@ -70,7 +99,8 @@ class RouterInputs:
     """What a router reads for each token of a layer, from the layer's post-RoPE key and value
     (B, H, T, D) as the attention interface sees them:
     - key: the key as the cache holds it, (B, H, T, D);
-    - key-prerope: the key with RoPE undone by the model's own rotary embedding at positions 0..T-1;
+    - key-prerope: the key with RoPE undone by the model's own rotary embedding (the layer's, where
+      layer types have their own RoPE, as in Gemma 3) at the tokens' positions;
     - key+value: key and value side by side, (B, H, T, 2D);
     - key+chunk: the key, then its chunk's statistics (`features.CHUNK_FEATURES`), (B, H, T, D + 7).
     """
@@ -79,25 +109,28 @@ class RouterInputs:
         if kind not in ROUTER_INPUTS:
             raise MoqaeError(f"router input {kind!r} is unknown (expected one of {', '.join(ROUTER_INPUTS)})")
         self.kind, self.rotary, self.chunk_size, self.value_group = kind, None, chunk_size, value_group
+        self.layer_types = None   # per layer, the `layer_type` the rotary embedding takes, when it takes one
         if kind == "key-prerope":
             self.rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
             if self.rotary is None:
                 raise MoqaeError(f"{model_dir}: router input key-prerope needs the model's rotary embedding "
                                  "(model.model.rotary_emb), which this model does not have")
+            if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+                self.layer_types = model.config.get_text_config(decoder=True).layer_types
 
     def width(self, head_dim):
         return router_input_width(self.kind, head_dim)
 
-    def __call__(self, key, value, start=0):
-        """The inputs of tokens at positions start, start + 1, … (key-prerope undoes RoPE at those positions;
-        key+chunk needs `start` and T to be whole chunks)."""
+    def __call__(self, key, value, start=0, layer=0):
+        """The inputs of layer `layer`'s tokens at positions start, start + 1, … (key-prerope undoes RoPE at
+        those positions; key+chunk needs `start` and T to be whole chunks)."""
         if self.kind == "key":
             return key
         if self.kind == "key+value":
             return torch.cat([key, value], dim=-1)
         if self.kind == "key+chunk":
             return key_with_chunk_statistics(key, value, self.chunk_size, self.value_group)
-        return undo_rope(key, self.rotary, start)
+        return undo_rope(key, self.rotary, start, None if self.layer_types is None else self.layer_types[layer])
 
 
 def router_input_width(kind, head_dim):
@@ -105,13 +138,15 @@ def router_input_width(kind, head_dim):
     return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(kind, head_dim)
 
 
-def undo_rope(key, rotary, start=0):
+def undo_rope(key, rotary, start=0, layer_type=None):
     """The key (..., T, D) before RoPE. RoPE maps each pair (x1, x2) = (x[i], x[i + R/2]) of the first R channels to
     s·(x1 cos − x2 sin, x2 cos + x1 sin) with s the embedding's attention scaling (1 for plain RoPE);
     with the scaled cos and sin the inverse is (y·cos − rotate_half(y)·sin) / (cos² + sin²). The key's tokens
-    sit at positions start … start + T − 1."""
+    sit at positions start … start + T − 1; `layer_type` picks the RoPE of rotary embeddings that have one per
+    layer type."""
     positions = torch.arange(start, start + key.shape[-2], device=key.device)[None]
-    cos, sin = (t.float().reshape(t.shape[-2:]) for t in rotary(key, positions))   # (T, R)
+    embedded = rotary(key, positions) if layer_type is None else rotary(key, positions, layer_type)
+    cos, sin = (t.float().reshape(t.shape[-2:]) for t in embedded)   # (T, R)
     R = cos.shape[-1]
     y = key[..., :R].float()
     rotated_half = torch.cat([-y[..., R // 2:], y[..., : R // 2]], dim=-1)

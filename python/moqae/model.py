@@ -5,7 +5,7 @@ import os
 import torch
 
 from . import MoqaeError
-from .capture import IMPLEMENTATION, router_input_width
+from .capture import attention_implementation, router_input_width
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -16,6 +16,41 @@ def model_shape(config) -> tuple[int, int, int, int | None]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return config.num_hidden_layers, kv_heads, head_dim, getattr(config, "max_position_embeddings", None)
+
+
+def sliding_window_layers(config) -> dict[int, int]:
+    """Layer → the tokens its attention window holds, for the layers that attend through a sliding window
+    (per `layer_types` where the config has them, as in Gemma and Qwen2; every layer for Mistral)."""
+    config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return {}
+    types = getattr(config, "layer_types", None)
+    layers = range(config.num_hidden_layers) if types is None else [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return {layer: window for layer in layers}
+
+
+def window_length(config, model_dir: str, seq_len: int | None = None) -> int:
+    """Tokens per window: `seq_len`, or by default the model's max positions up to 4096 and its shortest
+    sliding window. Refused past the max positions, and past a sliding window: such a layer's cache holds
+    only the last `window` tokens, while chunk routing (training, accounting, evaluation) holds every
+    chunk. Within its window a sliding layer attends like a global one, so there a chunk router means
+    what it means on any layer, and every token is counted."""
+    _, _, _, max_positions = model_shape(config)
+    windows = sliding_window_layers(config)
+    if seq_len is None:
+        if max_positions is None:
+            raise MoqaeError(f"{model_dir}/config.json: no max_position_embeddings; pass --seq-len")
+        seq_len = min([max_positions, 4096, *windows.values()])
+    if max_positions is not None and seq_len > max_positions:
+        raise MoqaeError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    shorter = sorted(layer for layer, window in windows.items() if window < seq_len)
+    if shorter:
+        window = min(windows[layer] for layer in shorter)
+        raise MoqaeError(f"--seq-len {seq_len}: layer(s) {shorter} of {model_dir} attend through a sliding window of "
+                         f"{window} tokens and cache only those; chunk routing needs every token cached: use --seq-len "
+                         f"{window} or less")
+    return seq_len
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -39,12 +74,13 @@ def resolve_device(name: str) -> str:
 
 def load_model(model_dir: str, device: str, device_map: str | None, dtype_name: str):
     """The model in eval mode with frozen weights; `dtype_name` auto is float32 on CPU, bfloat16 on CUDA."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, attn_implementation=IMPLEMENTATION, dtype=dtype,
+            model_dir, local_files_only=True, attn_implementation=attention_implementation(config), dtype=dtype,
             **({"device_map": device_map} if device_map else {}))
     except (OSError, ValueError) as error:
         raise MoqaeError(f"{model_dir}: cannot load the model ({str(error).splitlines()[0]})") from None

@@ -11,7 +11,7 @@ from .. import MoqaeError
 from ..capture import RouterInputs
 from ..corpus import read_texts, tokenizer_for, windows
 from ..experts import parse_experts
-from ..model import check_model_dir, load_model, model_shape, resolve_device
+from ..model import check_model_dir, load_model, model_shape, resolve_device, window_length
 from ..selection import selected, unit_value
 from ..tasks import passkey_windows
 from .sensitivity import exact_delta, weighted_taylor_delta
@@ -42,12 +42,8 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     check_model_dir(model)
     expert_set = parse_experts(experts)
     config = AutoConfig.from_pretrained(model, local_files_only=True)
-    layers, kv_heads, head_dim, max_positions = model_shape(config)
-    if max_positions is None and not seq_len:
-        raise MoqaeError(f"{model}/config.json: no max_position_embeddings; pass --seq-len")
-    seq_len = seq_len or min(max_positions, 4096)
-    if max_positions is not None and seq_len > max_positions:
-        raise MoqaeError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    layers, kv_heads, head_dim, _ = model_shape(config)
+    seq_len = window_length(config, model, seq_len)
     value_group = value_group or head_dim
     if head_dim % value_group:
         raise MoqaeError(f"--value-group {value_group} must divide the head dimension {head_dim}")
@@ -109,7 +105,7 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
             else:
                 nll, keys, values, delta = weighted_taylor_delta(lm, ids, expert_set, chunk_size, value_group, model,
                                                                  token_weights, rule=sensitivity)
-            inputs = torch.stack([router_inputs(k, v) for k, v in zip(keys, values)])
+            inputs = torch.stack([router_inputs(k, v, layer=layer) for layer, (k, v) in enumerate(zip(keys, values))])
             if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):
                 raise MoqaeError(f"{model}: router inputs ({router_input}) of shape {tuple(inputs.shape)}, the config "
                                  f"implies {(layers, kv_heads, seq_len, width)}")

@@ -78,7 +78,7 @@ class RouterPlan(Plan):
     def decide(self, layer, key, value, windows, layout):
         router = self.export.router_of_layer(layer)
         if layer == self.export.leader(router):
-            self.cached = route(self.export, router, self.inputs(key, value)).cpu()
+            self.cached = route(self.export, router, self.inputs(key, value, layer=layer)).cpu()
         return self.cached
 
 

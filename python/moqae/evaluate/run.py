@@ -10,7 +10,7 @@ from .. import MoqaeError
 from ..capture import RouterInputs
 from ..corpus import tokenizer_for
 from ..experts import parse_expert
-from ..model import check_export_fits, check_model_dir, load_model, model_shape, resolve_device
+from ..model import check_export_fits, check_model_dir, load_model, model_shape, resolve_device, window_length
 from ..router import read_export
 from ..store import Store
 from ..tasks import scored_windows
@@ -108,10 +108,8 @@ def evaluate(model: str, text: str, router: str, *, tokenizer: str = "auto", seq
     export = read_export(router)
     check_model_dir(model)
     config = AutoConfig.from_pretrained(model, local_files_only=True)
-    _, _, head_dim, max_positions = model_shape(config)
-    seq_len = seq_len or min(max_positions or 4096, 4096)
-    if max_positions is not None and seq_len > max_positions:
-        raise MoqaeError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    _, _, head_dim, _ = model_shape(config)
+    seq_len = window_length(config, model, seq_len)
     encoder = tokenizer_for(tokenizer, model)
     text_windows, task_set = scored_windows(text, encoder, seq_len, max_windows, task, task_seed)
     calibration_store = Store(store) if store else None

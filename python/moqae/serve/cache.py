@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import MoqaeError
 from ..capture import RouterInputs
 from ..experts import Expert
-from ..model import check_export_fits, model_shape
+from ..model import check_export_fits, model_shape, sliding_window_layers
 from ..quantizer import group_codes, unit_storage_bits
 from ..router import read_export, route_chunks
 from .packing import pack_codes, unpack_codes
@@ -51,7 +51,7 @@ class RouterPolicy:
         router = self.export.router_of_layer(layer)
         if layer == self.export.leader(router):
             start = time.perf_counter()
-            inputs = self.inputs(keys, values, first_chunk * self.export.chunk_size)
+            inputs = self.inputs(keys, values, first_chunk * self.export.chunk_size, layer=layer)
             self.decided[router] = (first_chunk, route_chunks(self.export, router, inputs))
             self.seconds += time.perf_counter() - start
         first, decisions = self.decided.get(router, (None, None))
@@ -247,10 +247,10 @@ class MoQAECache(Cache):
 
     def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None):
         config = config.get_text_config(decoder=True)
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise MoqaeError(f"MoQAECache serves models whose layers are all full attention; this one has "
-                             f"{', '.join(sorted(layer_types))} layers")
+        sliding = sorted(sliding_window_layers(config))
+        if sliding:
+            raise MoqaeError(f"MoQAECache serves models whose layers are all full attention; layer(s) {sliding} of this "
+                             f"one attend through a sliding window")
         layers, self.num_kv_heads, self.head_dim, _ = model_shape(config)
         self.value_group = value_group or self.head_dim
         if self.head_dim % self.value_group:
