@@ -1,6 +1,6 @@
 """Big-model settings on CPU: a store dumped from the model in bfloat16 (through `--device-map auto`) or float16
 holds K and V captured in the model's dtype, and trains to the decisions a float32 dump trains to, within
-tolerance."""
+tolerance; the evaluator runs with the same settings."""
 import subprocess
 
 import pytest
@@ -62,3 +62,6 @@ def test_a_half_precision_dump_trains_to_the_float32_decisions(flags, corpus, fl
     assert (got == expected).float().mean() >= AGREEMENT
     for m in range(len(export.experts)):
         assert abs((got == m).float().mean() - (expected == m).float().mean()) <= 0.05, export.experts[m].name
+    evaluated = run_moqae("eval", "--model", REFERENCE_MODEL, "--text", corpus, "--router", str(tmp_path / "router.bin"),
+                          "--tokenizer", "bytes", "--seq-len", "256", "--max-windows", "2", "--no-baselines", *flags)
+    assert evaluated.returncode == 0, evaluated.stderr
