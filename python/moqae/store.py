@@ -55,7 +55,7 @@ class Manifest:
         return [s for s in self.sequences if unit_value(s.id, self.selection_seed) < fraction]
 
 
-class _Fields:
+class JSONFields:
     """Typed access to dotted key paths of a JSON object, with errors that name the file and the path."""
 
     def __init__(self, path, root, context=""):
@@ -97,7 +97,7 @@ class _Fields:
         value = self.value(key)
         if not isinstance(value, list) or not low <= len(value) <= high:
             raise self.error(key, f"expected a list of {low} to {high} items")
-        return [_Fields(self.path, item, f"{key}[{index}]") for index, item in enumerate(value)]
+        return [JSONFields(self.path, item, f"{key}[{index}]") for index, item in enumerate(value)]
 
 
 def read_manifest(directory: str) -> Manifest:
@@ -109,7 +109,7 @@ def read_manifest(directory: str) -> Manifest:
     if not os.path.isdir(directory):
         raise MoqaeError(f"{directory}: is a file, expected a store directory")
     path = os.path.join(directory, MANIFEST)
-    fields = _Fields(path, read_json_file(path, MANIFEST_LIMIT))
+    fields = JSONFields(path, read_json_file(path, MANIFEST_LIMIT))
     if fields.string("format") != FORMAT:
         raise fields.error("format", f'expected "{FORMAT}"')
     if fields.integer("version", 0, 1 << 31) != VERSION:

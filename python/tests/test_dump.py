@@ -1,13 +1,15 @@
 """The dump command end to end: stores from Llama and Qwen2, resume, parallel parts, bad inputs."""
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_MODEL, copy_model, run_moqae
+from conftest import PYTHON, REFERENCE_MODEL, copy_model, run_moqae
 from moqae import MoqaeError
 
 
@@ -135,7 +137,9 @@ def test_resume_continues_an_interrupted_dump(tiny_llama, small_corpus, tmp_path
 
 
 def test_parallel_parts_merge_into_the_same_store(tiny_llama, small_corpus, tmp_path):
-    single, merged = str(tmp_path / "single"), str(tmp_path / "merged")
+    """Engine-free: one process per --shard-index, then merge; and torchrun with two CPU processes on gloo,
+    whose rank 0 merges: both stores equal the single-process one, tensor for tensor."""
+    single, merged, launched = str(tmp_path / "single"), str(tmp_path / "merged"), str(tmp_path / "torchrun")
     common = ["--seq-len", "128", "--fraction", "0.2"]
     assert dump(tiny_llama, small_corpus, single, *common).returncode == 0
     parts = []
@@ -148,10 +152,41 @@ def test_parallel_parts_merge_into_the_same_store(tiny_llama, small_corpus, tmp_
     incomplete = run_moqae("merge", "--out", merged, parts[0])
     expect_clean_failure(incomplete, merged, "parts 0..1")
     assert run_moqae("merge", "--out", merged, *parts).returncode == 0
-    a, b = store_tensors(single), store_tensors(merged)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    env = dict(os.environ, PYTHONPATH=PYTHON, OMP_NUM_THREADS="1")
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "moqae", "dump", "--model", tiny_llama, "--corpus", small_corpus, "--out", launched,
+                               "--tokenizer", "bytes", *common], capture_output=True, text=True, env=env)
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert not os.path.exists(launched + ".parts")
+
     ids = lambda d: [s["id"] for s in json.load(open(os.path.join(d, "manifest.json")))["sequences"]]
-    assert ids(single) == ids(merged)
+    a = store_tensors(single)
+    for store in (merged, launched):
+        b = store_tensors(store)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), store
+        assert ids(single) == ids(store)
+
+
+def test_damaged_parts_are_refused_before_anything_is_merged(tiny_llama, small_corpus, tmp_path):
+    parts, out = [str(tmp_path / f"part{index}") for index in range(2)], str(tmp_path / "merged")
+    for index, part in enumerate(parts):
+        result = dump(tiny_llama, small_corpus, part, "--seq-len", "128", "--fraction", "0.1", "--num-shards", "2",
+                      "--shard-index", str(index))
+        assert result.returncode == 0, result.stderr
+    path = os.path.join(parts[0], "part.json")
+    original = json.load(open(path))
+    for damage, mention in [(lambda p: p.pop("part"), "part.json: part.count: missing"),
+                            (lambda p: p["part"].update(index=7), "part.json: part.index: expected an integer in 0...1"),
+                            (lambda p: p["sequences"][0].update(shard="../x.safetensors"), "part.json: sequences[0].shard"),
+                            (lambda p: p["sequences"][0].update(id=10 ** 9), "is outside the corpus")]:
+        damaged = json.loads(json.dumps(original))
+        damage(damaged)
+        json.dump(damaged, open(path, "w"))
+        expect_clean_failure(run_moqae("merge", "--out", out, *parts), out, mention)
+        shutil.rmtree(out, ignore_errors=True)
+    json.dump(original, open(path, "w"))
+    assert run_moqae("merge", "--out", out, *parts).returncode == 0
 
 
 def test_bad_inputs(tmp_path, small_corpus):

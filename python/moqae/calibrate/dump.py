@@ -14,6 +14,7 @@ from ..experts import parse_experts
 from ..model import check_model_dir, load_model, model_shape, resolve_device, window_length
 from ..selection import selected, unit_value
 from ..tasks import passkey_windows
+from .distributed import Torchrun
 from .sensitivity import exact_delta, weighted_taylor_delta
 from .writer import StoreWriter
 
@@ -37,7 +38,9 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
          sensitivity: str = "taylor", router_input: str = "key", inputs_dtype: str = "float16", shard_size: int = 1 << 30,
          resume: bool = False, device: str = "auto", device_map: str | None = None, model_dtype: str = "auto",
          num_shards: int = 1, shard_index: int = 0) -> tuple[int, float]:
-    """Dumps the store `out` (or this process's part of it); returns (sequences, seconds per sequence dumped)."""
+    """Dumps the store `out`, or this process's part of it (`num_shards`, `shard_index`); under torchrun each rank
+    dumps its part and rank 0 joins them into `out` (distributed.py). Returns (sequences in the store or part,
+    seconds per sequence dumped)."""
     from transformers import AutoConfig
     check_model_dir(model)
     expert_set = parse_experts(experts)
@@ -53,6 +56,14 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
         raise MoqaeError(f"--fraction must be in (0, 1], got {fraction}")
     if not 0 <= shard_index < num_shards:
         raise MoqaeError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
+    torchrun = Torchrun.from_environment()
+    if torchrun:
+        if num_shards != 1:
+            raise MoqaeError("--num-shards/--shard-index split a dump by hand; under torchrun the ranks split it: pass neither")
+        if os.path.isdir(out) and os.listdir(out):
+            raise MoqaeError(f"{out}: exists and is not empty; torchrun dumps a new store")
+        num_shards, shard_index = torchrun.world, torchrun.rank
+        device = torchrun.device(device, device_map)
 
     if not 0 <= passkey <= 1:
         raise MoqaeError(f"--passkey must be in [0, 1], got {passkey}")
@@ -85,7 +96,9 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     }
     settings = dict(header, inputs_dtype=inputs_dtype, shard_size=shard_size,
                     part={"index": shard_index, "count": num_shards})
-    writer = StoreWriter(out, header, settings, shard_size, resume=resume)
+    if torchrun:
+        torchrun.start()
+    writer = StoreWriter(torchrun.part_directory(out) if torchrun else out, header, settings, shard_size, resume=resume)
     todo = [i for i in mine if i not in writer.done_ids]
 
     lm = load_model(model, resolve_device(device), device_map, model_dtype)
@@ -94,7 +107,8 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[inputs_dtype]
     # A context manager, so that the bar is closed before an error is reported on its own line.
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {sensitivity}",
-              dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as progress:
+              dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10,
+              disable=bool(torchrun and torchrun.rank)) as progress:
         started = time.perf_counter()
         for seq_id in todo:
             ids = corpus_windows[seq_id].to(lm.device)
@@ -113,4 +127,5 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
             progress.update(1)
     part = {"index": shard_index, "count": num_shards} if num_shards > 1 else None
     writer.finish(part=part)
-    return len(mine), (time.perf_counter() - started) / max(1, len(todo))
+    seconds = (time.perf_counter() - started) / max(1, len(todo))
+    return (torchrun.join(out) if torchrun else len(mine)), seconds

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from .. import MoqaeError
 from ..files import read_json_file
-from ..store import MANIFEST
+from ..store import MANIFEST, JSONFields, read_manifest
 
 STATE = "dump-state.json"
 PART = "part.json"
@@ -142,14 +142,25 @@ class StoreWriter:
             atomic_write_json(os.path.join(self.directory, PART), dict(body, part=part))
 
 
+def read_part(directory):
+    """A finished part's `part.json`, its part index and count and its sequences' shards checked."""
+    path = os.path.join(directory, PART)
+    if not os.path.isfile(path):
+        raise MoqaeError(f"{directory}: not a finished dump part (no {PART}); finish it with --resume")
+    fields = JSONFields(path, read_json_file(path))
+    count = fields.integer("part.count", 1, 1 << 31)
+    fields.integer("part.index", 0, count - 1)
+    for item in fields.items("sequences", 0, 1 << 63):
+        shard = item.string("shard")
+        if "/" in shard or not os.path.isfile(os.path.join(directory, shard)):
+            raise fields.error(f"{item.context}.shard", f'"{shard}" is not a shard file of this part')
+    return fields.root
+
+
 def merge(out: str, part_dirs: list[str]) -> int:
-    """Joins the parts of a parallel dump into one store (the manifest written last); returns its sequences."""
-    parts = []
-    for directory in part_dirs:
-        path = os.path.join(directory, PART)
-        if not os.path.isfile(path):
-            raise MoqaeError(f"{directory}: not a finished dump part (no {PART}); finish it with --resume")
-        parts.append((directory, read_json_file(path)))
+    """Joins the parts of a parallel dump into one store (the manifest written last and checked as the
+    trainer checks it); returns its sequences."""
+    parts = [(directory, read_part(directory)) for directory in part_dirs]
     first = parts[0][1]
     count = first["part"]["count"]
     indices = sorted(p["part"]["index"] for _, p in parts)
@@ -172,5 +183,11 @@ def merge(out: str, part_dirs: list[str]) -> int:
         sequences += [dict(s, shard=renamed[s["shard"]]) for s in part["sequences"]]
     fsync_directory(out)
     header = {k: v for k, v in first.items() if k not in ("sequences", "part")}
-    atomic_write_json(os.path.join(out, MANIFEST), dict(header, sequences=sorted(sequences, key=lambda s: s["id"])))
+    manifest = os.path.join(out, MANIFEST)
+    atomic_write_json(manifest, dict(header, sequences=sorted(sequences, key=lambda s: s["id"])))
+    try:
+        read_manifest(out)
+    except MoqaeError:
+        os.unlink(manifest)   # the store stays incomplete, as it was before the merge
+        raise
     return len(sequences)
