@@ -9,7 +9,7 @@ MOQAE := PYTHONPATH=python $(PY) -m moqae
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: ablation ablation-passkey ablation-perplexity benchmark serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -116,6 +116,11 @@ pareto-passkey: build passkey-store
 ## 8,192 on a tiny random Llama: the "Dumps at length" section of BENCH_OUT.
 length-benchmark: venv
 	$(MOQAE) length-benchmark --model $(PASSKEY_MODEL) --corpus models/wikitext-2/valid.txt --out $(BENCH_OUT)
+
+## On a CUDA machine: dump and evaluation of 4 windows of 4,096 tokens on a random Llama-2-7B-shaped model in
+## bfloat16, per window time and peak GPU memory: the "On a GPU" section of BENCH_OUT.
+device-check: venv
+	$(MOQAE) device-check --corpus models/wikitext-2/valid.txt --out $(BENCH_OUT)
 
 ## Serving: greedy pass-key answers through MoQAECache by plan (the router, uniform fp16/int4/int2 and
 ## PASSKEY_LAYER_PLANS) on SERVE_WINDOWS needle windows, with the router that `make passkey` trains.

@@ -149,6 +149,16 @@ def parser():
     length.add_argument("--windows", type=int, default=4, help="windows per timed dump (at least 2)")
     length.add_argument("--out", help="Markdown report whose \"Dumps at length\" section to write")
 
+    device_check = commands.add_parser("device-check",
+                                       help="dump and evaluation at Llama-2-7B shapes on a GPU: time and peak memory per window")
+    device_check.add_argument("--corpus", required=True, help="a .txt file of at least WINDOWS × SEQ_LEN bytes")
+    device_check.add_argument("--shape", choices=["llama2-7b", "tiny"], default="llama2-7b",
+                              help="the random model's shape (tiny: a smoke test that runs anywhere)")
+    device_check.add_argument("--windows", type=int, default=4, help="windows to dump and evaluate (default 4)")
+    device_check.add_argument("--seq-len", type=int, default=4096, help="tokens per window (default 4096)")
+    device_check.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    device_check.add_argument("--out", help="Markdown report whose \"On a GPU\" section to write")
+
     soak = commands.add_parser("soak", help="stop moqae-train (SIGKILL, SIGINT, SIGTERM) again and again, resume each time, compare with an uninterrupted run")
     soak.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
     soak.add_argument("--config", required=True, help="training config (the default run's, for example)")
@@ -273,6 +283,10 @@ def run(args):
         from .harness.length_benchmark import length_benchmark
         length_benchmark(args.model, args.corpus, lengths=args.lengths, tiny_lengths=args.tiny_lengths,
                          windows=args.windows, out=args.out)
+    elif args.command == "device-check":
+        from .harness.device_check import device_check
+        device_check(args.corpus, shape=args.shape, windows=args.windows, seq_len=args.seq_len, device=args.device,
+                     out=args.out)
     elif args.command == "serve-benchmark":
         from .harness.serve_benchmark import serve_benchmark
         serve_benchmark(args.model, args.router, contexts=args.contexts, decode_tokens=args.decode_tokens,
