@@ -10,4 +10,4 @@ def test_device_check_runs_at_the_tiny_shape_on_the_cpu(tmp_path):
     assert [row["step"] for row in rows] == ["dump (Taylor)", "eval (router plan)"]
     assert all(row["seconds"] > 0 and row["peak_gib"] is None for row in rows)
     text = report.read_text()
-    assert "## On a GPU: tiny at 256 tokens" in text and "| dump (Taylor) |" in text
+    assert "## On a GPU\n" in text and "A random tiny Llama" in text and "| dump (Taylor) |" in text

@@ -116,6 +116,6 @@ def device_check(corpus: str, *, shape: str = "llama2-7b", windows: int = 4, seq
     report = "\n".join(lines) + "\n"
     print(report)
     if out:
-        write_section(out, "Performance", f"On a GPU: {shape} at {seq_len:,} tokens", report)
+        write_section(out, "Performance", "On a GPU", report)
         print(f"wrote {out}")
     return rows
