@@ -118,7 +118,8 @@ length-benchmark: venv
 	$(MOQAE) length-benchmark --model $(PASSKEY_MODEL) --corpus models/wikitext-2/valid.txt --out $(BENCH_OUT)
 
 ## On a CUDA machine: dump and evaluation of 4 windows of 4,096 tokens on a random Llama-2-7B-shaped model in
-## bfloat16, per window time and peak GPU memory: the "On a GPU" section of BENCH_OUT.
+## bfloat16, per window time and peak GPU memory: the "On a GPU" section of BENCH_OUT. The venv pins torch's CPU
+## build: install the CUDA one first (python/.venv/bin/pip install torch==2.13.0).
 device-check: venv
 	$(MOQAE) device-check --corpus models/wikitext-2/valid.txt --out $(BENCH_OUT)
 

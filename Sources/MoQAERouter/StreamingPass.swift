@@ -8,8 +8,8 @@ import Darwin
 
 /// A sequence's loss (`LossKind`) and its weight gradient in a single streaming pass over its
 /// inputs: blocks of whole chunks go forward and backward while they are in cache, and no block
-/// is read twice. The tape (`sequenceLoss`) computes the same losses and is the reference this pass
-/// is tested against.
+/// is read twice. The tape (`sequenceLoss`, module `MoQAEReference`) computes the same losses and is
+/// the reference this pass is tested against.
 ///
 /// Each chunk goes backward from an upstream vector `dL/dP_u` into the gradient part of its chosen
 /// expert R, and the sequence's gradient is `Σ_R c(R)·part(R)`:

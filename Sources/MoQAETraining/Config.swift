@@ -290,7 +290,6 @@ public struct TrainingConfig: Equatable, Sendable {
         return try load(yaml: text, source: path, overrides: overrides)
     }
 
-    /// Applies one `KEY=VALUE` override; the value is read as YAML (`--set router.experts=[fp16,int2]`).
     /// The config to evaluate an export on a store with: this config's store, splits and threads, and
     /// the export's routing (experts named as in the store by their bits, chunk size, group size,
     /// chunk-0 freezing, pooling, hidden width).
@@ -306,6 +305,14 @@ public struct TrainingConfig: Equatable, Sendable {
             throw ExportError(path: path, reason: .modelShapeMismatch(layers: export.layers, heads: export.heads, store: store.path,
                                                                       storeLayers: store.model.numLayers, storeHeads: store.model.numKVHeads))
         }
+        guard export.routerInput == store.manifest.routerInput else {
+            throw ExportError(path: path, reason: .routerInputMismatch(export: export.routerInput, store: store.path,
+                                                                       stored: store.manifest.routerInput))
+        }
+        guard export.chunkSize == store.manifest.chunkSize else {
+            throw ExportError(path: path, reason: .chunkSizeMismatch(export: export.chunkSize, store: store.path,
+                                                                     stored: store.manifest.chunkSize))
+        }
         let hidden = export.parameters.hidden
         var config = self
         config.values["router.experts"] = .strings(names)
@@ -317,6 +324,7 @@ public struct TrainingConfig: Equatable, Sendable {
         return config
     }
 
+    /// Applies one `KEY=VALUE` override; the value is read as YAML (`--set router.experts=[fp16,int2]`).
     public mutating func apply(override: String) throws(ConfigError) {
         guard let equals = override.firstIndex(of: "=") else {
             throw ConfigError(location: "--set", key: override, reason: .malformedOverride)

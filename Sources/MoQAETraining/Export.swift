@@ -4,7 +4,8 @@ import MoQAEStore
 
 /// Why a router export was rejected; every case names the file.
 public struct ExportError: Error, CustomStringConvertible, Equatable {
-    /// What is wrong with the file, in the order `RouterExport.parse` checks.
+    /// What is wrong with the file: in the order `RouterExport.parse` checks, then what evaluating it on a
+    /// store finds (`TrainingConfig.routing(of:path:on:)`).
     public enum Reason: Equatable, Sendable {
         /// Shorter than a header and a CRC.
         case tooSmall(bytes: Int)
@@ -35,6 +36,10 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
         case expertNotInStore(keyBits: Int, valueBits: Int, store: String)
         /// Evaluating on a store: the routers were trained for another number of layers or KV heads.
         case modelShapeMismatch(layers: Int, heads: Int, store: String, storeLayers: Int, storeHeads: Int)
+        /// Evaluating on a store: the routers read another router input than the store holds.
+        case routerInputMismatch(export: RouterInput, store: String, stored: RouterInput)
+        /// Evaluating on a store: the routers decide for chunks of another size than the store's.
+        case chunkSizeMismatch(export: Int, store: String, stored: Int)
         /// Evaluating on a store: the routers' count, input width or expert count differ from the routing the store and config give.
         case routersDoNotFit(routers: Int, inputDim: Int, experts: Int, store: String)
 
@@ -61,6 +66,10 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
             case let .expertNotInStore(keyBits, valueBits, store): "expert (\(keyBits), \(valueBits)) is not in the store \(store)"
             case let .modelShapeMismatch(layers, heads, store, storeLayers, storeHeads):
                 "routers for \(layers) layers × \(heads) heads, the store \(store) has \(storeLayers) × \(storeHeads)"
+            case let .routerInputMismatch(export, store, stored):
+                "the routers read router_input \(export.rawValue), the store \(store) holds \(stored.rawValue)"
+            case let .chunkSizeMismatch(export, store, stored):
+                "the routers decide for chunks of \(export) tokens, the store \(store) was dumped with chunk_size \(stored)"
             case let .routersDoNotFit(routers, inputDim, experts, store):
                 "routers (\(routers) × D \(inputDim) × M \(experts)) do not fit the store \(store) under this config"
             }

@@ -173,6 +173,16 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
                                                                                 storeLayers: export.layers, storeHeads: export.heads))) {
             try base.routing(of: taller, path: "r.bin", on: storeFile)
         }
+        var otherInput = export
+        otherInput.routerInput = .keyPreRoPE
+        #expect(throws: ExportError(path: "r.bin", reason: .routerInputMismatch(export: .keyPreRoPE, store: store, stored: .key))) {
+            try base.routing(of: otherInput, path: "r.bin", on: storeFile)
+        }
+        var otherChunks = export
+        otherChunks.chunkSize = 16
+        #expect(throws: ExportError(path: "r.bin", reason: .chunkSizeMismatch(export: 16, store: store, stored: 32))) {
+            try base.routing(of: otherChunks, path: "r.bin", on: storeFile)
+        }
     }
 
     /// A checkpoint written before router inputs other than the key (the fuzzers' seed is one) has no

@@ -35,7 +35,7 @@ def parser():
     dump.add_argument("--out", required=True, help="store directory to create")
     dump.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto",
                       help="auto: the model directory's tokenizer; bytes: raw UTF-8 bytes as ids")
-    dump.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
+    dump.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096 and the shortest sliding window)")
     dump.add_argument("--fraction", type=float, default=0.10,
                       help="dump the windows with u(id) < FRACTION (default 0.10: calibration and validation splits)")
     dump.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
@@ -73,7 +73,7 @@ def parser():
     evaluate.add_argument("--text", required=True, help="evaluation text (.txt or .jsonl); every window is scored")
     evaluate.add_argument("--router", required=True, help="MQAE export written by moqae-train export")
     evaluate.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
-    evaluate.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096 and the shortest sliding window)")
     evaluate.add_argument("--store", help="calibration store: its value_group, and the layer-wise baseline's search")
     evaluate.add_argument("--calibration-fraction", type=float, default=0.05, help="the store's calibration split")
     evaluate.add_argument("--value-group", type=int, help="value quantization group (default: the store's, else head dim)")
@@ -242,7 +242,8 @@ def run(args):
             router_input=args.router_input, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size, resume=args.resume,
             device=args.device, device_map=args.device_map, model_dtype=args.model_dtype, num_shards=args.num_shards,
             shard_index=args.shard_index)
-        print(f"wrote {count} sequences to {args.out} ({seconds:.3f} s per sequence dumped, after loading the model)")
+        if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the store
+            print(f"wrote {count} sequences to {args.out} ({seconds:.3f} s per sequence dumped, after loading the model)")
     elif args.command == "merge":
         from .calibrate.writer import merge
         print(f"merged {merge(args.out, args.parts)} sequences into {args.out}")

@@ -48,7 +48,8 @@ class KVHook:
 
 def attention_implementation(config) -> str:
     """The implementation to load a model with: `moqae-eager` where its attention soft-caps its logits."""
-    return EAGER_IMPLEMENTATION if getattr(config, "attn_logit_softcapping", None) else IMPLEMENTATION
+    return EAGER_IMPLEMENTATION if getattr(config.get_text_config(decoder=True), "attn_logit_softcapping", None) \
+        else IMPLEMENTATION
 
 
 def captured(module, key, value, sliding_window=None):
@@ -76,7 +77,10 @@ def moqae_attention_forward(module, query, key, value, attention_mask, **kwargs)
 def moqae_eager_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """Capture, then the eager attention of the module's own modeling file (which soft-caps)."""
     key, value = captured(module, key, value, kwargs.get("sliding_window"))
-    eager = sys.modules[type(module).__module__].eager_attention_forward
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise MoqaeError(f"{type(module).__module__} has no eager_attention_forward, which a model that soft-caps its "
+                         "attention logits needs (this model family is not supported)")
     return eager(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -144,9 +148,12 @@ def undo_rope(key, rotary, start=0, layer_type=None):
     with the scaled cos and sin the inverse is (y·cos − rotate_half(y)·sin) / (cos² + sin²). The key's tokens
     sit at positions start … start + T − 1; `layer_type` picks the RoPE of rotary embeddings that have one per
     layer type."""
-    positions = torch.arange(start, start + key.shape[-2], device=key.device)[None]
-    embedded = rotary(key, positions) if layer_type is None else rotary(key, positions, layer_type)
-    cos, sin = (t.float().reshape(t.shape[-2:]) for t in embedded)   # (T, R)
+    buffers = list(rotary.buffers()) if isinstance(rotary, torch.nn.Module) else []
+    device = buffers[0].device if buffers else key.device   # under a device map, not necessarily the key's
+    probe = key[..., :1, :].to(device)                       # the embedding reads its dtype and device
+    positions = torch.arange(start, start + key.shape[-2], device=device)[None]
+    embedded = rotary(probe, positions) if layer_type is None else rotary(probe, positions, layer_type)
+    cos, sin = (t.float().reshape(t.shape[-2:]).to(key.device) for t in embedded)   # (T, R)
     R = cos.shape[-1]
     y = key[..., :R].float()
     rotated_half = torch.cat([-y[..., R // 2:], y[..., : R // 2]], dim=-1)

@@ -81,7 +81,8 @@ def load_model(model_dir: str, device: str, device_map: str | None, dtype_name: 
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, attn_implementation=attention_implementation(config), dtype=dtype,
-            **({"device_map": device_map} if device_map else {}))
+            # straight onto the GPU: K torchrun ranks need not each hold a copy in host memory first
+            device_map=device_map or ({"": device} if device.startswith("cuda") else None))
     except (OSError, ValueError) as error:
         raise MoqaeError(f"{model_dir}: cannot load the model ({str(error).splitlines()[0]})") from None
     if not device_map:

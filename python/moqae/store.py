@@ -109,7 +109,12 @@ def read_manifest(directory: str) -> Manifest:
     if not os.path.isdir(directory):
         raise MoqaeError(f"{directory}: is a file, expected a store directory")
     path = os.path.join(directory, MANIFEST)
-    fields = JSONFields(path, read_json_file(path, MANIFEST_LIMIT))
+    return check_manifest(path, read_json_file(path, MANIFEST_LIMIT))
+
+
+def check_manifest(path: str, root: dict) -> Manifest:
+    """The manifest `root` (as JSON) checked as `read_manifest` checks it; errors name `path`."""
+    fields = JSONFields(path, root)
     if fields.string("format") != FORMAT:
         raise fields.error("format", f'expected "{FORMAT}"')
     if fields.integer("version", 0, 1 << 31) != VERSION:

@@ -6,13 +6,14 @@ shorter than the windows asked for are refused up front."""
 import json
 import os
 import subprocess
+import types
 
 import pytest
 import torch
 
 from conftest import run_moqae
 from moqae import MoqaeError
-from moqae.capture import KVHook, RouterInputs
+from moqae.capture import KVHook, RouterInputs, captured
 from moqae.model import load_model, model_shape, sliding_window_layers, window_length
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -147,3 +148,12 @@ def test_sliding_windows_shorter_than_the_windows_are_refused_up_front(family_di
     gemma = AutoConfig.from_pretrained(family_dir("gemma3"))
     assert sliding_window_layers(gemma) == {0: 256, 2: 256}   # only the sliding layers
     assert sliding_window_layers(AutoConfig.from_pretrained(family_dir("qwen2"))) == {}
+
+
+def test_capture_refuses_a_layer_given_more_than_its_sliding_window():
+    """The backstop behind `window_length`: a layer whose attention gets more tokens than its window caches."""
+    layer, key = types.SimpleNamespace(layer_idx=3), torch.zeros(1, 2, 128, 8)
+    with KVHook(record=True).active() as hook:
+        with pytest.raises(MoqaeError, match="layer 3 attends through a sliding window of 64 tokens but was given 128"):
+            captured(layer, key, key, sliding_window=64)
+        assert captured(layer, key, key, sliding_window=128)[0] is key and hook.keys[3] is key

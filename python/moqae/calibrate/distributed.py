@@ -38,12 +38,12 @@ class Torchrun:
         return os.path.join(f"{out}.parts", f"part-{self.rank if rank is None else rank}")
 
     def device(self, device: str, device_map: str | None) -> str:
-        """`auto` becomes this rank's own GPU; a device map, which spreads one model over every GPU of a
-        node, needs one process per node."""
+        """`auto` and `cuda` become this rank's own GPU; a device map, which spreads one model over every GPU
+        of a node, needs one process per node."""
         if device_map and self.local_world > 1 and torch.cuda.is_available():
             raise MoqaeError(f"--device-map {device_map} spreads the model over every GPU of a node, but torchrun started "
                              f"{self.local_world} processes on this one: use --nproc_per_node=1")
-        if device == "auto" and torch.cuda.is_available():
+        if device in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return device
 
@@ -64,8 +64,8 @@ class Torchrun:
                                          "on a filesystem every node shares (or copy the parts here and run merge)")
                 outcome = [merge(out, parts)]
                 shutil.rmtree(f"{out}.parts")
-            except MoqaeError as error:
-                outcome = [str(error)]
+            except Exception as error:  # noqa: BLE001 - every rank must hear of it, or they wait for WAIT
+                outcome = [str(error) if isinstance(error, MoqaeError) else f"{type(error).__name__}: {error}"]
         dist.broadcast_object_list(outcome, src=0)
         dist.destroy_process_group()
         if isinstance(outcome[0], str):

@@ -119,7 +119,8 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
             else:
                 nll, keys, values, delta = weighted_taylor_delta(lm, ids, expert_set, chunk_size, value_group, model,
                                                                  token_weights, rule=sensitivity)
-            inputs = torch.stack([router_inputs(k, v, layer=layer) for layer, (k, v) in enumerate(zip(keys, values))])
+            inputs = torch.stack([router_inputs(k, v, layer=layer).cpu()   # layers may sit on several GPUs (--device-map)
+                                  for layer, (k, v) in enumerate(zip(keys, values))])
             if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):
                 raise MoqaeError(f"{model}: router inputs ({router_input}) of shape {tuple(inputs.shape)}, the config "
                                  f"implies {(layers, kv_heads, seq_len, width)}")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from .. import MoqaeError
 from ..files import read_json_file
-from ..store import MANIFEST, JSONFields, read_manifest
+from ..store import MANIFEST, JSONFields, check_manifest
 
 STATE = "dump-state.json"
 PART = "part.json"
@@ -158,11 +158,14 @@ def read_part(directory):
 
 
 def merge(out: str, part_dirs: list[str]) -> int:
-    """Joins the parts of a parallel dump into one store (the manifest written last and checked as the
-    trainer checks it); returns its sequences."""
+    """Joins the parts of a parallel dump into one store; returns its sequences. The merged manifest is
+    checked as the trainer checks a manifest before any shard is copied, and written last."""
     parts = [(directory, read_part(directory)) for directory in part_dirs]
     first = parts[0][1]
     count = first["part"]["count"]
+    for directory, part in parts:
+        if part["part"]["count"] != count:
+            raise MoqaeError(f"{directory}: part of a {part['part']['count']}-way dump, {parts[0][0]} of a {count}-way one")
     indices = sorted(p["part"]["index"] for _, p in parts)
     if indices != list(range(count)):
         raise MoqaeError(f"merge: expected parts 0..{count - 1} exactly once, got {indices}")
@@ -172,22 +175,19 @@ def merge(out: str, part_dirs: list[str]) -> int:
             raise MoqaeError(f"{directory}: part differs from {parts[0][0]} in {', '.join(mismatched)}")
     if os.path.exists(out) and os.listdir(out):
         raise MoqaeError(f"{out}: exists and is not empty")
-    os.makedirs(out, exist_ok=True)
-    sequences, index = [], 0
+    copies, sequences = [], []   # (part shard, store shard); the store's sequences
     for directory, part in sorted(parts, key=lambda p: p[1]["part"]["index"]):
         renamed = {}
         for name in sorted({s["shard"] for s in part["sequences"]}):
-            renamed[name] = shard_name(index)
-            shutil.copyfile(os.path.join(directory, name), os.path.join(out, renamed[name]))
-            index += 1
+            renamed[name] = shard_name(len(copies))
+            copies.append((os.path.join(directory, name), renamed[name]))
         sequences += [dict(s, shard=renamed[s["shard"]]) for s in part["sequences"]]
-    fsync_directory(out)
     header = {k: v for k, v in first.items() if k not in ("sequences", "part")}
-    manifest = os.path.join(out, MANIFEST)
-    atomic_write_json(manifest, dict(header, sequences=sorted(sequences, key=lambda s: s["id"])))
-    try:
-        read_manifest(out)
-    except MoqaeError:
-        os.unlink(manifest)   # the store stays incomplete, as it was before the merge
-        raise
+    manifest = dict(header, sequences=sorted(sequences, key=lambda s: s["id"]))
+    check_manifest(os.path.join(out, MANIFEST), manifest)
+    os.makedirs(out, exist_ok=True)
+    for source, name in copies:
+        shutil.copyfile(source, os.path.join(out, name))
+    fsync_directory(out)
+    atomic_write_json(os.path.join(out, MANIFEST), manifest)
     return len(sequences)

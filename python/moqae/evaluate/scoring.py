@@ -18,7 +18,7 @@ from .plans import apply_plan
 def kv_memory_bits(layout, experts, layer_units, windows):
     """Average bits per K and V element over `windows` windows, as (payload, with quantization constants):
     `layer_units[m]` routed (layer, head, chunk) units at `experts[m]`, every other element at 16 bits.
-    The trainer's `BitsTally.memory` computes the same; tests/test_memory_accounting.py checks the two agree."""
+    The trainer's `BitsTally.memory` computes the same; python/tests/test_memory_accounting.py checks the two agree."""
     unit_elements = 2 * layout.chunk_size * layout.head_dim
     total_elements = windows * layout.num_layers * layout.num_heads * layout.tokens * layout.head_dim * 2
     rest = (total_elements - sum(layer_units) * unit_elements) * 16

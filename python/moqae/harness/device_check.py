@@ -5,7 +5,8 @@ hidden 4096; `tiny` is a smoke test that runs anywhere). Then, in this process s
 memory counts both: a Taylor dump (one forward and one backward per window) of WINDOWS byte windows of
 SEQ_LEN tokens, timed per window after the model has loaded; and the evaluation of the same windows under
 a random router (the router's plan alone: one forward per window with K and V fake-quantized), timed per
-window after loading. The peak includes the weights.
+window after loading. Each step's peak GPU memory is measured on its own and includes the weights; each
+mean includes the first window's warm-up.
 """
 import os
 import shutil
@@ -68,11 +69,11 @@ def device_check(corpus: str, *, shape: str = "llama2-7b", windows: int = 4, seq
     work = tempfile.mkdtemp(prefix="moqae-device-")
     try:
         text = os.path.join(work, "text.txt")
-        with open(corpus, "rb") as f:
-            head = f.read(windows * seq_len)
-        if len(head) < windows * seq_len:
-            raise MoqaeError(f"{corpus}: {len(head)} bytes, fewer than {windows} windows of {seq_len}")
-        with open(text, "wb") as f:
+        with open(corpus, "rb") as f:   # 3 bytes more complete a character the cut would split; none is a window
+            head = f.read(windows * seq_len + 3).decode("utf-8", "ignore")
+        if len(head.encode()) < windows * seq_len:
+            raise MoqaeError(f"{corpus}: fewer than {windows} windows of {seq_len} bytes")
+        with open(text, "w", encoding="utf-8") as f:
             f.write(head)
         started = time.perf_counter()
         model_dir = save_random_model(shape, seq_len, os.path.join(work, "model"), device)
@@ -92,9 +93,8 @@ def device_check(corpus: str, *, shape: str = "llama2-7b", windows: int = 4, seq
         model = load_model(model_dir, device, None, "bfloat16")
         layers, heads, head_dim, _ = model_shape(model.config)
         export = random_export(layers, heads, head_dim, group=1)
-        with open(text, encoding="utf-8", errors="replace") as f:
-            ids = cut_windows([f.read()], ByteTokenizer(), seq_len)[:windows]
-        evaluation = Evaluation(model, ids, export, head_dim, model_dir, batch_size=1, progress=False)
+        ids = cut_windows([head], ByteTokenizer(), seq_len)
+        evaluation = Evaluation(model, ids, export, value_group=head_dim, model_dir=model_dir, batch_size=1, progress=False)
         started = time.perf_counter()
         evaluation.router()
         if device.startswith("cuda"):
