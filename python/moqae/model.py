@@ -80,7 +80,7 @@ def load_model(model_dir: str, device: str, device_map: str | None, dtype_name: 
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, attn_implementation=attention_implementation(config), dtype=dtype,
+            model_dir, config=config, local_files_only=True, attn_implementation=attention_implementation(config), dtype=dtype,
             # straight onto the GPU: K torchrun ranks need not each hold a copy in host memory first
             device_map=device_map or ({"": device} if device.startswith("cuda") else None))
     except (OSError, ValueError) as error:

@@ -21,6 +21,16 @@ def run_moqae(*args):
     return subprocess.run([sys.executable, "-m", "moqae", *args], capture_output=True, text=True, env=env)
 
 
+def train_on(moqae_train, store, run_dir, *settings, max_steps):
+    """Runs `moqae-train` on `store` into `run_dir` for `max_steps` steps, with the config defaults and each
+    KEY=VALUE of `settings` as `--set`; returns the completed process."""
+    config = os.path.join(os.path.dirname(run_dir), "empty.yaml")
+    open(config, "w").close()
+    overrides = [arg for setting in (f"store={store}", f"run_dir={run_dir}", *settings) for arg in ("--set", setting)]
+    return subprocess.run([moqae_train, "--config", config, *overrides, "--max-steps", str(max_steps)],
+                          capture_output=True, text=True)
+
+
 @pytest.fixture(scope="session")
 def moqae_train():
     """The built moqae-train (release or debug), building it when neither exists."""

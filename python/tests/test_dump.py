@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, REFERENCE_MODEL, copy_model, run_moqae
+from conftest import PYTHON, REFERENCE_MODEL, copy_model, run_moqae, train_on
 from moqae import MoqaeError
 
 
@@ -45,12 +45,8 @@ def test_dumps_llama_and_qwen2_and_the_trainer_reads_them(family, request, small
     assert [e["name"] for e in manifest["experts"]] == ["fp16", "int8", "k4v2", "int2"]
     inspect = subprocess.run([moqae_train, "inspect", out], capture_output=True, text=True)
     assert inspect.returncode == 0 and "every tensor verified" in inspect.stdout, inspect.stderr
-    run_dir = str(tmp_path / "run")
-    config = tmp_path / "empty.yaml"
-    config.write_text("")
-    train = subprocess.run([moqae_train, "--config", str(config), "--set", f"store={out}", "--set", f"run_dir={run_dir}",
-                            "--set", "router.experts=[fp16, k4v2, int2]", "--set", "data.calibration_fraction=0.1",
-                            "--set", "data.validation_fraction=0.1", "--max-steps", "3"], capture_output=True, text=True)
+    train = train_on(moqae_train, out, str(tmp_path / "run"), "router.experts=[fp16, k4v2, int2]",
+                     "data.calibration_fraction=0.1", "data.validation_fraction=0.1", max_steps=3)
     assert train.returncode == 0, train.stderr
     assert "validation:" in train.stdout
 
@@ -78,11 +74,7 @@ def test_router_inputs_reach_the_store_trainer_export_and_evaluator(router_input
             assert not torch.allclose(inputs[name][..., 1:, :].float(), keys[name][..., 1:, :].float(), atol=1e-2)
 
     run_dir, export = str(tmp_path / "run"), str(tmp_path / "router.bin")
-    config = tmp_path / "empty.yaml"
-    config.write_text("")
-    train = subprocess.run([moqae_train, "--config", str(config), "--set", f"store={out}", "--set", f"run_dir={run_dir}",
-                            "--set", "data.calibration_fraction=0.03", "--set", "data.validation_fraction=0.02",
-                            "--max-steps", "3"], capture_output=True, text=True)
+    train = train_on(moqae_train, out, run_dir, "data.calibration_fraction=0.03", "data.validation_fraction=0.02", max_steps=3)
     assert train.returncode == 0, train.stderr
     assert subprocess.run([moqae_train, "export", run_dir, "--out", export], capture_output=True).returncode == 0
     inspect = subprocess.run([moqae_train, "inspect", export], capture_output=True, text=True)

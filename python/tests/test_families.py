@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from conftest import run_moqae
+from conftest import run_moqae, train_on
 from moqae import MoqaeError
 from moqae.capture import KVHook, RouterInputs, captured
 from moqae.model import load_model, model_shape, sliding_window_layers, window_length
@@ -116,11 +116,7 @@ def test_dump_train_export_and_eval(family, family_dir, small_corpus, tmp_path, 
     dumped = run_moqae("dump", "--model", directory, "--corpus", small_corpus, "--out", store, "--tokenizer", "bytes",
                        "--seq-len", "128", "--fraction", "0.3", "--router-input", "key-prerope")
     assert dumped.returncode == 0, dumped.stderr
-    config = tmp_path / "empty.yaml"
-    config.write_text("")
-    train = subprocess.run([moqae_train, "--config", str(config), "--set", f"store={store}", "--set", f"run_dir={run_dir}",
-                            "--set", "data.calibration_fraction=0.15", "--set", "data.validation_fraction=0.15",
-                            "--max-steps", "2"], capture_output=True, text=True)
+    train = train_on(moqae_train, store, run_dir, "data.calibration_fraction=0.15", "data.validation_fraction=0.15", max_steps=2)
     assert train.returncode == 0, train.stderr
     export = subprocess.run([moqae_train, "export", run_dir, "--out", router], capture_output=True, text=True)
     assert export.returncode == 0, export.stderr

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REFERENCE_MODEL, run_moqae
+from conftest import REFERENCE_MODEL, run_moqae, train_on
 from moqae.router import read_export, route
 from moqae.store import Store
 
@@ -20,11 +20,8 @@ def dump_and_train(corpus, directory, moqae_train, *dump_flags):
     dumped = run_moqae("dump", "--model", REFERENCE_MODEL, "--corpus", corpus, "--out", store, "--tokenizer", "bytes",
                        "--seq-len", "256", "--fraction", "0.2", *dump_flags)
     assert dumped.returncode == 0, dumped.stderr
-    config = directory / "empty.yaml"
-    config.write_text("")
-    train = subprocess.run([moqae_train, "--config", str(config), "--set", f"store={store}", "--set", f"run_dir={run_dir}",
-                            "--set", "data.calibration_fraction=0.1", "--set", "data.validation_fraction=0.1",
-                            "--set", "train.epochs=200", "--max-steps", "100"], capture_output=True, text=True)
+    train = train_on(moqae_train, store, run_dir, "data.calibration_fraction=0.1", "data.validation_fraction=0.1",
+                     "train.epochs=200", max_steps=100)
     assert train.returncode == 0, train.stderr
     router = str(directory / "router.bin")
     subprocess.run([moqae_train, "export", run_dir, "--out", router], check=True, capture_output=True)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_moqae
+from conftest import run_moqae, train_on
 from moqae.evaluate.plans import Layout
 from moqae.evaluate.scoring import kv_memory_bits
 from moqae.store import read_manifest
@@ -27,14 +27,10 @@ def store(tiny_llama, tmp_path_factory):
 
 @pytest.mark.parametrize("group_size,freeze", [(2, True), (1, False)])
 def test_the_trainers_bits_are_the_evaluators(store, group_size, freeze, moqae_train, tmp_path):
-    config = tmp_path / "empty.yaml"
-    config.write_text("")
     run_dir = str(tmp_path / "run")
-    settings = [f"store={store}", f"run_dir={run_dir}", f"router.experts=[{', '.join(EXPERTS)}]",
-                f"router.group_size={group_size}", f"router.freeze_first_chunk={str(freeze).lower()}",
-                "data.calibration_fraction=0.25", "data.validation_fraction=0.25"]
-    overrides = [arg for setting in settings for arg in ("--set", setting)]
-    train = subprocess.run([moqae_train, "--config", str(config), *overrides, "--max-steps", "0"], capture_output=True, text=True)
+    train = train_on(moqae_train, store, run_dir, f"router.experts=[{', '.join(EXPERTS)}]", f"router.group_size={group_size}",
+                     f"router.freeze_first_chunk={str(freeze).lower()}", "data.calibration_fraction=0.25",
+                     "data.validation_fraction=0.25", max_steps=0)
     assert train.returncode == 0, train.stderr
     evaluated = subprocess.run([moqae_train, "eval", run_dir, "--json"], capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr
