@@ -127,7 +127,7 @@ public final class CalibrationStore: @unchecked Sendable {
     /// The shard file that holds a sequence.
     public func shardPath(of sequence: Sequence) -> String { shards[sequence.shard].path }
 
-    /// Mean NLL (nats) of the unquantized model over the sequence.
+    /// Mean NLL (nats) of the unquantized model over the sequence, or of the background plan's (version 2).
     public func nll(of sequence: Sequence) -> Float { readFloats(sequence.shard, sequence.nll)[0] }
 
     /// `delta_nll[L, H, C, M]` of a sequence, row-major.
@@ -220,14 +220,19 @@ public final class CalibrationStore: @unchecked Sendable {
             throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).nll", reason: "value \(nll) is not finite")
         }
         let delta = deltaNLL(of: sequence)
-        let M = manifest.experts.count
-        let unquantized = manifest.experts.indices.filter { manifest.experts[$0].isUnquantized }
-        for (index, value) in delta.enumerated() where !value.isFinite || (unquantized.contains(index % M) && value != 0) {
-            let M = manifest.experts.count, C = manifest.chunksPerSequence, H = model.numKVHeads
-            let position = "[\(index / (H * C * M)), \(index / (C * M) % H), \(index / M % C), \(index % M)]"
+        let M = manifest.experts.count, C = manifest.chunksPerSequence, H = model.numKVHeads
+        let unquantized = Set(manifest.experts.indices.filter { manifest.experts[$0].isUnquantized })
+        for (index, value) in delta.enumerated() {
+            let layer = index / (H * C * M), chunk = index / M % C, expert = index % M
+            // A unit's delta is 0 at the expert it was measured around: fp16, or its background expert.
+            let isZeroPoint = manifest.background.map { chunk >= $0.frozenChunks ? expert == $0.experts[layer] : unquantized.contains(expert) }
+                ?? unquantized.contains(expert)
+            guard !value.isFinite || (isZeroPoint && value != 0) else { continue }
+            let position = "[\(layer), \(index / (C * M) % H), \(chunk), \(expert)]"
             throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).delta_nll",
-                          reason: value.isFinite ? "the 16/16 expert's value at \(position) is \(value), expected 0"
-                                                 : "value \(value) at \(position) is not finite")
+                          reason: !value.isFinite ? "value \(value) at \(position) is not finite"
+                              : manifest.background == nil ? "the 16/16 expert's value at \(position) is \(value), expected 0"
+                              : "the background expert's value at \(position) is \(value), expected 0")
         }
     }
 

@@ -70,11 +70,25 @@ public enum RouterInput: String, CaseIterable, Equatable, Sendable {
     }
 }
 
-/// `manifest.json` of a `moqae-calibration` version 1 store.
+/// The plan a version 2 store's `delta_nll` is measured around (docs/FORMATS.md, Sensitivities around a
+/// background): chunks `frozenChunks...` of layer l at `experts[l]`, earlier chunks at 16 bits.
+public struct Background: Equatable, Sendable {
+    /// Per layer, an index into the manifest's experts.
+    public var experts: [Int]
+    public var frozenChunks: Int
+
+    public init(experts: [Int], frozenChunks: Int) {
+        self.experts = experts
+        self.frozenChunks = frozenChunks
+    }
+}
+
+/// `manifest.json` of a `moqae-calibration` store: version 1 measures `delta_nll` against fp16, version 2
+/// around a background plan.
 public struct Manifest: Equatable, Sendable {
     public static let format = "moqae-calibration"
-    public static let version = 1
-    public static let sensitivities = ["taylor", "fisher", "exact"]
+    public static let versions = [1, 2]
+    public static let sensitivities = ["taylor", "fisher", "exact", "taylor+exact-answers"]
 
     public var model: ModelShape
     public var routerInput: RouterInput
@@ -89,10 +103,13 @@ public struct Manifest: Equatable, Sendable {
     public var seqLen: Int
     public var numSequences: Int
     public var sequences: [ManifestSequence]
+    /// Version 2: the plan `delta_nll` is measured around; nil: fp16 (version 1).
+    public var background: Background?
 
     public init(model: ModelShape, routerInput: RouterInput = .key, chunkSize: Int, valueGroup: Int, experts: [Expert],
                 sensitivity: String, selectionSeed: UInt64, selectionFraction: Double, corpusSource: String,
-                tokenizer: String, seqLen: Int, numSequences: Int, sequences: [ManifestSequence]) {
+                tokenizer: String, seqLen: Int, numSequences: Int, sequences: [ManifestSequence],
+                background: Background? = nil) {
         self.model = model
         self.routerInput = routerInput
         self.chunkSize = chunkSize
@@ -106,6 +123,7 @@ public struct Manifest: Equatable, Sendable {
         self.seqLen = seqLen
         self.numSequences = numSequences
         self.sequences = sequences
+        self.background = background
     }
 
     /// Width of one router input vector: the last dimension of every `seq.ID.inputs`.
@@ -117,7 +135,7 @@ public struct Manifest: Equatable, Sendable {
     public var json: JSON {
         .object([
             ("format", .string(Manifest.format)),
-            ("version", .int(Manifest.version)),
+            ("version", .int(background == nil ? 1 : 2)),
             ("model", .object([
                 ("name", .string(model.name)), ("num_layers", .int(model.numLayers)),
                 ("num_kv_heads", .int(model.numKVHeads)), ("head_dim", .int(model.headDim)),
@@ -129,6 +147,12 @@ public struct Manifest: Equatable, Sendable {
                 .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))])
             })),
             ("sensitivity", .string(sensitivity)),
+        ] + (background.map { background in
+            [("background", JSON.object([
+                ("experts", .array(background.experts.map { .string(experts[$0].name) })),
+                ("frozen_chunks", .int(background.frozenChunks)),
+            ]))]
+        } ?? []) + [
             ("selection", .object([("seed", .int(selectionSeed)), ("fraction", .double(selectionFraction))])),
             ("corpus", .object([
                 ("source", .string(corpusSource)), ("tokenizer", .string(tokenizer)),
@@ -158,6 +182,8 @@ public struct ManifestError: Error, CustomStringConvertible, Equatable {
         /// `format` is not `moqae-calibration`.
         case unknownFormat(String)
         case unsupportedVersion(Int)
+        /// `background.experts` is not one store expert name per layer.
+        case invalidBackground(layers: Int)
         case unknownRouterInput(String)
         case valueGroupNotADivisor(valueGroup: Int, headDim: Int)
         /// `experts` is absent, empty, or longer than 255.
@@ -190,7 +216,8 @@ public struct ManifestError: Error, CustomStringConvertible, Equatable {
             case .notAnUnsignedInteger: "expected an unsigned 64-bit integer"
             case .notANonNegativeInteger: "expected a non-negative integer"
             case .unknownFormat: "expected \"\(Manifest.format)\""
-            case .unsupportedVersion: "expected \(Manifest.version)"
+            case .unsupportedVersion: "expected one of \(Manifest.versions)"
+            case let .invalidBackground(layers): "expected \(layers) names of the store's experts, one per layer"
             case let .unknownRouterInput(name): "expected one of \(RouterInput.allCases.map(\.rawValue)), got \"\(name)\""
             case let .valueGroupNotADivisor(valueGroup, headDim): "must divide head_dim \(headDim), got \(valueGroup)"
             case .invalidExpertList: "expected a list of 1 to 255 experts"
@@ -232,7 +259,7 @@ extension Manifest {
         let formatName = try reader.string("format")
         guard formatName == format else { throw ManifestError(key: "format", reason: .unknownFormat(formatName)) }
         let versionNumber = try reader.int("version")
-        guard versionNumber == version else { throw ManifestError(key: "version", reason: .unsupportedVersion(versionNumber)) }
+        guard versions.contains(versionNumber) else { throw ManifestError(key: "version", reason: .unsupportedVersion(versionNumber)) }
         let model = ModelShape(
             name: try reader.string("model.name"),
             numLayers: try reader.int("model.num_layers", min: 1, max: 65535),
@@ -282,6 +309,16 @@ extension Manifest {
         guard fraction > 0, fraction <= 1 else { throw ManifestError(key: "selection.fraction", reason: .fractionOutOfRange(fraction)) }
         let seqLen = try reader.int("corpus.seq_len", min: 1, max: Int(Int32.max))
         let numSequences = try reader.int("corpus.num_sequences", min: 0, max: Int.max)
+        var background: Background?
+        if versionNumber == 2 {
+            let names = root["background"]?["experts"]?.arrayValue?.compactMap(\.stringValue) ?? []
+            let indices = names.compactMap { name in experts.firstIndex { $0.name == name } }
+            guard indices.count == model.numLayers, names.count == model.numLayers else {
+                throw ManifestError(key: "background.experts", reason: .invalidBackground(layers: model.numLayers))
+            }
+            background = Background(experts: indices, frozenChunks: try reader.int(
+                "background.frozen_chunks", min: 0, max: seqLen / chunkSize))
+        }
 
         guard let sequenceItems = root["sequences"]?.arrayValue, !sequenceItems.isEmpty else {
             throw ManifestError(key: "sequences", reason: .noSequences)
@@ -315,7 +352,7 @@ extension Manifest {
             model: model, routerInput: routerInput, chunkSize: chunkSize, valueGroup: valueGroup, experts: experts,
             sensitivity: sensitivity, selectionSeed: seed, selectionFraction: fraction,
             corpusSource: try reader.string("corpus.source"), tokenizer: try reader.string("corpus.tokenizer"),
-            seqLen: seqLen, numSequences: numSequences, sequences: sequences)
+            seqLen: seqLen, numSequences: numSequences, sequences: sequences, background: background)
     }
 
     private static func isPlainShardName(_ name: String) -> Bool {

@@ -84,6 +84,37 @@ import Testing
         #expect(message.contains("seq.\(sequences[1].id).delta_nll") && message.contains("not finite"))
     }
 
+    /// A version 2 store measures delta_nll around a background: the zero of each unit is its background
+    /// expert (16 bits before the frozen chunks), and the manifest round-trips the background.
+    @Test func backgroundStoresTakeTheBackgroundExpertAsTheZero() throws {
+        let directory = makeTemporaryDirectory()
+        var sequences = try makeSmallStore(at: directory)   // 4 layers, 2 heads, 3 chunks, experts fp16, int4, int2
+        var manifest = try Manifest.parse(Array(try Data(contentsOf: URL(fileURLWithPath: directory + "/manifest.json"))))
+        manifest.background = Background(experts: [1, 2, 2, 2], frozenChunks: 1)
+        manifest.sensitivity = "taylor+exact-answers"
+        let (M, C, H) = (3, 3, 2)
+        for s in sequences.indices {
+            for index in sequences[s].deltaNLL.indices {
+                let layer = index / (H * C * M), chunk = index / M % C, expert = index % M
+                let zero = chunk < 1 ? 0 : (layer == 0 ? 1 : 2)
+                sequences[s].deltaNLL[index] = expert == zero ? 0 : Float(expert) - Float(zero)   // fp16 below the background: negative
+            }
+        }
+        try StoreWriter.write(sequences, manifest: manifest, to: directory)
+        let store = try CalibrationStore(path: directory)
+        #expect(store.manifest.background == manifest.background)
+        #expect(store.manifest.json.serialized.contains(#""version":2"#))
+        #expect(store.manifest.json.serialized.contains(#""background":{"experts":["int4","int2","int2","int2"],"frozen_chunks":1}"#))
+
+        sequences[0].deltaNLL[(0 * H * C + 0 * C + 2) * M + 1] = 0.5   // layer 0, head 0, chunk 2: its background int4
+        try StoreWriter.write(sequences, manifest: manifest, to: directory)
+        let message = try #require(openError(directory))
+        #expect(message.contains("the background expert's value at [0, 0, 2, 1] is 0.5, expected 0"))
+
+        try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #""int4","int2","int2","int2""#, with: #""int4","int2","int3","int2""#) }
+        #expect(manifestError(directory) == ManifestError(key: "background.experts", reason: .invalidBackground(layers: 4)))
+    }
+
     @Test func rejectsManifestInconsistencies() throws {
         let directory = makeTemporaryDirectory()
         _ = try makeSmallStore(at: directory)

@@ -53,6 +53,12 @@ def parser():
     dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
                       help="how delta_nll is estimated (exact: the NLL change with each unit quantized alone, one "
                            "resumed forward per unit and expert; small models)")
+    dump.add_argument("--background", metavar="PLAN",
+                      help="measure delta_nll around this plan instead of fp16: an expert for every layer (int2) or one "
+                           "per layer (int4,int2,int2,int2), chunk 0 at 16 bits; Taylor at that point (a version 2 store)")
+    dump.add_argument("--exact-answers", action="store_true",
+                      help="with --background and --passkey: the answer tokens' part of delta_nll measured exactly, every "
+                           "head of a chunk raised together, in windows whose answer the background puts at risk")
     dump.add_argument("--router-input", choices=ROUTER_INPUTS, default="key",
                       help="what the routers read per token: the post-RoPE key as cached (default), the key before "
                            "RoPE, key and value side by side (twice the head dim), or the key and 7 statistics of its chunk "
@@ -239,7 +245,7 @@ def run(args):
             args.model, args.corpus, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len, fraction=args.fraction,
             seed=args.seed, passkey=args.passkey, passkey_seed=args.passkey_seed, answer_weight=args.answer_weight,
             chunk_size=args.chunk_size, value_group=args.value_group, experts=args.experts, sensitivity=args.sensitivity,
-            router_input=args.router_input, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size, resume=args.resume,
+            background=args.background, exact_answers=args.exact_answers, router_input=args.router_input, inputs_dtype=args.inputs_dtype, shard_size=args.shard_size, resume=args.resume,
             device=args.device, device_map=args.device_map, model_dtype=args.model_dtype, num_shards=args.num_shards,
             shard_index=args.shard_index)
         if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the store

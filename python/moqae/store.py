@@ -14,8 +14,8 @@ from .router import ROUTER_INPUTS
 from .selection import unit_value
 
 MANIFEST = "manifest.json"
-FORMAT, VERSION = "moqae-calibration", 1
-SENSITIVITIES = ("taylor", "fisher", "exact")
+FORMAT, VERSIONS = "moqae-calibration", (1, 2)   # 2: sensitivities around a background plan
+SENSITIVITIES = ("taylor", "fisher", "exact", "taylor+exact-answers")
 MANIFEST_LIMIT = 256 << 20      # bytes: the trainer's cap
 
 
@@ -49,6 +49,7 @@ class Manifest:
     seq_len: int            # T
     num_sequences: int      # windows of the corpus
     sequences: list[Sequence]   # in manifest order
+    background: dict | None = None   # version 2: {"experts": one name per layer, "frozen_chunks": n}
 
     def split(self, fraction: float) -> list[Sequence]:
         """The sequences with u(id, seed) < fraction: the calibration split at `fraction`."""
@@ -117,8 +118,9 @@ def check_manifest(path: str, root: dict) -> Manifest:
     fields = JSONFields(path, root)
     if fields.string("format") != FORMAT:
         raise fields.error("format", f'expected "{FORMAT}"')
-    if fields.integer("version", 0, 1 << 31) != VERSION:
-        raise fields.error("version", f"expected {VERSION}")
+    version = fields.integer("version", 0, 1 << 31)
+    if version not in VERSIONS:
+        raise fields.error("version", f"expected one of {', '.join(map(str, VERSIONS))}")
     model = ModelShape(fields.string("model.name"), fields.integer("model.num_layers", 1, 65535),
                        fields.integer("model.num_kv_heads", 1, 65535), fields.integer("model.head_dim", 1, 65535))
     router_input = fields.string("router_input")
@@ -148,6 +150,13 @@ def check_manifest(path: str, root: dict) -> Manifest:
     for key in ("corpus.source", "corpus.tokenizer"):   # checked as the trainer checks them; read by no tool
         fields.string(key)
     seq_len = fields.integer("corpus.seq_len", 1, (1 << 31) - 1)
+    background = None
+    if version == 2:
+        names = [item.root for item in fields.items("background.experts", model.num_layers, model.num_layers)]
+        if not all(any(e.name == name for e in experts) for name in names):
+            raise fields.error("background.experts", f"expected {model.num_layers} names of the store's experts")
+        background = {"experts": names,
+                      "frozen_chunks": fields.integer("background.frozen_chunks", 0, seq_len // chunk_size)}
     num_sequences = fields.integer("corpus.num_sequences", 0, 1 << 63)
     sequences, seen = [], set()
     for item in fields.items("sequences", 1, 1 << 63):
@@ -167,7 +176,7 @@ def check_manifest(path: str, root: dict) -> Manifest:
         seen.add(sequence.id)
         sequences.append(sequence)
     return Manifest(path, model, router_input, chunk_size, value_group, experts, sensitivity, seed, fraction, seq_len,
-                    num_sequences, sequences)
+                    num_sequences, sequences, background)
 
 
 class Store:

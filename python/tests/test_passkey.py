@@ -54,7 +54,7 @@ def test_wilson_interval_matches_the_formula():
 
 def test_a_store_corpus_gets_needles_in_the_chosen_windows():
     corpus = windows([HAYSTACK], ByteTokenizer(), 512)
-    mixed, weights = with_needles(corpus, HAYSTACK, ByteTokenizer(), 0.5, seed=1, answer_weight=40)
+    mixed, weights, answer_slots = with_needles(corpus, HAYSTACK, ByteTokenizer(), 0.5, seed=1, answer_weight=40)
     needled = [row for row in range(len(corpus)) if not torch.equal(mixed[row], corpus[row])]
     assert 0.3 * len(corpus) < len(needled) < 0.7 * len(corpus)
     assert all(b" The pass key is " in bytes(mixed[row].tolist()) for row in needled)
@@ -65,6 +65,8 @@ def test_a_store_corpus_gets_needles_in_the_chosen_windows():
         assert heavy.tolist() == expected and (weights[row][weights[row] != 40] == 1).all()
         if row in needled:
             assert bytes(mixed[row, heavy].tolist()).isdigit()
+            assert (answer_slots[row] + 1).tolist() == expected
+    assert sorted(answer_slots) == needled
 
 
 def test_the_evaluator_scores_answers_and_the_bits_that_held_the_key(tiny_llama):

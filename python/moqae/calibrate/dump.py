@@ -15,32 +15,36 @@ from ..model import check_model_dir, load_model, model_shape, resolve_device, wi
 from ..selection import selected, unit_value
 from ..tasks import passkey_windows
 from .distributed import Torchrun
+from .background import Background, background_delta
 from .sensitivity import exact_delta, weighted_taylor_delta
 from .writer import StoreWriter
 
 
 def with_needles(corpus, haystack, tokenizer, fraction, seed, answer_weight=1.0):
     """The corpus windows (N, T) with those whose u(index, seed) < fraction replaced by pass-key windows
-    of the same length, built from the corpus text with that seed; and the token weights (N, T − 1) of
+    of the same length, built from the corpus text with that seed; the token weights (N, T − 1) of
     the loss the sensitivities measure: 1, and `answer_weight` for the answer tokens of pass-key windows
-    (weight i is that of predicting token i + 1)."""
+    (weight i is that of predicting token i + 1); and, per pass-key window, its answer slots (the weight
+    indices of its answer tokens)."""
     needles = passkey_windows(haystack, tokenizer, corpus.shape[1], corpus.shape[0], seed)
     chosen = torch.tensor([unit_value(i, seed) < fraction for i in range(corpus.shape[0])])
     weights = torch.ones(corpus.shape[0], corpus.shape[1] - 1, dtype=torch.float64)
-    for row in chosen.nonzero().flatten().tolist():
-        weights[row, needles.answer_positions[row] - 1] = answer_weight
-    return torch.where(chosen[:, None], needles.ids, corpus), weights
+    answer_slots = {row: needles.answer_positions[row] - 1 for row in chosen.nonzero().flatten().tolist()}
+    for row, slots in answer_slots.items():
+        weights[row, slots] = answer_weight
+    return torch.where(chosen[:, None], needles.ids, corpus), weights, answer_slots
 
 
 def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", seq_len: int | None = None,
          fraction: float = 0.10, seed: int = 0, passkey: float = 0.0, passkey_seed: int = 1, answer_weight: float = 1.0,
          chunk_size: int = 32, value_group: int | None = None, experts: str = "fp16,int4,int2",
-         sensitivity: str = "taylor", router_input: str = "key", inputs_dtype: str = "float16", shard_size: int = 1 << 30,
+         sensitivity: str = "taylor", background: str | None = None, exact_answers: bool = False, router_input: str = "key", inputs_dtype: str = "float16", shard_size: int = 1 << 30,
          resume: bool = False, device: str = "auto", device_map: str | None = None, model_dtype: str = "auto",
          num_shards: int = 1, shard_index: int = 0) -> tuple[int, float]:
     """Dumps the store `out`, or this process's part of it (`num_shards`, `shard_index`); under torchrun each rank
-    dumps its part and rank 0 joins them into `out` (distributed.py). Returns (sequences in the store or part,
-    seconds per sequence dumped)."""
+    dumps its part and rank 0 joins them into `out` (distributed.py). With `background` (an expert, or one per
+    layer) the sensitivities are Taylor around that plan, and with `exact_answers` the answer tokens' part is
+    exact (background.py). Returns (sequences in the store or part, seconds per sequence dumped)."""
     from transformers import AutoConfig
     check_model_dir(model)
     expert_set = parse_experts(experts)
@@ -71,11 +75,17 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
         raise MoqaeError(f"--answer-weight must be a positive number, got {answer_weight}")
     if answer_weight != 1 and not passkey:
         raise MoqaeError("--answer-weight weighs the answers of pass-key windows: it needs --passkey")
+    if background is not None and sensitivity != "taylor":
+        raise MoqaeError(f"--background is measured with the taylor sensitivity, not {sensitivity}")
+    if exact_answers and not (background and passkey):
+        raise MoqaeError("--exact-answers measures the answers of pass-key windows around a plan: it needs --passkey "
+                         "and --background")
+    plan = Background(background, expert_set, layers, chunk_size, value_group) if background else None
     encoder = tokenizer_for(tokenizer, model)
     texts = read_texts(corpus)
-    corpus_windows, weights = windows(texts, encoder, seq_len), None
+    corpus_windows, weights, answer_slots = windows(texts, encoder, seq_len), None, {}
     if passkey:
-        corpus_windows, weights = with_needles(corpus_windows, "".join(texts), encoder, passkey, passkey_seed,
+        corpus_windows, weights, answer_slots = with_needles(corpus_windows, "".join(texts), encoder, passkey, passkey_seed,
                                                answer_weight)
     chosen = [i for i in range(corpus_windows.shape[0]) if selected(i, seed, fraction)]
     if not chosen:
@@ -83,12 +93,13 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     mine = chosen[shard_index:: num_shards]
 
     header = {
-        "format": "moqae-calibration", "version": 1,
+        "format": "moqae-calibration", "version": 2 if plan else 1,
         "model": {"name": os.path.basename(os.path.normpath(model)), "num_layers": layers,
                   "num_kv_heads": kv_heads, "head_dim": head_dim},
         "router_input": router_input, "chunk_size": chunk_size, "value_group": value_group,
         "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in expert_set],
-        "sensitivity": sensitivity, "selection": {"seed": seed, "fraction": fraction},
+        "sensitivity": "taylor+exact-answers" if exact_answers else sensitivity,
+        **({"background": plan.manifest_field} if plan else {}), "selection": {"seed": seed, "fraction": fraction},
         "corpus": {"source": ", ".join(os.path.basename(p) for p in corpus), "tokenizer": encoder.name,
                    "seq_len": seq_len, "num_sequences": int(corpus_windows.shape[0]),
                    **({"passkey": {"fraction": passkey, "seed": passkey_seed, "answer_weight": answer_weight}}
@@ -113,7 +124,11 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
         for seq_id in todo:
             ids = corpus_windows[seq_id].to(lm.device)
             token_weights = None if weights is None else weights[seq_id]
-            if sensitivity == "exact":
+            if plan:
+                slots = answer_slots.get(seq_id) if exact_answers else None
+                nll, keys, values, delta, _ = background_delta(lm, ids, expert_set, chunk_size, value_group, model, plan,
+                                                               token_weights, slots)
+            elif sensitivity == "exact":
                 nll, keys, values, delta = exact_delta(lm, ids, expert_set, chunk_size, value_group, model,
                                                        token_weights)
             else:

@@ -77,9 +77,12 @@ def weighted_taylor_delta(model, ids, experts, chunk, value_group, model_dir, we
     return loss / total, keys, values, (delta / total).float()
 
 
-def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_group, total_weight, rule="taylor"):
+def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_group, total_weight, rule="taylor",
+                 attended=None):
     """delta_nll (L, H, C, M) from one backward pass, by the taylor or fisher rule; `total_weight` is
-    W = Σ_t w_t (T − 1 for the plain mean)."""
+    W = Σ_t w_t (T − 1 for the plain mean). The expansion point is the raw K, V (the 16/16 column is 0),
+    or `attended`: the (keys, values) the forward read instead (a background plan's, background.py),
+    so that e = K̂_j − attended for every expert."""
     L, (H, T, D) = len(keys), keys[0].shape
     C = T // chunk
     delta = torch.zeros(L, H, C, len(experts), dtype=torch.float64)
@@ -89,11 +92,12 @@ def taylor_delta(keys, values, grad_keys, grad_values, experts, chunk, value_gro
 
     for layer in range(L):
         k, v, gk, gv = keys[layer], values[layer], grad_keys[layer], grad_values[layer]
+        point_k, point_v = (k, v) if attended is None else (attended[0][layer], attended[1][layer])
         for m, expert in enumerate(experts):
-            if expert.is_unquantized:
+            if expert.is_unquantized and attended is None:
                 continue
-            tk = gk * (quantize_keys(k, expert.key_bits, chunk) - k)
-            tv = gv * (quantize_values(v, expert.value_bits, chunk, value_group) - v)
+            tk = gk * (quantize_keys(k, expert.key_bits, chunk) - point_k)
+            tv = gv * (quantize_values(v, expert.value_bits, chunk, value_group) - point_v)
             second = 0.5 * (unit_sum(tk * tk) + unit_sum(tv * tv))
             delta[layer, :, :, m] = second if rule == "fisher" else unit_sum(tk) + unit_sum(tv) + second
     return (delta / total_weight).float()
