@@ -160,6 +160,20 @@ def route_chunks(export, router, inputs):
     return pooled_decisions(pooled_probabilities(logits, export.chunk_size, export.pooling), export.experts)
 
 
+def keep_probability(export, router, inputs):
+    """The router's probability of keeping each routed chunk above 2 bits, (..., routed C): the pooled
+    probability of the experts of more than 2 average bits (vote pooling: the chunk's mean token
+    probability of them)."""
+    first = 1 if export.freeze_first_chunk else 0
+    C = inputs.shape[-2] // export.chunk_size
+    logits = token_logits(inputs[..., first * export.chunk_size: C * export.chunk_size, :], export.weights[router])
+    above = torch.tensor([(e.key_bits + e.value_bits) / 2 > 2 for e in export.experts], device=logits.device)
+    if export.pooling == "vote":
+        token_keep = (torch.softmax(logits, dim=-1) * above).sum(-1)
+        return token_keep.reshape(*token_keep.shape[:-1], -1, export.chunk_size).mean(-1)
+    return (pooled_probabilities(logits, export.chunk_size, export.pooling) * above).sum(-1)
+
+
 def random_export(layers, heads, width, experts="fp16,int4,int2", group=1, freeze=True, router_input="key",
                   pooling="vote", seed=0, scale=1.0):
     """Routers of random weights, for tests and benchmarks of models that have no trained router: normal

@@ -10,8 +10,10 @@ from moqae.corpus import ByteTokenizer, read_texts, windows
 from moqae.calibrate.dump import with_needles
 from moqae.model import load_model
 from moqae.evaluate.oracles import source_aware_plan
-from moqae.evaluate.plans import Layout, UniformPlan
-from moqae.evaluate.scoring import evaluate_plan
+from moqae.capture import RouterInputs
+from moqae.evaluate.plans import Layout, RouterPlan, UniformPlan
+from moqae.evaluate.scoring import auc, evaluate_plan
+from moqae.router import random_export
 from moqae.experts import parse_expert
 from moqae import MoqaeError
 from moqae.tasks import answer_correct, passkey_windows, task_windows, wilson_interval
@@ -117,3 +119,26 @@ def test_the_source_aware_plan_keeps_the_key_and_question_chunks_high():
         assert decisions.shape == (2, 2, 7)
         for routed in range(7):
             assert (decisions[..., routed] == (0 if routed in high else 1)).all(), (window, routed)
+
+
+def test_reports_show_per_layer_how_key_and_other_units_are_kept(tiny_llama):
+    """The source-aware plan keeps every key unit and only the question's above 2 bits; the AUC is a
+    brute-force count of ordered pairs."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    task = passkey_windows(HAYSTACK, ByteTokenizer(), 256, 4, seed=0)
+    layout = Layout(256, 32, 1, 3, 2, 16, 16)
+    result = evaluate_plan(model, task.ids, source_aware_plan(task, layout), layout, 4, tiny_llama, False, task)
+    key_units = sum(2 * len({c for c in range(a // 32, (b - 1) // 32 + 1) if c >= 1}) for a, b in task.key_spans.tolist())
+    for layer in result.summary(1)["task"]["content_by_layer"]:
+        assert layer["key_units"] == key_units and layer["key_above_2_bits"] == 1.0
+        assert layer["other_units"] == 4 * 2 * 7 - key_units
+        assert layer["other_above_2_bits"] == (4 * 2 * 2) / layer["other_units"]   # the two question chunks
+        assert layer["keep_auc"] is None                                           # a plan without scores
+    positive, negative = [0.9, 0.5, 0.5], [0.1, 0.5, 0.7, 0.2]
+    pairs = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positive for n in negative)
+    assert math.isclose(auc(positive, negative), pairs / 12)
+    export = random_export(3, 2, 16, pooling="max", seed=3)
+    routed = evaluate_plan(model, task.ids, RouterPlan(export, RouterInputs("key", model, tiny_llama, 32, 16)), layout, 4,
+                           tiny_llama, False, task)
+    for layer in routed.summary(1)["task"]["content_by_layer"]:
+        assert 0 <= layer["keep_auc"] <= 1

@@ -7,7 +7,7 @@ plan leaves unquantized (rounded to binary16, which is how a cache stores 16 bit
 import torch
 
 from ..quantizer import quantize_keys, quantize_values
-from ..router import route
+from ..router import keep_probability, route
 
 
 class Layout:
@@ -74,11 +74,14 @@ class RouterPlan(Plan):
     def __init__(self, export, inputs):
         super().__init__(export.experts)
         self.export, self.inputs, self.cached = export, inputs, None
+        self.keep_scores = None   # (B, H, routed) the last decisions' probability of more than 2 bits
 
     def decide(self, layer, key, value, windows, layout):
         router = self.export.router_of_layer(layer)
         if layer == self.export.leader(router):
-            self.cached = route(self.export, router, self.inputs(key, value, layer=layer)).cpu()
+            inputs = self.inputs(key, value, layer=layer)
+            self.cached = route(self.export, router, inputs).cpu()
+            self.keep_scores = keep_probability(self.export, router, inputs).float().cpu()
         return self.cached
 
 

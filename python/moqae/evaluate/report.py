@@ -41,6 +41,19 @@ def format_task(summaries):
     return "\n".join(lines)
 
 
+def format_content(summary):
+    """Evidence of content, per layer: key and other units kept above 2 bits, and the keep AUC."""
+    def percent(x):
+        return f"{100 * x:5.1f}%" if x is not None else "    -"
+    lines = [f"{summary['name']}: units kept above 2 bits, those holding the key and the others, per layer"
+             " (keep AUC: the router's probability of more than 2 bits, key units against the others)"]
+    for layer, c in enumerate(summary["task"]["content_by_layer"]):
+        score = f"{c['keep_auc']:.3f}" if c["keep_auc"] is not None else "-"
+        lines.append(f"  layer {layer}: key {percent(c['key_above_2_bits'])} of {c['key_units']}, "
+                     f"other {percent(c['other_above_2_bits'])} of {c['other_units']}, keep AUC {score}")
+    return "\n".join(lines)
+
+
 def format_decisions(summary):
     lines = ["router decisions per layer (share of routed units):"]
     for layer, counts in enumerate(summary["decisions_per_layer"]):
@@ -55,6 +68,7 @@ def format_report(report) -> str:
     lines = [report.heading, format_table(report.results)]
     if any("task" in s for s in report.results):
         lines.append(format_task(report.results))
+        lines.append(format_content(report.results[0]))
     if report.router_vs_static:
         lines.append(format_difference(report.router_vs_static))
     elif report.baselines:

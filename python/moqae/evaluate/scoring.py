@@ -38,6 +38,10 @@ class Result:
         self.correct = []      # task: whether each window's answer was exact, in window order
         self.key_bits = torch.full((windows,), 16.0)   # task: fewest average bits any unit holding the key got
         self.counts = torch.zeros(layout.num_layers, len(experts), dtype=torch.long)   # routed units per layer, expert
+        # task: per layer, of the routed units holding the key and of every other routed unit of windows that
+        # hold one: how many, how many above 2 bits, and the router's keep probabilities (RouterPlan only)
+        self.content = [{"key": [0, 0], "other": [0, 0], "key_scores": [], "other_scores": []}
+                        for _ in range(layout.num_layers)]
 
     @property
     def nll(self):
@@ -75,7 +79,40 @@ class Result:
         return {"name": self.task.name, **accuracy(torch.ones_like(correct)),
                 "by_depth_decile": [accuracy(deciles == d) for d in range(10)],
                 "key_at_2_bits_or_fewer": accuracy(located & (self.key_bits <= 2)),
-                "key_above_2_bits": accuracy(located & (self.key_bits > 2))}
+                "key_above_2_bits": accuracy(located & (self.key_bits > 2)),
+                "content_by_layer": [content_summary(layer) for layer in self.content]}
+
+
+def auc(positive, negative):
+    """P(a positive scores above a negative), ties counting half; None without both."""
+    if not positive or not negative:
+        return None
+    pos, neg = torch.tensor(positive, dtype=torch.float64), torch.sort(torch.tensor(negative, dtype=torch.float64)).values
+    below = torch.searchsorted(neg, pos, right=False).double()
+    ties = torch.searchsorted(neg, pos, right=True).double() - below
+    return ((below + 0.5 * ties).sum() / (pos.numel() * neg.numel())).item()
+
+
+def content_summary(tally):
+    """One layer's evidence of content: the shares of key and other units kept above 2 bits, and the AUC of
+    the router's keep probability separating key units from the others."""
+    def share(counts):
+        return counts[1] / counts[0] if counts[0] else None
+    return {"key_units": tally["key"][0], "key_above_2_bits": share(tally["key"]),
+            "other_units": tally["other"][0], "other_above_2_bits": share(tally["other"]),
+            "keep_auc": auc(tally["key_scores"], tally["other_scores"])}
+
+
+def tally_content(result, layer, unit_bits, key_chunks, scores):
+    """Adds one window's routed units of a layer to the content tally: unit_bits (H, routed), key_chunks a
+    bool (routed,) mask of the chunks holding the key, scores (H, routed) or None."""
+    tally = result.content[layer]
+    for name, mask in (("key", key_chunks), ("other", ~key_chunks)):
+        bits = unit_bits[:, mask]
+        tally[name][0] += bits.numel()
+        tally[name][1] += int((bits > 2).sum())
+        if scores is not None:
+            tally[f"{name}_scores"] += scores[:, mask].flatten().tolist()
 
 
 def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=True, task=None):
@@ -101,6 +138,10 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
                 routed = unit_bits[row, :, max(first, 0): min(last + 1, layout.routed)]
                 if routed.numel():
                     result.key_bits[window] = min(result.key_bits[window], routed.min())
+                key_chunks = torch.zeros(layout.routed, dtype=torch.bool)
+                key_chunks[max(first, 0): min(last + 1, layout.routed)] = True
+                scores = getattr(plan, "keep_scores", None)
+                tally_content(result, layer, unit_bits[row], key_chunks, None if scores is None else scores[row])
         return apply_plan(key, value, decisions, plan.experts, layout)
 
     hook = KVHook(transform=transform)
