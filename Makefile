@@ -9,7 +9,7 @@ MOQAE := PYTHONPATH=python $(PY) -m moqae
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:
@@ -62,14 +62,19 @@ PASSKEY_RUN_DIR ?= checkpoints/passkey
 PASSKEY_WINDOWS ?= 200
 PASSKEY_ANSWER_WEIGHT ?= 400
 PASSKEY_ROUTER_INPUT ?= key
+PASSKEY_FRACTION ?= 1
+## The store's calibration split, on which eval fits the static and layer-wise plans.
+PASSKEY_CALIBRATION_FRACTION ?= 0.05
+## Extra dump options, e.g. "--background int2 --exact-answers" (sensitivities around a plan: `make passkey-needle`).
+PASSKEY_DUMP_ARGS ?=
 PASSKEY_TRAIN_ARGS ?=
 ## Content-blind per-layer plans `make passkey` also scores: layer 0 at int4 keeps the key (docs/router-variants.md).
 PASSKEY_LAYER_PLANS ?= int4,int2,int2,int2
 passkey-store: venv
 	@if [ ! -f $(PASSKEY_STORE)/manifest.json ]; then \
 	  $(MOQAE) dump --model $(PASSKEY_MODEL) --corpus models/wikitext-2/valid.txt --tokenizer bytes \
-	    --seq-len $(PASSKEY_SEQ_LEN) --fraction 1 --passkey 0.5 --answer-weight $(PASSKEY_ANSWER_WEIGHT) --router-input $(PASSKEY_ROUTER_INPUT) \
-	    --out $(PASSKEY_STORE) \
+	    --seq-len $(PASSKEY_SEQ_LEN) --fraction $(PASSKEY_FRACTION) --passkey 0.5 --answer-weight $(PASSKEY_ANSWER_WEIGHT) --router-input $(PASSKEY_ROUTER_INPUT) \
+	    --out $(PASSKEY_STORE) $(PASSKEY_DUMP_ARGS) \
 	    $$([ -f $(PASSKEY_STORE)/dump-state.json ] && echo --resume); fi
 passkey: build passkey-store
 	$(BIN) train --config $(PASSKEY_CONFIG) --set store=$(PASSKEY_STORE) --set run_dir=$(PASSKEY_RUN_DIR) \
@@ -77,7 +82,18 @@ passkey: build passkey-store
 	$(BIN) export $(PASSKEY_RUN_DIR) --out $(PASSKEY_RUN_DIR)/router.bin
 	$(MOQAE) eval --model $(PASSKEY_MODEL) --text models/wikitext-2/test.txt --tokenizer bytes \
 	  --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows $(PASSKEY_WINDOWS) --router $(PASSKEY_RUN_DIR)/router.bin \
-	  --store $(PASSKEY_STORE) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
+	  --store $(PASSKEY_STORE) --calibration-fraction $(PASSKEY_CALIBRATION_FRACTION) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
+
+## The router that reads the needle: sensitivities measured around the deployed int2 plan with the answers'
+## part exact (half of valid.txt's 2,048-byte windows: about an hour on 2 cores), a 2.4-bit budget, then `make
+## passkey`'s evaluation with the content-blind layer plans near those bits (docs/router-variants.md).
+NEEDLE_STORE ?= stores/passkey-bg-int2
+NEEDLE_CONFIG ?= configs/passkey-needle-2.4.yaml
+NEEDLE_RUN_DIR ?= checkpoints/passkey-needle
+passkey-needle:
+	$(MAKE) passkey PASSKEY_STORE=$(NEEDLE_STORE) PASSKEY_CONFIG=$(NEEDLE_CONFIG) PASSKEY_RUN_DIR=$(NEEDLE_RUN_DIR) \
+	  PASSKEY_FRACTION=0.5 PASSKEY_CALIBRATION_FRACTION=0.3 PASSKEY_DUMP_ARGS="--background int2 --exact-answers" \
+	  PASSKEY_LAYER_PLANS="k4v2,int2,int2,int2 k2v4,int2,int2,int2 int4,int2,int2,int2 int2,int4,int2,int2"
 
 ## Router variants against the static and layer-wise plans at the same bits, each variant a config
 ## override (docs/router-variants.md): on the pass-key model (PASSKEY_CONFIG, ABLATION_WINDOWS needle

@@ -1,4 +1,4 @@
-"""python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | soak | merge — see README.md."""
+"""python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | needle-signal | soak | merge — see README.md."""
 import argparse
 import json
 import os
@@ -146,6 +146,14 @@ def parser():
     sensitivity.add_argument("--windows", type=int, default=8, help="windows to time")
     sensitivity.add_argument("--out", help="Markdown report whose \"Exact sensitivities\" section to write")
 
+    signal = commands.add_parser("needle-signal",
+                                 help="whether a pass-key store's delta_nll ranks the key's units first, and what that buys")
+    signal.add_argument("--store", action="append", required=True, help="a pass-key store (repeat to compare stores)")
+    signal.add_argument("--corpus", required=True, help="the text the stores were dumped from")
+    signal.add_argument("--model", help="also score int2 with each layer's top chunk at int4 on those windows")
+    signal.add_argument("--split", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                        help="the needle windows with LOW <= u(id) < HIGH (default: all the store holds)")
+
     length = commands.add_parser("length-benchmark", help="dump time and peak memory against the window length")
     length.add_argument("--model", required=True, help="byte-level model for --lengths")
     length.add_argument("--corpus", required=True, help="a .txt file")
@@ -286,6 +294,9 @@ def run(args):
         from .harness.sensitivity_benchmark import sensitivity_benchmark
         sensitivity_benchmark(args.model, args.corpus, tokenizer=args.tokenizer, seq_len=args.seq_len,
                               chunk_size=args.chunk_size, experts=args.experts, windows=args.windows, out=args.out)
+    elif args.command == "needle-signal":
+        from .harness.needle_signal import needle_signal
+        needle_signal(args.store, args.corpus, model=args.model, split=tuple(args.split))
     elif args.command == "length-benchmark":
         from .harness.length_benchmark import length_benchmark
         length_benchmark(args.model, args.corpus, lengths=args.lengths, tiny_lengths=args.tiny_lengths,
