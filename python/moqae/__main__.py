@@ -1,4 +1,4 @@
-"""python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | needle-signal | soak | merge — see README.md."""
+"""python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | needle-signal | layer-plan-search | soak | merge — see README.md."""
 import argparse
 import json
 import os
@@ -15,6 +15,16 @@ def byte_size(text):
         raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got '{text}'")
     unit = (match.group(2) or "").upper()[:1]
     return int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def numbers(text):
@@ -153,6 +163,16 @@ def parser():
     signal.add_argument("--model", help="also score int2 with each layer's top chunk at int4 on those windows")
     signal.add_argument("--split", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                         help="the needle windows with LOW <= u(id) < HIGH (default: all the store holds)")
+
+    search = commands.add_parser("layer-plan-search",
+                                 help="every per-layer plan scored on pass-key windows of a calibration text: the frontier")
+    search.add_argument("--model", required=True)
+    search.add_argument("--text", required=True, help="haystack text (the calibration text, valid.txt; never the test text)")
+    search.add_argument("--out", required=True, help="directory for layer-plans.json and layer-plans.md")
+    search.add_argument("--experts", default="int4,int2,k4v2,k2v4", help="experts each layer may take")
+    search.add_argument("--windows", type=positive_int, default=40, help="pass-key windows (default 40)")
+    search.add_argument("--task-seed", type=int, default=5, help="seed of the pass-key windows (default 5)")
+    search.add_argument("--seq-len", type=positive_int, default=2048)
 
     length = commands.add_parser("length-benchmark", help="dump time and peak memory against the window length")
     length.add_argument("--model", required=True, help="byte-level model for --lengths")
@@ -297,6 +317,10 @@ def run(args):
     elif args.command == "needle-signal":
         from .harness.needle_signal import needle_signal
         needle_signal(args.store, args.corpus, model=args.model, split=tuple(args.split))
+    elif args.command == "layer-plan-search":
+        from .harness.layer_plan_search import layer_plan_search
+        layer_plan_search(args.model, args.text, args.out, experts=args.experts, windows=args.windows,
+                          task_seed=args.task_seed, seq_len=args.seq_len)
     elif args.command == "length-benchmark":
         from .harness.length_benchmark import length_benchmark
         length_benchmark(args.model, args.corpus, lengths=args.lengths, tiny_lengths=args.tiny_lengths,

@@ -142,3 +142,18 @@ def test_reports_show_per_layer_how_key_and_other_units_are_kept(tiny_llama):
                            tiny_llama, False, task)
     for layer in routed.summary(1)["task"]["content_by_layer"]:
         assert 0 <= layer["keep_auc"] <= 1
+
+
+def test_the_layer_plan_frontier_keeps_exactly_the_plans_nothing_beats():
+    from moqae.harness.layer_plan_search import frontier
+    generator = torch.Generator().manual_seed(8)
+    rows = [{"plan": [str(i)], "payload_bits": float(b), "correct": int(c), "bits_per_byte": float(p)}
+            for i, (b, c, p) in enumerate(zip(torch.randint(2, 6, (40,), generator=generator).tolist(),
+                                              torch.randint(0, 10, (40,), generator=generator).tolist(),
+                                              torch.rand(40, generator=generator).tolist()))]
+    kept = frontier(rows)
+    for row in rows:
+        beaten = any(o["payload_bits"] <= row["payload_bits"] and
+                     (o["correct"], -o["bits_per_byte"]) > (row["correct"], -row["bits_per_byte"]) for o in rows)
+        assert (row in kept) == (not beaten)
+    assert [r["payload_bits"] for r in kept] == sorted(r["payload_bits"] for r in kept)
