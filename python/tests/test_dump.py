@@ -217,3 +217,32 @@ def test_attention_outside_the_interface_is_refused(tmp_path, small_corpus, monk
     with pytest.raises(MoqaeError, match="does not go through transformers' attention interface"):
         dump(REFERENCE_MODEL, [small_corpus], out, tokenizer="bytes", fraction=0.05)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
+def test_a_store_around_a_background_records_it_and_the_trainer_reads_it(tiny_llama, small_corpus, tmp_path, moqae_train):
+    """`--background int4,int2,int2 --exact-answers`: a version 2 store whose nll is the background's loss
+    and whose delta_nll is 0 at every unit's background expert; inspect, train and needle-signal read it."""
+    out = str(tmp_path / "store")
+    result = dump(tiny_llama, small_corpus, out, "--seq-len", "128", "--fraction", "0.1", "--passkey", "0.5",
+                  "--answer-weight", "20", "--background", "int4,int2,int2", "--exact-answers")
+    assert result.returncode == 0, result.stderr
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["version"] == 2 and manifest["sensitivity"] == "taylor+exact-answers"
+    assert manifest["background"] == {"experts": ["int4", "int2", "int2"], "frozen_chunks": 1}
+    tensors = store_tensors(out)
+    for sequence in manifest["sequences"]:
+        delta = tensors[f"seq.{sequence['id']}.delta_nll"]                     # (L, H, C, M): fp16, int4, int2
+        assert (delta[:, :, 0, 0] == 0).all() and (delta[0, :, 1:, 1] == 0).all() and (delta[1:, :, 1:, 2] == 0).all()
+        assert (delta[1:, :, 1:, 0] != 0).all()                                # fp16 above an int2 background: measured
+    inspect = subprocess.run([moqae_train, "inspect", out], capture_output=True, text=True)
+    assert inspect.returncode == 0 and "store version 2" in inspect.stdout and "int4,int2,int2" in inspect.stdout
+    train = train_on(moqae_train, out, str(tmp_path / "run"), "data.calibration_fraction=0.06",
+                     "data.validation_fraction=0.04", "router.freeze_first_chunk=true", max_steps=3)
+    assert train.returncode == 0, train.stderr
+    signal = run_moqae("needle-signal", "--store", out, "--corpus", small_corpus)
+    assert signal.returncode == 0 and "| 0 |" in signal.stdout, signal.stderr
+    refused = dump(tiny_llama, small_corpus, str(tmp_path / "other"), "--seq-len", "128", "--background", "int2",
+                   "--exact-answers")
+    expect_clean_failure(refused, str(tmp_path / "other"), "--exact-answers", "--passkey")
+    refused = dump(tiny_llama, small_corpus, str(tmp_path / "other"), "--seq-len", "128", "--background", "int3")
+    expect_clean_failure(refused, str(tmp_path / "other"), "--background int3", "not one of the store's")
