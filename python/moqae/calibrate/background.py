@@ -20,13 +20,13 @@ Two estimates:
   every other token.
 """
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 from .. import MoqaeError
 from ..capture import KVHook, check_all_layers_seen
 from ..experts import parse_expert
 from ..quantizer import quantize_keys, quantize_values
-from .sensitivity import RESUMABLE_FAMILIES, _embed, loss_weights, resumable_decoder, taylor_delta, token_nll
+from .sensitivity import (RESUMABLE_FAMILIES, _embed, keeping_layer_inputs, loss_weights, resumable_decoder, resumed_layers,
+                          taylor_delta, token_nll)
 
 # Below this summed answer NLL (nats) of the background, no unit can lower the answer's loss by more
 # (an NLL is never negative): the answer part is left to Taylor and the window costs no extra forwards.
@@ -152,17 +152,8 @@ def exact_answer_delta(model, ids, experts, chunk, value_group, model_dir, backg
         raise MoqaeError(f"{model_dir}: exact answer sensitivities resume the decoder mid-way, which needs a "
                          f"{' or '.join(RESUMABLE_FAMILIES)} model with full attention over the window")
     L, T = model.config.num_hidden_layers, ids.numel()
-    layer_inputs = {}   # layer → (1, T, hidden): the background's hidden states entering it
-
-    def keep_input(module, args, kwargs):
-        layer_inputs[module.self_attn.layer_idx] = args[0] if args else kwargs["hidden_states"]
-
-    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in decoder.layers[:L]]
-    try:
+    with keeping_layer_inputs(decoder, L) as layer_inputs:   # layer → (1, T, hidden): the background's, entering it
         base_nll, keys, values, _, _ = background_forward(model, ids, model_dir, background)
-    finally:
-        for handle in handles:
-            handle.remove()
     slots = torch.as_tensor(answer_slots, device=base_nll.device).sort().values
     if base_nll[slots].sum().item() < AT_RISK_NATS:
         return None
@@ -191,14 +182,8 @@ def exact_answer_delta(model, ids, experts, chunk, value_group, model_dir, backg
             reached = slots[slots >= start]
             if not reached.numel():
                 continue
-            hidden = layer_inputs[first_layer][:, start:].expand(len(rows), -1, -1)
-            positions = torch.arange(start, T, device=hidden.device)[None]
-            position_embeddings = decoder.rotary_emb(hidden, positions)
-            mask = None if start == 0 else causal_lower_right(T - start, T)
-            with KVHook(transform=transform).active():
-                for layer in decoder.layers[first_layer:L]:
-                    hidden = layer(hidden, attention_mask=mask, position_ids=positions,
-                                   position_embeddings=position_embeddings)
+            hidden = resumed_layers(decoder, layer_inputs[first_layer][:, start:].expand(len(rows), -1, -1), first_layer,
+                                    L, start, T, transform)
             logits = model.lm_head(decoder.norm(hidden[:, reached - start]))                 # (rows, answers, V)
             nll = token_nll(logits, targets[reached].expand(len(rows), -1)).double()
             change = (nll - base_nll[reached]).sum(-1)                                      # (rows,)

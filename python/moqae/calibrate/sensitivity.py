@@ -15,6 +15,8 @@ forward per (unit, expert), the reference; and `exact_delta`, which recomputes o
 unit changes (layers from the unit's own, positions from the unit's chunk) where the model's decoder is
 a plain stack of full-attention layers, and falls back to the reference elsewhere.
 """
+import contextlib
+
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
@@ -159,6 +161,36 @@ def resumable_decoder(model, tokens):
     return decoder
 
 
+@contextlib.contextmanager
+def keeping_layer_inputs(decoder, num_layers):
+    """Inside, forwards record each decoder layer's input hidden states: yields {layer: (B, T, hidden)}."""
+    inputs = {}
+
+    def keep(module, args, kwargs):
+        inputs[module.self_attn.layer_idx] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [layer.register_forward_pre_hook(keep, with_kwargs=True) for layer in decoder.layers[:num_layers]]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def resumed_layers(decoder, hidden, first_layer, num_layers, start, total, transform):
+    """Layers first_layer..num_layers−1 of the decoder over hidden (rows, total − start, hidden), the states of
+    positions start..total−1, each layer's K, V through `transform` (which prepends the earlier positions'):
+    the last layer's output."""
+    positions = torch.arange(start, total, device=hidden.device)[None]
+    position_embeddings = decoder.rotary_emb(hidden, positions)
+    # Query i (position start + i) sees keys 0..start + i: causal aligned to the last key.
+    mask = None if start == 0 else causal_lower_right(total - start, total)
+    with KVHook(transform=transform).active():
+        for layer in decoder.layers[first_layer:num_layers]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings)
+    return hidden
+
+
 @torch.no_grad()
 def exact_delta(model, ids, experts, chunk, value_group, model_dir, weights=None):
     """Exact delta_nll with only the changed part recomputed: the loss, every layer's K and V
@@ -175,19 +207,9 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir, weights=None
     if decoder is None:
         return exact_delta_full(model, ids, experts, chunk, value_group, model_dir, weights)
     L = model.config.num_hidden_layers
-    layer_inputs = {}   # layer → (1, T, hidden): the base hidden states entering it
-
-    def keep_input(module, args, kwargs):
-        layer_inputs[module.self_attn.layer_idx] = args[0] if args else kwargs["hidden_states"]
-
-    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in decoder.layers[:L]]
     base_hook = KVHook(record=True)
-    try:
-        with base_hook.active():
-            base_logits = model(ids[None]).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    with keeping_layer_inputs(decoder, L) as layer_inputs, base_hook.active():   # layer → (1, T, hidden) entering it
+        base_logits = model(ids[None]).logits
     check_all_layers_seen(base_hook, L, model_dir)
     targets = ids[None, 1:].to(base_logits.device)
     base_token_nll = token_nll(base_logits[:, :-1], targets)[0]   # (T-1,)
@@ -216,15 +238,8 @@ def exact_delta(model, ids, experts, chunk, value_group, model_dir, weights=None
                 return (torch.cat([keys[layer][:, :, :start].expand(len(rows), -1, -1, -1), key], dim=-2),
                         torch.cat([values[layer][:, :, :start].expand(len(rows), -1, -1, -1), value], dim=-2))
 
-            hidden = layer_inputs[first_layer][:, start:].expand(len(rows), -1, -1)
-            positions = torch.arange(start, T, device=hidden.device)[None]
-            position_embeddings = decoder.rotary_emb(hidden, positions)
-            # Query i (position start + i) sees keys 0..start + i: causal aligned to the last key.
-            mask = None if start == 0 else causal_lower_right(T - start, T)
-            with KVHook(transform=transform).active():
-                for layer in decoder.layers[first_layer:L]:
-                    hidden = layer(hidden, attention_mask=mask, position_ids=positions,
-                                   position_embeddings=position_embeddings)
+            hidden = resumed_layers(decoder, layer_inputs[first_layer][:, start:].expand(len(rows), -1, -1), first_layer,
+                                    L, start, T, transform)
             logits = model.lm_head(decoder.norm(hidden))
             change = token_nll(logits[:, :-1], targets[:, start:].expand(len(rows), -1)) - base_token_nll[start:]
             for row, (head, m) in enumerate(rows):
