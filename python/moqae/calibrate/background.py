@@ -53,9 +53,8 @@ class Background:
                 raise MoqaeError(f"--background {spec}: expert {name} is not one of the store's "
                                  f"({', '.join(e.name for e in experts)})")
             per_layer.append(experts.index(expert))
-        self.spec, self.experts, self.per_layer = spec, experts, per_layer
+        self.experts, self.per_layer = experts, per_layer
         self.chunk, self.value_group, self.frozen = chunk, value_group, frozen
-        self.unquantized = next(m for m, e in enumerate(experts) if e.is_unquantized)
 
     @property
     def manifest_field(self):
@@ -74,12 +73,6 @@ class Background:
             q = self.quantized(x, self.per_layer[layer], is_key)
             out.append(torch.cat([x[..., :start, :].half().to(x.dtype), q[..., start:, :]], dim=-2))
         return tuple(out)
-
-    def expert_grid(self, layer, heads, chunks):
-        """(H, C) the background expert of every unit of a layer."""
-        grid = torch.full((heads, chunks), self.per_layer[layer], dtype=torch.long)
-        grid[:, : self.frozen] = self.unquantized
-        return grid
 
 
 def background_forward(model, ids, model_dir, background, tokens=None, keep_inputs=None):

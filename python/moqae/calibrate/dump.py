@@ -120,14 +120,17 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="seq", desc=f"dump {sensitivity}",
               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10,
               disable=bool(torchrun and torchrun.rank)) as progress:
-        started = time.perf_counter()
+        started, exact_windows = time.perf_counter(), 0
         for seq_id in todo:
             ids = corpus_windows[seq_id].to(lm.device)
             token_weights = None if weights is None else weights[seq_id]
             if plan:
                 slots = answer_slots.get(seq_id) if exact_answers else None
-                nll, keys, values, delta, _ = background_delta(lm, ids, expert_set, chunk_size, value_group, model, plan,
-                                                               token_weights, slots)
+                nll, keys, values, delta, exact = background_delta(lm, ids, expert_set, chunk_size, value_group, model,
+                                                                   plan, token_weights, slots)
+                exact_windows += exact
+                if exact_answers:
+                    progress.set_postfix_str(f"answers measured exactly in {exact_windows} windows", refresh=False)
             elif sensitivity == "exact":
                 nll, keys, values, delta = exact_delta(lm, ids, expert_set, chunk_size, value_group, model,
                                                        token_weights)
