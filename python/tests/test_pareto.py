@@ -61,6 +61,23 @@ def test_table_leads_with_router_against_static_and_labels_the_prescient_row():
     assert "regret" not in table.lower() and "oracle" not in table.lower()
 
 
+def test_pass_key_tables_show_the_router_evidence_of_content():
+    def with_task(s, content=None):
+        task = {"name": "passkey", "accuracy": 0.5, "wilson95": [0.4, 0.6]}
+        return dict(s, task=dict(task, content_by_layer=content or []))
+    content = [{"key_units": 40, "key_above_2_bits": 0.95, "other_units": 2000, "other_above_2_bits": 0.05, "keep_auc": 0.991},
+               {"key_units": 40, "key_above_2_bits": None, "other_units": 0, "other_above_2_bits": None, "keep_auc": None}]
+    shared = [with_task(summary("uniform fp16", 16, 2.0))]
+    difference = {"mean": 0.0, "ci95": [-0.01, 0.01], "percent_of_fp16": 0.0, "ci95_percent_of_fp16": [-0.5, 0.5],
+                  "verdict": "no clear difference"}
+    row = {"label": "needle", "estimated": {"fp16": 1.0, "router": 1.1}, "estimated_router_vs_static": {"percent_of_fp16": 0.0},
+           "router_vs_static": difference, "router": with_task(summary("router", 2.4, 2.05), content),
+           "static": with_task(summary("static", 2.4, 2.06))}
+    table = markdown([row], shared)
+    assert "| needle | 0 | 95.0% of 40 | 5.0% of 2000 | 0.991 |" in table
+    assert "| needle | 1 | - of 40 | - of 0 | - |" in table
+
+
 def test_lambdas_are_read_as_numbers_on_the_command_line():
     from moqae.__main__ import parser
     required = ["pareto", "--moqae-train", "BIN", "--store", "STORE", "--model", "DIR", "--text", "FILE", "--out", "OUT"]

@@ -125,6 +125,10 @@ def rise(value, fp16):
     return f"{100 * (value / fp16 - 1):+.2f}%"
 
 
+def share(fraction):
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def accuracy(summary):
     t = summary["task"]
     return f"{100 * t['accuracy']:.1f}% ({100 * t['wilson95'][0]:.1f}–{100 * t['wilson95'][1]:.1f}%)"
@@ -153,6 +157,15 @@ def markdown(rows, shared):
                      f"({d['ci95_percent_of_fp16'][0]:+.2f}% to {d['ci95_percent_of_fp16'][1]:+.2f}%) | {d['verdict']} "
                      f"| {r['estimated_router_vs_static']['percent_of_fp16']:+.2f}% |"
                      + (f" {accuracy(r['router'])} | {accuracy(r['static'])} |" if task else ""))
+    if task:
+        lines += ["", "Evidence of content: the router's units kept above 2 bits, those holding the key and the others, "
+                      "and the AUC of its keep probability (key units against the others), per layer:", "",
+                  "| run | layer | key units above 2 bits | other units above 2 bits | keep AUC |", "|---|---|---|---|---|"]
+        for r in rows:
+            for layer, c in enumerate(r["router"]["task"]["content_by_layer"]):
+                lines.append(f"| {r['label']} | {layer} | {share(c['key_above_2_bits'])} of {c['key_units']} | "
+                             f"{share(c['other_above_2_bits'])} of {c['other_units']} | "
+                             f"{'-' if c['keep_auc'] is None else format(c['keep_auc'], '.3f')} |")
     lines += ["", f"| method | run | payload bits | bits+consts | {label} | {label} vs fp16 | ppl | ppl vs fp16 | "
                   f"estimated ppl vs fp16 |{accuracy_header}", "|---|---|---|---|---|---|---|---|---|" + accuracy_rule]
 
