@@ -85,7 +85,7 @@ passkey: build passkey-store
 	  --store $(PASSKEY_STORE) --calibration-fraction $(PASSKEY_CALIBRATION_FRACTION) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
 
 ## The router that reads the needle: sensitivities measured around the deployed int2 plan with the answers'
-## part exact (half of valid.txt's 2,048-byte windows: about an hour on 2 cores), a 2.4-bit budget, then `make
+## part exact (half of valid.txt's 2,048-byte windows: 98 minutes on 2 cores), a 2.4-bit budget, then `make
 ## passkey`'s evaluation with the content-blind layer plans near those bits (docs/router-variants.md).
 NEEDLE_STORE ?= stores/passkey-bg-int2
 NEEDLE_CONFIG ?= configs/passkey-needle-2.4.yaml
