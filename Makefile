@@ -93,7 +93,7 @@ NEEDLE_RUN_DIR ?= checkpoints/passkey-needle
 passkey-needle:
 	$(MAKE) passkey PASSKEY_STORE=$(NEEDLE_STORE) PASSKEY_CONFIG=$(NEEDLE_CONFIG) PASSKEY_RUN_DIR=$(NEEDLE_RUN_DIR) \
 	  PASSKEY_FRACTION=0.5 PASSKEY_CALIBRATION_FRACTION=0.3 PASSKEY_DUMP_ARGS="--background int2 --exact-answers" \
-	  PASSKEY_LAYER_PLANS="k4v2,int2,int2,int2 k2v4,int2,int2,int2 int4,int2,int2,int2 int2,int4,int2,int2"
+	  PASSKEY_LAYER_PLANS="k4v2,int2,int2,int2 k2v4,int2,int2,int2 int4,int2,int2,int2"
 
 ## Router variants against the static and layer-wise plans at the same bits, each variant a config
 ## override (docs/router-variants.md): on the pass-key model (PASSKEY_CONFIG, ABLATION_WINDOWS needle
