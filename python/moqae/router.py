@@ -144,29 +144,36 @@ def best_expert(rank, experts):
     return (rank * 1_000_000 + total_bits * 1_000 - torch.arange(M, device=rank.device)).argmax(-1)
 
 
+def routed_logits(export, router, inputs):
+    """Token logits (..., routed C·N, M) of one router over its leader layer's input vectors (..., T, D),
+    chunk 0 (when frozen) and the tail left out."""
+    first = 1 if export.freeze_first_chunk else 0
+    C = inputs.shape[-2] // export.chunk_size
+    return token_logits(inputs[..., first * export.chunk_size: C * export.chunk_size, :], export.weights[router])
+
+
 def route(export, router, inputs):
     """Decisions of one router for its leader layer's input vectors (..., T, D) over the routed chunks:
     (..., C) with chunk 0 (when frozen) and the tail left out: returns decisions for chunks first..C-1."""
-    first = 1 if export.freeze_first_chunk else 0
-    C = inputs.shape[-2] // export.chunk_size
-    return route_chunks(export, router, inputs[..., first * export.chunk_size: C * export.chunk_size, :])
+    return decisions_of_logits(export, routed_logits(export, router, inputs))
 
 
 def route_chunks(export, router, inputs):
     """Decisions of one router for input vectors (..., C·N, D) of whole chunks: (..., C)."""
-    logits = token_logits(inputs, export.weights[router])
+    return decisions_of_logits(export, token_logits(inputs, export.weights[router]))
+
+
+def decisions_of_logits(export, logits):
+    """Per chunk, the expert the export's pooling picks from token logits (..., C·N, M): (..., C)."""
     if export.pooling == "vote":
         return chunk_decisions(torch.softmax(logits, dim=-1), export.experts, export.chunk_size)
     return pooled_decisions(pooled_probabilities(logits, export.chunk_size, export.pooling), export.experts)
 
 
-def keep_probability(export, router, inputs):
-    """The router's probability of keeping each routed chunk above 2 bits, (..., routed C): the pooled
-    probability of the experts of more than 2 average bits (vote pooling: the chunk's mean token
-    probability of them)."""
-    first = 1 if export.freeze_first_chunk else 0
-    C = inputs.shape[-2] // export.chunk_size
-    logits = token_logits(inputs[..., first * export.chunk_size: C * export.chunk_size, :], export.weights[router])
+def keep_probability(export, logits):
+    """The router's probability of keeping each chunk above 2 bits, from token logits (..., C·N, M):
+    (..., C), the pooled probability of the experts of more than 2 average bits (vote pooling: the
+    chunk's mean token probability of them)."""
     above = torch.tensor([(e.key_bits + e.value_bits) / 2 > 2 for e in export.experts], device=logits.device)
     if export.pooling == "vote":
         token_keep = (torch.softmax(logits, dim=-1) * above).sum(-1)

@@ -65,8 +65,7 @@ def test_taylor_around_the_background_is_zero_at_the_background_and_first_order_
     assert (delta[:, :, 1:, 0] != 0).any()
     # The gradient it expands with, against the derivative of the loss along a move of the last layer's
     # attended keys towards int4, taken through a scalar step instead of the straight-through tensors.
-    token_nlls, _, _, seen_keys, _ = background_forward(model, ids, tiny_llama, background,
-                                                        torch.ones(95, dtype=torch.float64))
+    token_nlls, _, _, seen_keys, _ = background_forward(model, ids, tiny_llama, background, with_graph=True)
     gradient = torch.autograd.grad(token_nlls.sum(), seen_keys[2])[0]
     direction = background.quantized(keys[2][None], 1, True) - seen_keys[2].detach()
     step = torch.zeros((), requires_grad=True)

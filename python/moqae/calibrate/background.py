@@ -75,9 +75,9 @@ class Background:
         return tuple(out)
 
 
-def background_forward(model, ids, model_dir, background, tokens=None, keep_inputs=None):
-    """One forward over ids (T,) at the background: the summed NLL of the tokens with weight `tokens`
-    (T − 1,) (None: no backward graph is needed), the raw K, V of every layer (1, H, T, D) and the K, V
+def background_forward(model, ids, model_dir, background, with_graph=False):
+    """One forward over ids (T,) at the background (`with_graph`: keeping the graph for backwards): the NLL
+    of every prediction (T − 1,), the raw K, V of every layer (1, H, T, D) and the K, V
     attention read, straight-through so that gradients pass to the raw values."""
     num_layers = model.config.num_hidden_layers
     raw_keys, raw_values, seen_keys, seen_values = {}, {}, {}, {}
@@ -90,8 +90,8 @@ def background_forward(model, ids, model_dir, background, tokens=None, keep_inpu
         return seen_keys[layer], seen_values[layer]
 
     hook = KVHook(transform=transform)
-    embeds = _embed(model, ids[None]).detach().requires_grad_(tokens is not None)
-    with hook.active(), torch.set_grad_enabled(tokens is not None):
+    embeds = _embed(model, ids[None]).detach().requires_grad_(with_graph)
+    with hook.active(), torch.set_grad_enabled(with_graph):
         logits = model(inputs_embeds=embeds).logits
     check_all_layers_seen(hook, num_layers, model_dir)
     nll = token_nll(logits[0, :-1], ids[1:].to(logits.device)).double()   # (T − 1,)
@@ -103,22 +103,21 @@ def background_forward(model, ids, model_dir, background, tokens=None, keep_inpu
 def taylor_by_class(model, ids, experts, chunk, value_group, model_dir, background, weights=None):
     """Taylor around the background, per weight class: the background's loss (weighted mean NLL), every
     layer's raw K and V (H, T, D), and for each distinct weight w the Taylor delta (L, H, C, M) of the
-    summed NLL of the tokens of weight w alone (one backward each)."""
+    summed NLL of the tokens of weight w alone (one forward for them all, one backward each)."""
     w = loss_weights(ids.numel(), weights, "cpu")
-    by_class, loss, keys, values = {}, 0.0, None, None
-    for weight in w.unique().tolist():
-        tokens = (w == weight).double()
-        nll, keys, values, seen_keys, seen_values = background_forward(model, ids, model_dir, background, tokens)
-        summed = (nll * tokens.to(nll.device)).sum()
+    nll, keys, values, seen_keys, seen_values = background_forward(model, ids, model_dir, background, with_graph=True)
+    L = len(keys)
+    raw_keys, raw_values = [k[0].float() for k in keys], [v[0].float() for v in values]
+    attended = tuple(zip(*(tuple(x[0].float() for x in background.attended(l, keys[l], values[l])) for l in range(L))))
+    by_class, loss, classes = {}, 0.0, w.unique().tolist()
+    for index, weight in enumerate(classes):
+        summed = (nll * (w == weight).double().to(nll.device)).sum()
         loss += weight * summed.item()
-        grads = torch.autograd.grad(summed, seen_keys + seen_values)
-        L = len(keys)
-        by_class[weight] = taylor_delta(
-            [k[0].float() for k in keys], [v[0].float() for v in values], [g[0].float() for g in grads[:L]],
-            [g[0].float() for g in grads[L:]], experts, chunk, value_group, 1.0,
-            attended=tuple(zip(*(tuple(x[0].float() for x in background.attended(l, keys[l], values[l]))
-                                 for l in range(L))))).double()
-    return loss / w.sum().item(), [k[0].float() for k in keys], [v[0].float() for v in values], by_class
+        grads = torch.autograd.grad(summed, seen_keys + seen_values, retain_graph=index + 1 < len(classes))
+        by_class[weight] = taylor_delta(raw_keys, raw_values, [g[0].float() for g in grads[:L]],
+                                        [g[0].float() for g in grads[L:]], experts, chunk, value_group, 1.0,
+                                        attended=attended).double()
+    return loss / w.sum().item(), raw_keys, raw_values, by_class
 
 
 def background_taylor_delta(model, ids, experts, chunk, value_group, model_dir, background, weights=None):

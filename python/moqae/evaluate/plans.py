@@ -7,7 +7,7 @@ plan leaves unquantized (rounded to binary16, which is how a cache stores 16 bit
 import torch
 
 from ..quantizer import quantize_keys, quantize_values
-from ..router import keep_probability, route
+from ..router import decisions_of_logits, keep_probability, routed_logits
 
 
 class Layout:
@@ -79,9 +79,9 @@ class RouterPlan(Plan):
     def decide(self, layer, key, value, windows, layout):
         router = self.export.router_of_layer(layer)
         if layer == self.export.leader(router):
-            inputs = self.inputs(key, value, layer=layer)
-            self.cached = route(self.export, router, inputs).cpu()
-            self.keep_scores = keep_probability(self.export, router, inputs).float().cpu()
+            logits = routed_logits(self.export, router, self.inputs(key, value, layer=layer))   # one pass for both
+            self.cached = decisions_of_logits(self.export, logits).cpu()
+            self.keep_scores = keep_probability(self.export, logits).float().cpu()
         return self.cached
 
 
