@@ -70,6 +70,10 @@ PASSKEY_DUMP_ARGS ?=
 PASSKEY_TRAIN_ARGS ?=
 ## Content-blind per-layer plans `make passkey` also scores: layer 0 at int4 keeps the key (docs/router-variants.md).
 PASSKEY_LAYER_PLANS ?= int4,int2,int2,int2
+## With a target, `make passkey` lands the exported router on it (`moqae calibrate-bits` on needle windows
+## of valid.txt) and evaluates that export.
+PASSKEY_TARGET_BITS ?=
+PASSKEY_ROUTER = $(PASSKEY_RUN_DIR)/router$(if $(PASSKEY_TARGET_BITS),-$(PASSKEY_TARGET_BITS)).bin
 passkey-store: venv
 	@if [ ! -f $(PASSKEY_STORE)/manifest.json ]; then \
 	  $(MOQAE) dump --model $(PASSKEY_MODEL) --corpus models/wikitext-2/valid.txt --tokenizer bytes \
@@ -80,8 +84,11 @@ passkey: build passkey-store
 	$(BIN) train --config $(PASSKEY_CONFIG) --set store=$(PASSKEY_STORE) --set run_dir=$(PASSKEY_RUN_DIR) \
 	  $$(ls $(PASSKEY_RUN_DIR)/ckpt-*.safetensors >/dev/null 2>&1 && echo --resume latest) $(PASSKEY_TRAIN_ARGS)
 	$(BIN) export $(PASSKEY_RUN_DIR) --out $(PASSKEY_RUN_DIR)/router.bin
+	$(if $(PASSKEY_TARGET_BITS),rm -f $(PASSKEY_ROUTER) && $(MOQAE) calibrate-bits --model $(PASSKEY_MODEL) \
+	  --text models/wikitext-2/valid.txt --tokenizer bytes --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows 64 \
+	  --router $(PASSKEY_RUN_DIR)/router.bin --out $(PASSKEY_ROUTER) --target-bits $(PASSKEY_TARGET_BITS))
 	$(MOQAE) eval --model $(PASSKEY_MODEL) --text models/wikitext-2/test.txt --tokenizer bytes \
-	  --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows $(PASSKEY_WINDOWS) --router $(PASSKEY_RUN_DIR)/router.bin \
+	  --seq-len $(PASSKEY_SEQ_LEN) --task passkey --max-windows $(PASSKEY_WINDOWS) --router $(PASSKEY_ROUTER) \
 	  --store $(PASSKEY_STORE) --calibration-fraction $(PASSKEY_CALIBRATION_FRACTION) $(addprefix --layer-plan ,$(PASSKEY_LAYER_PLANS))
 
 ## The router that reads the needle: sensitivities measured around the deployed int2 plan with the answers'
@@ -92,7 +99,7 @@ NEEDLE_CONFIG ?= configs/passkey-needle-2.4.yaml
 NEEDLE_RUN_DIR ?= checkpoints/passkey-needle
 passkey-needle:
 	$(MAKE) passkey PASSKEY_STORE=$(NEEDLE_STORE) PASSKEY_CONFIG=$(NEEDLE_CONFIG) PASSKEY_RUN_DIR=$(NEEDLE_RUN_DIR) \
-	  PASSKEY_FRACTION=0.5 PASSKEY_CALIBRATION_FRACTION=0.3 PASSKEY_DUMP_ARGS="--background int2 --exact-answers" \
+	  PASSKEY_FRACTION=0.5 PASSKEY_CALIBRATION_FRACTION=0.3 PASSKEY_DUMP_ARGS="--background int2 --exact-answers" PASSKEY_TARGET_BITS=2.45 \
 	  PASSKEY_LAYER_PLANS="k4v2,int2,int2,int2 k2v4,int2,int2,int2 int4,int2,int2,int2"
 
 ## Router variants against the static and layer-wise plans at the same bits, each variant a config

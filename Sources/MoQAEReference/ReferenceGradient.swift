@@ -42,8 +42,8 @@ extension RoutedStore {
     }
 
     /// Per router, `(layout.rowsPerRouter, D)` as Float32: the routed tokens of every head of its
-    /// leader layer, read whole.
-    private func leaderInputs(of sequence: CalibrationStore.Sequence) -> [[Float]] {
+    /// leader layer, read whole, head-major.
+    public func leaderInputs(of sequence: CalibrationStore.Sequence) -> [[Float]] {
         let rowsPerHead = layout.routedTokens.count
         let D = layout.inputDim
         return (0..<layout.routers).map { router in

@@ -70,6 +70,8 @@ public final class StreamingPass {
     /// an infinity (a cheap check, M values per token, as each block is used).
     public private(set) var sawNonFiniteInputs = false
     private var loss = LossSettings(lambda: 0)
+    /// An export's bits price (`RouterExport.bitsPrice`): token logits z_j − price · bits_j decide (forward only).
+    private var bitsPrice: Float = 0
     private var sensitivity: SensitivityTable?
     /// Over the sequence. Paper: Σ_u P_u[R_u] / B_{R_u} and Σ_u P_u[R_u] · B_{R_u}.
     /// Expected: Σ_u Σ_j P_u[j] · D_u[j] and Σ_u Σ_j P_u[j] · B_j.
@@ -112,8 +114,9 @@ public final class StreamingPass {
     }
 
     /// Starts a sequence with the current weights; `sensitivity` is the sequence's `delta_nll`.
-    public func begin(parameters: RouterParameters, loss: LossSettings, sensitivity: SensitivityTable?) {
+    public func begin(parameters: RouterParameters, loss: LossSettings, sensitivity: SensitivityTable?, bitsPrice: Float = 0) {
         self.loss = loss
+        self.bitsPrice = bitsPrice
         self.sensitivity = sensitivity
         sawNonFiniteInputs = false
         precondition(parameters.hidden == H && parameters.experts == M, "weights of hidden width \(parameters.hidden) for a pass of \(H)")
@@ -137,9 +140,28 @@ public final class StreamingPass {
     /// `firstChunk`) and, when `backward`, adds their gradient parts (which needs the sensitivity).
     /// The kernels bring `prefetch` (the next block's stored inputs) into the CPU cache meanwhile:
     /// the forward the first half, the chunks' backward passes a share each of the rest.
+    /// Token probabilities `p (M, stride)` become softmax(z − price · bits) in place, from log p_j − price ·
+    /// bits_j, and each token's choice their argmax (the lowest index among equals).
+    private func applyBitsPrice(_ p: UnsafeMutablePointer<Float>, stride: Int, rows: Int, tokenChoices: UnsafeMutablePointer<Int32>) {
+        let prices = experts.map { Float(Double(bitsPrice) * $0.bitWidth) }
+        for t in 0..<rows {
+            var best = 0
+            for j in 0..<M {
+                p[j * stride + t] = log(p[j * stride + t]) - prices[j]
+                if p[j * stride + t] > p[best * stride + t] { best = j }
+            }
+            let top = p[best * stride + t]
+            var total: Float = 0
+            for j in 0..<M { p[j * stride + t] = exp(p[j * stride + t] - top); total += p[j * stride + t] }
+            for j in 0..<M { p[j * stride + t] /= total }
+            tokenChoices[t] = Int32(best)
+        }
+    }
+
     public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer?) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
         precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
+        precondition(!backward || bitsPrice == 0, "a bits price only decides; training has none")
         let (D, M, N, H, stride) = (self.D, self.M, self.N, self.H, self.rows)
         let rows = chunks * N
         let firstUnit = head * layout.routedChunksPerHead + firstChunk - layout.firstRoutedChunk
@@ -170,6 +192,7 @@ public final class StreamingPass {
             moqae_router_forward(x.baseAddress!, rows, D, M, H, w12t.baseAddress! + router * 2 * H * D, w3, stride,
                                  ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, wideTiles, prefetch?.baseAddress, forwardPrefetch)
             if !(0..<M).allSatisfy({ j in (0..<rows).allSatisfy { p[j * stride + $0].isFinite } }) { sawNonFiniteInputs = true }
+            if bitsPrice != 0 { applyBitsPrice(p, stride: stride, rows: rows, tokenChoices: tokenChoices.baseAddress!) }
             for c in 0..<chunks {
                 let chunkRows = (c * N)..<((c + 1) * N)
                 let choice: Int

@@ -143,8 +143,10 @@ public func staticPlan(data: RoutedStore, budget: Double) -> [Int] {
 }
 
 /// Runs the routers over the validation split and compares their decisions with the static plan and
-/// the prescient allocation at the router's bits (with constants), and with every uniform expert.
-public func validationReport(streamer: SequenceStreamer, parameters: RouterParameters) throws(StoreError) -> ValidationReport? {
+/// the prescient allocation at the router's bits (with constants), and with every uniform expert; an
+/// export's routers decide under its bits price.
+public func validationReport(streamer: SequenceStreamer, parameters: RouterParameters,
+                             bitsPrice: Float = 0) throws(StoreError) -> ValidationReport? {
     let data = streamer.data
     guard !data.validation.isEmpty else { return nil }
     let setup = data.setup, layout = data.layout, M = setup.experts.count
@@ -155,7 +157,7 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
     var baseNLL: [Double] = []      // per sequence
     var tokenWeights: [Double] = []
 
-    for (sequence, decisions) in zip(data.validation, try streamer.decisions(data.validation, parameters: parameters)) {
+    for (sequence, decisions) in zip(data.validation, try streamer.decisions(data.validation, parameters: parameters, bitsPrice: bitsPrice)) {
         try data.store.checkShardIntact(sequence)
         let nll = data.store.nll(of: sequence), sensitivity = data.sensitivity(of: sequence)
         let weight = Double(sequence.tokens - 1)

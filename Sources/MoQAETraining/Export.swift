@@ -32,6 +32,8 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
         case oddKeyAndValueWidth(Int)
         case invalidExpertBits(index: Int, keyBits: Int, valueBits: Int)
         case nonFiniteWeight
+        /// Version 3's bits price is NaN or infinite.
+        case nonFiniteBitsPrice
         /// Evaluating on a store: an expert of the export has no expert of the same bits in the store.
         case expertNotInStore(keyBits: Int, valueBits: Int, store: String)
         /// Evaluating on a store: the routers were trained for another number of layers or KV heads.
@@ -48,7 +50,7 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
             switch self {
             case let .tooSmall(bytes): "file is \(bytes) bytes, too small for a router export"
             case .notAnExport: "not a router export (magic is not MQAE)"
-            case let .unsupportedVersion(version): "export version \(version) is not supported (expected 1 or 2)"
+            case let .unsupportedVersion(version): "export version \(version) is not supported (expected 1, 2 or 3)"
             case let .unknownWeightType(code): "weight dtype \(code) is unknown (expected 1 = binary16 or 2 = binary32)"
             case .zeroHiddenWidth: "header holds a zero hidden width"
             case let .sizeMismatch(actual, expected): "file is \(actual) bytes, its header implies \(expected)"
@@ -63,6 +65,7 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
             case let .oddKeyAndValueWidth(width): "D = \(width) is odd, but key+value inputs are two head vectors"
             case let .invalidExpertBits(index, keyBits, valueBits): "expert \(index) has invalid bits (\(keyBits), \(valueBits))"
             case .nonFiniteWeight: "holds a non-finite weight"
+            case .nonFiniteBitsPrice: "holds a non-finite bits price"
             case let .expertNotInStore(keyBits, valueBits, store): "expert (\(keyBits), \(valueBits)) is not in the store \(store)"
             case let .modelShapeMismatch(layers, heads, store, storeLayers, storeHeads):
                 "routers for \(layers) layers × \(heads) heads, the store \(store) has \(storeLayers) × \(storeHeads)"
@@ -90,8 +93,9 @@ public struct ExportError: Error, CustomStringConvertible, Equatable {
 /// The router export, format `MQAE`: a 32-byte header, the expert table, every router's W1, W2, W3 as
 /// binary16 or binary32, and a CRC-32 of all preceding bytes. Little-endian, no padding. Version 1 is
 /// the paper's router (vote pooling, hidden width M); version 2 adds the router kind (the pooling) in
-/// header byte 21 and the hidden width H as a u16 at bytes 22–23. Version 2 is written only for other
-/// routers than the paper's, so that paper routers keep their version 1 bytes.
+/// header byte 21 and the hidden width H as a u16 at bytes 22–23; version 3 adds a binary32 bits price
+/// at bytes 24–27 (`moqae calibrate-bits`). Each is written only where the one before cannot say it,
+/// so that paper routers keep their version 1 bytes.
 public struct RouterExport: Equatable {
     public enum WeightType: UInt8, Sendable {
         case binary16 = 1
@@ -101,7 +105,7 @@ public struct RouterExport: Equatable {
 
     public static let magic: [UInt8] = Array("MQAE".utf8)
     /// The versions this reader knows.
-    public static let versions: ClosedRange<Int> = 1...2
+    public static let versions: ClosedRange<Int> = 1...3
     public static let headerSize = 32
 
     public var weightType: WeightType
@@ -116,8 +120,10 @@ public struct RouterExport: Equatable {
     public var routerInput: RouterInput
     /// How a chunk decides (the router kind: version 2's header byte 21; version 1 is vote).
     public var pooling: ChunkPooling
+    /// Nats per average bit taken from every token logit before the chunk decides (version 3; 0 before).
+    public var bitsPrice: Float
     /// The version this export is written as.
-    public var version: Int { pooling == .vote && parameters.hidden == parameters.experts ? 1 : 2 }
+    public var version: Int { bitsPrice != 0 ? 3 : pooling == .vote && parameters.hidden == parameters.experts ? 1 : 2 }
     /// The weights as stored (binary16 weights widened exactly to Float).
     public var parameters: RouterParameters
 
@@ -125,12 +131,12 @@ public struct RouterExport: Equatable {
         lhs.weightType == rhs.weightType && lhs.expertBits.elementsEqual(rhs.expertBits, by: { $0 == $1 })
             && lhs.layers == rhs.layers && lhs.heads == rhs.heads && lhs.chunkSize == rhs.chunkSize
             && lhs.groupSize == rhs.groupSize && lhs.freezeFirstChunk == rhs.freezeFirstChunk && lhs.routerInput == rhs.routerInput
-            && lhs.pooling == rhs.pooling && lhs.parameters == rhs.parameters
+            && lhs.pooling == rhs.pooling && lhs.bitsPrice == rhs.bitsPrice && lhs.parameters == rhs.parameters
     }
 
     public init(weightType: WeightType, expertBits: [(keyBits: Int, valueBits: Int)], layers: Int, heads: Int,
                 chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool, routerInput: RouterInput, pooling: ChunkPooling = .vote,
-                parameters: RouterParameters) {
+                bitsPrice: Float = 0, parameters: RouterParameters) {
         self.weightType = weightType
         self.expertBits = expertBits
         self.layers = layers
@@ -140,6 +146,7 @@ public struct RouterExport: Equatable {
         self.freezeFirstChunk = freezeFirstChunk
         self.routerInput = routerInput
         self.pooling = pooling
+        self.bitsPrice = bitsPrice
         self.parameters = parameters
     }
 
@@ -177,7 +184,8 @@ public struct RouterExport: Equatable {
         } else {
             bytes.append(pooling.exportCode)
             u16(parameters.hidden)
-            bytes.append(contentsOf: [UInt8](repeating: 0, count: 8))
+            if version == 3 { withUnsafeBytes(of: bitsPrice.bitPattern.littleEndian) { bytes.append(contentsOf: $0) } }
+            bytes.append(contentsOf: [UInt8](repeating: 0, count: version == 3 ? 4 : 8))
         }
         for expert in expertBits { bytes.append(contentsOf: [UInt8(expert.keyBits), UInt8(expert.valueBits)]) }
         for value in parameters.values {
@@ -211,7 +219,7 @@ public struct RouterExport: Equatable {
         #endif
         guard M >= 1, D >= 1, N >= 1, G >= 1, L >= 1, H >= 1 else { throw fail(.zeroDimension) }
         guard R == (L + G - 1) / G else { throw fail(.routerCountMismatch(routers: R, layers: L, groupSize: G)) }
-        guard bytes[20] & ~7 == 0, bytes[(version == 1 ? 21 : 24)..<32].allSatisfy({ $0 == 0 }) else { throw fail(.reservedBitsSet) }
+        guard bytes[20] & ~7 == 0, bytes[[21, 24, 28][version - 1]..<32].allSatisfy({ $0 == 0 }) else { throw fail(.reservedBitsSet) }
         guard let pooling = version == 1 ? .vote : ChunkPooling(exportCode: bytes[21]) else { throw fail(.unknownRouterKind(bytes[21])) }
         guard let routerInput = RouterInput(exportCode: bytes[20] >> 1) else { throw fail(.unknownRouterInput(bytes[20] >> 1)) }
         guard routerInput != .keyAndValue || D % 2 == 0 else { throw fail(.oddKeyAndValueWidth(D)) }
@@ -232,8 +240,10 @@ public struct RouterExport: Equatable {
             }
         }
         guard values.allSatisfy(\.isFinite) else { throw fail(.nonFiniteWeight) }
+        let bitsPrice = version == 3 ? Float(bitPattern: UInt32(bytes[24]) | UInt32(bytes[25]) << 8 | UInt32(bytes[26]) << 16 | UInt32(bytes[27]) << 24) : 0
+        guard bitsPrice.isFinite else { throw fail(.nonFiniteBitsPrice) }
         return RouterExport(weightType: weightType, expertBits: expertBits, layers: L, heads: H, chunkSize: N, groupSize: G,
-                            freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput, pooling: pooling,
+                            freezeFirstChunk: bytes[20] & 1 == 1, routerInput: routerInput, pooling: pooling, bitsPrice: bitsPrice,
                             parameters: RouterParameters(routers: R, inputDim: D, experts: M, hidden: hidden, values: values))
     }
 }

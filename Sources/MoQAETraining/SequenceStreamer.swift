@@ -87,13 +87,14 @@ public final class SequenceStreamer: @unchecked Sendable {
         return (gradient, figures, decisions)
     }
 
-    /// The routers' `[router][unit]` decisions for each sequence (forward only).
-    public func decisions(_ sequences: [CalibrationStore.Sequence], parameters: RouterParameters) throws(StoreError) -> [[[Int]]] {
+    /// The routers' `[router][unit]` decisions for each sequence (forward only), under an export's bits price.
+    public func decisions(_ sequences: [CalibrationStore.Sequence], parameters: RouterParameters,
+                          bitsPrice: Float = 0) throws(StoreError) -> [[[Int]]] {
         var decisions = [[[Int]]](repeating: [], count: sequences.count)
         try decisions.withUnsafeMutableBufferPointer { (decisions) throws(StoreError) in
             let decisions = UncheckedSendable(decisions)  // each index is written by one worker only
             try forEachSequence(sequences, upcoming: []) { (index, sequence, pass, readahead) throws(StoreError) in
-                pass.begin(parameters: parameters, loss: LossSettings(lambda: 0), sensitivity: nil)
+                pass.begin(parameters: parameters, loss: LossSettings(lambda: 0), sensitivity: nil, bitsPrice: bitsPrice)
                 try stream(sequence, through: pass, backward: false, readahead: readahead)
                 decisions.value[index] = pass.decisions
             }

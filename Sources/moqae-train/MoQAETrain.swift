@@ -210,7 +210,8 @@ struct Evaluate: ParsableCommand {
                 throw ExportError(path: file, reason: .routersDoNotFit(routers: parameters.routers, inputDim: parameters.inputDim,
                                                                        experts: parameters.experts, store: store.path))
             }
-            guard let report = try validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters) else {
+            guard let report = try validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters,
+                                                    bitsPrice: export?.bitsPrice ?? 0) else {
                 throw ConfigError(location: source, key: "data.validation_fraction", reason: .noValidationSequences(store: store.path))
             }
             print(json ? report.json.serialized : report.text)
@@ -250,7 +251,7 @@ struct Inspect: ParsableCommand {
             \(file): MQAE router export version \(export.version), OK (CRC-32 verified)
               \(bytes.count) bytes, weights \(export.weightType == .binary16 ? "binary16" : "binary32")
               \(export.parameters.routers) router(s), D = \(export.parameters.inputDim) (router input \(export.routerInput.rawValue)), experts: \(experts)
-              \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue), hidden width \(export.parameters.hidden)
+              \(export.layers) layers, \(export.heads) KV heads, chunk \(export.chunkSize), group \(export.groupSize), first chunk \(export.freezeFirstChunk ? "frozen" : "routed"), pooling \(export.pooling.rawValue), hidden width \(export.parameters.hidden)\(export.version == 3 ? String(format: ", bits price %+.6f nats/bit", export.bitsPrice) : "")
             """)
             return
         }

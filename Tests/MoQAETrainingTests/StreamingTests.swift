@@ -4,6 +4,11 @@ import MoQAEStore
 import MoQAETestSupport
 import MoQAETraining
 import Testing
+#if canImport(Glibc)
+import Glibc
+#else
+import Darwin
+#endif
 
 /// The streaming pass the trainer runs against the tape, on a store with several heads, routers and
 /// blocks per head, F16 inputs and a partial last batch.
@@ -42,6 +47,62 @@ import Testing
         let vote = try SequenceStreamer(data: data, workers: 1).decisions(data.calibration, parameters: parameters)
         #expect(try SequenceStreamer(data: pooled, workers: 1).decisions(pooled.calibration, parameters: parameters) != vote,
                 "pooling should change some decision")
+    }
+
+    /// Decisions under an export's bits price against a Double brute force: token logits z − price · bits_j
+    /// from the weights, log-softmax, the chunk's pooling, and the tie rule (more bits, then the lower index).
+    @Test(arguments: ChunkPooling.allCases, [Float(-0.02), 0.03, 0.1])
+    func bitsPriceDecisionsMatchABruteForce(pooling: ChunkPooling, price: Float) throws {
+        let data = Self.routed(store, pooling: pooling)
+        var parameters = self.parameters
+        parameters.values = parameters.values.map { 2 * $0 }   // logits of a few nats, beside which the price matters
+        let layout = data.layout, experts = data.experts, (D, M, H) = (16, 3, parameters.hidden)
+        let streamed = try SequenceStreamer(data: data, workers: 1).decisions(data.calibration, parameters: parameters, bitsPrice: price)
+        var chosen = Set<Int>()
+        for (sequence, decisions) in zip(data.calibration, streamed) {
+            for (router, inputs) in data.leaderInputs(of: sequence).enumerated() {
+                let (w1, w2, w3) = (parameters.entry(router: router, .w1), parameters.entry(router: router, .w2), parameters.entry(router: router, .w3))
+                /// One token's log-softmax of z − price · bits, in Double.
+                func logProbabilities(_ row: Int) -> [Double] {
+                    var h = [Double](repeating: 0, count: H)
+                    for j in 0..<H {
+                        var (a, b) = (0.0, 0.0)
+                        for d in 0..<D {
+                            let x = Double(inputs[row * D + d])
+                            a += x * Double(parameters.values[w1.offset + d * H + j])
+                            b += x * Double(parameters.values[w2.offset + d * H + j])
+                        }
+                        h[j] = a / (1 + exp(-a)) * b
+                    }
+                    var z = [Double](repeating: 0, count: M)
+                    for k in 0..<M {
+                        for j in 0..<H { z[k] += h[j] * Double(parameters.values[w3.offset + j * M + k]) }
+                        z[k] -= Double(price) * experts[k].bitWidth
+                    }
+                    let top = z.max()!
+                    let logTotal = log(z.reduce(0.0) { $0 + exp($1 - top) })
+                    return z.map { $0 - top - logTotal }
+                }
+                let logP = (0..<(inputs.count / D)).map(logProbabilities)
+                for unit in 0..<layout.unitsPerRouter {
+                    let rows = logP[(unit * layout.chunkSize)..<((unit + 1) * layout.chunkSize)]
+                    let score: [Double] = (0..<M).map { k in
+                        switch pooling {
+                        case .vote: Double(rows.filter { row in row.indices.max { row[$0] < row[$1] || (row[$0] == row[$1] && $0 > $1) } == k }.count)
+                        case .mean: rows.reduce(0) { $0 + $1[k] } / Double(rows.count)
+                        case .max: rows.map { $0[k] }.max()!
+                        }
+                    }
+                    let best = (1..<M).reduce(0) { best, k in
+                        score[k] > score[best] || (score[k] == score[best] && experts[k].totalBits > experts[best].totalBits) ? k : best
+                    }
+                    #expect(decisions[router][unit] == best, "router \(router) unit \(unit)")
+                    chosen.insert(best)
+                }
+            }
+        }
+        let unpriced = try SequenceStreamer(data: data, workers: 1).decisions(data.calibration, parameters: parameters)
+        #expect(chosen.count > 1 && unpriced != streamed, "the price should change some decisions, not all")
     }
 
     /// Hidden widths other than M (narrower and wider, odd, across the kernels' 6-column tiles).

@@ -328,6 +328,28 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(parsed == pooled && parsed.pooling == pooling)
     }
 
+    /// A bits price makes version 3: the price as binary32 at bytes 24–27, otherwise version 2's bytes.
+    @Test func aBitsPriceIsVersion3() throws {
+        var priced = export(inputDim: 16, routers: 2, type: .binary16, pooling: .mean)
+        let plain = priced.serialized()
+        priced.bitsPrice = -0.627
+        let bytes = priced.serialized()
+        #expect(bytes.count == plain.count && bytes[4] == 3 && plain[4] == 2)
+        #expect(Array(bytes[24..<28]) == withUnsafeBytes(of: Float(-0.627).bitPattern.littleEndian) { Array($0) })
+        #expect(Array(bytes[5..<24]) == Array(plain[5..<24]) && bytes[28..<(bytes.count - 4)] == plain[28..<(plain.count - 4)])
+        #expect(try RouterExport.parse(bytes, path: "x") == priced)
+        func patched(_ changes: [Int: UInt8]) -> ExportError.Reason? {
+            var body = Array(bytes.dropLast(4))
+            for (offset, value) in changes { body[offset] = value }
+            do { _ = try RouterExport.parse(body + withUnsafeBytes(of: CRC32.checksum(body).littleEndian) { Array($0) }, path: "r.bin") }
+            catch { return error.reason }
+            return nil
+        }
+        let infinity = withUnsafeBytes(of: Float.infinity.bitPattern.littleEndian) { Array($0) }
+        #expect(patched([24: infinity[0], 25: infinity[1], 26: infinity[2], 27: infinity[3]]) == .nonFiniteBitsPrice)
+        #expect(patched([28: 1]) == .reservedBitsSet)
+    }
+
     @Test func rejectsDamage() throws {
         let bytes = export(inputDim: 16, routers: 1, type: .binary16).serialized()
         func reason(_ damaged: [UInt8]) -> ExportError.Reason? {
@@ -338,8 +360,8 @@ func train(_ config: TrainingConfig, resume: ResumeSource? = nil) throws -> Trai
         #expect(throws: ExportError(path: "r.bin", reason: .checksumMismatch)) { try RouterExport.parse(flipped, path: "r.bin") }
         #expect(reason(Array(bytes.dropLast())) == .sizeMismatch(actual: bytes.count - 1, expected: bytes.count))
         var version = bytes
-        version[4] = 3
-        #expect(reason(version) == .unsupportedVersion(3))
+        version[4] = 4
+        #expect(reason(version) == .unsupportedVersion(4))
         var dtype = bytes
         dtype[6] = 7
         #expect(reason(dtype) == .unknownWeightType(7))

@@ -110,6 +110,23 @@ def parser():
     evaluate.add_argument("--device-map")
     evaluate.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
 
+    budget = commands.add_parser("calibrate-bits",
+                                 help="write a router export whose bits price lands it on a payload-bits target on calibration text")
+    budget.add_argument("--model", required=True, help="model directory")
+    budget.add_argument("--text", required=True, help="calibration text (valid.txt, never the text you evaluate on)")
+    budget.add_argument("--router", required=True, help="MQAE export written by moqae-train export")
+    budget.add_argument("--out", required=True, help="the calibrated export to write (must not exist)")
+    budget.add_argument("--target-bits", type=float, required=True, help="average payload bits to land on, as eval reports them")
+    budget.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
+    budget.add_argument("--seq-len", type=positive_int, help="tokens per window (default as eval's)")
+    budget.add_argument("--task", metavar="passkey|FILE.jsonl", help="calibrate on the windows of this task built from --text, as eval does")
+    budget.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
+    budget.add_argument("--max-windows", type=positive_int, help="windows to calibrate on (default all; with --task passkey 200)")
+    budget.add_argument("--value-group", type=positive_int, help="value quantization group (default: head dim)")
+    budget.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    budget.add_argument("--device", default="auto")
+    budget.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+
     pareto = commands.add_parser("pareto", help="routers at several λ against every baseline: table and plot")
     pareto.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
     pareto.add_argument("--config", default="configs/default.yaml", help="moqae-train config")
@@ -291,6 +308,14 @@ def run(args):
             layer_plans=args.layer_plan or [], device=args.device, device_map=args.device_map,
             model_dtype=args.model_dtype, progress=not args.json)
         print(json.dumps(report.as_json()) if args.json else format_report(report))
+    elif args.command == "calibrate-bits":
+        from .evaluate.budget import calibrate_bits
+        price, bits, windows = calibrate_bits(
+            args.model, args.text, args.router, args.out, args.target_bits, tokenizer=args.tokenizer, seq_len=args.seq_len,
+            max_windows=args.max_windows, task=args.task, task_seed=args.task_seed, value_group=args.value_group,
+            batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype)
+        print(f"{args.out}: bits price {price:+.6f} nats/bit, {bits:.4f} payload bits on {windows} windows of {args.text} "
+              f"(target {args.target_bits})")
     elif args.command == "generate":
         from .serve.generate import generate
         generate(args.model, args.router, args.prompt_file, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,

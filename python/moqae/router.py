@@ -4,7 +4,8 @@ The export (little-endian, no padding; docs/FORMATS.md): a 32-byte header (magic
 u8 weight dtype 1 = binary16 / 2 = binary32, u8 M, u16 D, R, N, G, L, H, u8 flags with bit 0 = first
 chunk frozen and bits 1–2 = router input (0 key, 1 key-prerope, 2 key+value, 3 key+chunk), then in version 2 a u8
 router kind (the chunk pooling: 0 vote, 1 mean, 2 max; version 1 is vote) and a u16 hidden width H
-(version 1: H = M), and zero bytes to 32), M (key_bits, value_bits) pairs, per router W1 (D×H),
+(version 1: H = M), in version 3 also an f32 bits price at bytes 24–27, and zero bytes to 32), M (key_bits,
+value_bits) pairs, per router W1 (D×H),
 W2 (D×H), W3 (H×M) row-major, and a CRC-32 of everything before it.
 """
 import math
@@ -36,6 +37,8 @@ class RouterExport:
     router_input: str       # "key", "key-prerope" or "key+value"
     pooling: str            # "vote" (the paper's), "mean" or "max"
     weights: list           # per router: (W1 (D, H), W2 (D, H), W3 (H, M)) float32 tensors
+    bits_price: float = 0.0  # nats per average bit taken from every token logit (version 3; `calibrate-bits`)
+    weight_dtype: torch.dtype = torch.float16   # as stored: binary16 or binary32
 
     @property
     def num_routers(self):
@@ -59,11 +62,14 @@ def read_export(path):
     magic, version, dtype, M, D, R, N, G, L, H, flags, reserved = HEADER.unpack_from(data)
     if magic != b"MQAE":
         raise MoqaeError(f"{path}: not a router export (magic is not MQAE)")
-    if version not in (1, 2):
-        raise MoqaeError(f"{path}: export version {version} is not supported (expected 1 or 2)")
+    if version not in (1, 2, 3):
+        raise MoqaeError(f"{path}: export version {version} is not supported (expected 1, 2 or 3)")
     if dtype not in (1, 2):
         raise MoqaeError(f"{path}: weight dtype {dtype} is unknown (expected 1 = binary16 or 2 = binary32)")
     kind, hidden, reserved = (0, M, reserved) if version == 1 else (reserved[0], int.from_bytes(reserved[1:3], "little"), reserved[3:])
+    price = 0.0
+    if version == 3:
+        price, reserved = struct.unpack_from("<f", reserved)[0], reserved[4:]
     if hidden < 1:
         raise MoqaeError(f"{path}: header holds a zero hidden width")
     width = 2 if dtype == 1 else 4
@@ -92,6 +98,8 @@ def read_export(path):
                               dtype=torch.float16 if dtype == 1 else torch.float32).float()
     if not torch.isfinite(values).all():
         raise MoqaeError(f"{path}: holds a non-finite weight")
+    if not math.isfinite(price):
+        raise MoqaeError(f"{path}: holds a non-finite bits price")
     weights, offset = [], 0
     for _ in range(R):
         w1 = values[offset: offset + D * hidden].reshape(D, hidden)
@@ -99,7 +107,8 @@ def read_export(path):
         w3 = values[offset + 2 * D * hidden: offset + 2 * D * hidden + hidden * M].reshape(hidden, M)
         weights.append((w1, w2, w3))
         offset += 2 * D * hidden + hidden * M
-    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), router_input, POOLINGS[kind], weights)
+    return RouterExport(experts, D, N, G, L, H, bool(flags & 1), router_input, POOLINGS[kind], weights, price,
+                        torch.float16 if dtype == 1 else torch.float32)
 
 
 def token_logits(x, weights):
@@ -107,6 +116,16 @@ def token_logits(x, weights):
     w1, w2, w3 = (w.to(x.device) for w in weights)
     x = x.float()
     return (torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3
+
+
+def export_logits(export, router, x):
+    """One router's token logits as the export decides on them: z − price · bits_j (..., M), bits_j the
+    average of expert j's key and value bits."""
+    logits = token_logits(x, export.weights[router])
+    if export.bits_price == 0:
+        return logits
+    bits = torch.tensor([(e.key_bits + e.value_bits) / 2 for e in export.experts], device=logits.device)
+    return logits - export.bits_price * bits
 
 
 def token_probabilities(x, weights):
@@ -149,7 +168,7 @@ def routed_logits(export, router, inputs):
     chunk 0 (when frozen) and the tail left out."""
     first = 1 if export.freeze_first_chunk else 0
     C = inputs.shape[-2] // export.chunk_size
-    return token_logits(inputs[..., first * export.chunk_size: C * export.chunk_size, :], export.weights[router])
+    return export_logits(export, router, inputs[..., first * export.chunk_size: C * export.chunk_size, :])
 
 
 def route(export, router, inputs):
@@ -160,7 +179,7 @@ def route(export, router, inputs):
 
 def route_chunks(export, router, inputs):
     """Decisions of one router for input vectors (..., C·N, D) of whole chunks: (..., C)."""
-    return decisions_of_logits(export, token_logits(inputs, export.weights[router]))
+    return decisions_of_logits(export, export_logits(export, router, inputs))
 
 
 def decisions_of_logits(export, logits):
@@ -197,13 +216,17 @@ def random_export(layers, heads, width, experts="fp16,int4,int2", group=1, freez
     return RouterExport(experts, width, 32, group, layers, heads, freeze, router_input, pooling, weights)
 
 
-def write_export(path, export, dtype=torch.float16):
+def write_export(path, export, dtype=None):
     """Writes `export` in the format `read_export` reads: version 1 for the paper's router (vote pooling,
-    hidden width M), version 2 otherwise; weights as binary16 (dtype 1) or binary32 (2)."""
+    hidden width M), version 3 for one with a bits price, version 2 otherwise; weights as binary16
+    (dtype 1) or binary32 (2), by default as read, the price as binary32."""
+    dtype = dtype or export.weight_dtype
     M, hidden = len(export.experts), export.weights[0][2].shape[0]
-    version = 1 if export.pooling == "vote" and hidden == M else 2
+    version = 3 if export.bits_price != 0 else 1 if export.pooling == "vote" and hidden == M else 2
     flags = int(export.freeze_first_chunk) | ROUTER_INPUTS.index(export.router_input) << 1
     extra = b"" if version == 1 else bytes([POOLINGS.index(export.pooling)]) + hidden.to_bytes(2, "little")
+    if version == 3:
+        extra += struct.pack("<f", export.bits_price)
     header = HEADER.pack(b"MQAE", version, 1 if dtype == torch.float16 else 2, M, export.input_dim, export.num_routers,
                          export.chunk_size, export.group_size, export.num_layers, export.num_kv_heads, flags,
                          extra.ljust(11, b"\0"))

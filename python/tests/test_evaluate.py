@@ -1,6 +1,9 @@
 """The evaluator: plans against direct fake-quantized forwards, router decisions against the trainer's
 golden ones, and export damage."""
+import dataclasses
+import json
 import os
+import struct
 import zlib
 
 import pytest
@@ -21,7 +24,7 @@ from moqae.evaluate.plans import Layout, UniformPlan
 from moqae.evaluate.scoring import Result, evaluate_plan, paired_difference
 from moqae.experts import parse_expert
 from moqae.quantizer import quantize_keys, quantize_values, unit_storage_bits
-from moqae.router import POOLINGS, read_export, route
+from moqae.router import POOLINGS, random_export, read_export, route, route_chunks, write_export
 from moqae.calibrate.sensitivity import mean_nll
 
 GOLDEN = os.path.join(ROOT, "Tests", "MoQAETrainingTests", "Golden")
@@ -95,10 +98,10 @@ def test_damaged_exports_are_rejected(tmp_path):
     (tmp_path / "chunk.bin").write_bytes(resealed(chunk_input))
     assert read_export(str(tmp_path / "chunk.bin")).router_input == "key+chunk"   # code 3 of the flags' bits 1–2
     cases = {"flipped": data[:40] + bytes([data[40] ^ 1]) + data[41:], "truncated": data[:-3],
-             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x03" + data[5:],
+             "magic": b"MQAX" + data[4:], "version": data[:4] + b"\x04" + data[5:],
              "kind": as_version_2(data, 3), "v1 kind": resealed(data[:21] + b"\x01" + data[22:-4])}
     reasons = {"flipped": "CRC-32 mismatch", "truncated": "header implies", "magic": "magic",
-               "version": "version 3 is not supported",
+               "version": "version 4 is not supported",
                "kind": "router kind 3 is unknown", "v1 kind": "reserved header bits are not zero"}
     for name, damaged in cases.items():
         path = tmp_path / f"{name}.bin"
@@ -242,3 +245,72 @@ def test_chunk_ties_go_to_more_bits_then_to_the_lower_index():
     assert chunk_decisions(probabilities, experts, 4).tolist() == [2, 1, 3, 2]
     pooled = torch.tensor([[0.4, 0.1, 0.4, 0.05, 0.05], [0.1, 0.1, 0.1, 0.35, 0.35]])
     assert pooled_decisions(pooled, experts).tolist() == [2, 3]
+
+
+def test_a_bits_price_is_written_as_version_3_and_read_back_in_binary32(tmp_path):
+    export = random_export(3, 2, 16, pooling="mean", seed=1)
+    write_export(str(tmp_path / "plain.bin"), export)
+    assert open(tmp_path / "plain.bin", "rb").read()[4] == 2 and read_export(str(tmp_path / "plain.bin")).bits_price == 0
+    priced = dataclasses.replace(export, bits_price=0.1)
+    write_export(str(tmp_path / "priced.bin"), priced)
+    data = open(tmp_path / "priced.bin", "rb").read()
+    assert data[4] == 3 and len(data) == os.path.getsize(tmp_path / "plain.bin")
+    read = read_export(str(tmp_path / "priced.bin"))
+    assert read.bits_price == struct.unpack("<f", struct.pack("<f", 0.1))[0] and read.pooling == "mean"
+    assert all(torch.equal(a, b) for ours, theirs in zip(read.weights, export.weights) for a, b in zip(ours, theirs))
+    body = bytearray(data[:-4])
+    for offset, value, reason in ((24, struct.pack("<f", math.inf), "non-finite bits price"),
+                                  (28, b"\x01", "reserved header bits are not zero")):
+        damaged = body.copy()
+        damaged[offset: offset + len(value)] = value
+        (tmp_path / "damaged.bin").write_bytes(resealed(damaged))
+        with pytest.raises(MoqaeError, match=reason):
+            read_export(str(tmp_path / "damaged.bin"))
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("price", [-0.4, 0.15, 0.9])
+def test_decisions_under_a_bits_price_equal_a_float64_brute_force(pooling, price):
+    """Token logits z − price · bits_j (bits: the mean of key and value bits), pooled as the export says,
+    then the tie rule: computed here in float64 from the weights, one chunk at a time."""
+    export = dataclasses.replace(random_export(2, 3, 8, pooling=pooling, seed=2, scale=0.5), bits_price=price)
+    bits = torch.tensor([(e.key_bits + e.value_bits) / 2 for e in export.experts], dtype=torch.float64)
+    total = [e.key_bits + e.value_bits for e in export.experts]
+    inputs = torch.randn(3, 6 * 32, 8, generator=torch.Generator().manual_seed(3))
+    checked = 0
+    for router in range(export.num_routers):
+        w1, w2, w3 = (w.double() for w in export.weights[router])
+        decided = route_chunks(export, router, inputs)
+        for head in range(3):
+            for chunk in range(6):
+                x = inputs[head, chunk * 32:(chunk + 1) * 32].double()
+                log_p = torch.log_softmax((torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3 - price * bits, -1)
+                if pooling == "vote":
+                    score = torch.bincount(log_p.argmax(-1), minlength=3).double()
+                else:
+                    score = log_p.mean(0) if pooling == "mean" else log_p.amax(0)
+                best = max(range(3), key=lambda j: (score[j].item(), total[j], -j))
+                if pooling == "max" and (score[best] - score).sort().values[1] < 1e-5:
+                    continue   # two experts' maxima saturate within float32's resolution of log p = 0: a tie there
+                assert decided[head, chunk].item() == best, (router, head, chunk)
+                checked += 1
+    assert checked >= 24
+
+
+def test_calibrate_bits_lands_the_router_on_its_target(tiny_llama, small_corpus, tmp_path):
+    router, out = tmp_path / "router.bin", tmp_path / "calibrated.bin"
+    write_export(str(router), random_export(3, 2, 16, pooling="mean", seed=4, scale=0.5))
+    common = ["--model", tiny_llama, "--text", small_corpus, "--tokenizer", "bytes", "--seq-len", "256", "--max-windows", "6"]
+    result = run_moqae("calibrate-bits", *common, "--router", str(router), "--out", str(out), "--target-bits", "5")
+    assert result.returncode == 0, result.stderr
+    assert "payload bits on 6 windows" in result.stdout and "calibrate-bits: price" in result.stderr
+    calibrated = read_export(str(out))
+    assert calibrated.bits_price != 0 and open(out, "rb").read()[4] == 3
+    report = json.loads(run_moqae("eval", *common, "--router", str(out), "--no-baselines", "--json").stdout)
+    bits = report["results"][0]["payload_bits"]
+    assert 5 - 0.005 <= bits <= 5 and f"{bits:.4f} payload bits" in result.stdout
+    refused = [run_moqae("calibrate-bits", *common, "--router", str(router), "--out", str(out), "--target-bits", "5"),
+               run_moqae("calibrate-bits", *common, "--router", str(router), "--out", str(tmp_path / "new.bin"), "--target-bits", "1")]
+    assert [r.returncode for r in refused] == [1, 1]
+    assert refused[0].stderr.strip() == f"error: {out}: exists; calibrate-bits writes a new export and does not overwrite"
+    assert "target 1.0 payload bits is out of reach" in refused[1].stderr and not (tmp_path / "new.bin").exists()
