@@ -32,10 +32,20 @@ from ..experts import Expert
 from ..model import check_export_fits, model_shape, sliding_window_layers
 from ..quantizer import group_codes, unit_storage_bits
 from ..router import read_export, route_chunks
+from .attention import NAME as ATTENTION_NAME, PackedLayer
 from .packing import pack_codes, unpack_codes
 
 TARGET_TRANSFORMERS = "5.23.0"
 FROZEN = Expert("frozen fp16", 16, 16)   # storage of a frozen chunk 0
+
+
+def use_packed_attention(model, packed):
+    """Sets `model`'s attention implementation to "moqae" when `packed`; returns `packed`."""
+    if packed:
+        if model is None:
+            raise MoqaeError("packed attention needs the model, whose attention implementation becomes \"moqae\"")
+        model.set_attn_implementation(ATTENTION_NAME)
+    return packed
 
 
 class RouterPolicy:
@@ -160,6 +170,8 @@ class MoQAELayer(CacheLayerMixin):
             self._store(keys[:, :, : whole * N], values[:, :, : whole * N])
         self.residual = (keys[:, :, whole * N:].to(torch.float16), values[:, :, whole * N:].to(torch.float16))
         self.length += key_states.shape[-2]
+        if self.cache.packed_attention and key_states.shape[-2] == 1:
+            return PackedLayer(self), PackedLayer(self)    # the "moqae" attention reads the packed units
         return self.read()
 
     def _store(self, keys, values):
@@ -245,7 +257,7 @@ class MoQAECache(Cache):
     """A KV cache whose chunks of `chunk_size` tokens are stored at the experts `policy` picks
     (`RouterPolicy` or `LayerPolicy`); build it with `from_export` or `from_layer_plan`."""
 
-    def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None):
+    def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None, packed_attention=False):
         config = config.get_text_config(decoder=True)
         sliding = sorted(sliding_window_layers(config))
         if sliding:
@@ -256,25 +268,31 @@ class MoQAECache(Cache):
         if self.head_dim % self.value_group:
             raise MoqaeError(f"value group {self.value_group} does not divide the head dimension {self.head_dim}")
         self.policy, self.chunk_size, self.freeze_first_chunk = policy, chunk_size, freeze_first_chunk
+        self.packed_attention = packed_attention
         self.storage_experts = list(policy.experts) + [FROZEN]
         super().__init__(layers=[MoQAELayer(layer, self) for layer in range(layers)])
 
     @classmethod
-    def from_export(cls, export, model, value_group=None, model_dir="model"):
-        """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`."""
+    def from_export(cls, export, model, value_group=None, model_dir="model", packed_attention=False):
+        """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`. With
+        `packed_attention`, decode steps attend on the packed units (serve/attention.py): the model's
+        attention implementation becomes "moqae", which is SDPA for everything else."""
         if isinstance(export, (str, os.PathLike)):
             export = read_export(os.fspath(export))
         check_export_fits(export, model.config)
         head_dim = model_shape(model.config)[2]
         inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group or head_dim)
-        return cls(RouterPolicy(export, inputs), model.config, export.chunk_size, export.freeze_first_chunk, value_group)
+        return cls(RouterPolicy(export, inputs), model.config, export.chunk_size, export.freeze_first_chunk, value_group,
+                   use_packed_attention(model, packed_attention))
 
     @classmethod
-    def from_layer_plan(cls, experts, config, chunk_size=32, freeze_first_chunk=True, value_group=None):
-        """Expert `experts[l]` for every chunk of layer l (a list of Expert, one per layer)."""
+    def from_layer_plan(cls, experts, config, chunk_size=32, freeze_first_chunk=True, value_group=None, model=None,
+                        packed_attention=False):
+        """Expert `experts[l]` for every chunk of layer l (a list of Expert, one per layer); `packed_attention`
+        needs the `model`, as in `from_export`."""
         distinct = list(dict.fromkeys(experts))
         policy = LayerPolicy(distinct, [distinct.index(e) for e in experts], chunk_size)
-        return cls(policy, config, chunk_size, freeze_first_chunk, value_group)
+        return cls(policy, config, chunk_size, freeze_first_chunk, value_group, use_packed_attention(model, packed_attention))
 
     def nbytes(self):
         """Bytes the cache holds (see `MoQAELayer.nbytes`)."""

@@ -1,0 +1,107 @@
+"""Decode attention on packed units (serve/attention.py, kernels/packed_attention.cpp) against the cache's
+dequantize-then-SDPA path and a float64 brute force."""
+import pytest
+import torch
+
+from moqae.experts import parse_expert
+from moqae.model import load_model
+from moqae.router import random_export
+from moqae.serve.attention import NAME, packed_decode
+from moqae.serve.cache import MoQAECache
+from moqae.serve.kernels import packed_attention
+
+
+def decode_logits(model, cache, prompt, steps):
+    """Logits (steps + 1, B, V) of the prompt's last token and of `steps` greedy tokens after it."""
+    with torch.no_grad():
+        out = model(prompt, past_key_values=cache)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            logits.append(out.logits[:, -1])
+    model.set_attn_implementation("sdpa")
+    return torch.stack(logits)
+
+
+def relative(a, b):
+    return ((a - b).norm() / a.norm()).item()
+
+
+PLANS = [["fp16", "int8", "int4"], ["int2", "k4v2", "k2v4"], ["int3", "int5", "k3v6"], ["int7", "int1", "int6"]]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_expert_decodes_the_logits_of_dequantize_then_sdpa(tiny_llama, plan):
+    """100 prompt tokens and 40 decoded: chunks 3 and 4 fill during decode; GQA (4 query heads, 2 KV heads)."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    experts = [parse_expert(name) for name in plan]
+    prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    reference = decode_logits(model, MoQAECache.from_layer_plan(experts, model.config), prompt, 40)
+    packed = MoQAECache.from_layer_plan(experts, model.config, model=model, packed_attention=True)
+    logits = decode_logits(model, packed, prompt, 40)
+    assert relative(reference, logits) <= 1e-5
+    assert torch.equal(reference.argmax(-1), logits.argmax(-1))
+    assert packed.layers[0].expert_map.shape[0] == 140 // 32   # the packed path stored the chunks it filled
+
+
+@pytest.mark.parametrize("fixture, batch", [("tiny_llama", 2), ("tiny_mqa_llama", 1), ("tiny_mqa_llama", 2)])
+def test_mixed_units_of_a_router_decode_as_dequantize_then_sdpa(request, fixture, batch):
+    model_dir = request.getfixturevalue(fixture)
+    model = load_model(model_dir, "cpu", None, "float32")
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    export = random_export(layers, heads, 16, experts="fp16,int4,int2,k4v2", seed=3, scale=2.0)
+    prompt = torch.randint(0, 256, (batch, 90), generator=torch.Generator().manual_seed(1))
+    reference = decode_logits(model, MoQAECache.from_export(export, model, model_dir=model_dir), prompt, 30)
+    packed = MoQAECache.from_export(export, model, model_dir=model_dir, packed_attention=True)
+    logits = decode_logits(model, packed, prompt, 30)
+    assert len(packed.layers[0].expert_map.unique()) >= 3, "the routers should mix experts inside a layer"
+    assert relative(reference, logits) <= 1e-5
+    assert torch.equal(reference.argmax(-1), logits.argmax(-1))
+
+
+def test_the_kernel_equals_a_float64_attention_over_the_dequantized_units(tiny_llama):
+    """One layer's step, brute force: softmax(q Kᵀ · scaling) V in float64 over the units as `read` dequantizes them."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    export = random_export(3, 2, 16, experts="fp16,int4,int2,int3", seed=5, scale=2.0)
+    cache = MoQAECache.from_export(export, model, model_dir=tiny_llama)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 77), generator=torch.Generator().manual_seed(2)), past_key_values=cache)
+    layer = cache.layers[1]
+    keys, values = (x.double() for x in layer.read())                     # (B, H, T, D)
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    scaling = 16 ** -0.5
+    expanded = [x.repeat_interleave(2, dim=1) for x in (keys, values)]     # query head g reads KV head g // 2
+    weights = torch.softmax(query.double() @ expanded[0].transpose(-1, -2) * scaling, dim=-1)
+    expected = (weights @ expanded[1]).transpose(1, 2)                     # (B, 1, Hq, D)
+    for portable in (False, True):
+        result = packed_decode(layer, query, scaling, portable=portable)
+        assert result.shape == expected.shape and relative(expected, result.double()) <= 1e-6
+    assert packed_attention(portable=True).vector_path() == "portable"
+
+
+def test_a_mask_that_hides_a_position_goes_to_sdpa(tiny_llama):
+    """Left padding in a batch: the decode mask hides the padded positions, so the step is not packed."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    experts = [parse_expert("int4")] * 3
+    prompt = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def generate(cache):
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        model.set_attn_implementation("sdpa")
+        return torch.stack(out.logits)
+
+    reference = generate(MoQAECache.from_layer_plan(experts, model.config))
+    packed = generate(MoQAECache.from_layer_plan(experts, model.config, model=model, packed_attention=True))
+    assert relative(reference, packed) <= 1e-6
+
+
+def test_the_attention_implementation_is_registered_and_the_kernel_names_its_path(tiny_llama):
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    MoQAECache.from_layer_plan([parse_expert("int4")] * 3, model.config, model=model, packed_attention=True)
+    assert model.config._attn_implementation == NAME
+    model.set_attn_implementation("sdpa")
+    assert packed_attention().vector_path() in ("avx2", "portable")
