@@ -254,6 +254,8 @@ def parser():
     serve_bench.add_argument("--router", help="its router export (default: random routers)")
     serve_bench.add_argument("--contexts", type=lambda text: [int(t) for t in text.split(",")], default=[2048, 8192],
                              help="prompt lengths, comma-separated (default 2048,8192)")
+    serve_bench.add_argument("--tiny-contexts", type=lambda text: [int(t) for t in text.split(",") if t], default=[32768],
+                             help="further prompt lengths for the tiny Llama only, comma-separated (default 32768; empty: none)")
     serve_bench.add_argument("--decode-tokens", type=int, default=160, help="greedy decode steps (default 160)")
     serve_bench.add_argument("--rounds", type=int, default=3, help="rounds of every cache, side by side (default 3)")
     serve_bench.add_argument("--out", help="report to write the Serving section of (e.g. docs/PERFORMANCE.md)")
@@ -356,7 +358,7 @@ def run(args):
                      out=args.out)
     elif args.command == "serve-benchmark":
         from .harness.serve_benchmark import serve_benchmark
-        serve_benchmark(args.model, args.router, contexts=args.contexts, decode_tokens=args.decode_tokens,
+        serve_benchmark(args.model, args.router, contexts=args.contexts, tiny_contexts=args.tiny_contexts, decode_tokens=args.decode_tokens,
                         rounds=args.rounds, out=args.out)
     elif args.command == "soak":
         from .harness.soak import soak
