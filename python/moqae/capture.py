@@ -2,7 +2,8 @@
 
 `moqae` is registered as an attention implementation: it sees each layer's post-RoPE key and value
 states (before any grouped-query repetition: exactly what the KV cache holds), lets a `KVHook` record
-or replace them, then runs transformers' own SDPA attention. `moqae-eager` does the same, then runs the
+or replace them, then runs transformers' own SDPA attention; a cache that attends itself (`DeferredKV`:
+MoQAECache's decode on packed units) does so while no hook is active. `moqae-eager` does the same, then runs the
 model's own eager attention, for models whose attention SDPA cannot compute (logit soft-capping,
 Gemma 2). No model code is edited.
 """
@@ -69,13 +70,32 @@ def captured(module, key, value, sliding_window=None):
     return key, value
 
 
+class DeferredKV:
+    """What a cache layer's `update` may return in place of its K and V tensors (as both): the cache attends
+    itself (`attend`: the output (B, q, Hq, D), or None where it cannot), or hands over its K and V
+    (`materialize`). MoQAECache's packed decode (serve/attention.py) is one."""
+
+    def attend(self, module, query, attention_mask, scaling):
+        raise NotImplementedError
+
+    def materialize(self):
+        raise NotImplementedError
+
+
 def moqae_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    if isinstance(key, DeferredKV):
+        attended = None if _active_hooks else key.attend(module, query, attention_mask, kwargs.get("scaling"))
+        if attended is not None:
+            return attended, None
+        key, value = key.materialize()
     key, value = captured(module, key, value, kwargs.get("sliding_window"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def moqae_eager_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """Capture, then the eager attention of the module's own modeling file (which soft-caps)."""
+    if isinstance(key, DeferredKV):
+        key, value = key.materialize()
     key, value = captured(module, key, value, kwargs.get("sliding_window"))
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:

@@ -136,7 +136,8 @@ def test_decoding_crosses_chunk_boundaries_and_never_requantizes(freeze):
 
 def test_a_router_that_keeps_16_bits_generates_the_tokens_of_dynamic_cache(tiny_llama):
     """Zero weights tie every expert, and a tie goes to fp16: in a binary16 model every value is stored
-    exactly, so tokens and scores equal DynamicCache's."""
+    exactly, so tokens and scores equal DynamicCache's; attending on the packed units (in float32, then
+    rounded to binary16), the tokens too and the scores within binary16's rounding."""
     model = load_model(tiny_llama, "cpu", None, "float16")
     layers, heads, head_dim, _ = model_shape(model.config)
     export = random_export(layers, heads, head_dim, scale=0.0)
@@ -147,9 +148,12 @@ def test_a_router_that_keeps_16_bits_generates_the_tokens_of_dynamic_cache(tiny_
             return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=60,
                                   do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
 
-    served, dynamic = run(MoQAECache.from_export(export, model)), run(DynamicCache())
+    served, dynamic = run(MoQAECache.from_export(export, model, packed_attention=False)), run(DynamicCache())
     assert torch.equal(served.sequences, dynamic.sequences)
     assert all(torch.equal(a, b) for a, b in zip(served.scores, dynamic.scores))
+    packed = run(MoQAECache.from_export(export, model))
+    assert torch.equal(packed.sequences, dynamic.sequences)
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(packed.scores, dynamic.scores)) < 1e-2
 
 
 def test_bytes_held_match_the_storage_formula(passkey_model):

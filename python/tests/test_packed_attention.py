@@ -6,7 +6,8 @@ import torch
 from moqae.experts import parse_expert
 from moqae.model import load_model
 from moqae.router import random_export
-from moqae.serve.attention import NAME, packed_decode
+from moqae.capture import IMPLEMENTATION, KVHook
+from moqae.serve.attention import packed_decode
 from moqae.serve.cache import MoQAECache
 from moqae.serve.kernels import packed_attention
 
@@ -19,7 +20,6 @@ def decode_logits(model, cache, prompt, steps):
         for _ in range(steps):
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
             logits.append(out.logits[:, -1])
-    model.set_attn_implementation("sdpa")
     return torch.stack(logits)
 
 
@@ -51,7 +51,7 @@ def test_mixed_units_of_a_router_decode_as_dequantize_then_sdpa(request, fixture
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     export = random_export(layers, heads, 16, experts="fp16,int4,int2,k4v2", seed=3, scale=2.0)
     prompt = torch.randint(0, 256, (batch, 90), generator=torch.Generator().manual_seed(1))
-    reference = decode_logits(model, MoQAECache.from_export(export, model, model_dir=model_dir), prompt, 30)
+    reference = decode_logits(model, MoQAECache.from_export(export, model, model_dir=model_dir, packed_attention=False), prompt, 30)
     packed = MoQAECache.from_export(export, model, model_dir=model_dir, packed_attention=True)
     logits = decode_logits(model, packed, prompt, 30)
     assert len(packed.layers[0].expert_map.unique()) >= 3, "the routers should mix experts inside a layer"
@@ -63,7 +63,7 @@ def test_the_kernel_equals_a_float64_attention_over_the_dequantized_units(tiny_l
     """One layer's step, brute force: softmax(q Kᵀ · scaling) V in float64 over the units as `read` dequantizes them."""
     model = load_model(tiny_llama, "cpu", None, "float32")
     export = random_export(3, 2, 16, experts="fp16,int4,int2,int3", seed=5, scale=2.0)
-    cache = MoQAECache.from_export(export, model, model_dir=tiny_llama)
+    cache = MoQAECache.from_export(export, model, model_dir=tiny_llama, packed_attention=False)
     with torch.no_grad():
         model(torch.randint(0, 256, (2, 77), generator=torch.Generator().manual_seed(2)), past_key_values=cache)
     layer = cache.layers[1]
@@ -91,7 +91,6 @@ def test_a_mask_that_hides_a_position_goes_to_sdpa(tiny_llama):
         with torch.no_grad():
             out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True)
-        model.set_attn_implementation("sdpa")
         return torch.stack(out.logits)
 
     reference = generate(MoQAECache.from_layer_plan(experts, model.config))
@@ -99,9 +98,17 @@ def test_a_mask_that_hides_a_position_goes_to_sdpa(tiny_llama):
     assert relative(reference, packed) <= 1e-6
 
 
-def test_the_attention_implementation_is_registered_and_the_kernel_names_its_path(tiny_llama):
-    model = load_model(tiny_llama, "cpu", None, "float32")
-    MoQAECache.from_layer_plan([parse_expert("int4")] * 3, model.config, model=model, packed_attention=True)
-    assert model.config._attn_implementation == NAME
-    model.set_attn_implementation("sdpa")
+def test_a_model_of_another_attention_gets_moqaes_and_hooks_see_the_dequantized_cache(tiny_llama):
+    """A model loaded with SDPA is given moqae's attention implementation; while a KVHook records, a packed
+    step hands its layer over dequantized, so the hook sees what `read` gives."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").float()
+    cache = MoQAECache.from_layer_plan([parse_expert("int4")] * 3, model.config, model=model)
+    assert model.config._attn_implementation == IMPLEMENTATION
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(5)), past_key_values=cache)
+        hook = KVHook(record=True)
+        with hook.active():
+            model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    assert torch.equal(hook.keys[0], cache.layers[0].read()[0]) and hook.keys[0].shape[-2] == 71
     assert packed_attention().vector_path() in ("avx2", "portable")

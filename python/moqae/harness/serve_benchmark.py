@@ -102,24 +102,22 @@ def serve_benchmark(model_dir: str, router: str | None = None, *, contexts: list
 
         def uniform(name):
             return lambda: MoQAECache.from_layer_plan([parse_expert(name)] * layers, model.config, export.chunk_size,
-                                                      export.freeze_first_chunk, model=model, packed_attention=True)
+                                                      export.freeze_first_chunk, model=model)
 
         caches = {"DynamicCache": DynamicCache}
         if quantized is not None:
             caches["QuantizedCache quanto int4"] = quantized
         caches.update({"MoQAECache uniform int4": uniform("int4"), "MoQAECache uniform int2": uniform("int2"),
-                       "MoQAECache router": lambda: MoQAECache.from_export(export, model, packed_attention=True),
-                       "MoQAECache router, dequantized attention": lambda: MoQAECache.from_export(export, model)})
+                       "MoQAECache router": lambda: MoQAECache.from_export(export, model),
+                       "MoQAECache router, dequantized attention": lambda: MoQAECache.from_export(export, model, packed_attention=False)})
         for factory in caches.values():   # warm-up, not recorded: builds quanto's and the packed kernel's extensions
             measure(model, torch.zeros(1, 2 * export.chunk_size + 1, dtype=torch.long), factory(), 2)
-            model.set_attn_implementation("sdpa")
         for context in model_contexts:
             ids = torch.randint(0, 256, (1, context), generator=torch.Generator().manual_seed(context))
             measured = {name: [] for name in caches}
             for round_index in range(rounds):
                 for name, factory in caches.items():
                     measured[name].append(measure(model, ids, factory(), decode_tokens))
-                    model.set_attn_implementation("sdpa")
                     m = measured[name][-1]
                     print(f"{label}, T = {context}, round {round_index + 1}: {name}: prefill {m['prefill_s']:.3f} s, "
                           f"decode {m['decode_tok_s']:.1f} tok/s, {m['bytes']:,} bytes", file=sys.stderr, flush=True)

@@ -1,36 +1,40 @@
-"""Decode attention on a MoQAECache layer's packed units (kernels/packed_attention.cpp), registered with
-transformers as the attention implementation "moqae".
+"""Decode attention on a MoQAECache layer's packed units (kernels/packed_attention.cpp).
 
-A cache built with `packed_attention=True` answers a decode step's `update` (one new token) with a
-`PackedLayer` in place of the dequantized keys and values; the "moqae" attention function then runs the
-kernel on the layer's parts. Anything else (prefill, several new tokens, a mask that hides a cached
-position, keys that are plain tensors) goes to transformers' SDPA, so prefill keeps the path `eval`
-scores. Reading every unit once, the step needs no float copy of the cache.
+A cache built with packed attention answers a decode step's `update` (one new token) with a
+`PackedLayer` (a `capture.DeferredKV`) in place of the dequantized keys and values; the "moqae"
+attention implementation then asks it to attend, and it runs the kernel on the layer's parts. Where the
+step's mask hides a cached position (padding in a batch), a hook is recording, or the model soft-caps
+("moqae-eager"), the layer is dequantized and attended as before. Prefill keeps the path `eval` scores.
+Reading every unit once, a packed step makes no float copy of the cache.
 """
-from dataclasses import dataclass
-
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..capture import DeferredKV
 from .kernels import packed_attention
 
-NAME = "moqae"
 
-
-@dataclass
-class PackedLayer:
+class PackedLayer(DeferredKV):
     """What a packed cache layer's decode `update` returns for both keys and values."""
-    layer: object    # MoQAELayer
+
+    def __init__(self, layer):
+        self.layer = layer    # MoQAELayer
+
+    def attend(self, module, query, attention_mask, scaling):
+        if hides_a_position(attention_mask):
+            return None
+        return packed_decode(self.layer, query, module.scaling if scaling is None else scaling)
+
+    def materialize(self):
+        return self.layer.read()
 
 
 def kernel_arguments(layer):
     """The layer's stored parts as the kernel reads them: bits, data, scales, minima and each unit's row b·H + h."""
     arguments = [[] for _ in range(9)]
+    empty = torch.empty(0, dtype=torch.float16)
     for (key_part, value_part), (_, rows), count in zip(layer.parts, layer.places, layer.counts):
         if not count:
             continue
-        empty = torch.empty(0, dtype=torch.float16)
         for index, value in enumerate((key_part.bits, value_part.bits)):
             arguments[index].append(value)
         for part, first in ((key_part, 2), (value_part, 5)):
@@ -57,15 +61,3 @@ def hides_a_position(attention_mask):
     if attention_mask is None:
         return False
     return not bool(attention_mask.all()) if attention_mask.dtype == torch.bool else bool((attention_mask != 0).any())
-
-
-def moqae_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The "moqae" attention implementation: the packed kernel for a packed decode step, SDPA otherwise."""
-    if isinstance(key, PackedLayer):
-        if not hides_a_position(attention_mask):
-            return packed_decode(key.layer, query, module.scaling if scaling is None else scaling), None
-        key, value = key.layer.read()
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-AttentionInterface.register(NAME, moqae_attention)

@@ -16,9 +16,9 @@ to a window, so prefill's K/V equal the evaluator's fake-quantized K/V bit for b
 token joins the residual; when the residual fills a chunk, that chunk (its binary16 values) is routed,
 quantized and packed, and never requantized.
 
-Attention reads the layer's whole cache dequantized to the model's dtype, rebuilt at every update: one
-pass over the packed bytes per layer per step, and a transient buffer of the layer's K/V at the model's
-dtype (docs/PERFORMANCE.md).
+A decode step attends on the packed units themselves (serve/attention.py, the attention implementation
+"moqae"), reading each once; prefill, and a cache built with `packed_attention=False`, attend to the
+layer's whole cache dequantized to the model's dtype, rebuilt at that update (docs/PERFORMANCE.md).
 """
 import os
 import time
@@ -27,12 +27,12 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import MoqaeError
-from ..capture import RouterInputs
+from ..capture import EAGER_IMPLEMENTATION, IMPLEMENTATION, RouterInputs, attention_implementation
 from ..experts import Expert
 from ..model import check_export_fits, model_shape, sliding_window_layers
 from ..quantizer import group_codes, unit_storage_bits
 from ..router import read_export, route_chunks
-from .attention import NAME as ATTENTION_NAME, PackedLayer
+from .attention import PackedLayer
 from .packing import pack_codes, unpack_codes
 
 TARGET_TRANSFORMERS = "5.23.0"
@@ -40,11 +40,13 @@ FROZEN = Expert("frozen fp16", 16, 16)   # storage of a frozen chunk 0
 
 
 def use_packed_attention(model, packed):
-    """Sets `model`'s attention implementation to "moqae" when `packed`; returns `packed`."""
+    """When `packed`, gives `model` moqae's attention implementation (capture.py: SDPA, or its eager attention
+    where it soft-caps), unless it has one; returns `packed`."""
     if packed:
         if model is None:
             raise MoqaeError("packed attention needs the model, whose attention implementation becomes \"moqae\"")
-        model.set_attn_implementation(ATTENTION_NAME)
+        if model.config._attn_implementation not in (IMPLEMENTATION, EAGER_IMPLEMENTATION):
+            model.set_attn_implementation(attention_implementation(model.config))
     return packed
 
 
@@ -273,10 +275,11 @@ class MoQAECache(Cache):
         super().__init__(layers=[MoQAELayer(layer, self) for layer in range(layers)])
 
     @classmethod
-    def from_export(cls, export, model, value_group=None, model_dir="model", packed_attention=False):
+    def from_export(cls, export, model, value_group=None, model_dir="model", packed_attention=True):
         """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`. With
-        `packed_attention`, decode steps attend on the packed units (serve/attention.py): the model's
-        attention implementation becomes "moqae", which is SDPA for everything else."""
+        `packed_attention` (the default), decode steps attend on the packed units (serve/attention.py): the
+        model's attention implementation becomes moqae's (capture.py), which is SDPA for everything else; without it,
+        every step attends to the layer's cache dequantized."""
         if isinstance(export, (str, os.PathLike)):
             export = read_export(os.fspath(export))
         check_export_fits(export, model.config)
@@ -287,9 +290,10 @@ class MoQAECache(Cache):
 
     @classmethod
     def from_layer_plan(cls, experts, config, chunk_size=32, freeze_first_chunk=True, value_group=None, model=None,
-                        packed_attention=False):
-        """Expert `experts[l]` for every chunk of layer l (a list of Expert, one per layer); `packed_attention`
-        needs the `model`, as in `from_export`."""
+                        packed_attention=None):
+        """Expert `experts[l]` for every chunk of layer l (a list of Expert, one per layer); packed attention as
+        in `from_export`, by default when the `model` is given."""
+        packed_attention = model is not None if packed_attention is None else packed_attention
         distinct = list(dict.fromkeys(experts))
         policy = LayerPolicy(distinct, [distinct.index(e) for e in experts], chunk_size)
         return cls(policy, config, chunk_size, freeze_first_chunk, value_group, use_packed_attention(model, packed_attention))

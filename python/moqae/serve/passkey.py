@@ -26,7 +26,7 @@ def passkey_plans(model, export, value_group, layer_plans, uniform=("fp16", "int
 
     def layer_plan(name, experts):
         return PasskeyPlan(name, lambda: MoQAECache.from_layer_plan(
-            experts, model.config, export.chunk_size, export.freeze_first_chunk, value_group))
+            experts, model.config, export.chunk_size, export.freeze_first_chunk, value_group, model=model))
 
     plans += [layer_plan(f"uniform {name}", [parse_expert(name)] * layers) for name in uniform]
     for text in layer_plans:
