@@ -29,7 +29,14 @@ class PackedLayer(DeferredKV):
 
 
 def kernel_arguments(layer):
-    """The layer's stored parts as the kernel reads them: bits, data, scales, minima and each unit's row b·H + h."""
+    """The layer's stored parts as the kernel reads them: bits, data, scales, minima and each unit's row b·H + h;
+    kept on the layer until it stores a chunk."""
+    if layer.kernel_parts is None:
+        layer.kernel_parts = stored_parts(layer)
+    return layer.kernel_parts
+
+
+def stored_parts(layer):
     arguments = [[] for _ in range(9)]
     empty = torch.empty(0, dtype=torch.float16)
     for (key_part, value_part), (_, rows), count in zip(layer.parts, layer.places, layer.counts):

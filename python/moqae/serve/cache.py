@@ -146,6 +146,7 @@ class MoQAELayer(CacheLayerMixin):
         self.parts = [(PackedPart(e.key_bits, "channel", self.cache.value_group),
                        PackedPart(e.value_bits, "token", self.cache.value_group)) for e in self.cache.storage_experts]
         self.expert_map = None     # (C, B·H) uint8
+        self.kernel_parts = None   # the packed-attention kernel's view of the parts (serve/attention.py)
         self.residual = None       # (keys, values), each (B, H, r, D) binary16
         self.length = 0
         self.is_initialized = False
@@ -195,6 +196,7 @@ class MoQAELayer(CacheLayerMixin):
             key_part.append(key_units[mask])
             value_part.append(value_units[mask])
         self.expert_map = torch.cat([self.expert_map, experts])
+        self.kernel_parts = None
         self.places = [(self.expert_map == index).nonzero().unbind(-1) for index in range(len(self.parts))]
         self.counts = [len(chunk) for chunk, _ in self.places]   # places: (chunk, head) of each stored unit
         self.spans = [(int(chunk[0]), int(chunk[-1])) if count and count == (chunk[-1] - chunk[0] + 1) * B * H else None

@@ -10,18 +10,21 @@
 // units are read once for all the query heads it serves (grouped-query attention).
 //
 // The loops are written for the compiler to vectorise; `target_clones` builds each hot function for AVX2
-// (arch=haswell: with FMA and F16C) and for the baseline x86-64, and the loader picks one at run time by the CPU's features;
+// and for the baseline x86-64 (clones by feature: "arch=" clones dispatch on the CPU model, so AMD CPUs missed them), and the loader picks one at run time by the CPU's features;
 // built with -DMOQAE_PORTABLE, only the baseline (the tests compare both).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MOQAE_PORTABLE)
-#define MOQAE_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define MOQAE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define MOQAE_VECTOR_CLONES_ON
+#include <immintrin.h>
 #else
 #define MOQAE_VECTOR_CLONES
 #endif
@@ -78,10 +81,23 @@ void unpack(const uint8_t* stream, int bits, int64_t first, int count, float* ou
     }
 }
 
-MOQAE_VECTOR_CLONES
+// binary16 → float32. The compiler converts _Float16 with a library call even for F16C, so the AVX2 path
+// converts eight at a time with the F16C instruction itself.
+#if defined(MOQAE_VECTOR_CLONES_ON)
+__attribute__((target("avx2,f16c"))) void widen_f16c(const Half* in, int count, float* out) {
+    int i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+    for (; i < count; ++i) out[i] = static_cast<float>(in[i]);
+}
+const bool has_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#endif
+
 void widen(const Half* in, int count, float* out) {
-    const _Float16* half = reinterpret_cast<const _Float16*>(in);   // at::Half is IEEE binary16
-    for (int i = 0; i < count; ++i) out[i] = static_cast<float>(half[i]);
+#if defined(MOQAE_VECTOR_CLONES_ON)
+    if (has_f16c) return widen_f16c(in, count, out);
+#endif
+    for (int i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
 }
 
 MOQAE_VECTOR_CLONES
@@ -103,6 +119,160 @@ void rescale(float* acc, float factor, int count) {
     for (int i = 0; i < count; ++i) acc[i] *= factor;
 }
 
+// Widths that divide 8 are read byte by byte in planes: plane k of a token's W = D / P bytes (P = 8 / bits
+// codes a byte) holds the codes of channels P·i + k. The query (keys) and the accumulator (values) are
+// laid out in the same planes for one unit, so that the loops run over whole bytes without reordering.
+template <int Bits>
+__attribute__((always_inline)) inline void planar_scores(const uint8_t* codes, int n, int D, int G, const float* planes,
+                                                         const float* bias, float* scores) {
+    constexpr int P = 8 / Bits, mask = (1 << Bits) - 1;
+    const int W = D / P;
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* row = codes + t * W;
+        for (int g = 0; g < G; ++g) {
+            const float* q = planes + g * D;
+            float sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < W; ++i) {
+                const int byte = row[i];
+                float part = 0;
+                for (int k = 0; k < P; ++k) part += q[k * W + i] * float((byte >> (k * Bits)) & mask);
+                sum += part;
+            }
+            scores[g * n + t] = bias[g] + sum;
+        }
+    }
+}
+
+// planes (G, P, W) += Σ_t weights[g, t, group] · codes_t, per group of `value_group` channels.
+template <int Bits>
+__attribute__((always_inline)) inline void planar_values(const uint8_t* codes, int n, int D, int G, int value_group,
+                                                         const float* weights, float* planes) {
+    constexpr int P = 8 / Bits, mask = (1 << Bits) - 1;
+    const int W = D / P, groups = D / value_group, width = value_group / P;
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* row = codes + t * W;
+        for (int g = 0; g < G; ++g) {
+            float* acc = planes + g * D;
+            for (int group = 0; group < groups; ++group) {
+                const float w = weights[(g * n + t) * groups + group];
+#pragma omp simd
+                for (int i = group * width; i < (group + 1) * width; ++i) {
+                    const int byte = row[i];
+                    for (int k = 0; k < P; ++k) acc[k * W + i] += w * float((byte >> (k * Bits)) & mask);
+                }
+            }
+        }
+    }
+}
+
+#if defined(MOQAE_VECTOR_CLONES_ON)
+// AVX2 with FMA: eight bytes of a plane row at a time, widened to int32 lanes, each plane's codes shifted
+// out, converted and multiplied in; one horizontal sum per token and query head.
+const bool has_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+template <int Bits>
+__attribute__((target("avx2,fma"))) void planar_scores_avx2(const uint8_t* codes, int n, int D, int G, const float* planes,
+                                                            const float* bias, float* scores) {
+    constexpr int P = 8 / Bits;
+    const int W = D / P;
+    const __m256i mask = _mm256_set1_epi32((1 << Bits) - 1);
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* row = codes + t * W;
+        __m256 sums[8];
+        for (int g = 0; g < G && g < 8; ++g) sums[g] = _mm256_setzero_ps();
+        for (int i = 0; i < W; i += 8) {
+            const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i)));
+            for (int k = 0; k < P; ++k) {
+                const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(bytes, k * Bits), mask));
+                for (int g = 0; g < G; ++g) sums[g] = _mm256_fmadd_ps(_mm256_loadu_ps(planes + g * D + k * W + i), c, sums[g]);
+            }
+        }
+        for (int g = 0; g < G; ++g) scores[g * n + t] = bias[g] + horizontal_sum(sums[g]);
+    }
+}
+
+template <int Bits>
+__attribute__((target("avx2,fma"))) void planar_values_avx2(const uint8_t* codes, int n, int D, int G, int value_group,
+                                                            const float* weights, float* planes) {
+    constexpr int P = 8 / Bits;
+    const int W = D / P, groups = D / value_group, width = value_group / P;
+    const __m256i mask = _mm256_set1_epi32((1 << Bits) - 1);
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* row = codes + t * W;
+        for (int i = 0; i < W; i += 8) {
+            const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i)));
+            const int group = i / width;
+            for (int k = 0; k < P; ++k) {
+                const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(bytes, k * Bits), mask));
+                for (int g = 0; g < G; ++g) {
+                    float* acc = planes + g * D + k * W + i;
+                    const __m256 w = _mm256_set1_ps(weights[(g * n + t) * groups + group]);
+                    _mm256_storeu_ps(acc, _mm256_fmadd_ps(w, c, _mm256_loadu_ps(acc)));
+                }
+            }
+        }
+    }
+}
+#endif
+
+// The AVX2 loops take eight bytes of a plane row at a time within one value group, and at most 8 query
+// heads per KV head; other shapes run the portable loops.
+bool avx2_fits(int bits, int D, int G, int value_group) {
+#if defined(MOQAE_VECTOR_CLONES_ON)
+    const int P = 8 / bits;
+    return has_avx2_fma && G <= 8 && (D / P) % 8 == 0 && (value_group / P) % 8 == 0;
+#else
+    (void)bits, (void)D, (void)G, (void)value_group;
+    return false;
+#endif
+}
+
+#if defined(MOQAE_VECTOR_CLONES_ON)
+#define MOQAE_AVX2_OR(call_avx2, call_portable) \
+    if (avx2_fits(Bits, D, G, vg)) return call_avx2;   \
+    return call_portable;
+#else
+#define MOQAE_AVX2_OR(call_avx2, call_portable) return call_portable;
+#endif
+
+template <int Bits>
+void planar_scores_dispatch(const uint8_t* c, int n, int D, int G, const float* q, const float* b, float* s) {
+    const int vg = D;
+    MOQAE_AVX2_OR(planar_scores_avx2<Bits>(c, n, D, G, q, b, s), planar_scores<Bits>(c, n, D, G, q, b, s))
+}
+
+template <int Bits>
+void planar_values_dispatch(const uint8_t* c, int n, int D, int G, int vg, const float* w, float* a) {
+    MOQAE_AVX2_OR(planar_values_avx2<Bits>(c, n, D, G, vg, w, a), planar_values<Bits>(c, n, D, G, vg, w, a))
+}
+
+bool planar(int bits, int D, int value_group) { return 8 % bits == 0 && D % (8 / bits) == 0 && value_group % (8 / bits) == 0; }
+
+void scores_by_width(int bits, const uint8_t* c, int n, int D, int G, const float* q, const float* b, float* s) {
+    switch (bits) {
+        case 1: return planar_scores_dispatch<1>(c, n, D, G, q, b, s);
+        case 2: return planar_scores_dispatch<2>(c, n, D, G, q, b, s);
+        case 4: return planar_scores_dispatch<4>(c, n, D, G, q, b, s);
+        default: return planar_scores_dispatch<8>(c, n, D, G, q, b, s);
+    }
+}
+
+void values_by_width(int bits, const uint8_t* c, int n, int D, int G, int vg, const float* w, float* a) {
+    switch (bits) {
+        case 1: return planar_values_dispatch<1>(c, n, D, G, vg, w, a);
+        case 2: return planar_values_dispatch<2>(c, n, D, G, vg, w, a);
+        case 4: return planar_values_dispatch<4>(c, n, D, G, vg, w, a);
+        default: return planar_values_dispatch<8>(c, n, D, G, vg, w, a);
+    }
+}
+
 // The online softmax of the G query heads of one KV head.
 struct Heads {
     int G, D;
@@ -114,10 +284,19 @@ struct Heads {
     std::vector<float> scores;       // (G, N)
     std::vector<float> token;        // (D): one token's codes or values, as floats
     std::vector<float> scale, minimum;
+    std::vector<float> bias;         // (G): the query times a unit's key minima
+    std::vector<float> planes;       // (G, D): a unit's values in planes
+    std::vector<float> weights;      // (G, N, groups): softmax numerators times value scales
+    std::vector<float> offsets;      // (G, groups): softmax numerators times value minima, summed
 
-    Heads(int G, int D, int N)
-        : G(G), D(D), query(G * D), running_max(G, -std::numeric_limits<float>::infinity()), total(G, 0),
-          acc(G * D, 0), scaled(G * D), scores(G * N), token(D), scale(D), minimum(D) {}
+    int groups;
+    int planar_bits = 0;             // the width whose units `planes` and `offsets` hold (0: none)
+
+    Heads(int G, int D, int N, int groups)
+        : G(G), D(D), groups(groups), query(G * D), running_max(G, -std::numeric_limits<float>::infinity()), total(G, 0),
+          acc(G * D, 0), scaled(G * D), scores(G * N), token(D), scale(std::max(D, N * groups)),
+          minimum(std::max(D, N * groups)), bias(G), planes(G * D),
+          weights(G * N * groups), offsets(G * groups) {}
 
     // Scores (G, n) are in `scores`; moves the softmax's maximum and rescales what came before.
     void open(int n) {
@@ -128,6 +307,8 @@ struct Heads {
             const float factor = std::exp(running_max[g] - top);
             if (factor != 1) {
                 rescale(&acc[g * D], factor, D);
+                rescale(&planes[g * D], factor, D);
+                rescale(&offsets[g * groups], factor, groups);
                 total[g] *= factor;
             }
             running_max[g] = top;
@@ -138,6 +319,19 @@ struct Heads {
         }
     }
 };
+
+// Adds what `planes` and `offsets` hold into `acc`, in channel order, and empties them.
+void fold(Heads& heads, int value_group) {
+    if (heads.planar_bits == 0) return;
+    const int G = heads.G, D = heads.D, P = 8 / heads.planar_bits, W = D / P;
+    for (int g = 0; g < G; ++g)
+        for (int k = 0; k < P; ++k)
+            for (int i = 0; i < W; ++i)
+                heads.acc[g * D + P * i + k] += heads.planes[g * D + k * W + i] + heads.offsets[g * heads.groups + P * i / value_group];
+    std::fill(heads.planes.begin(), heads.planes.end(), 0.0f);
+    std::fill(heads.offsets.begin(), heads.offsets.end(), 0.0f);
+    heads.planar_bits = 0;
+}
 
 // Keys (n tokens) of a unit into scores; `codes` or `half` per the key bits.
 void key_scores(Heads& heads, const Part& part, int64_t unit, int n, const Half* residual) {
@@ -152,15 +346,18 @@ void key_scores(Heads& heads, const Part& part, int64_t unit, int n, const Half*
     }
     widen(part.key_scale + unit * D, D, heads.scale.data());
     widen(part.key_min + unit * D, D, heads.minimum.data());
-    std::vector<float> bias(G);
+    const bool planes = planar(part.key_bits, D, D);
+    const int P = planes ? 8 / part.key_bits : 1, W = D / P;
     for (int g = 0; g < G; ++g) {
-        for (int d = 0; d < D; ++d) heads.scaled[g * D + d] = heads.query[g * D + d] * heads.scale[d];
-        bias[g] = dot(&heads.query[g * D], heads.minimum.data(), D);
+        for (int k = 0; k < P; ++k)
+            for (int i = 0; i < W; ++i) heads.scaled[g * D + k * W + i] = heads.query[g * D + P * i + k] * heads.scale[P * i + k];
+        heads.bias[g] = dot(&heads.query[g * D], heads.minimum.data(), D);
     }
     const uint8_t* codes = part.key_codes + unit * part.key_stride;
+    if (planes) return scores_by_width(part.key_bits, codes, n, D, G, heads.scaled.data(), heads.bias.data(), heads.scores.data());
     for (int t = 0; t < n; ++t) {
         unpack(codes, part.key_bits, int64_t(t) * D, D, heads.token.data());
-        for (int g = 0; g < G; ++g) heads.scores[g * n + t] = bias[g] + dot(&heads.scaled[g * D], heads.token.data(), D);
+        for (int g = 0; g < G; ++g) heads.scores[g * n + t] = heads.bias[g] + dot(&heads.scaled[g * D], heads.token.data(), D);
     }
 }
 
@@ -179,6 +376,23 @@ void add_values(Heads& heads, const Part& part, int64_t unit, int n, int value_g
     const uint8_t* codes = part.value_codes + unit * part.value_stride;
     const Half* scales = part.value_scale + unit * n * groups;
     const Half* minima = part.value_min + unit * n * groups;
+    if (planar(part.value_bits, D, value_group)) {
+        if (heads.planar_bits != part.value_bits) {   // units of one width accumulate in its planes
+            fold(heads, value_group);
+            heads.planar_bits = part.value_bits;
+        }
+        widen(scales, n * groups, heads.scale.data());       // (n, groups)
+        widen(minima, n * groups, heads.minimum.data());
+        for (int g = 0; g < G; ++g)
+            for (int t = 0; t < n; ++t)
+                for (int k = 0; k < groups; ++k) {
+                    const float a = heads.scores[g * n + t];
+                    heads.weights[(g * n + t) * groups + k] = a * heads.scale[t * groups + k];
+                    heads.offsets[g * groups + k] += a * heads.minimum[t * groups + k];
+                }
+        values_by_width(part.value_bits, codes, n, D, G, value_group, heads.weights.data(), heads.planes.data());
+        return;
+    }
     for (int t = 0; t < n; ++t) {
         unpack(codes, part.value_bits, int64_t(t) * D, D, heads.token.data());
         for (int k = 0; k < groups; ++k) {
@@ -247,7 +461,7 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
     const Half* rv = residual_values.data_ptr<Half>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
-            Heads heads(G, D, std::max<int64_t>(N, r));
+            Heads heads(G, D, std::max<int64_t>(N, r), D / value_group);
             const int64_t b = row / H, h = row % H;
             for (int g = 0; g < G; ++g)
                 for (int d = 0; d < D; ++d) heads.query[g * D + d] = q[(b * Hq + h * G + g) * D + d] * float(scaling);
@@ -263,6 +477,7 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
                 heads.open(r);
                 add_values(heads, none, 0, r, value_group, rv + row * r * D);
             }
+            fold(heads, value_group);
             for (int g = 0; g < G; ++g)
                 for (int d = 0; d < D; ++d) o[(b * Hq + h * G + g) * D + d] = heads.acc[g * D + d] / heads.total[g];
         }
