@@ -9,7 +9,13 @@ MOQAE := PYTHONPATH=python $(PY) -m moqae
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: test-triton passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+
+## The Triton kernel of packed attention, run by Triton's interpreter on the CPU against a float64 brute
+## force (installs python/requirements-triton.txt into the venv; the CPU install does not need it).
+test-triton: venv
+	$(PY) -m pip install -q -r python/requirements-triton.txt
+	TRITON_INTERPRET=1 PYTHONPATH=python $(PY) -m pytest -q python/tests/test_triton_attention.py
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:

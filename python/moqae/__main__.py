@@ -247,6 +247,9 @@ def parser():
                                help="also a per-layer plan, experts by layer, e.g. int4,int2,int2,int2 (repeatable)")
     serve_passkey.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
     serve_passkey.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    serve_passkey.add_argument("--dequantized-attention", action="store_true",
+                               help="decode by attending to each layer's cache dequantized, not on the packed units")
+    serve_passkey.add_argument("--answers", help="also write every plan's generated tokens per window to this JSON file")
 
     serve_bench = commands.add_parser("serve-benchmark",
                                       help="MoQAECache against DynamicCache and QuantizedCache: prefill, decode, bytes")
@@ -324,8 +327,12 @@ def run(args):
                  device=args.device, model_dtype=args.model_dtype, value_group=args.value_group)
     elif args.command == "serve-passkey":
         from .serve.passkey import serve_passkey
-        serve_passkey(args.model, args.router, args.text, windows=args.windows, seq_len=args.seq_len, seed=args.seed,
-                      layer_plans=args.layer_plan, value_group=args.value_group, device=args.device)
+        summaries = serve_passkey(args.model, args.router, args.text, windows=args.windows, seq_len=args.seq_len,
+                                  seed=args.seed, layer_plans=args.layer_plan, value_group=args.value_group,
+                                  device=args.device, packed_attention=not args.dequantized_attention)
+        if args.answers:
+            with open(args.answers, "w") as f:
+                json.dump({s["name"]: s["answers"] for s in summaries}, f)
     elif args.command == "pareto":
         from .harness.pareto import pareto
         pareto(args.moqae_train, args.store, args.model, args.text, args.out, config=args.config, tokenizer=args.tokenizer,

@@ -112,3 +112,16 @@ def test_a_model_of_another_attention_gets_moqaes_and_hooks_see_the_dequantized_
             model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
     assert torch.equal(hook.keys[0], cache.layers[0].read()[0]) and hook.keys[0].shape[-2] == 71
     assert packed_attention().vector_path() in ("avx2", "portable")
+
+
+def test_pass_key_answers_are_the_tokens_of_dequantized_attention(tmp_path):
+    """Greedy pass-key answers through the packed kernel and through dequantize-then-SDPA, by plan."""
+    from conftest import PASSKEY_MODEL, ROOT
+    from moqae.router import write_export
+    from moqae.serve.passkey import serve_passkey
+    router = tmp_path / "router.bin"
+    write_export(str(router), random_export(4, 2, 64, "fp16,int4,int2", scale=0.5, seed=9))
+    text = f"{ROOT}/models/wikitext-2/test.txt"
+    runs = [serve_passkey(PASSKEY_MODEL, str(router), text, windows=4, packed_attention=packed) for packed in (True, False)]
+    assert [s["answers"] for s in runs[0]] == [s["answers"] for s in runs[1]]
+    assert sum(s["correct"] for s in runs[0]) > 0

@@ -1,4 +1,5 @@
-"""Decode attention on a MoQAECache layer's packed units (kernels/packed_attention.cpp).
+"""Decode attention on a MoQAECache layer's packed units: kernels/packed_attention.cpp on the CPU,
+triton_attention.py on a GPU.
 
 A cache built with packed attention answers a decode step's `update` (one new token) with a
 `PackedLayer` (a `capture.DeferredKV`) in place of the dequantized keys and values; the "moqae"
@@ -22,7 +23,11 @@ class PackedLayer(DeferredKV):
     def attend(self, module, query, attention_mask, scaling):
         if hides_a_position(attention_mask):
             return None
-        return packed_decode(self.layer, query, module.scaling if scaling is None else scaling)
+        scaling = module.scaling if scaling is None else scaling
+        if query.is_cuda:
+            from .triton_attention import packed_decode_triton   # python/requirements-triton.txt
+            return packed_decode_triton(self.layer, query, scaling)
+        return packed_decode(self.layer, query, scaling)
 
     def materialize(self):
         return self.layer.read()
