@@ -6,8 +6,11 @@ transformers' QuantizedCache (quanto backend, int4), on CPU, for the pass-key mo
 Each round measures every cache once, side by side, on the same prompt; ratios are taken within a round
 (this machine's speed drifts) and the report gives their median over the rounds.
 """
+import ctypes
+import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -64,20 +67,62 @@ def cache_bytes(cache):
     return total
 
 
+def resident_bytes():
+    """This process's resident set size, from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Samples the resident set every millisecond in a thread while active; `peak` is the largest seen."""
+
+    def __enter__(self):
+        self.peak, self.running = resident_bytes(), True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def release_freed_memory():
+    """Hands memory that glibc holds after frees back to the system (malloc_trim), so that a resident set
+    measured next counts what is live."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(model, ids, cache, decode_tokens):
-    """Prefill seconds, routing seconds within them, decode tokens/s (greedy, one token per forward), bytes."""
+    """Prefill seconds, routing seconds within them, decode tokens/s (greedy, one token per forward), bytes
+    held, and the resident set's growth during decode over what it was without a cache: the model and the
+    cache's bytes after prefill, with freed memory released first."""
+    release_freed_memory()
+    without_cache = resident_bytes()
     with torch.no_grad():
         start = time.perf_counter()
         logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
         prefill = time.perf_counter() - start
         routing = cache.routing_seconds if isinstance(cache, MoQAECache) else 0.0
         token = logits.argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        decode = decode_tokens / (time.perf_counter() - start)
+        del logits
+        release_freed_memory()
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            for _ in range(decode_tokens):
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            decode = decode_tokens / (time.perf_counter() - start)
     return {"prefill_s": prefill, "routing_s": routing, "decode_tok_s": decode, "bytes": cache_bytes(cache),
-            "formula_bytes": cache.formula_bytes() if isinstance(cache, MoQAECache) else None}
+            "formula_bytes": cache.formula_bytes() if isinstance(cache, MoQAECache) else None,
+            "decode_peak_bytes": memory.peak - without_cache}
 
 
 def serve_benchmark(model_dir: str, router: str | None = None, *, contexts: list[int] = (2048, 8192),
@@ -136,6 +181,7 @@ def serve_benchmark(model_dir: str, router: str | None = None, *, contexts: list
                     "vs_dynamic": ratio(runs, "DynamicCache"), "vs_quanto": ratio(runs, "QuantizedCache quanto int4"),
                     "routing_share": statistics.median(r["routing_s"] / r["prefill_s"] for r in runs),
                     "bytes": runs[-1]["bytes"], "formula_bytes": runs[-1]["formula_bytes"],
+                    "peak_vs_held": statistics.median(r["decode_peak_bytes"] / r["bytes"] for r in runs),
                     "bits_per_value": 8 * runs[-1]["bytes"] / (2 * layers * model_shape(model.config)[1]
                                                                * model_shape(model.config)[2] * (context + decode_tokens))})
     report = format_report(rows, notes, decode_tokens, rounds)
@@ -156,10 +202,13 @@ def format_report(rows, notes, decode_tokens, rounds):
              "float32; QuantizedCache keeps its scales, shifts and 128-token residual in the model's dtype (float32 "
              "here, so half of that in a 16-bit model). QuantizedCache's prefill attends to unquantized K/V, and it "
              "requantizes its whole cache each time its residual fills; MoQAECache's prefill attends to the quantized "
-             "chunks, and never requantizes.", ""]
+             "chunks, and never requantizes. Decode peak: the largest resident set sampled every millisecond during "
+             "decode, less the resident set before prefill (the model; freed memory handed back with malloc_trim "
+             "before each), over the bytes the cache holds at the end: 1.00× would be the cache and nothing else.", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     lines += ["| model | T | cache | prefill s | routing / prefill | decode tok/s | vs DynamicCache | vs quanto int4 | "
-              "bytes held | bits/value | bytes / formula |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "bytes held | bits/value | bytes / formula | decode peak RSS − model, / bytes held |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def times(value):
         return "-" if value is None else f"{value:.2f}×"
@@ -169,5 +218,5 @@ def format_report(rows, notes, decode_tokens, rounds):
         routing = f"{100 * r['routing_share']:.2f}%" if r["cache"].startswith("MoQAECache router") else "-"
         lines.append(f"| {r['model']} | {r['context']:,} | {r['cache']} | {r['prefill_s']:.3f} | {routing} | "
                      f"{r['decode_tok_s']:.1f} | {times(r['vs_dynamic'])} | {times(r['vs_quanto'])} | {r['bytes']:,} | "
-                     f"{r['bits_per_value']:.2f} | {formula} |")
+                     f"{r['bits_per_value']:.2f} | {formula} | {r['peak_vs_held']:.2f}× |")
     return "\n".join(lines) + "\n"
