@@ -3,8 +3,12 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-import torch
+# Triton (when installed: `make test-triton`) reads this when it is first imported, which torch and quanto
+# may do before any test module: its kernels then run in the CPU interpreter (test_triton_attention.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = os.path.dirname(HERE)

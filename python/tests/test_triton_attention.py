@@ -1,10 +1,6 @@
 """The Triton kernel of packed attention (serve/triton_attention.py), run on the CPU by Triton's
 interpreter, against a float64 brute force and the C++ kernel. Needs python/requirements-triton.txt
 (`make test-triton`); skipped without it."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: its kernels then run in numpy
-
 import pytest
 import torch
 
@@ -14,7 +10,7 @@ from moqae.model import load_model                                   # noqa: E40
 from moqae.router import random_export                               # noqa: E402
 from moqae.serve.attention import packed_decode                      # noqa: E402
 from moqae.serve.cache import MoQAECache                             # noqa: E402
-from moqae.serve.triton_attention import packed_decode_triton        # noqa: E402
+from moqae.serve.triton_attention import packed_decode_triton        # noqa: E402  (TRITON_INTERPRET: conftest.py)
 
 
 def brute_force(layer, query, scaling):
