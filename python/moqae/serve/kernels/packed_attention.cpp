@@ -429,24 +429,23 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
         Part part{};
         part.key_bits = key_bits[p];
         part.value_bits = value_bits[p];
-        if (part.key_bits == 16) {
-            part.key_half = key_data[p].data_ptr<Half>();
-            part.key_stride = N * D;
-        } else {
-            part.key_codes = key_data[p].data_ptr<uint8_t>();
-            part.key_stride = key_data[p].size(1);
-            part.key_scale = key_scale[p].data_ptr<Half>();
-            part.key_min = key_min[p].data_ptr<Half>();
-        }
-        if (part.value_bits == 16) {
-            part.value_half = value_data[p].data_ptr<Half>();
-            part.value_stride = N * D;
-        } else {
-            part.value_codes = value_data[p].data_ptr<uint8_t>();
-            part.value_stride = value_data[p].size(1);
-            part.value_scale = value_scale[p].data_ptr<Half>();
-            part.value_min = value_min[p].data_ptr<Half>();
-        }
+        // One side (keys or values): binary16 (U, N, D), or codes (U, bytes) with scales and minima.
+        auto side = [&](int bits, torch::Tensor& data, torch::Tensor& scale, torch::Tensor& minimum, const uint8_t*& codes,
+                        const Half*& half, const Half*& scales, const Half*& minima, int64_t& stride) {
+            if (bits == 16) {
+                half = data.data_ptr<Half>();
+                stride = N * D;
+            } else {
+                codes = data.data_ptr<uint8_t>();
+                stride = data.size(1);
+                scales = scale.data_ptr<Half>();
+                minima = minimum.data_ptr<Half>();
+            }
+        };
+        side(part.key_bits, key_data[p], key_scale[p], key_min[p], part.key_codes, part.key_half, part.key_scale,
+             part.key_min, part.key_stride);
+        side(part.value_bits, value_data[p], value_scale[p], value_min[p], part.value_codes, part.value_half,
+             part.value_scale, part.value_min, part.value_stride);
         const int64_t* rows = unit_rows[p].data_ptr<int64_t>();
         for (int64_t u = 0; u < unit_rows[p].size(0); ++u) {
             units_of_row[rows[u]].push_back(u);
