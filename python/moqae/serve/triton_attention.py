@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantizer import dequantize_codes
-from .packing import unpack_codes
 
 
 @triton.jit
@@ -96,7 +94,7 @@ def packed_decode_triton(layer, query, scaling):
                                     maxima, totals, sums, scaling, G=G, D=D, N=N, BITS=key_part.bits,
                                     VALUE_BITS=value_part.bits, GROUPS=D // value_group, VALUE_GROUP=value_group)
         else:   # binary16 units and widths that straddle bytes
-            keys, values = (dequantized(part, count, N, D) for part in (key_part, value_part))
+            keys, values = (part.read((count,), N, D, torch.float32) for part in (key_part, value_part))
             maxima, totals, sums = torch_partials(per_row[rows], keys, values, scaling)
         partials.append((rows, maxima, totals, sums))
     residual_keys, residual_values = (r.reshape(B * H, -1, D).float() for r in layer.residual)
@@ -105,13 +103,3 @@ def packed_decode_triton(layer, query, scaling):
     rows, maxima, totals, sums = (torch.cat(column) for column in zip(*partials))
     return merge(rows, maxima, totals, sums, B * H).reshape(B, 1, Hq, D).to(query.dtype)
 
-
-def dequantized(part, count, N, D):
-    """A part's units as float32 (count, N, D): binary16 as stored, codes through the quantizer."""
-    if part.bits == 16:
-        return part.tensors[0].float()
-    codes, scale, low = part.tensors
-    units = unpack_codes(codes, part.bits, N * D).view(count, N, D)
-    if part.per == "channel":
-        return dequantize_codes(units, scale, low, torch.float32)
-    return dequantize_codes(units.unflatten(-1, (-1, part.value_group)), scale, low, torch.float32).flatten(-2)
