@@ -12,7 +12,7 @@ from transformers import DynamicCache, LlamaConfig
 
 from conftest import PASSKEY_MODEL, ROOT, VALID_TXT, run_moqae
 from moqae import MoqaeError
-from moqae.serve.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, RouterPolicy
+from moqae.serve.cache import FROZEN, TARGET_TRANSFORMERS, MoQAECache, PackedPart, RouterPolicy
 from moqae.capture import KVHook, RouterInputs
 from moqae.corpus import ByteTokenizer, read_texts, windows
 from moqae.model import load_model, model_shape
@@ -132,6 +132,32 @@ def test_decoding_crosses_chunk_boundaries_and_never_requantizes(freeze):
         assert layer.residual[0].shape[-2] == 130 - 128 and layer.get_seq_length() == 130
         assert (layer.chunk_experts()[0, :, 0] == 3).all() == freeze          # storage 3 = FROZEN
     assert cache.storage_experts[-1] == FROZEN
+
+
+@pytest.mark.parametrize("bits, per", [(16, "channel"), (2, "channel"), (4, "token"), (3, "token")])
+def test_packed_parts_grow_in_blocks_and_never_copy_what_they_hold(bits, per):
+    """A prefill of 64 units, then 30 small appends as decode makes them: every block keeps its address,
+    the blocks read back what one part packed from all the units at once, and the room reserved beyond
+    the stored units is at most the last block's (1/GROWTH of the units) and, in each earlier block, less
+    than the append that did not fit."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [64] + [1, 3, 2, 4, 1] * 6
+    batches = [torch.randn(n, 32, 16, generator=generator) * 3 for n in sizes]
+    part, addresses = PackedPart(bits, per, 8), {}
+    for units in batches:
+        part.append(units)
+        addresses.setdefault(len(part.blocks) - 1, [t.data_ptr() for t in part.blocks[-1]])
+    assert all([t.data_ptr() for t in block] == addresses[i] for i, block in enumerate(part.blocks))
+    assert 1 < len(part.blocks) < len(sizes), "appends should share blocks"
+    whole = PackedPart(bits, per, 8)
+    whole.append(torch.cat(batches))
+    (_, expected), = whole.segments()
+    read = torch.cat([part.read(tensors, (tensors[0].shape[0],), 32, 16, torch.float32) for _, tensors in part.segments()])
+    assert torch.equal(read, whole.read(expected, (sum(sizes),), 32, 16, torch.float32))
+    reserved = sum(t.numel() * t.element_size() for block in part.blocks for t in block)
+    unit_bytes = part.nbytes() / sum(sizes)
+    bound = part.nbytes() * (1 + 1 / PackedPart.GROWTH) + (len(part.blocks) - 1) * (max(sizes[1:]) - 1) * unit_bytes
+    assert part.nbytes() == whole.nbytes() and reserved <= bound
 
 
 def test_a_router_that_keeps_16_bits_generates_the_tokens_of_dynamic_cache(tiny_llama):

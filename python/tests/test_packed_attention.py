@@ -59,6 +59,22 @@ def test_mixed_units_of_a_router_decode_as_dequantize_then_sdpa(request, fixture
     assert torch.equal(reference.argmax(-1), logits.argmax(-1))
 
 
+def test_chunks_filled_into_a_blocks_room_decode_as_dequantize_then_sdpa(tiny_llama):
+    """A 700-token prompt, then 100 decoded: the chunks that fill during decode go into the room of blocks
+    (cache.PackedPart) that the kernel reads as parts of their own."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    export = random_export(3, 2, 16, experts="fp16,int4,int2", seed=4, scale=2.0)
+    prompt = torch.randint(0, 256, (1, 700), generator=torch.Generator().manual_seed(6))
+    reference = decode_logits(model, MoQAECache.from_export(export, model, model_dir=tiny_llama, packed_attention=False), prompt, 100)
+    packed = MoQAECache.from_export(export, model, model_dir=tiny_llama, packed_attention=True)
+    logits = decode_logits(model, packed, prompt, 100)
+    parts = [part for pair in packed.layers[0].parts for part in pair if part.count]
+    assert any(len(part.blocks) < 1 + (800 // 32 - 700 // 32) and part.filled[-1] > part.filled[0] // 8 for part in parts), \
+        "decode's chunks should share a block"
+    assert relative(reference, logits) <= 1e-5
+    assert torch.equal(reference.argmax(-1), logits.argmax(-1))
+
+
 def test_the_kernel_equals_a_float64_attention_over_the_dequantized_units(tiny_llama):
     """One layer's step, brute force: softmax(q Kᵀ · scaling) V in float64 over the units as `read` dequantizes them."""
     model = load_model(tiny_llama, "cpu", None, "float32")

@@ -42,18 +42,18 @@ def kernel_arguments(layer):
 
 
 def stored_parts(layer):
+    """Kernel arguments with one part per block of stored units (cache.PackedPart)."""
     arguments = [[] for _ in range(9)]
     empty = torch.empty(0, dtype=torch.float16)
-    for (key_part, value_part), (_, rows), count in zip(layer.parts, layer.places, layer.counts):
-        if not count:
-            continue
-        for index, value in enumerate((key_part.bits, value_part.bits)):
-            arguments[index].append(value)
-        for part, first in ((key_part, 2), (value_part, 5)):
-            tensors = part.tensors if part.bits < 16 else [part.tensors[0], empty, empty]
-            for offset, tensor in enumerate(tensors):
-                arguments[first + offset].append(tensor.contiguous())
-        arguments[8].append(rows.to(torch.int64).contiguous())
+    for (key_part, value_part), (_, rows) in zip(layer.parts, layer.places):
+        for (start, key_tensors), (_, value_tensors) in zip(key_part.segments(), value_part.segments()):
+            for index, value in enumerate((key_part.bits, value_part.bits)):
+                arguments[index].append(value)
+            for part, tensors, first in ((key_part, key_tensors, 2), (value_part, value_tensors, 5)):
+                tensors = tensors if part.bits < 16 else [tensors[0], empty, empty]
+                for offset, tensor in enumerate(tensors):
+                    arguments[first + offset].append(tensor.contiguous())
+            arguments[8].append(rows[start: start + key_tensors[0].shape[0]].to(torch.int64).contiguous())
     return arguments
 
 

@@ -85,11 +85,19 @@ class LayerPolicy:
 class PackedPart:
     """The keys (`per="channel"`) or values (`per="token"`) of the units stored at one width: binary16
     (U, N, D) at 16 bits; otherwise codes packed unit by unit, (U, packed_bytes(N·D, bits)), with a
-    binary16 scale and minimum per group: (U, 1, D) per channel, (U, N, D / value_group, 1) per token."""
+    binary16 scale and minimum per group: (U, 1, D) per channel, (U, N, D / value_group, 1) per token.
+
+    Units lie in blocks that are never copied: a chunk stored during decode goes into the last block's free
+    room, or into a new block of at least 1/GROWTH of the units stored so far, so that growing the cache
+    makes no second copy of it and reserves at most about 1/GROWTH more than it holds."""
+
+    GROWTH = 8
 
     def __init__(self, bits, per, value_group):
         self.bits, self.per, self.value_group = bits, per, value_group
-        self.tensors = None        # 16 bits: [values]; otherwise [codes, scale, minimum]
+        self.blocks = []     # per block, its tensors (16 bits: [values]; otherwise [codes, scale, minimum]), (capacity, ...)
+        self.filled = []     # units stored in each block
+        self.count = 0
 
     def append(self, units):
         """Stores units (U, N, D)."""
@@ -99,16 +107,38 @@ class PackedPart:
             grouped = units if self.per == "channel" else units.unflatten(-1, (-1, self.value_group))
             codes, scale, low = group_codes(grouped, self.bits, dim=-2 if self.per == "channel" else -1)
             new = [pack_codes(codes.flatten(1), self.bits), scale, low]
-        self.tensors = new if self.tensors is None else [torch.cat(pair) for pair in zip(self.tensors, new)]
+        U = units.shape[0]
+        if self.blocks and self.blocks[-1][0].shape[0] - self.filled[-1] >= U:
+            start = self.filled[-1]
+            for block, tensor in zip(self.blocks[-1], new):
+                block[start: start + U].copy_(tensor)
+            self.filled[-1] += U
+        else:
+            capacity = max(U, self.count // self.GROWTH)
+            if capacity > U:
+                block = [tensor.new_empty(capacity, *tensor.shape[1:]) for tensor in new]
+                for room, tensor in zip(block, new):
+                    room[:U].copy_(tensor)
+                new = block
+            self.blocks.append(new)
+            self.filled.append(U)
+        self.count += U
 
-    def read(self, units, N, D, dtype, out=None):
-        """The stored units in `dtype`, shaped (*units, N, D) with prod(units) = U (for example (C, B·H) for
-        units in chunk-major order), into `out` when given (it may be a strided view)."""
+    def segments(self):
+        """(first unit, the block's tensors of stored units) per block, in storage order."""
+        first = 0
+        for block, filled in zip(self.blocks, self.filled):
+            yield first, [tensor[:filled] for tensor in block]
+            first += filled
+
+    def read(self, tensors, units, N, D, dtype, out=None):
+        """The units of one segment's `tensors` in `dtype`, shaped (*units, N, D) with prod(units) = their count
+        (for example (C, B·H) for units in chunk-major order), into `out` when given (it may be a strided view)."""
         if out is None:
-            out = torch.empty(*units, N, D, dtype=dtype, device=self.tensors[0].device)
+            out = torch.empty(*units, N, D, dtype=dtype, device=tensors[0].device)
         if self.bits == 16:
-            return out.copy_(self.tensors[0].view(*units, N, D))
-        packed, scale, low = self.tensors
+            return out.copy_(tensors[0].view(*units, N, D))
+        packed, scale, low = tensors
         per_byte = 8 // self.bits
         if 8 % self.bits == 0 and D % per_byte == 0:     # each byte's codes straight into their places in `out`
             codes = packed.view(*units, N, D // per_byte)
@@ -124,7 +154,8 @@ class PackedPart:
         return out
 
     def nbytes(self):
-        return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
+        """Bytes of the stored units (the room reserved in the last block is not counted)."""
+        return sum(tensor.numel() * tensor.element_size() for _, tensors in self.segments() for tensor in tensors)
 
 
 class MoQAELayer(CacheLayerMixin):
@@ -156,7 +187,8 @@ class MoQAELayer(CacheLayerMixin):
         B, H, _, D = key_states.shape
         self.shape = (B, H, D)
         self.expert_map = torch.empty(0, B * H, dtype=torch.uint8, device=self.device)
-        self.places, self.counts, self.spans = [None] * len(self.parts), [0] * len(self.parts), [None] * len(self.parts)
+        nowhere = torch.empty(0, dtype=torch.long, device=self.device)
+        self.places, self.counts, self.spans = [(nowhere, nowhere)] * len(self.parts), [0] * len(self.parts), [None] * len(self.parts)
         empty = key_states.new_empty(B, H, 0, D, dtype=torch.float16)
         self.residual = (empty, empty)
         self.is_initialized = True
@@ -213,13 +245,16 @@ class MoQAELayer(CacheLayerMixin):
         for side, residual in enumerate(self.residual):
             buffer = torch.empty(B * H, slots, N, D, dtype=self.dtype, device=self.device)
             rows = buffer.view(B * H * slots, N, D)
-            for part, (chunk, head), count, span in zip(self.parts, self.places, self.counts, self.spans):
-                if span:                                   # every unit of chunks first..last, stored chunk-major
-                    first, last = span
-                    part[side].read((last - first + 1, B * H), N, D, self.dtype,
-                                    out=buffer[:, first: last + 1].transpose(0, 1))
-                elif count:
-                    rows.index_copy_(0, head * slots + chunk, part[side].read((count,), N, D, self.dtype))
+            for part, (chunk, head), span in zip(self.parts, self.places, self.spans):
+                for start, tensors in part[side].segments():
+                    count = tensors[0].shape[0]
+                    if span and start % (B * H) == 0 and count % (B * H) == 0:   # every unit of some chunks, chunk-major
+                        first = span[0] + start // (B * H)
+                        part[side].read(tensors, (count // (B * H), B * H), N, D, self.dtype,
+                                        out=buffer[:, first: first + count // (B * H)].transpose(0, 1))
+                    else:
+                        units = slice(start, start + count)
+                        rows.index_copy_(0, head[units] * slots + chunk[units], part[side].read(tensors, (count,), N, D, self.dtype))
             if r:
                 buffer[:, C, :r] = residual.reshape(B * H, r, D)
             out.append(buffer.view(B, H, slots * N, D)[:, :, : C * N + r])

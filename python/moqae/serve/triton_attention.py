@@ -82,21 +82,21 @@ def packed_decode_triton(layer, query, scaling):
     per_row = query[:, :, 0].float().reshape(B * H, G, D).contiguous()                               # (B·H, G, D)
     shapes_fit = all(x & (x - 1) == 0 for x in (G, D, N))      # tl.arange takes powers of two
     partials = []
-    for (key_part, value_part), (_, rows), count in zip(layer.parts, layer.places, layer.counts):
-        if not count:
-            continue
-        rows = rows.to(torch.int64).contiguous()
-        if shapes_fit and all(bits < 16 and 8 % bits == 0 for bits in (key_part.bits, value_part.bits)):
-            maxima = torch.empty(count, G, device=query.device)
-            totals, sums = torch.empty_like(maxima), torch.empty(count, G, D, device=query.device)
-            (key_codes, key_scale, key_min), (value_codes, value_scale, value_min) = key_part.tensors, value_part.tensors
-            unit_partials[(count,)](per_row, rows, key_codes, key_scale, key_min, value_codes, value_scale, value_min,
-                                    maxima, totals, sums, scaling, G=G, D=D, N=N, BITS=key_part.bits,
-                                    VALUE_BITS=value_part.bits, GROUPS=D // value_group, VALUE_GROUP=value_group)
-        else:   # binary16 units and widths that straddle bytes
-            keys, values = (part.read((count,), N, D, torch.float32) for part in (key_part, value_part))
-            maxima, totals, sums = torch_partials(per_row[rows], keys, values, scaling)
-        partials.append((rows, maxima, totals, sums))
+    for (key_part, value_part), (_, part_rows) in zip(layer.parts, layer.places):
+        for (start, key_tensors), (_, value_tensors) in zip(key_part.segments(), value_part.segments()):
+            count = key_tensors[0].shape[0]
+            rows = part_rows[start: start + count].to(torch.int64).contiguous()
+            if shapes_fit and all(bits < 16 and 8 % bits == 0 for bits in (key_part.bits, value_part.bits)):
+                maxima = torch.empty(count, G, device=query.device)
+                totals, sums = torch.empty_like(maxima), torch.empty(count, G, D, device=query.device)
+                unit_partials[(count,)](per_row, rows, *key_tensors, *value_tensors, maxima, totals, sums, scaling,
+                                        G=G, D=D, N=N, BITS=key_part.bits, VALUE_BITS=value_part.bits,
+                                        GROUPS=D // value_group, VALUE_GROUP=value_group)
+            else:   # binary16 units and widths that straddle bytes
+                keys = key_part.read(key_tensors, (count,), N, D, torch.float32)
+                values = value_part.read(value_tensors, (count,), N, D, torch.float32)
+                maxima, totals, sums = torch_partials(per_row[rows], keys, values, scaling)
+            partials.append((rows, maxima, totals, sums))
     residual_keys, residual_values = (r.reshape(B * H, -1, D).float() for r in layer.residual)
     if residual_keys.shape[1]:
         partials.append((torch.arange(B * H, device=query.device), *torch_partials(per_row, residual_keys, residual_values, scaling)))
