@@ -97,7 +97,6 @@ class PackedPart:
         self.bits, self.per, self.value_group = bits, per, value_group
         self.blocks = []     # per block, its tensors (16 bits: [values]; otherwise [codes, scale, minimum]), (capacity, ...)
         self.filled = []     # units stored in each block
-        self.count = 0
 
     def append(self, units):
         """Stores units (U, N, D)."""
@@ -122,7 +121,11 @@ class PackedPart:
                 new = block
             self.blocks.append(new)
             self.filled.append(U)
-        self.count += U
+
+    @property
+    def count(self):
+        """Units stored."""
+        return sum(self.filled)
 
     def segments(self):
         """(first unit, the block's tensors of stored units) per block, in storage order."""
@@ -154,7 +157,7 @@ class PackedPart:
         return out
 
     def nbytes(self):
-        """Bytes of the stored units (the room reserved in the last block is not counted)."""
+        """Bytes of the stored units (room reserved in the blocks is not counted)."""
         return sum(tensor.numel() * tensor.element_size() for _, tensors in self.segments() for tensor in tensors)
 
 
@@ -188,7 +191,7 @@ class MoQAELayer(CacheLayerMixin):
         self.shape = (B, H, D)
         self.expert_map = torch.empty(0, B * H, dtype=torch.uint8, device=self.device)
         nowhere = torch.empty(0, dtype=torch.long, device=self.device)
-        self.places, self.counts, self.spans = [(nowhere, nowhere)] * len(self.parts), [0] * len(self.parts), [None] * len(self.parts)
+        self.places, self.spans = [(nowhere, nowhere)] * len(self.parts), [None] * len(self.parts)
         empty = key_states.new_empty(B, H, 0, D, dtype=torch.float16)
         self.residual = (empty, empty)
         self.is_initialized = True
@@ -229,10 +232,9 @@ class MoQAELayer(CacheLayerMixin):
             value_part.append(value_units[mask])
         self.expert_map = torch.cat([self.expert_map, experts])
         self.kernel_parts = None
-        self.places = [(self.expert_map == index).nonzero().unbind(-1) for index in range(len(self.parts))]
-        self.counts = [len(chunk) for chunk, _ in self.places]   # places: (chunk, head) of each stored unit
-        self.spans = [(int(chunk[0]), int(chunk[-1])) if count and count == (chunk[-1] - chunk[0] + 1) * B * H else None
-                      for (chunk, _), count in zip(self.places, self.counts)]
+        self.places = [(self.expert_map == index).nonzero().unbind(-1) for index in range(len(self.parts))]   # (chunk, head) of each stored unit
+        self.spans = [(int(chunk[0]), int(chunk[-1])) if len(chunk) and len(chunk) == (chunk[-1] - chunk[0] + 1) * B * H else None
+                      for chunk, _ in self.places]
 
     def read(self):
         """Keys and values (B, H, T, D) in the model's dtype: every unit dequantized, then the residual. They are
@@ -284,7 +286,7 @@ class MoQAELayer(CacheLayerMixin):
 
     def unit_counts(self):
         """Units stored at each storage expert: (len(storage_experts),) int64."""
-        return torch.tensor(self.counts if self.is_initialized else [0] * len(self.parts), dtype=torch.long)
+        return torch.tensor([key_part.count for key_part, _ in self.parts], dtype=torch.long)
 
     def chunk_experts(self):
         """Storage expert of every unit: (B, H, C) int64."""
