@@ -138,7 +138,7 @@ def exact_answer_delta(model, ids, experts, chunk, value_group, model_dir, backg
 
     As `exact_delta` does, one background forward keeps every layer's input hidden states and raw K, V;
     the rows (c, j) of CHUNKS_PER_PASS chunks resume together at layer l from the first one's position N·c,
-    and only the answer positions reach the LM head."""
+    the last layer attends from the answer positions alone, and only they reach the LM head."""
     decoder = resumable_decoder(model, ids.numel())
     if decoder is None:
         raise MoqaeError(f"{model_dir}: exact answer sensitivities resume the decoder mid-way, which needs a "
@@ -175,8 +175,8 @@ def exact_answer_delta(model, ids, experts, chunk, value_group, model_dir, backg
             if not reached.numel():
                 continue
             hidden = resumed_layers(decoder, layer_inputs[first_layer][:, start:].expand(len(rows), -1, -1), first_layer,
-                                    L, start, T, transform)
-            logits = model.lm_head(decoder.norm(hidden[:, reached - start]))                 # (rows, answers, V)
+                                    L, start, T, transform, outputs=reached - start)       # (rows, answers, hidden)
+            logits = model.lm_head(decoder.norm(hidden))                                     # (rows, answers, V)
             nll = token_nll(logits, targets[reached].expand(len(rows), -1)).double()
             change = (nll - base_nll[reached]).sum(-1)                                      # (rows,)
             for row, (c, m) in enumerate(rows):

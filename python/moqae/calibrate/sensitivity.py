@@ -177,18 +177,49 @@ def keeping_layer_inputs(decoder, num_layers):
             handle.remove()
 
 
-def resumed_layers(decoder, hidden, first_layer, num_layers, start, total, transform):
+class _KeysTaken(Exception):
+    """Raised by `layer_kv` once the layer's attention has been handed its K and V."""
+
+
+def layer_kv(layer, hidden, positions, position_embeddings):
+    """The post-RoPE K, V (rows, H, n, D) that a decoder layer computes from hidden (rows, n, hidden) at
+    positions: its own projections, norms and rotary, stopped before it attends."""
+    taken = {}
+
+    def take(_, key, value):
+        taken["kv"] = (key, value)
+        raise _KeysTaken
+
+    with KVHook(transform=take).active():
+        try:
+            layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
+        except _KeysTaken:
+            pass
+    return taken["kv"]
+
+
+def resumed_layers(decoder, hidden, first_layer, num_layers, start, total, transform, outputs=None):
     """Layers first_layer..num_layers−1 of the decoder over hidden (rows, total − start, hidden), the states of
     positions start..total−1, each layer's K, V through `transform` (which prepends the earlier positions'):
-    the last layer's output."""
+    the last layer's output, (rows, total − start, hidden), or with `outputs` (indices into those positions)
+    only theirs, (rows, len(outputs), hidden): the last layer then attends from those queries alone."""
     positions = torch.arange(start, total, device=hidden.device)[None]
     position_embeddings = decoder.rotary_emb(hidden, positions)
     # Query i (position start + i) sees keys 0..start + i: causal aligned to the last key.
     mask = None if start == 0 else causal_lower_right(total - start, total)
+    last = num_layers - 1 if outputs is not None else num_layers
     with KVHook(transform=transform).active():
-        for layer in decoder.layers[first_layer:num_layers]:
+        for layer in decoder.layers[first_layer:last]:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings)
-    return hidden
+    if outputs is None:
+        return hidden
+    layer = decoder.layers[last]
+    attended = transform(last, *layer_kv(layer, hidden, positions, position_embeddings))
+    queries = positions[:, outputs]
+    sees = torch.arange(total, device=hidden.device) <= queries[0, :, None]            # (outputs, total)
+    with KVHook(transform=lambda *_: attended).active():
+        return layer(hidden[:, outputs], attention_mask=sees[None, None], position_ids=queries,
+                     position_embeddings=decoder.rotary_emb(hidden, queries))
 
 
 @torch.no_grad()
