@@ -131,15 +131,24 @@ ablation-perplexity: build store
 	  $(foreach c,$(PARETO_CONFIGS),$(foreach v,$(ABLATION_VARIANTS),--config-run $(c):$(v)))
 
 ## Pass-key accuracy and bits per byte against average bits for routers under PASSKEY_PARETO_CONFIGS
-## and every baseline, on the pass-key model: PASSKEY_PARETO_OUT/pareto.{json,md,png}.
+## and every baseline, on the pass-key model: PASSKEY_PARETO_OUT/pareto.{json,md,png}. Beside them the
+## content-blind frontier: every per-layer plan over LAYER_PLAN_EXPERTS scored on LAYER_PLAN_WINDOWS needle
+## windows of valid.txt (LAYER_PLANS/layer-plans.{json,md}, made once), and the best at each bits level
+## scored on the test windows.
 PASSKEY_PARETO_OUT ?= checkpoints/pareto-passkey
 PASSKEY_PARETO_CONFIGS ?= configs/passkey-2.5.yaml configs/passkey-3.0.yaml configs/passkey-4.0.yaml
 PASSKEY_PARETO_ARGS ?=
-pareto-passkey: build passkey-store
+LAYER_PLANS ?= checkpoints/layer-plans
+LAYER_PLAN_EXPERTS ?= int4,int2,k4v2,k2v4
+LAYER_PLAN_WINDOWS ?= 64
+pareto-passkey: build passkey-store $(LAYER_PLANS)/layer-plans.json
 	$(MOQAE) pareto --moqae-train $(BIN) --config $(PASSKEY_CONFIG) --store $(PASSKEY_STORE) --lambdas= \
 	  --model $(PASSKEY_MODEL) --text models/wikitext-2/test.txt --tokenizer bytes --task passkey \
 	  --calibration-fraction 0.6 --out $(PASSKEY_PARETO_OUT) --max-windows $(PASSKEY_WINDOWS) \
-	  $(addprefix --config-run ,$(PASSKEY_PARETO_CONFIGS)) $(PASSKEY_PARETO_ARGS)
+	  --layer-plans $(LAYER_PLANS)/layer-plans.json $(addprefix --config-run ,$(PASSKEY_PARETO_CONFIGS)) $(PASSKEY_PARETO_ARGS)
+$(LAYER_PLANS)/layer-plans.json: | venv
+	$(MOQAE) layer-plan-search --model $(PASSKEY_MODEL) --text models/wikitext-2/valid.txt --out $(LAYER_PLANS) \
+	  --experts $(LAYER_PLAN_EXPERTS) --windows $(LAYER_PLAN_WINDOWS)
 
 ## Dump time and peak memory at T = 512, 1,024 and 2,048 bytes on the pass-key model, and 4,096 and
 ## 8,192 on a tiny random Llama: the "Dumps at length" section of BENCH_OUT.

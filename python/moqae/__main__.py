@@ -148,6 +148,8 @@ def parser():
     pareto.add_argument("--calibration-fraction", type=float, default=0.05)
     pareto.add_argument("--batch-size", type=int, default=8)
     pareto.add_argument("--device", default="auto")
+    pareto.add_argument("--layer-plans", metavar="LAYER-PLANS.JSON",
+                        help="also score the frontier of a `layer-plan-search` on a calibration text (its best plan at each bits)")
     pareto.add_argument("--train-arg", action="append", help="extra moqae-train argument (repeatable), e.g. --train-arg=--max-steps=20")
 
     bench = commands.add_parser("benchmark", help="moqae-train against plain reads and a PyTorch step on a synthetic store")
@@ -339,7 +341,7 @@ def run(args):
                lambdas=args.lambdas, config_runs=args.config_run or [], diagnostics=not args.no_diagnostics,
                max_windows=args.max_windows, task=args.task, task_seed=args.task_seed,
                calibration_fraction=args.calibration_fraction, batch_size=args.batch_size, device=args.device,
-               train_args=args.train_arg or [])
+               train_args=args.train_arg or [], layer_plans=args.layer_plans)
     elif args.command == "benchmark":
         from .harness.benchmark import benchmark
         benchmark(args.moqae_train, args.work, shape=args.shape, sequences=args.sequences, threads=args.threads,

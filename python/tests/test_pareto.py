@@ -6,7 +6,9 @@ import pytest
 from conftest import ROOT
 from moqae import MoqaeError
 from moqae.evaluate.oracles import PRESCIENT_NOTE
-from moqae.harness.pareto import markdown, runs_of
+import json
+
+from moqae.harness.pareto import chosen_layer_plans, markdown, plot, runs_of
 
 
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
@@ -76,6 +78,33 @@ def test_pass_key_tables_show_the_router_evidence_of_content():
     table = markdown([row], shared)
     assert "| needle | 0 | 95.0% of 40 | 5.0% of 2000 | 0.991 |" in table
     assert "| needle | 1 | - of 40 | - of 0 | - |" in table
+
+
+def test_the_layer_plans_scored_are_the_search_frontier_and_a_damaged_search_is_named(tmp_path):
+    def plan(names, bits, correct, bpb):
+        return {"plan": names.split(","), "payload_bits": bits, "correct": correct, "bits_per_byte": bpb}
+    rows = [plan("int2,int2", 2.2, 10, 2.1), plan("int4,int2", 2.7, 30, 2.0), plan("int2,int4", 2.7, 20, 2.0),
+            plan("int4,int4", 3.2, 30, 2.05)]
+    search = tmp_path / "layer-plans.json"
+    search.write_text(json.dumps({"text": "models/wikitext-2/valid.txt", "rows": rows}))
+    assert chosen_layer_plans(str(search)) == ([["int2", "int2"], ["int4", "int2"]], "models/wikitext-2/valid.txt")
+    search.write_text(json.dumps({"rows": rows}))
+    with pytest.raises(MoqaeError, match=f"--layer-plans {search}: not a layer-plans.json"):
+        chosen_layer_plans(str(search))
+    with pytest.raises(MoqaeError, match="--layer-plans nowhere.json: not a layer-plans.json"):
+        chosen_layer_plans("nowhere.json")
+
+
+def test_frontier_plans_are_listed_with_the_text_they_were_chosen_on(tmp_path):
+    shared = [summary("uniform fp16", 16, 2.0),
+              dict(summary("layer plan (int4, int2)", 2.7, 2.01), chosen_on="models/wikitext-2/valid.txt")]
+    difference = {"mean": 0.0, "ci95": [-0.01, 0.01], "percent_of_fp16": 0.0, "ci95_percent_of_fp16": [-0.5, 0.5],
+                  "verdict": "no clear difference"}
+    row = {"label": "needle", "estimated": {"fp16": 1.0, "router": 1.1}, "estimated_router_vs_static": {"percent_of_fp16": 0.0},
+           "router_vs_static": difference, "router": summary("router", 2.4, 2.05), "static": summary("static", 2.4, 2.06)}
+    assert "| layer plan (int4, int2) | frontier, chosen on valid.txt | 2.700 |" in markdown([row], shared)
+    plot([row], shared, str(tmp_path / "pareto.png"))
+    assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_lambdas_are_read_as_numbers_on_the_command_line():

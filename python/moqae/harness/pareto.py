@@ -25,6 +25,7 @@ from ..model import load_model, resolve_device
 from ..router import read_export
 from ..store import Store
 from ..tasks import scored_windows
+from .layer_plan_search import frontier
 
 
 class Run:
@@ -72,6 +73,21 @@ def train_router(moqae_train, run, store, run_dir, extra):
 METHODS = ("router", "static", "layer-wise", "random", "prescient")
 
 
+def chosen_layer_plans(path):
+    """The frontier of a `layer-plan-search` result (OUT/layer-plans.json): the best per-layer plan at each
+    bits level on its own windows (a calibration text), as (plans, that text)."""
+    try:
+        with open(path) as f:
+            search = json.load(f)
+        rows, text = search["rows"], search["text"]
+        plans = [list(r["plan"]) for r in frontier(rows)]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise MoqaeError(f"--layer-plans {path}: not a layer-plans.json of `moqae layer-plan-search` ({error})") from None
+    if not plans or not all(plans) or not all(isinstance(n, str) for p in plans for n in p):
+        raise MoqaeError(f"--layer-plans {path}: no plans in its rows")
+    return plans, text
+
+
 def plot(rows, shared, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -109,7 +125,11 @@ def draw(axis, rows, shared, key):
         if scored:
             axis.scatter([r[method]["payload_bits"] for r in scored], [value(r[method]) for r in scored], marker=style,
                          color=color, facecolors="none" if method == "prescient" else None, label=label)
-    for summary in shared:
+    chosen = sorted((s for s in shared if s.get("chosen_on")), key=lambda s: s["payload_bits"])
+    if chosen:
+        axis.plot([s["payload_bits"] for s in chosen], [value(s) for s in chosen], "v--", color="C5",
+                  label=f"best per-layer plan at each bits (chosen on {os.path.basename(chosen[0]['chosen_on'])}; content-blind)")
+    for summary in (s for s in shared if not s.get("chosen_on")):
         axis.scatter([summary["payload_bits"]], [value(summary)], marker="D", color="k")
         axis.annotate(summary["name"].replace("uniform ", ""), (summary["payload_bits"], value(summary)),
                       textcoords="offset points", xytext=(4, -10), fontsize=8)
@@ -174,7 +194,8 @@ def markdown(rows, shared):
                 f"{rise(s[key], fp16_key)} | {s['perplexity']:.4f} | {rise(s['perplexity'], fp16)} | {estimate} |"
                 + (f" {accuracy(s)} |" if task else ""))
 
-    lines += [line(s, "") for s in shared]
+    lines += [line(s, f"frontier, chosen on {os.path.basename(s['chosen_on'])}" if s.get("chosen_on") else "")
+              for s in shared]
     for r in rows:
         for method in (m for m in METHODS if m in r):
             estimate = r["estimated"].get(method)
@@ -202,12 +223,17 @@ def pareto(moqae_train: str, store: str, model: str, text: str, out: str, *, con
            tokenizer: str = "auto", lambdas: list[float] = (0.1, 0.3, 0.5, 0.7, 0.9), config_runs: list[str] = (),
            diagnostics: bool = True, max_windows: int | None = None, task: str | None = None, task_seed: int = 0,
            calibration_fraction: float = 0.05, batch_size: int = 8, device: str = "auto",
-           train_args: list[str] = ()) -> dict:
-    """Trains a router per run on `store`, scores each on `text` beside every baseline; writes
-    OUT/pareto.json, pareto.md and pareto.png and returns what pareto.json holds."""
+           train_args: list[str] = (), layer_plans: str | None = None) -> dict:
+    """Trains a router per run on `store`, scores each on `text` beside every baseline (with `layer_plans`,
+    a `layer-plan-search` result, also the per-layer plans of its frontier); writes OUT/pareto.json,
+    pareto.md and pareto.png and returns what pareto.json holds."""
     runs = runs_of(config, lambdas, config_runs)
     if not runs:
         raise MoqaeError("nothing to train: --lambdas is empty and no --config-run was given")
+    plans, chosen_on = chosen_layer_plans(layer_plans) if layer_plans else ([], None)
+    if chosen_on is not None and os.path.abspath(chosen_on) == os.path.abspath(text):
+        raise MoqaeError(f"--layer-plans {layer_plans}: its plans were chosen on {text}, the evaluation text; "
+                         "choose them on a calibration text (valid.txt)")
     calibration_store = Store(store)
     seq_len = calibration_store.manifest.seq_len
     os.makedirs(out, exist_ok=True)
@@ -236,6 +262,9 @@ def pareto(moqae_train: str, store: str, model: str, text: str, out: str, *, con
             shared += uniform_summaries(evaluation, bytes_per_token, with_fp16=not shared)
             if task_set is not None and diagnostics:
                 shared.append(evaluation.score(source_aware_plan(task_set, evaluation.layout)).summary(bytes_per_token))
+            if first == 1:   # layer-plan-search freezes chunk 0 as these routers do
+                shared += [dict(evaluation.layer_plan(names).summary(bytes_per_token), chosen_on=chosen_on)
+                           for names in plans]
         router = evaluation.router()
         static = evaluation.static(router, calibration)
         fp16 = next(s for s in shared if s["name"] == "uniform fp16")
