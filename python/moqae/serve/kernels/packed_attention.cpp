@@ -177,6 +177,36 @@ __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
 }
 
+// e^x in eight lanes (Cephes' expf: x = k·ln 2 + r, a degree-5 polynomial in r, 2^k through the exponent bits),
+// within 2 ulp of std::exp for x in [−87.3, 88]; smaller x gives about 1e-38 instead of 0.
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.0f));
+    const __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+
+// x[t] ← e^(x[t] − top) for t < n; returns their sum.
+__attribute__((target("avx2,fma"))) float exp_shifted_avx2(float* x, int n, float top) {
+    const __m256 shift = _mm256_set1_ps(top);
+    __m256 sum = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + t), shift));
+        _mm256_storeu_ps(x + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = horizontal_sum(sum);
+    for (; t < n; ++t) total += x[t] = std::exp(x[t] - top);
+    return total;
+}
+
 template <int Bits>
 __attribute__((target("avx2,fma"))) void planar_scores_avx2(const uint8_t* codes, int n, int D, int G, const float* planes,
                                                             const float* bias, float* scores) {
@@ -312,10 +342,14 @@ struct Heads {
                 total[g] *= factor;
             }
             running_max[g] = top;
-            for (int t = 0; t < n; ++t) {
-                scores[g * n + t] = std::exp(scores[g * n + t] - top);   // now the softmax numerator
-                total[g] += scores[g * n + t];
+            float* row = &scores[g * n];   // becomes the softmax numerators
+#if defined(MOQAE_VECTOR_CLONES_ON)
+            if (has_avx2_fma) {
+                total[g] += exp_shifted_avx2(row, n, top);
+                continue;
             }
+#endif
+            for (int t = 0; t < n; ++t) total[g] += row[t] = std::exp(row[t] - top);
         }
     }
 };
