@@ -219,7 +219,7 @@ def resumed_layers(decoder, hidden, first_layer, num_layers, start, total, trans
     sees = torch.arange(total, device=hidden.device) <= queries[0, :, None]            # (outputs, total)
     with KVHook(transform=lambda *_: attended).active():
         return layer(hidden[:, outputs], attention_mask=sees[None, None], position_ids=queries,
-                     position_embeddings=decoder.rotary_emb(hidden, queries))
+                     position_embeddings=tuple(e[:, outputs] for e in position_embeddings))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from ..evaluate.oracles import PRESCIENT_NOTE, source_aware_plan
 from ..evaluate.report import format_difference, format_table
 from ..evaluate.run import Evaluation
 from ..evaluate.scoring import paired_difference
+from ..files import read_json_file
 from ..model import load_model, resolve_device
 from ..router import read_export
 from ..store import Store
@@ -77,11 +78,10 @@ def chosen_layer_plans(path):
     """The frontier of a `layer-plan-search` result (OUT/layer-plans.json): the best per-layer plan at each
     bits level on its own windows (a calibration text), as (plans, that text)."""
     try:
-        with open(path) as f:
-            search = json.load(f)
+        search = read_json_file(path)
         rows, text = search["rows"], search["text"]
         plans = [list(r["plan"]) for r in frontier(rows)]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (MoqaeError, KeyError, TypeError) as error:
         raise MoqaeError(f"--layer-plans {path}: not a layer-plans.json of `moqae layer-plan-search` ({error})") from None
     if not plans or not all(plans) or not all(isinstance(n, str) for p in plans for n in p):
         raise MoqaeError(f"--layer-plans {path}: no plans in its rows")
