@@ -73,7 +73,8 @@ def captured(module, key, value, sliding_window=None):
 class DeferredKV:
     """What a cache layer's `update` may return in place of its K and V tensors (as both): the cache attends
     itself (`attend`: the output (B, q, Hq, D), or None where it cannot), or hands over its K and V
-    (`materialize`). MoQAECache's packed decode (serve/attention.py) is one."""
+    (`materialize`). MoQAECache's packed decode (serve/attention.py) is one. A hook's transform may return
+    one too (as both key and value); its `attend` must then give the output."""
 
     def attend(self, module, query, attention_mask, scaling):
         raise NotImplementedError
@@ -89,6 +90,8 @@ def moqae_attention_forward(module, query, key, value, attention_mask, **kwargs)
             return attended, None
         key, value = key.materialize()
     key, value = captured(module, key, value, kwargs.get("sliding_window"))
+    if isinstance(key, DeferredKV):   # a hook's transform that attends itself (calibrate/background.py's RaisedChunks)
+        return key.attend(module, query, attention_mask, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

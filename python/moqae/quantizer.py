@@ -2,10 +2,27 @@
 
 A unit is one layer, one KV head and one chunk of N tokens. Keys are quantized per channel (a group is
 the N values of one channel in the chunk), values per token (a group is `value_group` consecutive
-channels of one token). 16 bits means unquantized, stored as IEEE binary16. Tokens after the last whole
-chunk are never quantized.
+channels of one token). 16 bits means unquantized, stored as IEEE binary16, or as bfloat16 for a bfloat16
+model (`sixteen_bit_dtype`). Tokens after the last whole chunk are never quantized. Scales and minima are
+binary16 for every model: rounding to binary16 errs by at most 2⁻¹¹ relative, below bfloat16's own 2⁻⁸, and
+a group beyond binary16's range (65,504) is refused rather than stored as infinity.
 """
 import torch
+
+from . import MoqaeError
+
+BINARY16_MAX = 65504.0
+
+
+def sixteen_bit_dtype(dtype):
+    """The dtype 16-bit values are kept in for a model computing in `dtype`: bfloat16 for a bfloat16 model (its
+    own values, exactly), IEEE binary16 otherwise (the store format's 16 bits)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def at_sixteen_bits(x):
+    """x as 16-bit storage holds it, in x's dtype."""
+    return x.to(sixteen_bit_dtype(x.dtype)).to(x.dtype)
 
 
 def group_codes(x, bits, dim):
@@ -14,7 +31,12 @@ def group_codes(x, bits, dim):
     A group whose values are all equal has scale 0 and codes 0."""
     levels = 2**bits - 1
     low = x.amin(dim=dim, keepdim=True)
-    scale = ((x.amax(dim=dim, keepdim=True) - low) / levels).to(torch.float16)
+    high = x.amax(dim=dim, keepdim=True)
+    largest = torch.maximum(low.abs().amax(), high.abs().amax()).item()
+    if not largest <= BINARY16_MAX:
+        raise MoqaeError(f"a {bits}-bit group holds a value of magnitude {largest:.4g}, beyond the range of binary16 "
+                         f"scales and minima ({BINARY16_MAX:.0f}); keep this model's KV at 16 bits")
+    scale = ((high - low) / levels).to(torch.float16)
     low = low.to(torch.float16)
     scale_x, low_x = scale.to(x.dtype), low.to(x.dtype)
     safe_scale = torch.where(scale_x == 0, torch.ones_like(scale_x), scale_x)
@@ -30,7 +52,7 @@ def dequantize_codes(codes, scale, low, dtype):
 def quantize_groups(x, bits, dim):
     """Asymmetric RTN of `x` over groups along `dim`: min and scale rounded to binary16 before use."""
     if bits >= 16:
-        return x.to(torch.float16).to(x.dtype)
+        return at_sixteen_bits(x)
     return dequantize_codes(*group_codes(x, bits, dim), x.dtype)
 
 
@@ -53,7 +75,7 @@ def _per_chunk(x, chunk, quantize):
     C = T // chunk
     body = x[..., : C * chunk, :].reshape(*x.shape[:-2], C, chunk, D)
     out = quantize(body).reshape(*x.shape[:-2], C * chunk, D)
-    tail = x[..., C * chunk:, :].to(torch.float16).to(x.dtype)
+    tail = at_sixteen_bits(x[..., C * chunk:, :])
     return torch.cat([out, tail], dim=-2)
 
 

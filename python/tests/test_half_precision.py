@@ -64,3 +64,75 @@ def test_a_half_precision_dump_trains_to_the_float32_decisions(flags, corpus, fl
     evaluated = run_moqae("eval", "--model", REFERENCE_MODEL, "--text", corpus, "--router", str(tmp_path / "router.bin"),
                           "--tokenizer", "bytes", "--seq-len", "256", "--max-windows", "2", "--no-baselines", *flags)
     assert evaluated.returncode == 0, evaluated.stderr
+
+
+# Serving a bfloat16 model: 16-bit parts, chunk 0 and the residual in bfloat16; scales and minima in binary16.
+
+def test_a_bfloat16_model_with_a_16_bit_router_generates_dynamic_caches_tokens(tiny_llama):
+    """Every value kept in the model's own dtype: tokens and scores of DynamicCache, and with packed attention
+    (float32 sums, then bfloat16) the tokens; a bfloat16 value beyond binary16's range is held as it is."""
+    from transformers import DynamicCache
+    from moqae.model import load_model, model_shape
+    from moqae.router import random_export
+    from moqae.serve.cache import MoQAECache
+    model = load_model(tiny_llama, "cpu", None, "bfloat16")
+    export = random_export(*model_shape(model.config)[:3], scale=0.0)
+    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(2))
+
+    def run(cache):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=40,
+                                  do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+
+    cache = MoQAECache.from_export(export, model, packed_attention=False)
+    served, dynamic = run(cache), run(DynamicCache())
+    assert torch.equal(served.sequences, dynamic.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(served.scores, dynamic.scores))
+    layer = cache.layers[0]
+    assert layer.residual[0].dtype == torch.bfloat16
+    assert all(part.blocks[0][0].dtype == torch.bfloat16 for pair in layer.parts for part in pair if part.blocks)
+    assert torch.equal(run(MoQAECache.from_export(export, model)).sequences, dynamic.sequences)
+    big = torch.full((1, 2, 40, 16), 1.0e6, dtype=torch.bfloat16)
+    held = MoQAECache.from_export(export, model, packed_attention=False)
+    assert torch.equal(held.update(big, big, 0)[0], big)
+
+
+def test_binary16_scales_and_minima_are_exact_enough_for_a_bfloat16_models_kv():
+    """The pass-key model's K, V in bfloat16, quantized with binary16 scales and minima, err within 0.1% (RMS) of
+    the same quantizer with float32 scales and minima at 8, 4 and 2 bits; bfloat16 scales would err 3× more at 8."""
+    from moqae.capture import KVHook
+    from moqae.corpus import ByteTokenizer, read_texts, windows
+    from moqae.model import load_model
+    from moqae.quantizer import quantize_keys
+    from conftest import PASSKEY_MODEL, VALID_TXT
+    model = load_model(PASSKEY_MODEL, "cpu", None, "bfloat16")
+    ids = windows(read_texts([VALID_TXT]), ByteTokenizer(), 512)[:1]
+    hook = KVHook(record=True)
+    with torch.no_grad(), hook.active():
+        model(ids)
+    keys = torch.cat([hook.keys[layer] for layer in range(4)]).float()       # (4, H, T, D)
+
+    def by_hand(x, bits, scale_dtype):
+        """Per channel per chunk of 32, scale and minimum rounded to scale_dtype (float32: not rounded)."""
+        chunks = x.unflatten(-2, (-1, 32))
+        low = chunks.amin(-2, keepdim=True).to(scale_dtype).float()
+        scale = ((chunks.amax(-2, keepdim=True) - chunks.amin(-2, keepdim=True)) / (2**bits - 1)).to(scale_dtype).float()
+        codes = torch.clamp(torch.round((chunks - low) / scale), 0, 2**bits - 1)
+        return (codes * scale + low).flatten(-3, -2)
+
+    for bits in (8, 4, 2):
+        exact = (by_hand(keys, bits, torch.float32) - keys).norm()
+        binary16 = (quantize_keys(keys, bits, 32) - keys).norm()
+        assert torch.equal(quantize_keys(keys, bits, 32), by_hand(keys, bits, torch.float16))
+        assert binary16 <= 1.001 * exact, bits
+        if bits == 8:
+            assert (by_hand(keys, bits, torch.bfloat16) - keys).norm() >= 3 * (binary16 - exact) + exact
+
+
+def test_a_group_beyond_binary16s_range_is_refused_in_one_line():
+    from moqae import MoqaeError
+    from moqae.quantizer import quantize_keys
+    keys = torch.zeros(1, 1, 32, 4, dtype=torch.bfloat16)
+    keys[0, 0, 3, 1] = 1.0e5
+    with pytest.raises(MoqaeError, match="beyond the range of binary16 scales and minima"):
+        quantize_keys(keys, 4, 32)

@@ -75,14 +75,19 @@ def test_chunks_filled_into_a_blocks_room_decode_as_dequantize_then_sdpa(tiny_ll
     assert torch.equal(reference.argmax(-1), logits.argmax(-1))
 
 
-def test_the_kernel_equals_a_float64_attention_over_the_dequantized_units(tiny_llama):
-    """One layer's step, brute force: softmax(q Kᵀ · scaling) V in float64 over the units as `read` dequantizes them."""
-    model = load_model(tiny_llama, "cpu", None, "float32")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_kernel_equals_a_float64_attention_over_the_dequantized_units(tiny_llama, dtype):
+    """One layer's step, brute force: softmax(q Kᵀ · scaling) V in float64 over the units as `read` dequantizes them;
+    in a bfloat16 model the 16-bit units, chunk 0 and the residual are bfloat16."""
+    model = load_model(tiny_llama, "cpu", None, dtype)
     export = random_export(3, 2, 16, experts="fp16,int4,int2,int3", seed=5, scale=2.0)
     cache = MoQAECache.from_export(export, model, model_dir=tiny_llama, packed_attention=False)
     with torch.no_grad():
         model(torch.randint(0, 256, (2, 77), generator=torch.Generator().manual_seed(2)), past_key_values=cache)
     layer = cache.layers[1]
+    assert layer.residual[0].dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+    assert layer.parts[-1][0].count == 4 and layer.residual[0].shape[-2] == 13   # chunk 0 of 2 rows × 2 heads at 16 bits
+    layer.dtype = torch.float32               # dequantized in float32, as the kernel does (a bfloat16 read rounds)
     keys, values = (x.double() for x in layer.read())                     # (B, H, T, D)
     query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
     scaling = 16 ** -0.5

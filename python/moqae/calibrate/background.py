@@ -22,9 +22,9 @@ Two estimates:
 import torch
 
 from .. import MoqaeError
-from ..capture import KVHook, check_all_layers_seen
+from ..capture import DeferredKV, KVHook, check_all_layers_seen
 from ..experts import parse_expert
-from ..quantizer import quantize_keys, quantize_values
+from ..quantizer import at_sixteen_bits, quantize_keys, quantize_values
 from .sensitivity import (RESUMABLE_FAMILIES, _embed, keeping_layer_inputs, loss_weights, resumable_decoder, resumed_layers,
                           taylor_delta, token_nll)
 
@@ -71,7 +71,7 @@ class Background:
         out = []
         for x, is_key in ((key, True), (value, False)):
             q = self.quantized(x, self.per_layer[layer], is_key)
-            out.append(torch.cat([x[..., :start, :].half().to(x.dtype), q[..., start:, :]], dim=-2))
+            out.append(torch.cat([at_sixteen_bits(x[..., :start, :]), q[..., start:, :]], dim=-2))
         return tuple(out)
 
 
@@ -154,19 +154,29 @@ def exact_answer_delta(model, ids, experts, chunk, value_group, model_dir, backg
     delta = torch.zeros(L, C, M, dtype=torch.float64)
     for first_layer in range(L):
         own = background.per_layer[first_layer]
+        attended = background.attended(first_layer, keys[first_layer], values[first_layer])   # (1, H, T, D) each
+        at_background = BackgroundAttention(attended[0][0], attended[1][0])
         for group in range(background.frozen, C, CHUNKS_PER_PASS):
             start = group * chunk
             rows = [(c, m) for c in range(group, min(group + CHUNKS_PER_PASS, C)) for m in range(M) if m != own]
+            spans = [slice(c * chunk, (c + 1) * chunk) for c, _ in rows]
 
             def transform(layer, key, value):
-                """The rows' K, V: the background's earlier positions, then their own; at first_layer, the
-                row's chunk in every head at the row's expert."""
+                """Above first_layer, the rows' K, V: the background's earlier positions, then their own. At
+                first_layer (below the last, whose answers-only pass needs K, V), the background's attention with
+                each row's chunk in every head at the row's expert."""
+                if layer == first_layer and layer < L - 1:
+                    raw = [torch.stack([x[0][:, span] for span in spans]) for x in (keys[layer], values[layer])]
+                    raised = [torch.stack([background.quantized(x[row], m, is_key) for row, (_, m) in enumerate(rows)])
+                              for x, is_key in zip(raw, (True, False))]                 # (rows, H, N, D) each
+                    old = [torch.stack([x[0][:, span] for span in spans]) for x in attended]
+                    return (RaisedChunks(at_background, spans, old, raised),) * 2
                 key = torch.cat([keys[layer][:, :, :start].expand(len(rows), -1, -1, -1), key], dim=-2)
                 value = torch.cat([values[layer][:, :, :start].expand(len(rows), -1, -1, -1), value], dim=-2)
                 attended_key, attended_value = background.attended(layer, key, value)
                 if layer == first_layer:
                     for row, (c, m) in enumerate(rows):
-                        span = slice(c * chunk, (c + 1) * chunk)
+                        span = spans[row]
                         attended_key[row, :, span] = background.quantized(key[row, :, span], m, True)
                         attended_value[row, :, span] = background.quantized(value[row, :, span], m, False)
                 return attended_key, attended_value
@@ -182,6 +192,75 @@ def exact_answer_delta(model, ids, experts, chunk, value_group, model_dir, backg
             for row, (c, m) in enumerate(rows):
                 delta[first_layer, c, m] = change[row].item()
     return delta
+
+
+class BackgroundAttention:
+    """One layer's attention at the background, kept as online-softmax terms (float64) for the query positions
+    `first..T-1`: each query's largest score m (Hq, n), its sum of exponentials Z (Hq, n) and the unnormalised
+    output O (Hq, n, D), computed on first use from the layer's query (Hq, n, D) and attended K, V (H, T, D)."""
+
+    QUERIES_PER_STEP = 256   # bounds the (Hq, step, T) float64 scores
+
+    def __init__(self, key, value):
+        self.key, self.value, self.terms, self.first = key, value, None, None
+
+    def from_position(self, query, scaling):
+        """(m, Z, O) of the queries at positions T − n..T − 1, query (Hq, n, D) being theirs."""
+        T, n = self.key.shape[-2], query.shape[-2]
+        if self.terms is None:
+            self.first, self.terms = T - n, self._terms(query.double(), scaling, T - n)
+        offset = T - n - self.first
+        if offset < 0:
+            raise MoqaeError(f"background attention kept from position {self.first} was asked from {T - n}")
+        return tuple(t[:, offset:] for t in self.terms)
+
+    def _terms(self, query, scaling, first):
+        group = query.shape[0] // self.key.shape[0]
+        key = self.key.double().repeat_interleave(group, dim=0)        # (Hq, T, D)
+        value = self.value.double().repeat_interleave(group, dim=0)
+        keys_seen = torch.arange(key.shape[-2])
+        m, z, o = [], [], []
+        for begin in range(0, query.shape[-2], self.QUERIES_PER_STEP):
+            q = query[:, begin:begin + self.QUERIES_PER_STEP]
+            sees = keys_seen <= first + begin + torch.arange(q.shape[-2])[:, None]          # (step, T)
+            scores = (q @ key.transpose(-1, -2) * scaling).masked_fill(~sees, float("-inf"))  # (Hq, step, T)
+            top = scores.amax(-1)
+            weights = torch.exp(scores - top[..., None])
+            m.append(top), z.append(weights.sum(-1)), o.append(weights @ value)
+        return torch.cat(m, 1), torch.cat(z, 1), torch.cat(o, 1)
+
+
+class RaisedChunks(DeferredKV):
+    """What the first resumed layer's transform returns in `exact_answer_delta`: its attention for rows that
+    each raise one chunk of N keys and values (every head) from the background, as the background's attention
+    (`BackgroundAttention`) less that chunk's old online-softmax terms plus its new ones. Each row then costs
+    N scores per query instead of T: the rows' queries are the background's, as their hidden states are."""
+
+    def __init__(self, background_attention, spans, old, new):
+        self.background_attention = background_attention
+        self.spans = spans            # each row's raised positions
+        self.old, self.new = old, new  # (K, V), each (rows, H, N, D): the chunks at the background, and raised
+
+    def attend(self, module, query, attention_mask, scaling):
+        """query (rows, Hq, n, D) at positions T − n..T − 1 → the output (rows, n, Hq, D)."""
+        scaling = module.scaling if scaling is None else scaling
+        top, total, output = self.background_attention.from_position(query[0], scaling)
+        n, T = query.shape[-2], self.background_attention.key.shape[-2]
+        queries = torch.arange(T - n, T)
+        starts = torch.tensor([span.start for span in self.spans])
+        sees = starts[:, None, None] + torch.arange(self.old[0].shape[-2]) <= queries[:, None]   # (rows, n, N)
+        group = query.shape[1] // self.old[0].shape[1]
+        q = query.double()
+        for (key, value), sign in ((self.old, -1.0), (self.new, 1.0)):
+            key, value = (x.double().repeat_interleave(group, dim=1) for x in (key, value))   # (rows, Hq, N, D)
+            scores = q @ key.transpose(-1, -2) * scaling                                      # (rows, Hq, n, N)
+            weights = torch.exp(scores - top[..., None]).masked_fill(~sees[:, None], 0.0)
+            total = total + sign * weights.sum(-1)
+            output = output + sign * (weights @ value)
+        return (output / total[..., None]).to(query.dtype).transpose(1, 2).contiguous()
+
+    def materialize(self):
+        raise MoqaeError("a raised chunk's attention is computed in place, never handed over as K and V")
 
 
 def background_delta(model, ids, experts, chunk, value_group, model_dir, background, weights, answer_slots=None):

@@ -6,7 +6,7 @@ plan leaves unquantized (rounded to binary16, which is how a cache stores 16 bit
 """
 import torch
 
-from ..quantizer import quantize_keys, quantize_values
+from ..quantizer import at_sixteen_bits, quantize_keys, quantize_values
 from ..router import decisions_of_logits, keep_probability, routed_logits
 
 
@@ -98,7 +98,7 @@ class UnitPlan(Plan):
 
 def apply_plan(key, value, decisions, experts, layout):
     """Fake-quantizes K, V (B, H, T, D) by per-unit decisions (B, H, routed) (None: all at expert 0)."""
-    out_k, out_v = key.half().to(key.dtype), value.half().to(value.dtype)
+    out_k, out_v = at_sixteen_bits(key), at_sixteen_bits(value)
     region, N = layout.region, layout.chunk_size
     for m, expert in enumerate(experts):
         if expert.is_unquantized:

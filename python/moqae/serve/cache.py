@@ -5,15 +5,17 @@ router picks, packed.
 Each layer holds
 - whole chunks as units (one KV head, one chunk) at one expert each: keys as codes packed bit by bit with a
   binary16 scale and minimum per channel per chunk, values as codes with a binary16 scale and minimum per
-  group of `value_group` channels per token (the quantizer of quantizer.py); a 16-bit part as binary16;
-- chunk 0 as binary16 when the router export freezes it;
-- the tokens after the last whole chunk as binary16 (the residual).
+  group of `value_group` channels per token (the quantizer of quantizer.py); a 16-bit part in 16 bits;
+- chunk 0 in 16 bits when the router export freezes it;
+- the tokens after the last whole chunk in 16 bits (the residual).
+
+16 bits are binary16, or bfloat16 in a bfloat16 model (quantizer.sixteen_bit_dtype): its values exactly.
 
 Prefill cuts the prompt into chunks. Each router reads its leader layer's inputs (the router input the
 export names) and decides for every layer of its group. Whole chunks are quantized from the states as the
 model computed them, and the prompt's own queries then attend to the quantized chunks: what `eval` does
 to a window, so prefill's K/V equal the evaluator's fake-quantized K/V bit for bit. In decoding each new
-token joins the residual; when the residual fills a chunk, that chunk (its binary16 values) is routed,
+token joins the residual; when the residual fills a chunk, that chunk (its 16-bit values) is routed,
 quantized and packed, and never requantized.
 
 A decode step attends on the packed units themselves (serve/attention.py, the attention implementation
@@ -30,7 +32,7 @@ from .. import MoqaeError
 from ..capture import EAGER_IMPLEMENTATION, IMPLEMENTATION, RouterInputs, attention_implementation
 from ..experts import Expert
 from ..model import check_export_fits, model_shape, sliding_window_layers
-from ..quantizer import group_codes, unit_storage_bits
+from ..quantizer import group_codes, sixteen_bit_dtype, unit_storage_bits
 from ..router import read_export, route_chunks
 from .attention import PackedLayer
 from .packing import pack_codes, unpack_codes
@@ -83,8 +85,8 @@ class LayerPolicy:
 
 
 class PackedPart:
-    """The keys (`per="channel"`) or values (`per="token"`) of the units stored at one width: binary16
-    (U, N, D) at 16 bits; otherwise codes packed unit by unit, (U, packed_bytes(N·D, bits)), with a
+    """The keys (`per="channel"`) or values (`per="token"`) of the units stored at one width: 16-bit
+    (U, N, D) at 16 bits (`sixteen_bit_dtype` of the units' dtype); otherwise codes packed unit by unit, (U, packed_bytes(N·D, bits)), with a
     binary16 scale and minimum per group: (U, 1, D) per channel, (U, N, D / value_group, 1) per token.
 
     Units lie in blocks that are never copied: a chunk stored during decode goes into the last block's free
@@ -101,7 +103,7 @@ class PackedPart:
     def append(self, units):
         """Stores units (U, N, D)."""
         if self.bits == 16:
-            new = [units.to(torch.float16)]
+            new = [units.to(sixteen_bit_dtype(units.dtype))]
         else:
             grouped = units if self.per == "channel" else units.unflatten(-1, (-1, self.value_group))
             codes, scale, low = group_codes(grouped, self.bits, dim=-2 if self.per == "channel" else -1)
@@ -160,15 +162,41 @@ class PackedPart:
         """Bytes of the stored units (room reserved in the blocks is not counted)."""
         return sum(tensor.numel() * tensor.element_size() for _, tensors in self.segments() for tensor in tensors)
 
+    def take(self, indices):
+        """The stored tensors of the units at `indices` (storage order, any order or repeats), in that order;
+        None when there are none."""
+        pieces, where = [], []
+        for first, tensors in self.segments():
+            inside = ((indices >= first) & (indices < first + tensors[0].shape[0])).nonzero().squeeze(-1)
+            if inside.numel():
+                pieces.append([tensor.index_select(0, indices[inside] - first) for tensor in tensors])
+                where.append(inside)
+        if not pieces:
+            return None
+        order = torch.cat(where).argsort()
+        return [torch.cat(tensors)[order] for tensors in zip(*pieces)]
+
+    def replace(self, tensors):
+        """Holds exactly the units of `tensors` (as `take` gives them; None for none), in one block."""
+        self.blocks, self.filled = ([tensors], [tensors[0].shape[0]]) if tensors is not None else ([], [])
+
+    def keep(self, count):
+        """Drops every unit after the first `count`."""
+        for index, filled in enumerate(self.filled):
+            self.filled[index] = min(filled, max(0, count))
+            count -= filled
+        while self.filled and not self.filled[-1]:
+            self.blocks.pop(), self.filled.pop()
+
 
 class MoQAELayer(CacheLayerMixin):
     """One layer's cache: packed units per storage expert (the experts, then `FROZEN`), the expert of every
     unit (C, B·H) uint8 in chunk-major order (which is also the order each expert's units are stored in),
-    and the binary16 residual (B, H, r < N, D)."""
+    and the 16-bit residual (B, H, r < N, D)."""
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
 
     def __init__(self, layer, cache):
@@ -181,7 +209,7 @@ class MoQAELayer(CacheLayerMixin):
                        PackedPart(e.value_bits, "token", self.cache.value_group)) for e in self.cache.storage_experts]
         self.expert_map = None     # (C, B·H) uint8
         self.kernel_parts = None   # the packed-attention kernel's view of the parts (serve/attention.py)
-        self.residual = None       # (keys, values), each (B, H, r, D) binary16
+        self.residual = None       # (keys, values), each (B, H, r, D) in 16 bits
         self.length = 0
         self.is_initialized = False
 
@@ -192,7 +220,7 @@ class MoQAELayer(CacheLayerMixin):
         self.expert_map = torch.empty(0, B * H, dtype=torch.uint8, device=self.device)
         nowhere = torch.empty(0, dtype=torch.long, device=self.device)
         self.places, self.spans = [(nowhere, nowhere)] * len(self.parts), [None] * len(self.parts)
-        empty = key_states.new_empty(B, H, 0, D, dtype=torch.float16)
+        empty = key_states.new_empty(B, H, 0, D, dtype=sixteen_bit_dtype(self.dtype))
         self.residual = (empty, empty)
         self.is_initialized = True
 
@@ -206,7 +234,8 @@ class MoQAELayer(CacheLayerMixin):
         whole = keys.shape[-2] // N
         if whole:
             self._store(keys[:, :, : whole * N], values[:, :, : whole * N])
-        self.residual = (keys[:, :, whole * N:].to(torch.float16), values[:, :, whole * N:].to(torch.float16))
+        sixteen = sixteen_bit_dtype(self.dtype)
+        self.residual = (keys[:, :, whole * N:].to(sixteen), values[:, :, whole * N:].to(sixteen))
         self.length += key_states.shape[-2]
         if self.cache.packed_attention and key_states.shape[-2] == 1:
             return PackedLayer(self), PackedLayer(self)    # the "moqae" attention reads the packed units
@@ -230,11 +259,87 @@ class MoQAELayer(CacheLayerMixin):
             key_part, value_part = self.parts[index]
             key_part.append(key_units[mask])
             value_part.append(value_units[mask])
-        self.expert_map = torch.cat([self.expert_map, experts])
-        self.kernel_parts = None
+        self._index_units(torch.cat([self.expert_map, experts]))
+
+    def _index_units(self, expert_map):
+        """Takes `expert_map` (C, B·H) as the stored units' and derives where each part's units lie."""
+        B, H, _ = self.shape
+        self.expert_map, self.kernel_parts = expert_map, None
         self.places = [(self.expert_map == index).nonzero().unbind(-1) for index in range(len(self.parts))]   # (chunk, head) of each stored unit
         self.spans = [(int(chunk[0]), int(chunk[-1])) if len(chunk) and len(chunk) == (chunk[-1] - chunk[0] + 1) * B * H else None
                       for chunk, _ in self.places]
+
+    def _storage_index(self, index):
+        """Each unit's position among its part's stored units: (C, B·H) int64 (−1 where the part holds none)."""
+        held = self.expert_map == index
+        return torch.where(held, held.flatten().cumsum(0).view(held.shape) - 1, -1)
+
+    def select_rows(self, rows):
+        """Keeps the batch rows `rows` (B',) of this layer, in that order (repeats allowed): each row's packed
+        units, expert map and residual move with it, copied once; nothing is requantized."""
+        if not self.is_initialized:
+            return
+        rows = rows.to(self.device)
+        B, H, D = self.shape
+        heads = (rows[:, None] * H + torch.arange(H, device=self.device)).flatten()    # (B'·H,) old unit rows
+        selected = self.expert_map[:, heads]                                              # (C, B'·H)
+        for index, pair in enumerate(self.parts):
+            indices = self._storage_index(index)[:, heads][selected == index]           # chunk-major, as stored
+            for part in pair:
+                part.replace(part.take(indices))
+        self.residual = tuple(r.index_select(0, rows) for r in self.residual)
+        self.shape = (rows.numel(), H, D)
+        self._index_units(selected)
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: row b takes the states of row beam_idx[b]."""
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        self.select_rows(torch.arange(self.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices):
+        self.select_rows(torch.as_tensor(indices))
+
+    def crop(self, tokens_to_remove):
+        """Drops the last −tokens_to_remove tokens (transformers' convention: a negative count). Whole chunks past
+        the new length are dropped; a chunk that keeps some of its tokens returns them to the residual as stored
+        (dequantized, then in 16 bits), to be quantized again with the tokens that refill it."""
+        if tokens_to_remove > 0:
+            raise MoqaeError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as transformers does")
+        removed = -tokens_to_remove
+        if not removed or not self.is_initialized:
+            return
+        if removed > self.length:
+            raise MoqaeError(f"crop({tokens_to_remove}): the layer holds only {self.length} tokens")
+        N, kept = self.cache.chunk_size, self.length - removed
+        if removed <= self.residual[0].shape[-2]:
+            self.residual = tuple(r[:, :, : r.shape[-2] - removed] for r in self.residual)
+        else:
+            whole = kept // N
+            partial = self._chunk_states(whole) if kept % N else None
+            for index, pair in enumerate(self.parts):
+                for part in pair:
+                    part.keep(int((self.expert_map[:whole] == index).sum()))
+            self._index_units(self.expert_map[:whole])
+            if partial is None:
+                self.residual = tuple(r[:, :, :0] for r in self.residual)
+            else:
+                self.residual = tuple(states[:, :, : kept % N].to(sixteen_bit_dtype(self.dtype)) for states in partial)
+        self.length = kept
+
+    def _chunk_states(self, chunk):
+        """Keys and values (B, H, N, D) of stored chunk `chunk`, dequantized to the model's dtype."""
+        B, H, D = self.shape
+        N = self.cache.chunk_size
+        out = [torch.empty(B * H, N, D, dtype=self.dtype, device=self.device) for _ in range(2)]
+        for index, pair in enumerate(self.parts):
+            heads = (self.expert_map[chunk] == index).nonzero().squeeze(-1)
+            if heads.numel():
+                indices = self._storage_index(index)[chunk, heads]
+                for side, part in zip(out, pair):
+                    side[heads] = part.read(part.take(indices), (heads.numel(),), N, D, self.dtype)
+        return tuple(x.view(B, H, N, D) for x in out)
 
     def read(self):
         """Keys and values (B, H, T, D) in the model's dtype: every unit dequantized, then the residual. They are
@@ -271,14 +376,8 @@ class MoQAELayer(CacheLayerMixin):
     def get_max_length(self):
         return -1
 
-    def reorder_cache(self, beam_idx):
-        raise MoqaeError("MoQAECache does not support beam search (reordering packed chunks); use greedy or sampling")
-
-    def crop(self, tokens_to_remove):
-        raise MoqaeError("MoQAECache cannot drop tokens from packed chunks (assisted decoding is not supported)")
-
     def nbytes(self):
-        """Bytes held: packed codes, scales and minima, binary16 parts, the residual and the expert map."""
+        """Bytes held: packed codes, scales and minima, 16-bit parts, the residual and the expert map."""
         if not self.is_initialized:
             return 0
         held = sum(part.nbytes() for pair in self.parts for part in pair)

@@ -34,16 +34,17 @@ namespace {
 using Half = at::Half;
 
 // One storage expert's units: keys and values, each either packed codes with binary16 scale and minimum,
-// or binary16 values.
+// or 16-bit values: binary16, or bfloat16 where `brain` (a bfloat16 model's cache).
 struct Part {
     int key_bits, value_bits;
+    bool brain;
     const uint8_t* key_codes;   // (U, packed N·D) when key_bits < 16
-    const Half* key_half;       // (U, N, D) when key_bits == 16
+    const uint16_t* key_half;   // (U, N, D) when key_bits == 16
     const Half* key_scale;      // (U, D)
     const Half* key_min;        // (U, D)
     int64_t key_stride;         // bytes (codes) or elements (binary16) per unit
     const uint8_t* value_codes;
-    const Half* value_half;
+    const uint16_t* value_half;
     const Half* value_scale;    // (U, N, D / value_group)
     const Half* value_min;
     int64_t value_stride;
@@ -98,6 +99,21 @@ void widen(const Half* in, int count, float* out) {
     if (has_f16c) return widen_f16c(in, count, out);
 #endif
     for (int i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// bfloat16 → float32: the 16 bits are the float's upper half.
+MOQAE_VECTOR_CLONES
+void widen_brain(const uint16_t* in, int count, float* out) {
+    for (int i = 0; i < count; ++i) {
+        const uint32_t bits = uint32_t(in[i]) << 16;
+        std::memcpy(out + i, &bits, sizeof(float));
+    }
+}
+
+// 16-bit values of a part (binary16, or bfloat16 where `brain`) → float32.
+void widen(const uint16_t* in, int count, float* out, bool brain) {
+    if (brain) return widen_brain(in, count, out);
+    widen(reinterpret_cast<const Half*>(in), count, out);
 }
 
 MOQAE_VECTOR_CLONES
@@ -368,12 +384,12 @@ void fold(Heads& heads, int value_group) {
 }
 
 // Keys (n tokens) of a unit into scores; `codes` or `half` per the key bits.
-void key_scores(Heads& heads, const Part& part, int64_t unit, int n, const Half* residual) {
+void key_scores(Heads& heads, const Part& part, int64_t unit, int n, const uint16_t* residual) {
     const int G = heads.G, D = heads.D;
     if (residual != nullptr || part.key_bits == 16) {
-        const Half* keys = residual != nullptr ? residual : part.key_half + unit * part.key_stride;
+        const uint16_t* keys = residual != nullptr ? residual : part.key_half + unit * part.key_stride;
         for (int t = 0; t < n; ++t) {
-            widen(keys + t * D, D, heads.token.data());
+            widen(keys + t * D, D, heads.token.data(), part.brain);
             for (int g = 0; g < G; ++g) heads.scores[g * n + t] = dot(&heads.query[g * D], heads.token.data(), D);
         }
         return;
@@ -396,12 +412,12 @@ void key_scores(Heads& heads, const Part& part, int64_t unit, int n, const Half*
 }
 
 // Adds the unit's values, weighted by the softmax numerators in `scores`.
-void add_values(Heads& heads, const Part& part, int64_t unit, int n, int value_group, const Half* residual) {
+void add_values(Heads& heads, const Part& part, int64_t unit, int n, int value_group, const uint16_t* residual) {
     const int G = heads.G, D = heads.D;
     if (residual != nullptr || part.value_bits == 16) {
-        const Half* values = residual != nullptr ? residual : part.value_half + unit * part.value_stride;
+        const uint16_t* values = residual != nullptr ? residual : part.value_half + unit * part.value_stride;
         for (int t = 0; t < n; ++t) {
-            widen(values + t * D, D, heads.token.data());
+            widen(values + t * D, D, heads.token.data(), part.brain);
             for (int g = 0; g < G; ++g) accumulate(&heads.acc[g * D], heads.token.data(), heads.scores[g * n + t], 0, D);
         }
         return;
@@ -442,8 +458,8 @@ void add_values(Heads& heads, const Part& part, int64_t unit, int n, int value_g
 }  // namespace
 
 // query (B, Hq, D) float32; per part p: bits, data, scales and minima as MoQAECache's PackedPart holds them,
-// and unit_rows[p] (U_p) int64, the b·H + h of each unit; residual_keys, residual_values (B·H, r, D) binary16.
-// Returns (B, Hq, D) float32.
+// and unit_rows[p] (U_p) int64, the b·H + h of each unit; residual_keys, residual_values (B·H, r, D) binary16, or
+// bfloat16 (then so are the 16-bit parts). Returns (B, Hq, D) float32.
 torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> key_bits, std::vector<int64_t> value_bits,
                                       std::vector<torch::Tensor> key_data, std::vector<torch::Tensor> key_scale,
                                       std::vector<torch::Tensor> key_min, std::vector<torch::Tensor> value_data,
@@ -456,6 +472,10 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
     TORCH_CHECK(Hq % H == 0 && D % value_group == 0, "query heads must be a multiple of KV heads, D of the value group");
     const int G = Hq / H;
     const int64_t r = residual_keys.size(1);
+    const auto sixteen = residual_keys.scalar_type();
+    TORCH_CHECK((sixteen == torch::kFloat16 || sixteen == torch::kBFloat16) && residual_values.scalar_type() == sixteen,
+                "the residual must be binary16 or bfloat16, keys and values alike");
+    const bool brain = sixteen == torch::kBFloat16;
     std::vector<Part> parts;
     std::vector<std::vector<int64_t>> units_of_row(B * H);   // (part, unit) of each row, in storage order
     std::vector<std::vector<int>> part_of_row(B * H);
@@ -463,11 +483,13 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
         Part part{};
         part.key_bits = key_bits[p];
         part.value_bits = value_bits[p];
-        // One side (keys or values): binary16 (U, N, D), or codes (U, bytes) with scales and minima.
+        part.brain = brain;
+        // One side (keys or values): 16-bit (U, N, D) in the residual's dtype, or codes (U, bytes) with scales and minima.
         auto side = [&](int bits, torch::Tensor& data, torch::Tensor& scale, torch::Tensor& minimum, const uint8_t*& codes,
-                        const Half*& half, const Half*& scales, const Half*& minima, int64_t& stride) {
+                        const uint16_t*& half, const Half*& scales, const Half*& minima, int64_t& stride) {
             if (bits == 16) {
-                half = data.data_ptr<Half>();
+                TORCH_CHECK(data.scalar_type() == sixteen, "16-bit parts must be in the residual's dtype");
+                half = reinterpret_cast<const uint16_t*>(data.data_ptr());
                 stride = N * D;
             } else {
                 codes = data.data_ptr<uint8_t>();
@@ -490,8 +512,8 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
     auto out = torch::empty({B, Hq, D}, query.options());
     const float* q = query.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    const Half* rk = residual_keys.data_ptr<Half>();
-    const Half* rv = residual_values.data_ptr<Half>();
+    const uint16_t* rk = reinterpret_cast<const uint16_t*>(residual_keys.data_ptr());
+    const uint16_t* rv = reinterpret_cast<const uint16_t*>(residual_values.data_ptr());
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
             Heads heads(G, D, std::max<int64_t>(N, r), D / value_group);
@@ -505,7 +527,8 @@ torch::Tensor packed_decode_attention(torch::Tensor query, std::vector<int64_t> 
                 add_values(heads, part, units_of_row[row][i], N, value_group, nullptr);
             }
             if (r > 0) {
-                const Part none{};
+                Part none{};
+                none.brain = brain;
                 key_scores(heads, none, 0, r, rk + row * r * D);
                 heads.open(r);
                 add_values(heads, none, 0, r, value_group, rv + row * r * D);
