@@ -226,9 +226,11 @@ def test_mismatched_and_damaged_exports_are_refused_with_one_line(tmp_path, pass
 
 
 def test_the_readmes_serving_example_runs(tmp_path):
-    """The README's Python example, with a random router for the pass-key model in place of the trained one."""
+    """The README's Python examples (one prompt, then a padded batch), with a random router for the pass-key model
+    in place of the trained one."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    example = re.search(r"## Serving.*?```python\n(.*?)```", readme, flags=re.DOTALL).group(1)
+    serving = re.search(r"## Serving(.*?)\n## ", readme, flags=re.DOTALL).group(1)
+    example = "".join(re.findall(r"```python\n(.*?)```", serving, flags=re.DOTALL))
     router, prompt = tmp_path / "router.bin", tmp_path / "prompt.txt"
     write_export(str(router), random_export(4, 2, 64, scale=0.5))
     prompt.write_text("The pass key is 52817. Remember it. " * 3 + "What is the pass key? The pass key is")
@@ -237,6 +239,7 @@ def test_the_readmes_serving_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert re.search(r"KV cache: [\d,]+ bytes, [\d,]+ at 16 bits", result.stdout)
+    assert re.search(r"\[b'.*', b'.*'\] [\d,]+ bytes", result.stdout)       # the batch's two continuations
 
 
 def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny_llama):

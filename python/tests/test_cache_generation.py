@@ -176,3 +176,39 @@ def test_a_model_with_sliding_window_layers_is_refused_in_one_line():
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=256)
     with pytest.raises(MoqaeError, match=r"layer\(s\) \[0, 1\] of this one attend through a sliding window"):
         MoQAECache.from_layer_plan([parse_expert("int4")] * 2, config)
+
+
+def test_a_batch_of_prompts_of_different_lengths_serves_each_row_as_that_prompt_alone(tiny_llama):
+    """4 prompts of 100, 77, 64 and 33 tokens padded on the left, with the batch's attention mask: each row
+    stores its own chunks from its first real token (padding is never stored, routed or counted), so each gives
+    the tokens, experts and bytes of its prompt served alone."""
+    model = load_model(tiny_llama, "cpu", None, "float32")
+    export = random_export(*model_shape(model.config)[:3], scale=2.0)
+    generator = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(1, 256, (1, length), generator=generator) for length in (100, 77, 64, 33)]
+    ids = torch.zeros(4, 100, dtype=torch.long)
+    mask = torch.zeros(4, 100, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 100 - prompt.shape[1]:], mask[row, 100 - prompt.shape[1]:] = prompt[0], 1
+    cache = MoQAECache.from_export(export, model, attention_mask=mask)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30, do_sample=False,
+                               pad_token_id=0)[:, 100:]
+    alone_bytes = 0
+    for row, prompt in enumerate(prompts):
+        alone = MoQAECache.from_export(export, model)
+        assert torch.equal(batch[row], generated(model, prompt, alone, max_new_tokens=30)[0, prompt.shape[1]:]), row
+        for layer, other in zip(cache.layers, alone.layers):
+            assert torch.equal(layer.rows[row].chunk_experts(), other.chunk_experts())
+        alone_bytes += alone.nbytes()
+    assert cache.nbytes() == alone_bytes
+    assert cache.fp16_bytes() == 2 * 2 * 3 * 2 * 64 // 4 * sum(p.shape[1] + 29 for p in prompts)
+
+
+def test_a_mask_padded_on_the_right_or_a_row_of_padding_is_refused():
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    from moqae.experts import parse_expert
+    for mask in (torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[0, 0, 0], [1, 1, 1]])):
+        with pytest.raises(MoqaeError, match="padding on the left"):
+            MoQAECache.from_layer_plan([parse_expert("int4")] * 2, config, attention_mask=mask)

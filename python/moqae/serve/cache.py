@@ -22,6 +22,7 @@ A decode step attends on the packed units themselves (serve/attention.py, the at
 "moqae"), reading each once; prefill, and a cache built with `packed_attention=False`, attend to the
 layer's whole cache dequantized to the model's dtype, rebuilt at that update (docs/PERFORMANCE.md).
 """
+import copy
 import os
 import time
 
@@ -57,18 +58,19 @@ class RouterPolicy:
 
     def __init__(self, export, inputs):
         self.export, self.inputs, self.experts = export, inputs, export.experts
-        self.decided = {}          # router → (first chunk, decisions (B, H, C))
+        self.decided = {}          # (router, row) → (first chunk, decisions (B, H, C))
         self.seconds = 0.0         # time spent routing
 
-    def decide(self, layer, keys, values, first_chunk):
-        """Experts (B, H, C) of whole chunks keys, values (B, H, C·N, D) starting at chunk `first_chunk`."""
+    def decide(self, layer, keys, values, first_chunk, row=None):
+        """Experts (B, H, C) of whole chunks keys, values (B, H, C·N, D) starting at chunk `first_chunk`, of batch
+        row `row` alone where a batch's rows are chunked apart (RaggedLayer), else of the whole batch."""
         router = self.export.router_of_layer(layer)
         if layer == self.export.leader(router):
             start = time.perf_counter()
             inputs = self.inputs(keys, values, first_chunk * self.export.chunk_size, layer=layer)
-            self.decided[router] = (first_chunk, route_chunks(self.export, router, inputs))
+            self.decided[router, row] = (first_chunk, route_chunks(self.export, router, inputs))
             self.seconds += time.perf_counter() - start
-        first, decisions = self.decided.get(router, (None, None))
+        first, decisions = self.decided.get((router, row), (None, None))
         if first != first_chunk or decisions.shape[-1] != keys.shape[-2] // self.export.chunk_size:
             raise MoqaeError(f"layer {layer} stores chunks its leader layer {self.export.leader(router)} did not route")
         return decisions
@@ -80,7 +82,7 @@ class LayerPolicy:
     def __init__(self, experts, per_layer, chunk_size):
         self.experts, self.per_layer, self.chunk_size, self.seconds = experts, per_layer, chunk_size, 0.0
 
-    def decide(self, layer, keys, values, first_chunk):
+    def decide(self, layer, keys, values, first_chunk, row=None):
         return torch.full((*keys.shape[:2], keys.shape[-2] // self.chunk_size), self.per_layer[layer], dtype=torch.long)
 
 
@@ -199,9 +201,9 @@ class MoQAELayer(CacheLayerMixin):
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, layer, cache):
+    def __init__(self, layer, cache, row=None):
         super().__init__()
-        self.layer, self.cache = layer, cache
+        self.layer, self.cache, self.row = layer, cache, row   # row: the batch row this layer holds alone (RaggedLayer)
         self.reset()
 
     def reset(self):
@@ -226,6 +228,13 @@ class MoQAELayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Adds the new states (B, H, t, D) and returns the layer's whole cache as attention reads it."""
+        self.append(key_states, value_states)
+        if self.cache.packed_attention and key_states.shape[-2] == 1:
+            return PackedLayer(self), PackedLayer(self)    # the "moqae" attention reads the packed units
+        return self.read()
+
+    def append(self, key_states, value_states):
+        """Adds the new states (B, H, t, D): whole chunks are routed, quantized and packed, the rest waits."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         N = self.cache.chunk_size
@@ -237,9 +246,6 @@ class MoQAELayer(CacheLayerMixin):
         sixteen = sixteen_bit_dtype(self.dtype)
         self.residual = (keys[:, :, whole * N:].to(sixteen), values[:, :, whole * N:].to(sixteen))
         self.length += key_states.shape[-2]
-        if self.cache.packed_attention and key_states.shape[-2] == 1:
-            return PackedLayer(self), PackedLayer(self)    # the "moqae" attention reads the packed units
-        return self.read()
 
     def _store(self, keys, values):
         """Routes, quantizes and packs whole chunks keys, values (B, H, C·N, D)."""
@@ -250,7 +256,8 @@ class MoQAELayer(CacheLayerMixin):
         frozen = 1 if self.cache.freeze_first_chunk and first == 0 else 0
         experts[:frozen] = len(self.cache.storage_experts) - 1
         if C > frozen:
-            decisions = self.cache.policy.decide(self.layer, keys[:, :, frozen * N:], values[:, :, frozen * N:], first + frozen)
+            decisions = self.cache.policy.decide(self.layer, keys[:, :, frozen * N:], values[:, :, frozen * N:], first + frozen,
+                                                 self.row)
             experts[frozen:] = decisions.reshape(B * H, C - frozen).t().to(torch.uint8)
         key_units = keys.reshape(B * H, C, N, D).transpose(0, 1)        # (C, B·H, N, D)
         value_units = values.reshape(B * H, C, N, D).transpose(0, 1)
@@ -387,17 +394,152 @@ class MoQAELayer(CacheLayerMixin):
         """Units stored at each storage expert: (len(storage_experts),) int64."""
         return torch.tensor([key_part.count for key_part, _ in self.parts], dtype=torch.long)
 
+    def residual_count(self):
+        """Values (keys and values) waiting in the residual."""
+        return sum(r.numel() for r in self.residual) if self.is_initialized else 0
+
+    def tokens_held(self):
+        """Tokens held, summed over the batch rows."""
+        return self.length * self.shape[0] if self.is_initialized else 0
+
     def chunk_experts(self):
         """Storage expert of every unit: (B, H, C) int64."""
         B, H, _ = self.shape
         return self.expert_map.t().reshape(B, H, -1).long()
+
+    def copy(self):
+        """An independent copy of this layer (its own tensors), for a beam that takes this row twice."""
+        twin = copy.copy(self)
+        twin.parts = [(copy.copy(keys), copy.copy(values)) for keys, values in self.parts]
+        for pair in twin.parts:
+            for part in pair:
+                part.blocks, part.filled = list(part.blocks), list(part.filled)
+        twin.select_rows(torch.arange(self.shape[0]) if self.is_initialized else torch.arange(0))
+        return twin
+
+
+class RaggedLayer(CacheLayerMixin):
+    """One layer of a batch whose rows begin at different positions (left padding): each row is a MoQAELayer of its
+    own, chunked from the row's first real token, so that its chunks, routing and bytes are those of the row
+    alone; padding is never stored, routed or counted. Attention reads the rows' caches dequantized, padding as
+    zeros (the mask hides it)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, layer, cache, padding):
+        super().__init__()
+        self.layer, self.cache, self.padding = layer, cache, list(padding)   # padding: each row's leading pad tokens
+        self.reset()
+
+    def reset(self):
+        self.rows = [MoQAELayer(self.layer, self.cache, row) for row in range(len(self.padding))]
+        self.length = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Adds the new states (B, H, t, D), the first update's padding left out, and returns every row's cache
+        (B, H, T, D) as attention reads it."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            if key_states.shape[0] % len(self.padding) == 0:   # generate() repeats each prompt for beams and return sequences
+                repeats = key_states.shape[0] // len(self.padding)
+                self.padding = [padding for padding in self.padding for _ in range(repeats)]
+                self.rows = [MoQAELayer(self.layer, self.cache, row) for row in range(len(self.padding))]
+        if key_states.shape[0] != len(self.rows):
+            raise MoqaeError(f"the cache was built for a batch of {len(self.rows)} rows (its attention_mask) but is given "
+                             f"{key_states.shape[0]}")
+        for index, row in enumerate(self.rows):
+            skip = min(self.padding[index] - self.length, key_states.shape[-2]) if self.padding[index] > self.length else 0
+            if skip < key_states.shape[-2]:
+                row.append(key_states[index: index + 1, :, skip:], value_states[index: index + 1, :, skip:])
+        self.length += key_states.shape[-2]
+        return self.read()
+
+    def read(self):
+        """Keys and values (B, H, T, D): each row's states right-aligned, zeros where it has none (its padding)."""
+        B, H, D = len(self.rows), self.cache.num_kv_heads, self.cache.head_dim
+        out = [torch.zeros(B, H, self.length, D, dtype=self.dtype, device=self.device) for _ in range(2)]
+        for index, row in enumerate(self.rows):
+            if row.is_initialized and row.length:
+                for side, states in zip(out, row.read()):
+                    side[index, :, self.length - row.length:] = states[0]
+        return tuple(out)
+
+    def select_rows(self, rows):
+        """Keeps the batch rows `rows` (B',), in that order; a row taken twice is copied."""
+        taken, kept = set(), []
+        for row in rows.tolist():
+            kept.append(self.rows[row].copy() if row in taken else self.rows[row])
+            taken.add(row)
+        self.rows, self.padding = kept, [self.padding[row] for row in rows.tolist()]
+        for index, row in enumerate(self.rows):
+            row.row = index
+
+    def reorder_cache(self, beam_idx):
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        self.select_rows(torch.arange(len(self.rows)).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices):
+        self.select_rows(torch.as_tensor(indices))
+
+    def crop(self, tokens_to_remove):
+        """Drops the last −tokens_to_remove tokens of every row (MoQAELayer.crop)."""
+        for row in self.rows:
+            row.crop(tokens_to_remove)
+        self.length += min(tokens_to_remove, 0)
+
+    def get_mask_sizes(self, query_length):
+        return self.length + query_length, 0
+
+    def get_seq_length(self):
+        return self.length
+
+    def get_max_length(self):
+        return -1
+
+    def nbytes(self):
+        return sum(row.nbytes() for row in self.rows)
+
+    def unit_counts(self):
+        return sum(row.unit_counts() for row in self.rows)
+
+    def residual_count(self):
+        return sum(row.residual_count() for row in self.rows)
+
+    def tokens_held(self):
+        return sum(row.tokens_held() for row in self.rows)
+
+
+def left_padding(attention_mask):
+    """Each row's leading padding (list of B ints) of a prompt's attention mask (B, T) padded on the left, or None."""
+    if attention_mask is None:
+        return None
+    mask = torch.as_tensor(attention_mask).bool()
+    if mask.dim() != 2:
+        raise MoqaeError(f"attention_mask must be (batch, tokens), as generate() takes it; got shape {tuple(mask.shape)}")
+    real = mask.sum(-1)
+    padding = mask.shape[1] - real
+    ends_real = torch.stack([mask[row, padding[row]:].all() for row in range(mask.shape[0])])
+    if not ends_real.all() or (real == 0).any():
+        raise MoqaeError("attention_mask: every row must be padding, then at least one real token (padding on the left: "
+                         "tokenizer.padding_side = \"left\")")
+    return padding.tolist()
 
 
 class MoQAECache(Cache):
     """A KV cache whose chunks of `chunk_size` tokens are stored at the experts `policy` picks
     (`RouterPolicy` or `LayerPolicy`); build it with `from_export` or `from_layer_plan`."""
 
-    def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None, packed_attention=False):
+    def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None, packed_attention=False,
+                 attention_mask=None):
         config = config.get_text_config(decoder=True)
         sliding = sorted(sliding_window_layers(config))
         if sliding:
@@ -410,31 +552,37 @@ class MoQAECache(Cache):
         self.policy, self.chunk_size, self.freeze_first_chunk = policy, chunk_size, freeze_first_chunk
         self.packed_attention = packed_attention
         self.storage_experts = list(policy.experts) + [FROZEN]
-        super().__init__(layers=[MoQAELayer(layer, self) for layer in range(layers)])
+        padding = left_padding(attention_mask)
+        if padding is not None and any(padding):
+            super().__init__(layers=[RaggedLayer(layer, self, padding) for layer in range(layers)])
+        else:
+            super().__init__(layers=[MoQAELayer(layer, self) for layer in range(layers)])
 
     @classmethod
-    def from_export(cls, export, model, value_group=None, model_dir="model", packed_attention=True):
+    def from_export(cls, export, model, value_group=None, model_dir="model", packed_attention=True, attention_mask=None):
         """The routers of `export` (a RouterExport or the path of an MQAE file) for `model`. With
         `packed_attention` (the default), decode steps attend on the packed units (serve/attention.py): the
         model's attention implementation becomes moqae's (capture.py), which is SDPA for everything else; without it,
-        every step attends to the layer's cache dequantized."""
+        every step attends to the layer's cache dequantized. `attention_mask` (B, T), the prompt's as `generate`
+        gets it: a batch padded on the left, whose rows are then chunked from their own first real token."""
         if isinstance(export, (str, os.PathLike)):
             export = read_export(os.fspath(export))
         check_export_fits(export, model.config)
         head_dim = model_shape(model.config)[2]
         inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group or head_dim)
         return cls(RouterPolicy(export, inputs), model.config, export.chunk_size, export.freeze_first_chunk, value_group,
-                   use_packed_attention(model, packed_attention))
+                   use_packed_attention(model, packed_attention), attention_mask)
 
     @classmethod
     def from_layer_plan(cls, experts, config, chunk_size=32, freeze_first_chunk=True, value_group=None, model=None,
-                        packed_attention=None):
+                        packed_attention=None, attention_mask=None):
         """Expert `experts[l]` for every chunk of layer l (a list of Expert, one per layer); packed attention as
-        in `from_export`, by default when the `model` is given."""
+        in `from_export`, by default when the `model` is given; `attention_mask` as in `from_export`."""
         packed_attention = model is not None if packed_attention is None else packed_attention
         distinct = list(dict.fromkeys(experts))
         policy = LayerPolicy(distinct, [distinct.index(e) for e in experts], chunk_size)
-        return cls(policy, config, chunk_size, freeze_first_chunk, value_group, use_packed_attention(model, packed_attention))
+        return cls(policy, config, chunk_size, freeze_first_chunk, value_group, use_packed_attention(model, packed_attention),
+                   attention_mask)
 
     def nbytes(self):
         """Bytes the cache holds (see `MoQAELayer.nbytes`)."""
@@ -447,14 +595,12 @@ class MoQAECache(Cache):
             counts = layer.unit_counts()
             bits += sum(int(count) * unit_storage_bits(expert, self.chunk_size, self.head_dim, self.value_group)
                         for count, expert in zip(counts, self.storage_experts))
-            if layer.is_initialized:
-                bits += 16 * sum(r.numel() for r in layer.residual)
+            bits += 16 * layer.residual_count()
         return bits / 8
 
     def fp16_bytes(self):
         """Bytes of the same tokens in a binary16 cache."""
-        return sum(2 * 2 * layer.length * self.num_kv_heads * self.head_dim * layer.shape[0]
-                   for layer in self.layers if layer.is_initialized)
+        return sum(2 * 2 * layer.tokens_held() * self.num_kv_heads * self.head_dim for layer in self.layers)
 
     @property
     def routing_seconds(self):

@@ -92,7 +92,7 @@ def packed_decode_triton(layer, query, scaling):
                 unit_partials[(count,)](per_row, rows, *key_tensors, *value_tensors, maxima, totals, sums, scaling,
                                         G=G, D=D, N=N, BITS=key_part.bits, VALUE_BITS=value_part.bits,
                                         GROUPS=D // value_group, VALUE_GROUP=value_group)
-            else:   # binary16 units and widths that straddle bytes
+            else:   # 16-bit units and widths that straddle bytes
                 keys = key_part.read(key_tensors, (count,), N, D, torch.float32)
                 values = value_part.read(value_tensors, (count,), N, D, torch.float32)
                 maxima, totals, sums = torch_partials(per_row[rows], keys, values, scaling)
