@@ -191,15 +191,39 @@ class PackedPart:
             self.blocks.pop(), self.filled.pop()
 
 
-class MoQAELayer(CacheLayerMixin):
-    """One layer's cache: packed units per storage expert (the experts, then `FROZEN`), the expert of every
-    unit (C, B·H) uint8 in chunk-major order (which is also the order each expert's units are stored in),
-    and the 16-bit residual (B, H, r < N, D)."""
+class GrowingLayer(CacheLayerMixin):
+    """What MoQAELayer and RaggedLayer share: a length that grows as tokens are added (crop takes them back), and
+    beam search's row moves through `select_rows`."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
     supports_early_init = False
+
+    def get_mask_sizes(self, query_length):
+        return self.length + query_length, 0
+
+    def get_seq_length(self):
+        return self.length
+
+    def get_max_length(self):
+        return -1
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: row b takes the states of row beam_idx[b]."""
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        self.select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices):
+        self.select_rows(torch.as_tensor(indices))
+
+
+class MoQAELayer(GrowingLayer):
+    """One layer's cache: packed units per storage expert (the experts, then `FROZEN`), the expert of every
+    unit (C, B·H) uint8 in chunk-major order (which is also the order each expert's units are stored in),
+    and the 16-bit residual (B, H, r < N, D)."""
 
     def __init__(self, layer, cache, row=None):
         super().__init__()
@@ -298,16 +322,6 @@ class MoQAELayer(CacheLayerMixin):
         self.shape = (rows.numel(), H, D)
         self._index_units(selected)
 
-    def reorder_cache(self, beam_idx):
-        """Beam search: row b takes the states of row beam_idx[b]."""
-        self.select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats):
-        self.select_rows(torch.arange(self.shape[0]).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices):
-        self.select_rows(torch.as_tensor(indices))
-
     def crop(self, tokens_to_remove):
         """Drops the last −tokens_to_remove tokens (transformers' convention: a negative count). Whole chunks past
         the new length are dropped; a chunk that keeps some of its tokens returns them to the residual as stored
@@ -374,15 +388,6 @@ class MoQAELayer(CacheLayerMixin):
             out.append(buffer.view(B, H, slots * N, D)[:, :, : C * N + r])
         return tuple(out)
 
-    def get_mask_sizes(self, query_length):
-        return self.length + query_length, 0
-
-    def get_seq_length(self):
-        return self.length
-
-    def get_max_length(self):
-        return -1
-
     def nbytes(self):
         """Bytes held: packed codes, scales and minima, 16-bit parts, the residual and the expert map."""
         if not self.is_initialized:
@@ -393,6 +398,10 @@ class MoQAELayer(CacheLayerMixin):
     def unit_counts(self):
         """Units stored at each storage expert: (len(storage_experts),) int64."""
         return torch.tensor([key_part.count for key_part, _ in self.parts], dtype=torch.long)
+
+    @property
+    def batch_size(self):
+        return self.shape[0] if self.is_initialized else 0
 
     def residual_count(self):
         """Values (keys and values) waiting in the residual."""
@@ -418,16 +427,11 @@ class MoQAELayer(CacheLayerMixin):
         return twin
 
 
-class RaggedLayer(CacheLayerMixin):
+class RaggedLayer(GrowingLayer):
     """One layer of a batch whose rows begin at different positions (left padding): each row is a MoQAELayer of its
     own, chunked from the row's first real token, so that its chunks, routing and bytes are those of the row
     alone; padding is never stored, routed or counted. Attention reads the rows' caches dequantized, padding as
     zeros (the mask hides it)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
-    supports_early_init = False
 
     def __init__(self, layer, cache, padding):
         super().__init__()
@@ -481,29 +485,15 @@ class RaggedLayer(CacheLayerMixin):
         for index, row in enumerate(self.rows):
             row.row = index
 
-    def reorder_cache(self, beam_idx):
-        self.select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats):
-        self.select_rows(torch.arange(len(self.rows)).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices):
-        self.select_rows(torch.as_tensor(indices))
-
     def crop(self, tokens_to_remove):
         """Drops the last −tokens_to_remove tokens of every row (MoQAELayer.crop)."""
         for row in self.rows:
             row.crop(tokens_to_remove)
         self.length += min(tokens_to_remove, 0)
 
-    def get_mask_sizes(self, query_length):
-        return self.length + query_length, 0
-
-    def get_seq_length(self):
-        return self.length
-
-    def get_max_length(self):
-        return -1
+    @property
+    def batch_size(self):
+        return len(self.rows)
 
     def nbytes(self):
         return sum(row.nbytes() for row in self.rows)
