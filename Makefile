@@ -9,13 +9,21 @@ MOQAE := PYTHONPATH=python $(PY) -m moqae
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: test-triton passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: test-triton test-newest-transformers passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## The Triton kernel of packed attention, run by Triton's interpreter on the CPU against a float64 brute
 ## force (installs python/requirements-triton.txt into the venv; the CPU install does not need it).
 test-triton: venv
 	$(PY) -m pip install -q -r python/requirements-triton.txt
 	TRITON_INTERPRET=1 PYTHONPATH=python $(PY) -m pytest -q python/tests/test_triton_attention.py
+
+## The serving tests against the newest transformers the package registry serves (the venv keeps the pinned
+## TARGET one; the newest goes to NEWEST_TRANSFORMERS and comes first on the path): the optional CI step.
+NEWEST_TRANSFORMERS ?= checkpoints/newest-transformers
+test-newest-transformers: venv
+	$(PY) -m pip install -q --upgrade --target $(NEWEST_TRANSFORMERS) transformers
+	cd python && PYTHONPATH=../$(NEWEST_TRANSFORMERS) ../$(PY) -m pytest -q tests/test_cache.py tests/test_cache_generation.py \
+	  tests/test_packed_attention.py tests/test_capture.py -k "not pinned_transformers"
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:

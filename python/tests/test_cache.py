@@ -256,6 +256,18 @@ def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny
         assert result.returncode == 1 and errors == [f"error: {fifo}: is a FIFO, expected a regular file"], result.stderr
 
 
+def test_a_transformers_outside_the_tested_range_gets_one_warning():
+    from moqae.serve.cache import SUPPORTED_TRANSFORMERS, warn_if_untested
+    assert SUPPORTED_TRANSFORMERS[0] == TARGET_TRANSFORMERS
+    with pytest.warns(UserWarning, match="tested on transformers 5.23.0 to 5.25.0, not 9.0.0"):
+        warn_if_untested("9.0.0")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_untested("9.0.0")            # once only
+        warn_if_untested("5.24.0")
+
+
 def test_the_pinned_transformers_is_the_version_the_cache_targets():
     """MoQAECache follows transformers' per-layer cache API of one version; requirements.txt pins it."""
     assert transformers.__version__ == TARGET_TRANSFORMERS

@@ -25,8 +25,11 @@ layer's whole cache dequantized to the model's dtype, rebuilt at that update (do
 import copy
 import os
 import time
+import warnings
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import MoqaeError
@@ -38,7 +41,8 @@ from ..router import read_export, route_chunks
 from .attention import PackedLayer
 from .packing import pack_codes, unpack_codes
 
-TARGET_TRANSFORMERS = "5.23.0"
+TARGET_TRANSFORMERS = "5.23.0"                     # pinned in requirements.txt: CI's tests run on it
+SUPPORTED_TRANSFORMERS = ("5.23.0", "5.25.0")      # the releases the serving tests pass on (make test-newest-transformers)
 FROZEN = Expert("frozen fp16", 16, 16)   # storage of a frozen chunk 0
 
 
@@ -508,6 +512,17 @@ class RaggedLayer(GrowingLayer):
         return sum(row.tokens_held() for row in self.rows)
 
 
+def warn_if_untested(version):
+    """Warns once when the installed transformers lies outside SUPPORTED_TRANSFORMERS."""
+    low, high = (Version(v) for v in SUPPORTED_TRANSFORMERS)
+    if not low <= Version(version) <= high and version not in _warned:
+        _warned.add(version)
+        warnings.warn(f"MoQAECache is tested on transformers {low} to {high}, not {version}; its cache API may differ")
+
+
+_warned = set()
+
+
 def left_padding(attention_mask):
     """Each row's leading padding (list of B ints) of a prompt's attention mask (B, T) padded on the left, or None."""
     if attention_mask is None:
@@ -539,6 +554,7 @@ class MoQAECache(Cache):
         self.value_group = value_group or self.head_dim
         if self.head_dim % self.value_group:
             raise MoqaeError(f"value group {self.value_group} does not divide the head dimension {self.head_dim}")
+        warn_if_untested(transformers.__version__)
         self.policy, self.chunk_size, self.freeze_first_chunk = policy, chunk_size, freeze_first_chunk
         self.packed_attention = packed_attention
         self.storage_experts = list(policy.experts) + [FROZEN]
