@@ -463,7 +463,7 @@ class RaggedLayer(GrowingLayer):
             raise MoqaeError(f"the cache was built for a batch of {len(self.rows)} rows (its attention_mask) but is given "
                              f"{key_states.shape[0]}")
         for index, row in enumerate(self.rows):
-            skip = min(self.padding[index] - self.length, key_states.shape[-2]) if self.padding[index] > self.length else 0
+            skip = min(max(self.padding[index] - self.length, 0), key_states.shape[-2])   # this update's padding
             if skip < key_states.shape[-2]:
                 row.append(key_states[index: index + 1, :, skip:], value_states[index: index + 1, :, skip:])
         self.length += key_states.shape[-2]
@@ -532,8 +532,8 @@ def left_padding(attention_mask):
         raise MoqaeError(f"attention_mask must be (batch, tokens), as generate() takes it; got shape {tuple(mask.shape)}")
     real = mask.sum(-1)
     padding = mask.shape[1] - real
-    ends_real = torch.stack([mask[row, padding[row]:].all() for row in range(mask.shape[0])])
-    if not ends_real.all() or (real == 0).any():
+    padded_on_the_left = torch.arange(mask.shape[1], device=mask.device) >= padding[:, None]
+    if not torch.equal(mask, padded_on_the_left) or (real == 0).any():
         raise MoqaeError("attention_mask: every row must be padding, then at least one real token (padding on the left: "
                          "tokenizer.padding_side = \"left\")")
     return padding.tolist()
