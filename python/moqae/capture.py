@@ -30,11 +30,14 @@ class KVHook:
 
     `record`: keep every layer's (key, value), each (batch, kv_heads, T, head_dim), in `keys`/`values`.
     `transform(layer, key, value) -> (key, value)`: replace them (for example fake-quantize a unit).
+    `within_sliding_windows`: refuse a sliding layer given more tokens than its window, as dump and eval must (their
+    chunk routing holds every token); a hook that models what a sliding cache drops passes False.
     """
 
-    def __init__(self, record=False, transform=None):
+    def __init__(self, record=False, transform=None, within_sliding_windows=True):
         self.record = record
         self.transform = transform
+        self.within_sliding_windows = within_sliding_windows
         self.keys, self.values = {}, {}
         self.layers_seen = set()
 
@@ -57,11 +60,10 @@ def captured(module, key, value, sliding_window=None):
     """The active hook's view of one layer's K and V (B, H, T, D): recorded, or replaced by its transform."""
     if not _active_hooks:
         return key, value
-    layer = module.layer_idx
-    if sliding_window and key.shape[-2] > sliding_window:
+    layer, hook = module.layer_idx, _active_hooks[-1]
+    if sliding_window and key.shape[-2] > sliding_window and hook.within_sliding_windows:
         raise MoqaeError(f"layer {layer} attends through a sliding window of {sliding_window} tokens but was given "
                          f"{key.shape[-2]}: its cache holds only the window, which chunk routing does not model")
-    hook = _active_hooks[-1]
     hook.layers_seen.add(layer)
     if hook.transform is not None:
         key, value = hook.transform(layer, key, value)

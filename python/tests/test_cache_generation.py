@@ -169,15 +169,6 @@ def test_a_prompt_prefilled_in_pieces_of_whole_chunks_is_stored_as_in_one_forwar
     assert caches[50].nbytes() == caches[50].formula_bytes() + units        # plus the expert map's byte per unit
 
 
-def test_a_model_with_sliding_window_layers_is_refused_in_one_line():
-    from transformers import MistralConfig
-    from moqae.experts import parse_expert
-    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=256)
-    with pytest.raises(MoqaeError, match=r"layer\(s\) \[0, 1\] of this one attend through a sliding window"):
-        MoQAECache.from_layer_plan([parse_expert("int4")] * 2, config)
-
-
 def test_a_batch_of_prompts_of_different_lengths_serves_each_row_as_that_prompt_alone(tiny_llama):
     """4 prompts of 100, 77, 64 and 33 tokens padded on the left, with the batch's attention mask: each row
     stores its own chunks from its first real token (padding is never stored, routed or counted), so each gives

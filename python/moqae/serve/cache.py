@@ -16,7 +16,8 @@ export names) and decides for every layer of its group. Whole chunks are quantiz
 model computed them, and the prompt's own queries then attend to the quantized chunks: what `eval` does
 to a window, so prefill's K/V equal the evaluator's fake-quantized K/V bit for bit. In decoding each new
 token joins the residual; when the residual fills a chunk, that chunk (its 16-bit values) is routed,
-quantized and packed, and never requantized.
+quantized and packed, and never requantized. A layer that attends through a sliding window holds only the
+chunks its next query sees (MoQAELayer), dropping the others.
 
 A decode step attends on the packed units themselves (serve/attention.py, the attention implementation
 "moqae"), reading each once; prefill, and a cache built with `packed_attention=False`, attend to the
@@ -186,6 +187,18 @@ class PackedPart:
         """Holds exactly the units of `tensors` (as `take` gives them; None for none), in one block."""
         self.blocks, self.filled = ([tensors], [tensors[0].shape[0]]) if tensors is not None else ([], [])
 
+    def drop_front(self, count):
+        """Drops the first `count` units (a sliding layer's oldest chunks). A block is freed with its last unit; until
+        then its dropped rows stay allocated, uncounted."""
+        while count and self.filled:
+            if count >= self.filled[0]:
+                count -= self.filled.pop(0)
+                self.blocks.pop(0)
+            else:
+                self.blocks[0] = [tensor[count:] for tensor in self.blocks[0]]
+                self.filled[0] -= count
+                count = 0
+
     def keep(self, count):
         """Drops every unit after the first `count`."""
         for index, filled in enumerate(self.filled):
@@ -196,16 +209,23 @@ class PackedPart:
 
 
 class GrowingLayer(CacheLayerMixin):
-    """What MoQAELayer and RaggedLayer share: a length that grows as tokens are added (crop takes them back), and
-    beam search's row moves through `select_rows`."""
+    """What MoQAELayer and RaggedLayer share: a length that grows as tokens are added (crop takes them back), beam
+    search's row moves through `select_rows`, and for a layer that attends through a sliding window of `window`
+    tokens (None: full attention), the first position attention reads (`held_start`)."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = True
     supports_early_init = False
 
+    def __init__(self, window):
+        super().__init__()
+        self.window = window
+        self.is_sliding = window is not None   # the masks of sliding layers come from the first one's sizes
+
     def get_mask_sizes(self, query_length):
-        return self.length + query_length, 0
+        """(tokens attention reads, the position of the first): every held token, then the new ones."""
+        start = self.held_start()
+        return self.length + query_length - start, start
 
     def get_seq_length(self):
         return self.length
@@ -227,10 +247,15 @@ class GrowingLayer(CacheLayerMixin):
 class MoQAELayer(GrowingLayer):
     """One layer's cache: packed units per storage expert (the experts, then `FROZEN`), the expert of every
     unit (C, B·H) uint8 in chunk-major order (which is also the order each expert's units are stored in),
-    and the 16-bit residual (B, H, r < N, D)."""
+    and the 16-bit residual (B, H, r < N, D).
+
+    A sliding layer (`window` W) holds the chunks from the first one its next query sees (that query, at position
+    p, sees positions p − W + 1 … p): older chunks are dropped, never requantized, and `dropped` counts them, so
+    that held chunk i is the layer's chunk `dropped` + i. Whole chunks that have left the window by the end of the
+    update that brings them (a long prompt) are not stored: that update's queries read them in 16 bits."""
 
     def __init__(self, layer, cache, row=None):
-        super().__init__()
+        super().__init__(cache.sliding_windows.get(layer))
         self.layer, self.cache, self.row = layer, cache, row   # row: the batch row this layer holds alone (RaggedLayer)
         self.reset()
 
@@ -241,7 +266,36 @@ class MoQAELayer(GrowingLayer):
         self.kernel_parts = None   # the packed-attention kernel's view of the parts (serve/attention.py)
         self.residual = None       # (keys, values), each (B, H, r, D) in 16 bits
         self.length = 0
+        self.dropped = 0           # chunks a sliding window has left behind
         self.is_initialized = False
+
+    def first_seen_chunk(self, position):
+        """The first chunk the query at `position` sees (0 without a sliding window)."""
+        return 0 if self.window is None else max(0, position - self.window + 1) // self.cache.chunk_size
+
+    def held_start(self):
+        """The first position this layer's attention reads at its next update: its first held chunk once the chunks
+        the next query does not see are dropped."""
+        if not self.is_initialized:
+            return 0
+        held = self.dropped + self.expert_map.shape[0]
+        return min(max(self.dropped, self.first_seen_chunk(self.length)), held) * self.cache.chunk_size
+
+    def forget_unseen(self):
+        """Drops the held chunks that the next query (at position `length`) does not see."""
+        if self.is_initialized and self.window is not None:
+            self._drop_chunks(self.held_start() // self.cache.chunk_size - self.dropped)
+
+    def _drop_chunks(self, count):
+        """Drops the first `count` held chunks."""
+        if count <= 0:
+            return
+        for index, pair in enumerate(self.parts):
+            units = int((self.expert_map[:count] == index).sum())
+            for part in pair:
+                part.drop_front(units)
+        self.dropped += count
+        self._index_units(self.expert_map[count:])
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -256,29 +310,46 @@ class MoQAELayer(GrowingLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Adds the new states (B, H, t, D) and returns the layer's whole cache as attention reads it."""
-        self.append(key_states, value_states)
-        if self.cache.packed_attention and key_states.shape[-2] == 1:
+        self.forget_unseen()
+        passing = self.append(key_states, value_states)
+        if passing is None and self.cache.packed_attention and key_states.shape[-2] == 1:
             return PackedLayer(self), PackedLayer(self)    # the "moqae" attention reads the packed units
-        return self.read()
+        states = self.read() if passing is None else passing
+        self.forget_unseen()
+        return states
 
     def append(self, key_states, value_states):
-        """Adds the new states (B, H, t, D): whole chunks are routed, quantized and packed, the rest waits."""
+        """Adds the new states (B, H, t, D): whole chunks are routed, quantized and packed, the rest waits. Returns
+        None, or in a sliding layer whose new whole chunks leave the window before they are stored, the keys and
+        values (B, H, T, D) this update's attention reads: the held chunks, those chunks in 16 bits, then the rest."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         N = self.cache.chunk_size
         keys = torch.cat([self.residual[0].to(key_states.dtype), key_states], dim=-2)
         values = torch.cat([self.residual[1].to(value_states.dtype), value_states], dim=-2)
         whole = keys.shape[-2] // N
+        first = self.dropped + self.expert_map.shape[0]                 # the layer's chunk index of the first new one
+        passing = min(max(self.first_seen_chunk(self.length + key_states.shape[-2]) - first, 0), whole)
+        held = None
+        if passing:                     # every held chunk is older than the passing ones: it leaves too
+            C = self.expert_map.shape[0]
+            held = [states[:, :, : C * N] for states in self.read()]
+            self._drop_chunks(C)
         if whole:
-            self._store(keys[:, :, : whole * N], values[:, :, : whole * N])
+            self._store(keys[:, :, : whole * N], values[:, :, : whole * N], skip=passing)
         sixteen = sixteen_bit_dtype(self.dtype)
         self.residual = (keys[:, :, whole * N:].to(sixteen), values[:, :, whole * N:].to(sixteen))
         self.length += key_states.shape[-2]
+        if not passing:
+            return None
+        return tuple(torch.cat([before, states[:, :, : passing * N].to(sixteen).to(self.dtype), after], dim=-2)
+                     for before, states, after in zip(held, (keys, values), self.read()))
 
-    def _store(self, keys, values):
-        """Routes, quantizes and packs whole chunks keys, values (B, H, C·N, D)."""
+    def _store(self, keys, values, skip=0):
+        """Routes whole chunks keys, values (B, H, C·N, D), then quantizes and packs all but the first `skip` (which a
+        sliding window has already left behind: counted as dropped)."""
         B, H, D = self.shape
-        N, first = self.cache.chunk_size, self.expert_map.shape[0]
+        N, first = self.cache.chunk_size, self.dropped + self.expert_map.shape[0]
         C = keys.shape[-2] // N
         experts = torch.empty(C, B * H, dtype=torch.uint8, device=self.device)
         frozen = 1 if self.cache.freeze_first_chunk and first == 0 else 0
@@ -287,8 +358,9 @@ class MoQAELayer(GrowingLayer):
             decisions = self.cache.policy.decide(self.layer, keys[:, :, frozen * N:], values[:, :, frozen * N:], first + frozen,
                                                  self.row)
             experts[frozen:] = decisions.reshape(B * H, C - frozen).t().to(torch.uint8)
-        key_units = keys.reshape(B * H, C, N, D).transpose(0, 1)        # (C, B·H, N, D)
-        value_units = values.reshape(B * H, C, N, D).transpose(0, 1)
+        experts, self.dropped, C = experts[skip:], self.dropped + skip, C - skip
+        key_units = keys[:, :, skip * N:].reshape(B * H, C, N, D).transpose(0, 1)        # (C, B·H, N, D)
+        value_units = values[:, :, skip * N:].reshape(B * H, C, N, D).transpose(0, 1)
         for index in experts.unique().tolist():
             mask = experts == index
             key_part, value_part = self.parts[index]
@@ -341,7 +413,10 @@ class MoQAELayer(GrowingLayer):
         if removed <= self.residual[0].shape[-2]:
             self.residual = tuple(r[:, :, : r.shape[-2] - removed] for r in self.residual)
         else:
-            whole = kept // N
+            whole = kept // N - self.dropped       # held chunks that stay whole
+            if whole < 0:
+                raise MoqaeError(f"crop({tokens_to_remove}): layer {self.layer}'s sliding window has dropped the tokens "
+                                 f"before {self.dropped * N}, so it cannot go back to {kept}")
             partial = self._chunk_states(whole) if kept % N else None
             for index, pair in enumerate(self.parts):
                 for part in pair:
@@ -354,7 +429,7 @@ class MoQAELayer(GrowingLayer):
         self.length = kept
 
     def _chunk_states(self, chunk):
-        """Keys and values (B, H, N, D) of stored chunk `chunk`, dequantized to the model's dtype."""
+        """Keys and values (B, H, N, D) of held chunk `chunk`, dequantized to the model's dtype."""
         B, H, D = self.shape
         N = self.cache.chunk_size
         out = [torch.empty(B * H, N, D, dtype=self.dtype, device=self.device) for _ in range(2)]
@@ -367,7 +442,8 @@ class MoQAELayer(GrowingLayer):
         return tuple(x.view(B, H, N, D) for x in out)
 
     def read(self):
-        """Keys and values (B, H, T, D) in the model's dtype: every unit dequantized, then the residual. They are
+        """Keys and values (B, H, T, D) in the model's dtype, from the first held chunk: every unit dequantized, then
+        the residual. They are
         views of a buffer (B·H, slots, N, D) whose last slot holds the residual, so that each unit is one
         contiguous row of it."""
         B, H, D = self.shape
@@ -413,7 +489,7 @@ class MoQAELayer(GrowingLayer):
 
     def tokens_held(self):
         """Tokens held, summed over the batch rows."""
-        return self.length * self.shape[0] if self.is_initialized else 0
+        return (self.length - self.dropped * self.cache.chunk_size) * self.shape[0] if self.is_initialized else 0
 
     def chunk_experts(self):
         """Storage expert of every unit: (B, H, C) int64."""
@@ -435,10 +511,11 @@ class RaggedLayer(GrowingLayer):
     """One layer of a batch whose rows begin at different positions (left padding): each row is a MoQAELayer of its
     own, chunked from the row's first real token, so that its chunks, routing and bytes are those of the row
     alone; padding is never stored, routed or counted. Attention reads the rows' caches dequantized, padding as
-    zeros (the mask hides it)."""
+    zeros (the mask hides it). In a sliding layer it reads from the earliest position a row holds; a row that holds
+    less reads zeros there, where the window hides them."""
 
     def __init__(self, layer, cache, padding):
-        super().__init__()
+        super().__init__(cache.sliding_windows.get(layer))
         self.layer, self.cache, self.padding = layer, cache, list(padding)   # padding: each row's leading pad tokens
         self.reset()
 
@@ -462,21 +539,35 @@ class RaggedLayer(GrowingLayer):
         if key_states.shape[0] != len(self.rows):
             raise MoqaeError(f"the cache was built for a batch of {len(self.rows)} rows (its attention_mask) but is given "
                              f"{key_states.shape[0]}")
+        start = self.held_start()
+        passing = [None] * len(self.rows)
         for index, row in enumerate(self.rows):
+            row.forget_unseen()
             skip = min(max(self.padding[index] - self.length, 0), key_states.shape[-2])   # this update's padding
             if skip < key_states.shape[-2]:
-                row.append(key_states[index: index + 1, :, skip:], value_states[index: index + 1, :, skip:])
+                passing[index] = row.append(key_states[index: index + 1, :, skip:], value_states[index: index + 1, :, skip:])
         self.length += key_states.shape[-2]
-        return self.read()
+        states = self.read(start, passing)
+        for row in self.rows:
+            row.forget_unseen()
+        return states
 
-    def read(self):
-        """Keys and values (B, H, T, D): each row's states right-aligned, zeros where it has none (its padding)."""
+    def held_start(self):
+        """The earliest position a row's attention reads at the next update (padding counted)."""
+        if self.window is None:
+            return 0
+        return min([self.length] + [padding + row.held_start() for padding, row in zip(self.padding, self.rows)
+                                    if row.is_initialized])
+
+    def read(self, start=0, passing=None):
+        """Keys and values (B, H, T − start, D) of positions start … T − 1: each row's states right-aligned (`passing`:
+        a row's own, where its append gave them), zeros where it has none (its padding)."""
         B, H, D = len(self.rows), self.cache.num_kv_heads, self.cache.head_dim
-        out = [torch.zeros(B, H, self.length, D, dtype=self.dtype, device=self.device) for _ in range(2)]
+        out = [torch.zeros(B, H, self.length - start, D, dtype=self.dtype, device=self.device) for _ in range(2)]
         for index, row in enumerate(self.rows):
             if row.is_initialized and row.length:
-                for side, states in zip(out, row.read()):
-                    side[index, :, self.length - row.length:] = states[0]
+                for side, states in zip(out, (passing and passing[index]) or row.read()):
+                    side[index, :, side.shape[-2] - states.shape[-2]:] = states[0]
         return tuple(out)
 
     def select_rows(self, rows):
@@ -546,10 +637,7 @@ class MoQAECache(Cache):
     def __init__(self, policy, config, chunk_size, freeze_first_chunk, value_group=None, packed_attention=False,
                  attention_mask=None):
         config = config.get_text_config(decoder=True)
-        sliding = sorted(sliding_window_layers(config))
-        if sliding:
-            raise MoqaeError(f"MoQAECache serves models whose layers are all full attention; layer(s) {sliding} of this "
-                             f"one attend through a sliding window")
+        self.sliding_windows = sliding_window_layers(config)   # layer → its window, for the sliding layers
         layers, self.num_kv_heads, self.head_dim, _ = model_shape(config)
         self.value_group = value_group or self.head_dim
         if self.head_dim % self.value_group:
