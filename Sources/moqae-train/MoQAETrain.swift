@@ -10,6 +10,7 @@ struct MoQAETrain: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "moqae-train",
         abstract: "Train MoQAE routers that pick a KV-cache bit-width for every chunk of tokens.",
+        version: projectVersion,
         subcommands: [Train.self, Export.self, Evaluate.self, Inspect.self, Synth.self],
         defaultSubcommand: Train.self)
 
@@ -135,15 +136,26 @@ struct Export: ParsableCommand {
     @Argument(help: "A checkpoint file, or a run directory (its newest checkpoint that verifies).")
     var checkpoint: String
 
-    @Option(help: "Output file.")
-    var out: String = "router.bin"
+    @Option(help: "Output file (default router.bin).")
+    var out: String?
+
+    @Option(help: ArgumentHelp("A model directory to write the export into, as moqae-router.bin (checked against its config.json); "
+                               + "MoQAECache.from_pretrained finds it there.", valueName: "MODEL_DIR"))
+    var into: String?
 
     @Option(help: "Weight type: f16 (binary16) or f32 (binary32).")
     var dtype: ExportDType = .f16
 
+    func validate() throws {
+        if out != nil && into != nil { throw ValidationError("--out and --into name the output twice; give one") }
+    }
+
     func run() throws {
         try reportingErrors {
+            let model = try into.map { path throws(ModelDirectoryError) in try ModelDirectory(path: path) }
             let (checkpoint, path) = try loadCheckpoint(self.checkpoint)
+            try model?.check(checkpoint.setup)
+            let out = model?.routerPath ?? self.out ?? "router.bin"
             let export = RouterExport(parameters: checkpoint.parameters, setup: checkpoint.setup,
                                       weightType: dtype.weightType)
             let bytes = export.serialized()

@@ -152,6 +152,36 @@ import Testing
     }
 
     /// A FIFO (or a directory) wherever a file is read is refused at once, without waiting for a writer.
+    @Test func exportIntoAModelDirectoryChecksItsShape() throws {
+        #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
+        func model(_ name: String, _ config: String) throws -> String {
+            try FileManager.default.createDirectory(atPath: workspace + "/" + name, withIntermediateDirectories: true)
+            try config.write(toFile: workspace + "/\(name)/config.json", atomically: true, encoding: .utf8)
+            return name
+        }
+        // The small store: 4 layers × 2 KV heads × head dim 8 (hidden 32 over 4 heads; a multimodal config's text part).
+        let fits = try model("fits", #"{"text_config": {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32}}"#)
+        let exported = try run(["export", "run", "--into", fits])
+        #expect(exported.status == 0 && exported.stdout.contains("wrote fits/moqae-router.bin"), "\(exported.stderr)")
+        #expect(try run(["inspect", "fits/moqae-router.bin"]).stdout.contains("OK (CRC-32 verified)"))
+        let other = try model("other", #"{"num_hidden_layers": 4, "num_attention_heads": 2, "head_dim": 16}"#)
+        expectCleanFailure(try run(["export", "run", "--into", other]),
+                           mentions: ["other: the routers are for 4 layers × 2 KV heads × head dim 8, the model has 4 × 2 × 16"])
+        expectCleanFailure(try run(["export", "run", "--into", "nowhere"]), mentions: ["nowhere: not a directory"])
+        let broken = try model("broken", "{")
+        expectCleanFailure(try run(["export", "run", "--into", broken]), mentions: ["broken/config.json: invalid JSON"])
+        #expect(!fileExists(workspace + "/other/moqae-router.bin") && !fileExists(workspace + "/broken/moqae-router.bin"))
+        let both = try run(["export", "run", "--into", fits, "--out", "x.bin"])
+        #expect(both.status == 64 && both.stderr.contains("--out and --into"))
+    }
+
+    @Test func versionAndCompletionComeFromTheParser() throws {
+        let version = try run(["--version"])
+        #expect(version.status == 0 && version.stdout == "0.1.0\n", "\(version.stdout)")
+        let completion = try run(["--generate-completion-script", "bash"])
+        #expect(completion.status == 0 && completion.stdout.contains("moqae-train") && completion.stdout.contains("export"))
+    }
+
     @Test func nonRegularFilesAreRefusedWithoutBlocking() throws {
         func fifo(_ name: String) throws {
             unlink(workspace + "/" + name)

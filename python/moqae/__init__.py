@@ -3,6 +3,8 @@ task accuracy of routers beside baselines (evaluate), a mixed-precision KV cache
 and the harnesses that measure them (harness). The shared core sits at the top: experts, quantizer,
 router exports, stores, models, capture, corpora and tasks."""
 
+__version__ = "0.1.0"   # the project's; `moqae-train --version` prints the same (Sources/moqae-train/Version.swift)
+
 
 class MoqaeError(Exception):
     """A user-facing error: one line that names the file or option at fault and what was expected."""

@@ -5,7 +5,7 @@ import os
 import re
 import sys
 
-from . import MoqaeError
+from . import MoqaeError, __version__
 from .router import ROUTER_INPUTS
 
 
@@ -37,6 +37,7 @@ def numbers(text):
 
 def parser():
     root = argparse.ArgumentParser(prog="python -m moqae", description="Calibration stores for moqae-train; evaluating and serving its routers.")
+    root.add_argument("--version", action="version", version=__version__)
     commands = root.add_subparsers(dest="command", required=True)
 
     dump = commands.add_parser("dump", help="dump a store from a local Hugging Face causal LM and a text corpus")
@@ -227,7 +228,8 @@ def parser():
 
     generate = commands.add_parser("generate", help="generate from a prompt with the router's mixed-precision KV cache")
     generate.add_argument("--model", required=True, help="model directory (config.json and weights); never downloaded")
-    generate.add_argument("--router", required=True, help="router export (moqae-train export)")
+    generate.add_argument("--router", help="router export (default: the model directory's moqae-router.bin, as "
+                                           "moqae-train export RUN --into MODEL_DIR writes it)")
     generate.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedily (default 64)")
     generate.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto",

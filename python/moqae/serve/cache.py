@@ -603,6 +603,17 @@ class RaggedLayer(GrowingLayer):
         return sum(row.tokens_held() for row in self.rows)
 
 
+ROUTER_FILE = "moqae-router.bin"    # where `moqae-train export RUN --into MODEL_DIR` writes
+
+
+def router_in(model_dir):
+    """The router export a model directory carries, MODEL_DIR/moqae-router.bin; raises when there is none."""
+    path = os.path.join(os.fspath(model_dir), ROUTER_FILE)
+    if not os.path.isfile(path):
+        raise MoqaeError(f"{path}: no router export here (write one with `moqae-train export RUN --into {model_dir}`)")
+    return path
+
+
 def warn_if_untested(version):
     """Warns once when the installed transformers lies outside SUPPORTED_TRANSFORMERS."""
     low, high = (Version(v) for v in SUPPORTED_TRANSFORMERS)
@@ -666,6 +677,15 @@ class MoQAECache(Cache):
         inputs = RouterInputs(export.router_input, model, model_dir, export.chunk_size, value_group or head_dim)
         return cls(RouterPolicy(export, inputs), model.config, export.chunk_size, export.freeze_first_chunk, value_group,
                    use_packed_attention(model, packed_attention), attention_mask)
+
+    @classmethod
+    def from_pretrained(cls, model, model_dir=None, **options):
+        """The routers that travel with the model: `model_dir`/moqae-router.bin (by default the directory `model` was
+        loaded from), checked against the model as `from_export` checks; `options` as `from_export` takes them."""
+        model_dir = model_dir or model.config._name_or_path
+        if not model_dir or not os.path.isdir(model_dir):
+            raise MoqaeError(f"{model_dir or 'the model'}: not a model directory; pass the one holding moqae-router.bin")
+        return cls.from_export(router_in(model_dir), model, model_dir=model_dir, **options)
 
     @classmethod
     def from_layer_plan(cls, experts, config, chunk_size=32, freeze_first_chunk=True, value_group=None, model=None,

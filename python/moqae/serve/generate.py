@@ -10,7 +10,7 @@ from ..corpus import tokenizer_for
 from ..files import read_text_file
 from ..model import check_export_fits, check_model_dir, load_model, resolve_device
 from ..router import read_export
-from .cache import FROZEN, MoQAECache
+from .cache import FROZEN, MoQAECache, router_in
 
 
 def greedy(model, cache, ids, new_tokens):
@@ -49,9 +49,11 @@ def format_bytes(cache):
             f"{8 * held / values:.3f} bits per value with scales, minima and the expert map)")
 
 
-def generate(model_dir: str, router: str, prompt_file: str, *, max_new_tokens: int = 64, tokenizer: str = "auto",
+def generate(model_dir: str, router: str | None, prompt_file: str, *, max_new_tokens: int = 64, tokenizer: str = "auto",
              device: str = "auto", model_dtype: str = "auto", value_group: int | None = None) -> MoQAECache:
-    """Prints the continuation of the prompt, the experts per chunk and the bytes held; returns the cache."""
+    """Prints the continuation of the prompt, the experts per chunk and the bytes held; returns the cache. Without
+    `router`, the export the model directory carries (`router_in`)."""
+    router = router or router_in(model_dir)
     export = read_export(router)
     check_model_dir(model_dir)
     try:
