@@ -23,7 +23,7 @@ NEWEST_TRANSFORMERS ?= checkpoints/newest-transformers
 test-newest-transformers: venv
 	$(PY) -m pip install -q --upgrade --target $(NEWEST_TRANSFORMERS) transformers
 	cd python && PYTHONPATH=../$(NEWEST_TRANSFORMERS) ../$(PY) -m pytest -q tests/test_cache.py tests/test_cache_generation.py \
-	  tests/test_packed_attention.py tests/test_capture.py -k "not pinned_transformers"
+	  tests/test_packed_attention.py tests/test_capture.py tests/test_sliding_window.py -k "not pinned_transformers"
 
 ## Install the system library the trainer links (OpenBLAS), if it is missing.
 setup:

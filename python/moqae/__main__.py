@@ -381,5 +381,10 @@ def run(args):
         print(f"wrote {plot_run(args.run_dir, args.out)}")
 
 
-if __name__ == "__main__":
+def console():
+    """The `moqae` command an installed package gives (python/pyproject.toml)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -1,4 +1,4 @@
-"""The project's version: one for both tools."""
+"""The package: one version for both tools, routers that travel with their model directory, and a wheel."""
 import os
 import re
 import subprocess
@@ -45,3 +45,29 @@ def test_a_router_travels_with_its_model_directory(tmp_path):
     generated = run_moqae("generate", "--model", model_dir, "--prompt-file", str(tmp_path / "prompt.txt"),
                           "--tokenizer", "bytes", "--max-new-tokens", "4", "--device", "cpu")
     assert generated.returncode == 0 and "KV cache:" in generated.stdout, generated.stderr
+
+
+def test_a_wheel_builds_and_its_moqae_command_runs(tmp_path):
+    """`pip wheel ./python` builds a wheel holding the kernel's source; installed (without dependencies: this venv
+    has them), its `moqae` console script prints the version and every subcommand."""
+    import shutil
+    import sys
+    import zipfile
+    python = tmp_path / "source"        # a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(os.path.join(ROOT, "python", "moqae"), python / "moqae", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "python", "pyproject.toml"), python)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(python), "--no-deps", "-q", "-w", str(tmp_path / "wheels")],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheels").iterdir()
+    assert wheel.name == f"moqae-{__version__}-py3-none-any.whl"
+    assert "moqae/serve/kernels/packed_attention.cpp" in zipfile.ZipFile(wheel).namelist()
+    target = tmp_path / "installed"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    env = dict(os.environ, PYTHONPATH=str(target))
+    version = subprocess.run([str(target / "bin" / "moqae"), "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout == f"{__version__}\n", version.stderr
+    usage = subprocess.run([str(target / "bin" / "moqae"), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert usage.returncode == 0 and all(command in usage.stdout for command in ("dump", "eval", "generate", "serve-benchmark"))
