@@ -12,12 +12,16 @@ public struct ModelDirectory: Equatable, Sendable {
     public let kvHeads: Int
     public let headDim: Int
 
-    public var routerPath: String { path.hasSuffix("/") ? path + Self.routerFileName : path + "/" + Self.routerFileName }
+    public var routerPath: String { Self.joined(path, Self.routerFileName) }
+
+    private static func joined(_ directory: String, _ name: String) -> String {
+        directory.hasSuffix("/") ? directory + name : directory + "/" + name
+    }
 
     /// Reads `path/config.json`.
     public init(path: String) throws(ModelDirectoryError) {
         self.path = path
-        let configPath = path.hasSuffix("/") ? path + "config.json" : path + "/config.json"
+        let configPath = Self.joined(path, "config.json")
         guard isDirectory(path) else { throw ModelDirectoryError(path: path, reason: "not a directory (expected a model directory)") }
         guard isRegularFile(configPath) else {
             throw ModelDirectoryError(path: configPath, reason: "missing (expected a Hugging Face model directory)")

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from ..experts import parse_expert
 from ..model import sliding_window_layers
 from ..serve.cache import MoQAECache
+from .serve_benchmark import cache_bytes
 
 WINDOW, PIECE = 1024, 1024
 
@@ -36,12 +37,6 @@ def plans(model, experts):
             f"MoQAECache {experts}, sliding layers fp16": lambda: MoQAECache.from_layer_plan(kept, model.config, model=model)}
 
 
-def held_bytes(cache):
-    if isinstance(cache, MoQAECache):
-        return cache.nbytes()
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-
 def prefill(model, ids, cache):
     """The prompt's forward in pieces of PIECE tokens, the cache filling as it goes."""
     with torch.no_grad():
@@ -57,7 +52,7 @@ def main(contexts, experts=("int4", "int2")):
     for context in contexts:
         ids = torch.randint(0, 256, (1, context), generator=torch.Generator().manual_seed(context))
         dynamic = prefill(model, ids, DynamicCache(config=model.config))
-        print(f"| {context:,} | DynamicCache (float32) | {held_bytes(dynamic):,} | 32.00 | - |", flush=True)
+        print(f"| {context:,} | DynamicCache (float32) | {cache_bytes(dynamic):,} | 32.00 | - |", flush=True)
         for name in experts:
             caches = {label: prefill(model, ids, factory()) for label, factory in plans(model, name).items()}
             base = next(iter(caches.values())).nbytes()
