@@ -5,17 +5,17 @@ CONFIG ?= configs/default.yaml
 STORE ?= stores/wt2-byte-llama
 VENV := python/.venv
 PY := $(VENV)/bin/python
-MOQAE := PYTHONPATH=python $(PY) -m moqae
+MOQAE := $(VENV)/bin/moqae
 RUN_DIR ?= checkpoints/default
 TRAIN_ARGS ?=
 
-.PHONY: test-triton test-newest-transformers passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
+.PHONY: install test-triton test-newest-transformers passkey-needle ablation ablation-passkey ablation-perplexity benchmark device-check serve-benchmark serve-passkey sensitivity-benchmark length-benchmark passkey passkey-store pareto-passkey setup venv build store train pareto test clean-run fuzz fuzz-build soak
 
 ## The Triton kernel of packed attention, run by Triton's interpreter on the CPU against a float64 brute
 ## force (installs python/requirements-triton.txt into the venv; the CPU install does not need it).
 test-triton: venv
 	$(PY) -m pip install -q -r python/requirements-triton.txt
-	TRITON_INTERPRET=1 PYTHONPATH=python $(PY) -m pytest -q python/tests/test_triton_attention.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q python/tests/test_triton_attention.py
 
 ## The serving tests against the newest transformers the package registry serves (the venv keeps the pinned
 ## TARGET one; the newest goes to NEWEST_TRANSFORMERS and comes first on the path): the optional CI step.
@@ -29,12 +29,21 @@ test-newest-transformers: venv
 setup:
 	@dpkg -s libopenblas-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libopenblas-dev pkg-config; }
 
-## A virtual environment with the pinned Python packages of python/requirements.txt.
+## A virtual environment with the pinned Python packages of python/requirements.txt and the moqae package
+## installed from python/ in development mode (`pip install -e`: the venv's `moqae` runs this checkout's code).
 venv: $(PY)
-$(PY): python/requirements.txt
+$(PY): python/requirements.txt python/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r python/requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e ./python
 	touch $(PY)
+
+## moqae-train on the PATH: PREFIX/bin (default ~/.local/bin, /usr/local/bin as root).
+PREFIX ?= $(if $(filter 0,$(shell id -u)),/usr/local,$(HOME)/.local)
+install: build
+	install -d $(PREFIX)/bin
+	install -m 755 $(BIN) $(PREFIX)/bin/moqae-train
+	@echo "installed $(PREFIX)/bin/moqae-train"
 
 build: setup
 	swift build -c release --product moqae-train

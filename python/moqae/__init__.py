@@ -8,3 +8,11 @@ __version__ = "0.1.0"   # the project's; `moqae-train --version` prints the same
 
 class MoqaeError(Exception):
     """A user-facing error: one line that names the file or option at fault and what was expected."""
+
+
+def __getattr__(name):
+    """`from moqae import MoQAECache`, imported on first use so that `moqae --version` loads no torch."""
+    if name == "MoQAECache":
+        from .serve.cache import MoQAECache
+        return MoQAECache
+    raise AttributeError(f"module 'moqae' has no attribute {name!r}")

@@ -225,23 +225,6 @@ def test_mismatched_and_damaged_exports_are_refused_with_one_line(tmp_path, pass
     assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "export is for 4 layers" in wrong.stderr
 
 
-def test_the_readmes_serving_example_runs(tmp_path):
-    """The README's Python examples (one prompt, then a padded batch), with a random router for the pass-key model
-    in place of the trained one."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    serving = re.search(r"## Serving(.*?)\n## ", readme, flags=re.DOTALL).group(1)
-    example = "".join(re.findall(r"```python\n(.*?)```", serving, flags=re.DOTALL))
-    router, prompt = tmp_path / "router.bin", tmp_path / "prompt.txt"
-    write_export(str(router), random_export(4, 2, 64, scale=0.5))
-    prompt.write_text("The pass key is 52817. Remember it. " * 3 + "What is the pass key? The pass key is")
-    assert "checkpoints/passkey/router.bin" in example and '"prompt.txt"' in example
-    example = example.replace("checkpoints/passkey/router.bin", str(router)).replace('"prompt.txt"', f'"{prompt}"')
-    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"KV cache: [\d,]+ bytes, [\d,]+ at 16 bits", result.stdout)
-    assert re.search(r"\[b'.*', b'.*'\] [\d,]+ bytes", result.stdout)       # the batch's two continuations
-
-
 def test_a_fifo_prompt_corpus_or_task_is_refused_without_blocking(tmp_path, tiny_llama):
     fifo = tmp_path / "input.txt"
     os.mkfifo(fifo)

@@ -1,7 +1,9 @@
 """The package: one version for both tools, routers that travel with their model directory, and a wheel."""
 import os
 import re
+import shutil
 import subprocess
+import sys
 
 from conftest import ROOT, run_moqae
 from moqae import __version__
@@ -47,11 +49,32 @@ def test_a_router_travels_with_its_model_directory(tmp_path):
     assert generated.returncode == 0 and "KV cache:" in generated.stdout, generated.stderr
 
 
+def run_the_readmes_serving_example(tmp_path, env=None):
+    """The README's Python examples (one prompt, then a padded batch) as written, in a directory holding `my-model` (the
+    pass-key model with a random router exported into it, for the trained one) and `prompt.txt`."""
+    from conftest import PASSKEY_MODEL
+    from moqae.router import random_export, write_export
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    serving = re.search(r"## Serving(.*?)\n## ", readme, flags=re.DOTALL).group(1)
+    example = "".join(re.findall(r"```python\n(.*?)```", serving, flags=re.DOTALL))
+    assert example.startswith("import torch\n") and "from moqae import MoQAECache\n" in example and "sys.path" not in example
+    shutil.copytree(PASSKEY_MODEL, tmp_path / "my-model")
+    write_export(str(tmp_path / "my-model" / "moqae-router.bin"), random_export(4, 2, 64, scale=0.5))
+    (tmp_path / "prompt.txt").write_text("The pass key is 52817. Remember it. " * 3 + "What is the pass key? The pass key is")
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"KV cache: [\d,]+ bytes, [\d,]+ at 16 bits", result.stdout)
+    assert re.search(r"\[b'.*', b'.*'\] [\d,]+ bytes", result.stdout)       # the batch's two continuations
+
+
+def test_the_readmes_serving_example_runs(tmp_path):
+    run_the_readmes_serving_example(tmp_path)
+
+
 def test_a_wheel_builds_and_its_moqae_command_runs(tmp_path):
     """`pip wheel ./python` builds a wheel holding the kernel's source; installed (without dependencies: this venv
-    has them), its `moqae` console script prints the version and every subcommand."""
-    import shutil
-    import sys
+    has them), its `moqae` console script prints the version and every subcommand, and the README's serving example
+    runs on it."""
     import zipfile
     python = tmp_path / "source"        # a copy: setuptools writes build/ and *.egg-info beside the sources
     shutil.copytree(os.path.join(ROOT, "python", "moqae"), python / "moqae", ignore=shutil.ignore_patterns("__pycache__"))
@@ -71,3 +94,7 @@ def test_a_wheel_builds_and_its_moqae_command_runs(tmp_path):
     assert version.returncode == 0 and version.stdout == f"{__version__}\n", version.stderr
     usage = subprocess.run([str(target / "bin" / "moqae"), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert usage.returncode == 0 and all(command in usage.stdout for command in ("dump", "eval", "generate", "serve-benchmark"))
+    where = subprocess.run([sys.executable, "-c", "import moqae; print(moqae.__file__)"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path)
+    assert where.stdout.startswith(str(target)), where.stdout     # the wheel's moqae, not the checkout's
+    run_the_readmes_serving_example(tmp_path / "example", env=dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path / "kernels")))

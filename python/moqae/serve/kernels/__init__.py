@@ -1,12 +1,13 @@
 """C++ kernels of the serving cache, built with torch's extension loader at first use (ninja from the
-interpreter's environment, the system's g++) into `TORCH_EXTENSIONS_DIR` or the repository's
-`.build-kernels/`."""
+interpreter's environment, the system's g++) into `TORCH_EXTENSIONS_DIR`, the checkout's `.build-kernels/`
+when the package runs from one, or else torch's default (~/.cache/torch_extensions)."""
 import os
 import sys
 
 from ... import MoqaeError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.normpath(os.path.join(HERE, "..", "..", "..", ".."))   # python/moqae/serve/kernels → the repository
 _loaded = {}
 
 
@@ -16,9 +17,11 @@ def packed_attention(portable=False):
     name = "packed_attention_portable" if portable else "packed_attention"
     if name not in _loaded:
         from torch.utils import cpp_extension
-        build = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(HERE, "..", "..", "..", "..", ".build-kernels")
-        build = os.path.join(os.path.abspath(build), name)
-        os.makedirs(build, exist_ok=True)
+        build = os.environ.get("TORCH_EXTENSIONS_DIR") or (
+            os.path.join(CHECKOUT, ".build-kernels") if os.path.isfile(os.path.join(CHECKOUT, "Package.swift")) else None)
+        if build is not None:   # None: torch's default directory
+            build = os.path.join(os.path.abspath(build), name)
+            os.makedirs(build, exist_ok=True)
         os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")   # the venv's ninja
         try:
             _loaded[name] = cpp_extension.load(
