@@ -1,7 +1,6 @@
 """MoQAECache against the evaluator's fake quantization (prefill, bit for bit), against the quantizer
 chunk by chunk through decoding, against DynamicCache at 16 bits, and its bytes against the formula."""
 import os
-import re
 import subprocess
 import sys
 

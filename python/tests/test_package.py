@@ -22,7 +22,6 @@ def test_moqae_and_moqae_train_print_the_same_version(moqae_train):
 def test_a_router_travels_with_its_model_directory(tmp_path):
     """`moqae-train export --into DIR` writes DIR/moqae-router.bin; `MoQAECache.from_pretrained` and `moqae generate`
     without --router find it; a directory without one is refused in one line."""
-    import shutil
     import torch
     from conftest import PASSKEY_MODEL
     from moqae import MoqaeError
