@@ -20,7 +20,9 @@ extension RoutedStore {
         for sequence in batch {
             let tape = Tape()
             let routers = (0..<layout.routers).map { RouterVariables(tape: tape, parameters: parameters, router: $0) }
-            let inputs = leaderInputs(of: sequence).map { tape.constant($0, rows: layout.rowsPerRouter, cols: layout.inputDim) }
+            let inputs = leaderInputs(of: sequence).enumerated().map { router, rows in
+                tape.constant(rows, rows: layout.rows(of: router), cols: layout.inputDim)
+            }
             let result = sequenceLoss(tape: tape, layout: layout, routers: routers, inputs: inputs, nll: store.nll(of: sequence),
                                       sensitivity: sensitivity(of: sequence), experts: experts, loss: loss)
             tape.backward(from: result.loss, seed: Float(scale))
@@ -41,18 +43,17 @@ extension RoutedStore {
         return (gradient, figures, decisions)
     }
 
-    /// Per router, `(layout.rowsPerRouter, D)` as Float32: the routed tokens of every head of its
+    /// Per router, `(layout.rows(of: router), D)` as Float32: the routed tokens of every head of its
     /// leader layer, read whole, head-major.
     public func leaderInputs(of sequence: CalibrationStore.Sequence) -> [[Float]] {
-        let rowsPerHead = layout.routedTokens.count
         let D = layout.inputDim
         return (0..<layout.routers).map { router in
-            let leader = layout.leaderLayer(of: router)
-            var rows = [Float](repeating: 0, count: layout.rowsPerRouter * D)
+            let (leader, tokens) = (layout.leaderLayer(of: router), layout.routedTokens(of: router))
+            var rows = [Float](repeating: 0, count: layout.rows(of: router) * D)
             rows.withUnsafeMutableBufferPointer { buffer in
                 guard let start = buffer.baseAddress else { return }
                 for head in 0..<layout.heads {
-                    store.readInputs(sequence, layer: leader, head: head, tokens: layout.routedTokens, into: start + head * rowsPerHead * D)
+                    store.readInputs(sequence, layer: leader, head: head, tokens: tokens, into: start + head * tokens.count * D)
                 }
             }
             store.releaseInputs(sequence, layer: leader)

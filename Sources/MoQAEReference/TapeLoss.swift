@@ -27,7 +27,7 @@ public struct SequenceLoss {
 ///
 /// Both give `λ L_model + (1 − λ) L_mem`.
 ///
-/// - Parameter inputs: per router, its leader layer's routed rows `(layout.rowsPerRouter, D)`.
+/// - Parameter inputs: per router, its leader layer's routed rows `(layout.rows(of: router), D)`.
 public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVariables], inputs: [Variable],
                          nll: Float, sensitivity: SensitivityTable, experts: [Expert], loss settings: LossSettings) -> SequenceLoss {
     let U = Double(layout.unitsPerSequence)
@@ -48,7 +48,7 @@ public func sequenceLoss(tape: Tape, layout: RoutingLayout, routers: [RouterVari
             memoryTerms.append(tape.weightedSum(chosen, weights: routerDecisions.map { Float(UnitLossWeight.memory(expert: experts[$0], units: U)) }))
         case .expected:
             modelTerms.append(tape.weightedSum(unitProbabilities, weights: sensitivity.unitDeltas(router: router, layout: layout)))
-            memoryTerms.append(tape.weightedSum(unitProbabilities, weights: (0..<layout.unitsPerRouter).flatMap { _ in
+            memoryTerms.append(tape.weightedSum(unitProbabilities, weights: (0..<layout.units(of: router)).flatMap { _ in
                 experts.map { Float(UnitLossWeight.memory(expert: $0, units: U)) }
             }))
         }

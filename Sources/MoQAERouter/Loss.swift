@@ -32,8 +32,8 @@ public struct SensitivityTable: Sendable {
 
     /// `(units, M)` row-major: `D_u[j]` of every unit of `router`, in the layout's unit order.
     public func unitDeltas(router: Int, layout: RoutingLayout) -> [Float] {
-        (0..<layout.unitsPerRouter).flatMap { unit in
-            let (head, chunk) = layout.headAndChunk(ofUnit: unit)
+        (0..<layout.units(of: router)).flatMap { unit in
+            let (head, chunk) = layout.headAndChunk(ofUnit: unit, router: router)
             return columns.indices.map { unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: $0) }
         }
     }
@@ -80,7 +80,7 @@ public func estimatedNLL(nll: Float, decisions: [[Int]], layout: RoutingLayout, 
     var total = Double(nll)
     for (router, routerDecisions) in decisions.enumerated() {
         for (unit, expert) in routerDecisions.enumerated() {
-            let (head, chunk) = layout.headAndChunk(ofUnit: unit)
+            let (head, chunk) = layout.headAndChunk(ofUnit: unit, router: router)
             for layer in layout.layers(of: router) {
                 total += Double(sensitivity.delta(layer: layer, head: head, chunk: chunk, expert: expert))
             }

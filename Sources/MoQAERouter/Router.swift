@@ -26,9 +26,11 @@ public enum ChunkPooling: String, CaseIterable, Sendable {
 }
 
 /// Which layers and chunks are routed: R = ceil(L / G) routers, router r reads its leader layer r·G
-/// and decides for layers r·G ..< min(L, (r+1)·G); chunks `firstRoutedChunk ..< C` of every head are
-/// routed (chunk 0 is frozen when route freezing is on; tail tokens after the last chunk never are);
-/// each routed chunk decides by `pooling`.
+/// and decides for layers r·G ..< min(L, (r+1)·G); chunks `firstRoutedChunk(of: r) ..< C` of every head
+/// are routed: from chunk 1 when route freezing is on (chunk 0 stays at 16 bits), and never before the
+/// first chunk the group's caches hold (`firstHeldChunks`: a sliding layer's older chunks are not in its
+/// cache; docs/FORMATS.md, Sliding-window layers); tail tokens after the last chunk never are. Each routed
+/// chunk decides by `pooling`.
 public struct RoutingLayout: Equatable, Sendable {
     public let layers: Int
     public let heads: Int
@@ -36,19 +38,25 @@ public struct RoutingLayout: Equatable, Sendable {
     public let inputDim: Int
     public let chunkSize: Int
     public let groupSize: Int
-    public let firstRoutedChunk: Int
+    /// Chunks left at 16 bits at the front of every layer: 1 when chunk 0 is frozen.
+    public let frozenChunks: Int
+    /// Per layer, the first chunk its cache holds at the sequence's end (0 but in a sliding layer); a
+    /// router's chunks are its leader's (`RoutedStore` refuses groups whose layers differ).
+    public let firstHeldChunks: [Int]
     public let pooling: ChunkPooling
 
     public init(layers: Int, heads: Int, tokens: Int, inputDim: Int, chunkSize: Int, groupSize: Int, freezeFirstChunk: Bool,
-                pooling: ChunkPooling = .vote) {
+                pooling: ChunkPooling = .vote, firstHeldChunks: [Int]? = nil) {
         self.layers = layers
         self.heads = heads
         self.tokens = tokens
         self.inputDim = inputDim
         self.chunkSize = chunkSize
         self.groupSize = groupSize
-        self.firstRoutedChunk = freezeFirstChunk ? 1 : 0
+        self.frozenChunks = freezeFirstChunk ? 1 : 0
+        self.firstHeldChunks = firstHeldChunks ?? Array(repeating: 0, count: layers)
         self.pooling = pooling
+        precondition(self.firstHeldChunks.count == layers, "\(self.firstHeldChunks.count) first held chunks for \(layers) layers")
     }
 
     /// C = floor(T / N).
@@ -57,19 +65,26 @@ public struct RoutingLayout: Equatable, Sendable {
     public var routers: Int { (layers + groupSize - 1) / groupSize }
     public func leaderLayer(of router: Int) -> Int { router * groupSize }
     public func layers(of router: Int) -> Range<Int> { (router * groupSize)..<min(layers, (router + 1) * groupSize) }
-    public var routedChunksPerHead: Int { max(0, chunks - firstRoutedChunk) }
+    public func firstRoutedChunk(ofLayer layer: Int) -> Int { max(frozenChunks, firstHeldChunks[layer]) }
+    public func firstRoutedChunk(of router: Int) -> Int { firstRoutedChunk(ofLayer: leaderLayer(of: router)) }
+    public func routedChunksPerHead(of router: Int) -> Int { max(0, chunks - firstRoutedChunk(of: router)) }
     /// Units of one router in one sequence, ordered head-major then chunk.
-    public var unitsPerRouter: Int { heads * routedChunksPerHead }
+    public func units(of router: Int) -> Int { heads * routedChunksPerHead(of: router) }
     /// U: routed units of one sequence.
-    public var unitsPerSequence: Int { routers * unitsPerRouter }
-    /// Tokens of each head that are routed.
-    public var routedTokens: Range<Int> { (firstRoutedChunk * chunkSize)..<(chunks * chunkSize) }
+    public var unitsPerSequence: Int { (0..<routers).reduce(0) { $0 + units(of: $1) } }
+    /// Routed (layer, head, chunk) units of one sequence: each router's units in every layer of its group.
+    public var layerUnitsPerSequence: Int { (0..<routers).reduce(0) { $0 + layers(of: $1).count * units(of: $1) } }
+    /// Tokens of each head of the router's layers that are routed.
+    public func routedTokens(of router: Int) -> Range<Int> { (firstRoutedChunk(of: router) * chunkSize)..<(chunks * chunkSize) }
     /// Rows of one router's input matrix for one sequence: every routed token of every head.
-    public var rowsPerRouter: Int { unitsPerRouter * chunkSize }
+    public func rows(of router: Int) -> Int { units(of: router) * chunkSize }
+    /// Tokens of one head that the caches of all layers hold together at the sequence's end.
+    public var heldTokens: Int { firstHeldChunks.reduce(0) { $0 + tokens - $1 * chunkSize } }
 
     /// (head, chunk) of unit `u` of a router.
-    public func headAndChunk(ofUnit u: Int) -> (head: Int, chunk: Int) {
-        (u / routedChunksPerHead, firstRoutedChunk + u % routedChunksPerHead)
+    public func headAndChunk(ofUnit u: Int, router: Int) -> (head: Int, chunk: Int) {
+        let perHead = routedChunksPerHead(of: router)
+        return (u / perHead, firstRoutedChunk(of: router) + u % perHead)
     }
 }
 

@@ -81,11 +81,12 @@ public final class StreamingPass {
     public init(layout: RoutingLayout, experts: [Expert], hiddenWidth: Int? = nil, blockChunks: Int) {
         self.layout = layout
         self.experts = experts
-        let blockChunks = max(1, min(blockChunks, layout.routedChunksPerHead))
+        let longest = (0..<layout.routers).map(layout.routedChunksPerHead(of:)).max() ?? 0
+        let blockChunks = max(1, min(blockChunks, longest))
         self.blockChunks = blockChunks
         blocks = (0..<layout.routers).flatMap { router in
             (0..<layout.heads).flatMap { head in
-                stride(from: layout.firstRoutedChunk, to: layout.chunks, by: blockChunks).map { first in
+                stride(from: layout.firstRoutedChunk(of: router), to: layout.chunks, by: blockChunks).map { first in
                     let chunks = min(blockChunks, layout.chunks - first)
                     return Block(router: router, head: head, firstChunk: first, chunks: chunks,
                                  tokens: (first * layout.chunkSize)..<((first + chunks) * layout.chunkSize))
@@ -110,7 +111,7 @@ public final class StreamingPass {
         upstream = [Float](repeating: 0, count: M)
         chunkLogits = [Float](repeating: 0, count: M * N)
         maxTokens = [Int](repeating: 0, count: M)
-        decisions = Array(repeating: Array(repeating: 0, count: layout.unitsPerRouter), count: R)
+        decisions = (0..<R).map { Array(repeating: 0, count: layout.units(of: $0)) }
     }
 
     /// Starts a sequence with the current weights; `sensitivity` is the sequence's `delta_nll`.
@@ -159,12 +160,12 @@ public final class StreamingPass {
     }
 
     public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer?) {
-        precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk && firstChunk + chunks <= layout.chunks)
+        precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk(of: router) && firstChunk + chunks <= layout.chunks)
         precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
         precondition(!backward || bitsPrice == 0, "a bits price only decides; training has none")
         let (D, M, N, H, stride) = (self.D, self.M, self.N, self.H, self.rows)
         let rows = chunks * N
-        let firstUnit = head * layout.routedChunksPerHead + firstChunk - layout.firstRoutedChunk
+        let firstUnit = head * layout.routedChunksPerHead(of: router) + firstChunk - layout.firstRoutedChunk(of: router)
         block.withUnsafeBufferPointer { x in
         preactivations.withUnsafeMutableBufferPointer { ab in
         sigmoids.withUnsafeMutableBufferPointer { s in

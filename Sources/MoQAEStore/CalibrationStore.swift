@@ -224,13 +224,18 @@ public final class CalibrationStore: @unchecked Sendable {
         let unquantized = Set(manifest.experts.indices.filter { manifest.experts[$0].isUnquantized })
         for (index, value) in delta.enumerated() {
             let layer = index / (H * C * M), chunk = index / M % C, expert = index % M
-            // A unit's delta is 0 at the expert it was measured around: fp16, or its background expert.
-            let isZeroPoint = manifest.background.map { chunk >= $0.frozenChunks ? expert == $0.experts[layer] : unquantized.contains(expert) }
-                ?? unquantized.contains(expert)
+            // A unit's delta is 0 at the expert it was measured around (fp16, or its background expert), and at
+            // every expert where the layer's cache does not hold the chunk (version 3).
+            let isHeld = chunk >= manifest.firstHeldChunks[layer]
+            let isZeroPoint = !isHeld || (manifest.background.map {
+                chunk >= $0.frozenChunks ? expert == $0.experts[layer] : unquantized.contains(expert)
+            } ?? unquantized.contains(expert))
             guard !value.isFinite || (isZeroPoint && value != 0) else { continue }
             let position = "[\(layer), \(index / (C * M) % H), \(chunk), \(expert)]"
             throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).delta_nll",
                           reason: !value.isFinite ? "value \(value) at \(position) is not finite"
+                              : !isHeld ? "the value at \(position) is \(value), expected 0: layer \(layer)'s cache holds chunks "
+                                  + "from \(manifest.firstHeldChunks[layer]) only"
                               : manifest.background == nil ? "the 16/16 expert's value at \(position) is \(value), expected 0"
                               : "the background expert's value at \(position) is \(value), expected 0")
         }

@@ -84,10 +84,11 @@ public struct Background: Equatable, Sendable {
 }
 
 /// `manifest.json` of a `moqae-calibration` store: version 1 measures `delta_nll` against fp16, version 2
-/// around a background plan.
+/// around a background plan; version 3 adds the chunks a sliding layer's cache holds (with or without a
+/// background).
 public struct Manifest: Equatable, Sendable {
     public static let format = "moqae-calibration"
-    public static let versions = [1, 2]
+    public static let versions = [1, 2, 3]
     public static let sensitivities = ["taylor", "fisher", "exact", "taylor+exact-answers"]
 
     public var model: ModelShape
@@ -103,13 +104,16 @@ public struct Manifest: Equatable, Sendable {
     public var seqLen: Int
     public var numSequences: Int
     public var sequences: [ManifestSequence]
-    /// Version 2: the plan `delta_nll` is measured around; nil: fp16 (version 1).
+    /// Versions 2 and 3: the plan `delta_nll` is measured around; nil: fp16.
     public var background: Background?
+    /// Per layer, the first chunk its cache holds at the window's end (docs/FORMATS.md, Sliding-window layers):
+    /// 0 for a global layer; written (version 3) only when some layer holds fewer than every chunk.
+    public var firstHeldChunks: [Int]
 
     public init(model: ModelShape, routerInput: RouterInput = .key, chunkSize: Int, valueGroup: Int, experts: [Expert],
                 sensitivity: String, selectionSeed: UInt64, selectionFraction: Double, corpusSource: String,
                 tokenizer: String, seqLen: Int, numSequences: Int, sequences: [ManifestSequence],
-                background: Background? = nil) {
+                background: Background? = nil, firstHeldChunks: [Int]? = nil) {
         self.model = model
         self.routerInput = routerInput
         self.chunkSize = chunkSize
@@ -124,7 +128,11 @@ public struct Manifest: Equatable, Sendable {
         self.numSequences = numSequences
         self.sequences = sequences
         self.background = background
+        self.firstHeldChunks = firstHeldChunks ?? Array(repeating: 0, count: model.numLayers)
     }
+
+    /// Whether some layer's cache holds only its last chunks (version 3).
+    public var holdsPartialLayers: Bool { firstHeldChunks.contains { $0 > 0 } }
 
     /// Width of one router input vector: the last dimension of every `seq.ID.inputs`.
     public var inputWidth: Int { routerInput.width(headDim: model.headDim) }
@@ -135,7 +143,7 @@ public struct Manifest: Equatable, Sendable {
     public var json: JSON {
         .object([
             ("format", .string(Manifest.format)),
-            ("version", .int(background == nil ? 1 : 2)),
+            ("version", .int(holdsPartialLayers ? 3 : background == nil ? 1 : 2)),
             ("model", .object([
                 ("name", .string(model.name)), ("num_layers", .int(model.numLayers)),
                 ("num_kv_heads", .int(model.numKVHeads)), ("head_dim", .int(model.headDim)),
@@ -152,7 +160,7 @@ public struct Manifest: Equatable, Sendable {
                 ("experts", .array(background.experts.map { .string(experts[$0].name) })),
                 ("frozen_chunks", .int(background.frozenChunks)),
             ]))]
-        } ?? []) + [
+        } ?? []) + (holdsPartialLayers ? [("first_held_chunks", JSON.array(firstHeldChunks.map { .int($0) }))] : []) + [
             ("selection", .object([("seed", .int(selectionSeed)), ("fraction", .double(selectionFraction))])),
             ("corpus", .object([
                 ("source", .string(corpusSource)), ("tokenizer", .string(tokenizer)),
@@ -184,6 +192,8 @@ public struct ManifestError: Error, CustomStringConvertible, Equatable {
         case unsupportedVersion(Int)
         /// `background.experts` is not one store expert name per layer.
         case invalidBackground(layers: Int)
+        /// `first_held_chunks` is not one chunk index in 0...C per layer, with one above 0.
+        case invalidFirstHeldChunks(layers: Int, chunks: Int)
         case unknownRouterInput(String)
         case valueGroupNotADivisor(valueGroup: Int, headDim: Int)
         /// `experts` is absent, empty, or longer than 255.
@@ -218,6 +228,8 @@ public struct ManifestError: Error, CustomStringConvertible, Equatable {
             case .unknownFormat: "expected \"\(Manifest.format)\""
             case .unsupportedVersion: "expected one of \(Manifest.versions)"
             case let .invalidBackground(layers): "expected \(layers) names of the store's experts, one per layer"
+            case let .invalidFirstHeldChunks(layers, chunks):
+                "expected \(layers) integers in 0...\(chunks), one per layer, at least one above 0 (version 3)"
             case let .unknownRouterInput(name): "expected one of \(RouterInput.allCases.map(\.rawValue)), got \"\(name)\""
             case let .valueGroupNotADivisor(valueGroup, headDim): "must divide head_dim \(headDim), got \(valueGroup)"
             case .invalidExpertList: "expected a list of 1 to 255 experts"
@@ -310,7 +322,7 @@ extension Manifest {
         let seqLen = try reader.int("corpus.seq_len", min: 1, max: Int(Int32.max))
         let numSequences = try reader.int("corpus.num_sequences", min: 0, max: Int.max)
         var background: Background?
-        if versionNumber == 2 {
+        if versionNumber == 2 || (versionNumber == 3 && root["background"] != nil) {
             let names = root["background"]?["experts"]?.arrayValue?.compactMap(\.stringValue) ?? []
             let indices = names.compactMap { name in experts.firstIndex { $0.name == name } }
             guard indices.count == model.numLayers, names.count == model.numLayers else {
@@ -318,6 +330,16 @@ extension Manifest {
             }
             background = Background(experts: indices, frozenChunks: try reader.int(
                 "background.frozen_chunks", min: 0, max: seqLen / chunkSize))
+        }
+        var firstHeldChunks: [Int]?
+        if versionNumber == 3 {
+            let items = root["first_held_chunks"]?.arrayValue ?? []
+            let chunks = items.compactMap(\.intValue).filter { (0...(seqLen / chunkSize)).contains($0) }
+            guard items.count == model.numLayers, chunks.count == model.numLayers, chunks.contains(where: { $0 > 0 }) else {
+                throw ManifestError(key: "first_held_chunks",
+                                    reason: .invalidFirstHeldChunks(layers: model.numLayers, chunks: seqLen / chunkSize))
+            }
+            firstHeldChunks = chunks
         }
 
         guard let sequenceItems = root["sequences"]?.arrayValue, !sequenceItems.isEmpty else {
@@ -352,7 +374,8 @@ extension Manifest {
             model: model, routerInput: routerInput, chunkSize: chunkSize, valueGroup: valueGroup, experts: experts,
             sensitivity: sensitivity, selectionSeed: seed, selectionFraction: fraction,
             corpusSource: try reader.string("corpus.source"), tokenizer: try reader.string("corpus.tokenizer"),
-            seqLen: seqLen, numSequences: numSequences, sequences: sequences, background: background)
+            seqLen: seqLen, numSequences: numSequences, sequences: sequences, background: background,
+            firstHeldChunks: firstHeldChunks)
     }
 
     private static func isPlainShardName(_ name: String) -> Bool {

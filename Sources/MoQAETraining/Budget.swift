@@ -39,8 +39,10 @@ public struct BitsBudget: Equatable, Sendable {
             }
             var tally = BitsTally(experts: M)
             for sequence in unitDeltas {
-                tally.add(decisions: sequence.map { deltas in
-                    (0..<layout.unitsPerRouter).map { unit in (0..<M).min { cost(deltas, unit: unit, expert: $0) < cost(deltas, unit: unit, expert: $1) }! }
+                tally.add(decisions: sequence.enumerated().map { router, deltas in
+                    (0..<layout.units(of: router)).map { unit in
+                        (0..<M).min { cost(deltas, unit: unit, expert: $0) < cost(deltas, unit: unit, expert: $1) } ?? 0
+                    }
                 }, layout: layout)
             }
             return tally.memory(setup: setup, sequences: unitDeltas.count).payloadBits
@@ -58,7 +60,7 @@ public struct BitsBudget: Equatable, Sendable {
     public static func reachableBits(setup: RouterSetup) -> ClosedRange<Double> {
         func allAt(_ expert: Int) -> Double {
             var tally = BitsTally(experts: setup.experts.count)
-            tally.layerUnits[expert] = setup.layout.layers * setup.layout.unitsPerRouter
+            tally.layerUnits[expert] = setup.layout.layerUnitsPerSequence
             return tally.memory(setup: setup, sequences: 1).payloadBits
         }
         let bits = setup.experts.indices.map(allAt)

@@ -35,6 +35,8 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
         case invalidRoutingField(key: String, max: Int)
         case invalidRoutingExpert
         case unknownPooling
+        /// `routing.first_held_chunks` is not one chunk index in 0...C per layer.
+        case invalidFirstHeldChunks(layers: Int)
         case unknownRouterInput
         /// `routing.input_dim` is not the width `router_input` has at `head_dim`.
         case inputWidthMismatch(inputDim: Int, routerInput: RouterInput, headDim: Int)
@@ -63,6 +65,7 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
             case let .invalidRoutingField(key, max): "metadata routing.\(key) is not an integer in 1...\(max)"
             case .invalidRoutingExpert: "metadata routing.experts holds an invalid expert"
             case .unknownPooling: "metadata routing.pooling is not a known pooling"
+            case let .invalidFirstHeldChunks(layers): "metadata routing.first_held_chunks is not \(layers) chunk indices, one per layer"
             case .unknownRouterInput: "metadata routing.router_input is not a known router input"
             case let .inputWidthMismatch(inputDim, routerInput, headDim):
                 "metadata routing.input_dim \(inputDim) is not the width of router_input \(routerInput.rawValue) at head_dim \(headDim)"
@@ -123,15 +126,16 @@ public struct Checkpoint: Equatable {
 
     private var metadataEntries: [(String, String)] {
         let layout = setup.layout
-        // The paper's vote pooling and hidden width M are implied by an absent "pooling" and
-        // "hidden_width", so its checkpoints stay as before.
+        // The paper's vote pooling, hidden width M and caches that hold every chunk are implied by an absent
+        // "pooling", "hidden_width" and "first_held_chunks", so their checkpoints stay as before.
         let routing = JSON.object([
             ("layers", .int(layout.layers)), ("heads", .int(layout.heads)), ("tokens", .int(layout.tokens)),
             ("input_dim", .int(layout.inputDim)), ("chunk_size", .int(layout.chunkSize)), ("group_size", .int(layout.groupSize)),
-            ("freeze_first_chunk", .bool(layout.firstRoutedChunk == 1)), ("value_group", .int(setup.valueGroup)),
+            ("freeze_first_chunk", .bool(layout.frozenChunks == 1)), ("value_group", .int(setup.valueGroup)),
             ("head_dim", .int(setup.headDim)), ("router_input", .string(setup.routerInput.rawValue)),
             ("experts", .array(setup.experts.map { .object([("name", .string($0.name)), ("key_bits", .int($0.keyBits)), ("value_bits", .int($0.valueBits))]) })),
         ] + (layout.pooling == .vote ? [] : [("pooling", .string(layout.pooling.rawValue))])
+          + (layout.firstHeldChunks.allSatisfy { $0 == 0 } ? [] : [("first_held_chunks", .array(layout.firstHeldChunks.map(JSON.int)))])
           + (setup.hiddenWidth == setup.experts.count ? [] : [("hidden_width", .int(setup.hiddenWidth))]))
         let state = epochRandom.state
         return [
@@ -259,9 +263,16 @@ public struct Checkpoint: Equatable {
             guard let kind = name.stringValue.flatMap(ChunkPooling.init(rawValue:)) else { throw fail(.unknownPooling) }
             pooling = kind
         }
-        let layout = RoutingLayout(layers: try int("layers"), heads: try int("heads"), tokens: try int("tokens", max: Int(Int32.max)),
-                                   inputDim: try int("input_dim"), chunkSize: try int("chunk_size"), groupSize: try int("group_size"),
-                                   freezeFirstChunk: freeze, pooling: pooling)
+        let (layers, tokens, chunkSize) = (try int("layers"), try int("tokens", max: Int(Int32.max)), try int("chunk_size"))
+        var firstHeldChunks: [Int]?
+        if let items = json["first_held_chunks"] {
+            let chunks = items.arrayValue?.compactMap(\.intValue).filter { (0...(tokens / chunkSize)).contains($0) } ?? []
+            guard chunks.count == layers, items.arrayValue?.count == layers else { throw fail(.invalidFirstHeldChunks(layers: layers)) }
+            firstHeldChunks = chunks
+        }
+        let layout = RoutingLayout(layers: layers, heads: try int("heads"), tokens: tokens,
+                                   inputDim: try int("input_dim"), chunkSize: chunkSize, groupSize: try int("group_size"),
+                                   freezeFirstChunk: freeze, pooling: pooling, firstHeldChunks: firstHeldChunks)
         // Checkpoints written before router inputs other than the key have neither field: key, width D.
         var routerInput = RouterInput.key
         if let name = json["router_input"] {

@@ -59,6 +59,8 @@ public struct ConfigError: Error, CustomStringConvertible, Equatable {
         case fractionsExceedStore(requested: Double, available: Double, store: String)
         /// Route freezing leaves no chunk of the store's sequences to route.
         case nothingToRoute(tokens: Int, chunks: Int, chunkSize: Int)
+        /// A router's group holds layers whose caches hold different chunks (sliding and global layers).
+        case groupMixesHeldChunks(router: Int, layers: Range<Int>, firstHeldChunks: [Int], store: String)
         case noCalibrationSequences(store: String, sequences: Int)
         /// `eval`: the validation split of the store is empty.
         case noValidationSequences(store: String)
@@ -89,6 +91,10 @@ public struct ConfigError: Error, CustomStringConvertible, Equatable {
                 "calibration_fraction + validation_fraction = \(requested) exceeds the fraction \(available) the store \(store) holds"
             case let .nothingToRoute(tokens, chunks, chunkSize):
                 "the store's \(tokens)-token sequences have \(chunks) chunk(s) of \(chunkSize): nothing is left to route"
+            case let .groupMixesHeldChunks(router, layers, firstHeldChunks, store):
+                "router \(router) would serve layers \(layers.lowerBound)-\(layers.upperBound - 1), whose caches in the store \(store) hold "
+                    + "chunks from \(firstHeldChunks.map(String.init).joined(separator: ", ")) (sliding and global layers): "
+                    + "use a group_size whose groups hold alike layers (1 always does)"
             case let .noCalibrationSequences(store, sequences): "selects no sequence of the store \(store) (\(sequences) sequences)"
             case let .noValidationSequences(store): "selects no sequence of the store \(store) to evaluate on"
             case let .unreachableTargetBits(target, reachable, experts, freezeFirstChunk):

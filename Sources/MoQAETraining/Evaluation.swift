@@ -118,10 +118,10 @@ public struct ValidationReport: Equatable, Sendable {
 /// (layer, head, chunk) order.
 func layerUnitDeltas(_ sensitivity: SensitivityTable, layout: RoutingLayout, experts M: Int) -> [Double] {
     var deltas: [Double] = []
-    deltas.reserveCapacity(layout.layers * layout.heads * layout.routedChunksPerHead * M)
+    deltas.reserveCapacity(layout.layerUnitsPerSequence * M)
     for layer in 0..<layout.layers {
         for head in 0..<layout.heads {
-            for chunk in layout.firstRoutedChunk..<layout.chunks {
+            for chunk in layout.firstRoutedChunk(ofLayer: layer)..<layout.chunks {
                 for expert in 0..<M { deltas.append(Double(sensitivity.delta(layer: layer, head: head, chunk: chunk, expert: expert))) }
             }
         }
@@ -170,7 +170,7 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
             for expert in routerDecisions { decisionsPerRouter[router][expert] += 1 }
         }
         for expert in 0..<M {
-            let uniformDecisions = Array(repeating: Array(repeating: expert, count: layout.unitsPerRouter), count: layout.routers)
+            let uniformDecisions = (0..<layout.routers).map { Array(repeating: expert, count: layout.units(of: $0)) }
             uniformNLL[expert] += weight * estimatedNLL(nll: nll, decisions: uniformDecisions, layout: layout, sensitivity: sensitivity)
         }
         unitDeltas += layerUnitDeltas(sensitivity, layout: layout, experts: M)
@@ -178,7 +178,7 @@ public func validationReport(streamer: SequenceStreamer, parameters: RouterParam
 
     let sequences = data.validation.count
     let layerUnits = routerTally.layerUnits.reduce(0, +)
-    let unitsPerSequence = layout.layers * layout.heads * layout.routedChunksPerHead
+    let unitsPerSequence = layout.layerUnitsPerSequence
     func fractions(_ tally: BitsTally) -> [Double] { tally.layerUnits.map { Double($0) / Double(max(1, layerUnits)) } }
     func weightedMean(_ perSequence: [Double]) -> Double { zip(perSequence, tokenWeights).reduce(0) { $0 + $1.0 * $1.1 } / weights }
     /// Per-sequence `L_nll` and the tally of an allocation of every layer-unit, `choices(sequence, unit)`.

@@ -157,7 +157,7 @@ public struct RouterExport: Equatable {
         let layout = setup.layout
         self.init(weightType: weightType, expertBits: setup.experts.map { ($0.keyBits, $0.valueBits) }, layers: layout.layers,
                   heads: layout.heads, chunkSize: layout.chunkSize, groupSize: layout.groupSize,
-                  freezeFirstChunk: layout.firstRoutedChunk == 1, routerInput: setup.routerInput, pooling: layout.pooling,
+                  freezeFirstChunk: layout.frozenChunks == 1, routerInput: setup.routerInput, pooling: layout.pooling,
                   parameters: rounded)
     }
 

@@ -9,7 +9,8 @@ public struct MemoryFigures: Equatable, Sendable {
     public var fractionOfFP16: Double { bitsWithConstants / 16 }
 }
 
-/// Counts (layer, head, chunk) units per expert; everything not counted is stored at 16 bits. The
+/// Counts (layer, head, chunk) units per expert; everything else the caches hold is stored at 16 bits (a
+/// sliding layer's chunks before its first held one are not held, and not counted). The
 /// evaluator's `kv_memory_bits` (python/moqae/evaluate/scoring.py) must agree with `memory`; a test checks it.
 public struct BitsTally: Equatable, Sendable {
     public var layerUnits: [Int]
@@ -33,7 +34,7 @@ public struct BitsTally: Equatable, Sendable {
     public func memory(setup: RouterSetup, sequences: Int) -> MemoryFigures {
         let layout = setup.layout
         let unitElements = Double(2 * layout.chunkSize * setup.headDim)
-        let totalElements = Double(sequences) * Double(2 * layout.layers * layout.heads * layout.tokens * setup.headDim)
+        let totalElements = Double(sequences) * Double(2 * layout.heads * layout.heldTokens * setup.headDim)
         let routedUnits = Double(layerUnits.reduce(0, +))
         let unroutedBits = (totalElements - routedUnits * unitElements) * 16
         let payload = zip(layerUnits, setup.experts).reduce(0.0) { $0 + Double($1.0) * unitElements * $1.1.bitWidth }

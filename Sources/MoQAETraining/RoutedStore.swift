@@ -71,8 +71,17 @@ public final class RoutedStore: @unchecked Sendable {
         }
         let layout = RoutingLayout(layers: store.model.numLayers, heads: store.model.numKVHeads, tokens: manifest.seqLen,
                                    inputDim: store.inputWidth, chunkSize: config.chunkSize, groupSize: config.groupSize,
-                                   freezeFirstChunk: config.freezeFirstChunk, pooling: config.pooling)
-        guard layout.unitsPerRouter > 0 else {
+                                   freezeFirstChunk: config.freezeFirstChunk, pooling: config.pooling,
+                                   firstHeldChunks: manifest.firstHeldChunks)
+        if let router = (0..<layout.routers).first(where: { r in
+            layout.layers(of: r).contains { manifest.firstHeldChunks[$0] != manifest.firstHeldChunks[layout.leaderLayer(of: r)] }
+        }) {
+            let layers = layout.layers(of: router)
+            throw ConfigError(location: source, key: "router.group_size",
+                              reason: .groupMixesHeldChunks(router: router, layers: layers,
+                                                            firstHeldChunks: layers.map { manifest.firstHeldChunks[$0] }, store: store.path))
+        }
+        guard (0..<layout.routers).allSatisfy({ layout.units(of: $0) > 0 }) else {
             throw ConfigError(location: source, key: "router.freeze_first_chunk",
                               reason: .nothingToRoute(tokens: manifest.seqLen, chunks: layout.chunks, chunkSize: config.chunkSize))
         }

@@ -324,7 +324,7 @@ public final class Trainer {
             order = random.permutation(n)
         }
         let seconds = Date().timeIntervalSince(started)
-        let vectors = Double(sequences.count * data.layout.routers * data.layout.rowsPerRouter)
+        let vectors = Double(sequences.count * data.layout.unitsPerSequence * data.layout.chunkSize)
         let totalDecisions = Double(max(1, figures.decisionCounts.reduce(0, +)))
         let line = JSON.object([
             ("step", .int(state.step)), ("epoch", .int(epoch)),

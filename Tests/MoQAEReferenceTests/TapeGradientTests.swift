@@ -138,7 +138,7 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
         let layout = RoutingLayout(layers: 4, heads: 2, tokens: 40, inputDim: 4, chunkSize: 8, groupSize: 3, freezeFirstChunk: true,
                                    pooling: pooling)
         var s = Sampler(state: 11)
-        let inputs = (0..<layout.routers).map { _ in s.values(layout.rowsPerRouter * layout.inputDim, scale: 2) }
+        let inputs = (0..<layout.routers).map { s.values(layout.rows(of: $0) * layout.inputDim, scale: 2) }
         let delta = (0..<(layout.layers * layout.heads * layout.chunks * 3)).map { i in i % 3 == 0 ? Float(0) : 0.02 * Float(i % 3) * (1 + s.next()) }
         let sensitivity = SensitivityTable(values: delta, heads: layout.heads, chunks: layout.chunks, storeExperts: 3, columns: [0, 1, 2])
         let weights = (0..<layout.routers).flatMap { _ in
@@ -147,7 +147,7 @@ func checkGradients(inputs: [(rows: Int, cols: Int, values: [Float])], step: Flo
         var decisionsAtStart: [[Int]] = []
         checkGradients(inputs: weights.map { (rows: $0.0, cols: $0.1, values: $0.2) }, step: 2e-3) { tape, leaves in
             let routers = (0..<layout.routers).map { r in RouterVariables(w1: leaves[3 * r], w2: leaves[3 * r + 1], w3: leaves[3 * r + 2]) }
-            let x = inputs.map { tape.constant($0, rows: layout.rowsPerRouter, cols: layout.inputDim) }
+            let x = inputs.enumerated().map { tape.constant($1, rows: layout.rows(of: $0), cols: layout.inputDim) }
             let result = sequenceLoss(tape: tape, layout: layout, routers: routers, inputs: x, nll: 2.5,
                                       sensitivity: sensitivity, experts: Self.experts, loss: LossSettings(kind: kind, lambda: 0.7))
             if decisionsAtStart.isEmpty { decisionsAtStart = result.decisions }

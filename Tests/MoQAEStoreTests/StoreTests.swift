@@ -115,6 +115,38 @@ import Testing
         #expect(manifestError(directory) == ManifestError(key: "background.experts", reason: .invalidBackground(layers: 4)))
     }
 
+    /// A version 3 store says where each layer's cache starts (sliding layers): a chunk it does not hold has no
+    /// sensitivity at any expert, the manifest round-trips the list, and a damaged list is named.
+    @Test func heldChunkStoresHaveNoSensitivityBeforeTheFirstHeldChunk() throws {
+        let directory = makeTemporaryDirectory()
+        var sequences = try makeSmallStore(at: directory)   // 4 layers, 2 heads, 3 chunks, experts fp16, int4, int2
+        var manifest = try Manifest.parse(Array(try Data(contentsOf: URL(fileURLWithPath: directory + "/manifest.json"))))
+        manifest.firstHeldChunks = [2, 0, 2, 0]
+        let (M, C, H) = (3, 3, 2)
+        for s in sequences.indices {
+            for index in sequences[s].deltaNLL.indices where index / (H * C * M) % 2 == 0 && index / M % C < 2 {
+                sequences[s].deltaNLL[index] = 0
+            }
+        }
+        try StoreWriter.write(sequences, manifest: manifest, to: directory)
+        let store = try CalibrationStore(path: directory)
+        #expect(store.manifest.firstHeldChunks == [2, 0, 2, 0])
+        #expect(store.manifest.json.serialized.contains(#""version":3"#))
+        #expect(store.manifest.json.serialized.contains(#""first_held_chunks":[2,0,2,0]"#))
+
+        sequences[0].deltaNLL[(2 * H * C + 1 * C + 1) * M + 2] = 0.25   // layer 2, head 1, chunk 1: not held
+        try StoreWriter.write(sequences, manifest: manifest, to: directory)
+        let message = try #require(openError(directory))
+        #expect(message.contains("the value at [2, 1, 1, 2] is 0.25, expected 0: layer 2's cache holds chunks from 2 only"))
+
+        for damaged in [#"[2,0,2]"#, #"[2,0,4,0]"#, #"[0,0,0,0]"#, #"[2,0,"2",0]"#] {
+            try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: #"[2,0,2,0]"#, with: damaged) }
+            #expect(manifestError(directory) == ManifestError(key: "first_held_chunks", reason: .invalidFirstHeldChunks(layers: 4, chunks: 3)),
+                    "\(damaged)")
+            try rewriteManifest(directory) { $0 = $0.replacingOccurrences(of: damaged, with: #"[2,0,2,0]"#) }
+        }
+    }
+
     @Test func rejectsManifestInconsistencies() throws {
         let directory = makeTemporaryDirectory()
         _ = try makeSmallStore(at: directory)

@@ -44,8 +44,8 @@ import Testing
         var tally = BitsTally(experts: 3)
         for table in tables {
             tally.add(decisions: (0..<layout.routers).map { router in
-                (0..<layout.unitsPerRouter).map { unit in
-                    let (head, chunk) = layout.headAndChunk(ofUnit: unit)
+                (0..<layout.units(of: router)).map { unit in
+                    let (head, chunk) = layout.headAndChunk(ofUnit: unit, router: router)
                     return (0..<3).min { a, b in
                         func cost(_ j: Int) -> Double {
                             lambda * Double(table.unitDelta(layers: layout.layers(of: router), head: head, chunk: chunk, expert: j))

@@ -26,9 +26,9 @@ import Darwin
         parameters = RouterParameters.initialized(routers: 3, inputDim: 16, experts: 3, random: &random)
     }
 
-    static func routed(_ store: CalibrationStore, pooling: ChunkPooling, hidden: Int? = nil) -> RoutedStore {
+    static func routed(_ store: CalibrationStore, pooling: ChunkPooling, hidden: Int? = nil, firstHeldChunks: [Int]? = nil) -> RoutedStore {
         let layout = RoutingLayout(layers: 5, heads: 3, tokens: 320, inputDim: 16, chunkSize: 32, groupSize: 2, freezeFirstChunk: true,
-                                   pooling: pooling)
+                                   pooling: pooling, firstHeldChunks: firstHeldChunks)
         return RoutedStore(store: store, setup: RouterSetup(layout: layout, experts: store.manifest.experts, valueGroup: 16,
                                                            headDim: 16, routerInput: .key, hiddenWidth: hidden),
                            expertColumns: [0, 1, 2], calibrationFraction: 0.1, validationFraction: 0)
@@ -37,6 +37,15 @@ import Darwin
     @Test(arguments: LossKind.allCases, [0.0, 0.3, 1.0])
     func matchesTheTape(kind: LossKind, lambda: Double) throws {
         try expectStreamingMatchesTheTape(data: data, kind: kind, lambda: lambda)
+    }
+
+    /// Routers of sliding layers route only the chunks their caches hold (router 0 from chunk 3, router 2 from chunk
+    /// 6, router 1 from 1): blocks, units and the memory term per router, streamed as the tape computes them.
+    @Test(arguments: LossKind.allCases, [ChunkPooling.vote, .max])
+    func slidingLayersMatchTheTape(kind: LossKind, pooling: ChunkPooling) throws {
+        let sliding = Self.routed(store, pooling: pooling, firstHeldChunks: [3, 3, 0, 0, 6])
+        #expect(sliding.layout.units(of: 0) == 3 * 7 && sliding.layout.units(of: 2) == 3 * 4)
+        try expectStreamingMatchesTheTape(data: sliding, kind: kind, lambda: 0.3)
     }
 
     /// The pooled chunk probabilities, streamed, against the tape's independent log-softmax and pooling.
@@ -84,7 +93,7 @@ import Darwin
                     return z.map { $0 - top - logTotal }
                 }
                 let logP = (0..<(inputs.count / D)).map(logProbabilities)
-                for unit in 0..<layout.unitsPerRouter {
+                for unit in 0..<layout.units(of: router) {
                     let rows = logP[(unit * layout.chunkSize)..<((unit + 1) * layout.chunkSize)]
                     let score: [Double] = (0..<M).map { k in
                         switch pooling {

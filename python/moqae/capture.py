@@ -30,14 +30,12 @@ class KVHook:
 
     `record`: keep every layer's (key, value), each (batch, kv_heads, T, head_dim), in `keys`/`values`.
     `transform(layer, key, value) -> (key, value)`: replace them (for example fake-quantize a unit).
-    `within_sliding_windows`: refuse a sliding layer given more tokens than its window, as dump and eval must (their
-    chunk routing holds every token); a hook that models what a sliding cache drops passes False.
+    A sliding layer's K and V hold every token; the model's mask keeps each query within its window.
     """
 
-    def __init__(self, record=False, transform=None, within_sliding_windows=True):
+    def __init__(self, record=False, transform=None):
         self.record = record
         self.transform = transform
-        self.within_sliding_windows = within_sliding_windows
         self.keys, self.values = {}, {}
         self.layers_seen = set()
 
@@ -56,14 +54,11 @@ def attention_implementation(config) -> str:
         else IMPLEMENTATION
 
 
-def captured(module, key, value, sliding_window=None):
+def captured(module, key, value):
     """The active hook's view of one layer's K and V (B, H, T, D): recorded, or replaced by its transform."""
     if not _active_hooks:
         return key, value
     layer, hook = module.layer_idx, _active_hooks[-1]
-    if sliding_window and key.shape[-2] > sliding_window and hook.within_sliding_windows:
-        raise MoqaeError(f"layer {layer} attends through a sliding window of {sliding_window} tokens but was given "
-                         f"{key.shape[-2]}: its cache holds only the window, which chunk routing does not model")
     hook.layers_seen.add(layer)
     if hook.transform is not None:
         key, value = hook.transform(layer, key, value)
@@ -91,7 +86,7 @@ def moqae_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if attended is not None:
             return attended, None
         key, value = key.materialize()
-    key, value = captured(module, key, value, kwargs.get("sliding_window"))
+    key, value = captured(module, key, value)
     if isinstance(key, DeferredKV):   # a hook's transform that attends itself (calibrate/background.py's RaisedChunks)
         return key.attend(module, query, attention_mask, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -101,7 +96,7 @@ def moqae_eager_attention_forward(module, query, key, value, attention_mask, **k
     """Capture, then the eager attention of the module's own modeling file (which soft-caps)."""
     if isinstance(key, DeferredKV):
         key, value = key.materialize()
-    key, value = captured(module, key, value, kwargs.get("sliding_window"))
+    key, value = captured(module, key, value)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise MoqaeError(f"{type(module).__module__} has no eager_attention_forward, which a model that soft-caps its "

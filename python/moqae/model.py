@@ -30,26 +30,32 @@ def sliding_window_layers(config) -> dict[int, int]:
     return {layer: window for layer in layers}
 
 
-def window_length(config, model_dir: str, seq_len: int | None = None) -> int:
-    """Tokens per window: `seq_len`, or by default the model's max positions up to 4096 and its shortest
-    sliding window. Refused past the max positions, and past a sliding window: such a layer's cache holds
-    only the last `window` tokens, while chunk routing (training, accounting, evaluation) holds every
-    chunk. Within its window a sliding layer attends like a global one, so there a chunk router means
-    what it means on any layer, and every token is counted."""
-    _, _, _, max_positions = model_shape(config)
+def first_held_chunk(tokens: int, window: int | None, chunk_size: int) -> int:
+    """The first chunk a layer's cache holds after `tokens` tokens: the first one its next query (at position
+    `tokens`, which sees positions tokens − window + 1 … tokens) sees; 0 without a sliding window."""
+    return 0 if window is None else max(0, tokens - window + 1) // chunk_size
+
+
+def first_held_chunks(config, tokens: int, chunk_size: int) -> list[int]:
+    """Per layer, the first chunk its cache holds at the end of a window of `tokens` tokens (docs/FORMATS.md,
+    Sliding-window layers): a sliding layer's older chunks are not part of its cache, so they are never
+    routed, quantized or counted."""
     windows = sliding_window_layers(config)
+    return [first_held_chunk(tokens, windows.get(layer), chunk_size)
+            for layer in range(config.get_text_config(decoder=True).num_hidden_layers)]
+
+
+def window_length(config, model_dir: str, seq_len: int | None = None) -> int:
+    """Tokens per window: `seq_len`, or by default the model's max positions up to 4096. Refused past the max
+    positions. A window may be longer than a sliding layer's window: that layer's cache then holds only its
+    last chunks (`first_held_chunks`), and only those are routed and counted."""
+    _, _, _, max_positions = model_shape(config)
     if seq_len is None:
         if max_positions is None:
             raise MoqaeError(f"{model_dir}/config.json: no max_position_embeddings; pass --seq-len")
-        seq_len = min([max_positions, 4096, *windows.values()])
+        seq_len = min(max_positions, 4096)
     if max_positions is not None and seq_len > max_positions:
         raise MoqaeError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
-    shorter = sorted(layer for layer, window in windows.items() if window < seq_len)
-    if shorter:
-        window = min(windows[layer] for layer in shorter)
-        raise MoqaeError(f"--seq-len {seq_len}: layer(s) {shorter} of {model_dir} attend through a sliding window of "
-                         f"{window} tokens and cache only those; chunk routing needs every token cached: use --seq-len "
-                         f"{window} or less")
     return seq_len
 
 

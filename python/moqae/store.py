@@ -14,7 +14,7 @@ from .router import ROUTER_INPUTS
 from .selection import unit_value
 
 MANIFEST = "manifest.json"
-FORMAT, VERSIONS = "moqae-calibration", (1, 2)   # 2: sensitivities around a background plan
+FORMAT, VERSIONS = "moqae-calibration", (1, 2, 3)   # 2: around a background plan; 3: sliding layers' held chunks
 SENSITIVITIES = ("taylor", "fisher", "exact", "taylor+exact-answers")
 MANIFEST_LIMIT = 256 << 20      # bytes: the trainer's cap
 
@@ -49,7 +49,8 @@ class Manifest:
     seq_len: int            # T
     num_sequences: int      # windows of the corpus
     sequences: list[Sequence]   # in manifest order
-    background: dict | None = None   # version 2: {"experts": one name per layer, "frozen_chunks": n}
+    background: dict | None = None   # versions 2 and 3: {"experts": one name per layer, "frozen_chunks": n}
+    first_held_chunks: list[int] | None = None   # version 3: per layer, the first chunk its cache holds (sliding layers)
 
     def split(self, fraction: float) -> list[Sequence]:
         """The sequences with u(id, seed) < fraction: the calibration split at `fraction`."""
@@ -150,13 +151,19 @@ def check_manifest(path: str, root: dict) -> Manifest:
     for key in ("corpus.source", "corpus.tokenizer"):   # checked as the trainer checks them; read by no tool
         fields.string(key)
     seq_len = fields.integer("corpus.seq_len", 1, (1 << 31) - 1)
-    background = None
-    if version == 2:
+    background, first_held = None, None
+    if version == 2 or (version == 3 and "background" in root):
         names = [item.root for item in fields.items("background.experts", model.num_layers, model.num_layers)]
         if not all(any(e.name == name for e in experts) for name in names):
             raise fields.error("background.experts", f"expected {model.num_layers} names of the store's experts")
         background = {"experts": names,
                       "frozen_chunks": fields.integer("background.frozen_chunks", 0, seq_len // chunk_size)}
+    if version == 3:
+        first_held = [item.root for item in fields.items("first_held_chunks", model.num_layers, model.num_layers)]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= seq_len // chunk_size for v in first_held):
+            raise fields.error("first_held_chunks", f"expected {model.num_layers} integers in 0...{seq_len // chunk_size}")
+        if not any(first_held):
+            raise fields.error("first_held_chunks", "expected a layer whose cache holds only its last chunks (version 3)")
     num_sequences = fields.integer("corpus.num_sequences", 0, 1 << 63)
     sequences, seen = [], set()
     for item in fields.items("sequences", 1, 1 << 63):
@@ -176,7 +183,7 @@ def check_manifest(path: str, root: dict) -> Manifest:
         seen.add(sequence.id)
         sequences.append(sequence)
     return Manifest(path, model, router_input, chunk_size, value_group, experts, sensitivity, seed, fraction, seq_len,
-                    num_sequences, sequences, background)
+                    num_sequences, sequences, background, first_held)
 
 
 class Store:

@@ -44,7 +44,7 @@ def evaluator_kv(model, ids, export, value_group):
     layout = Layout(ids.shape[1], export.chunk_size, int(export.freeze_first_chunk), layers, heads, head_dim, value_group)
     plan = RouterPlan(export, RouterInputs(export.router_input, model, "model", export.chunk_size, value_group))
     return attention_kv(model, ids, transform=lambda layer, k, v: apply_plan(
-        k, v, plan.decide(layer, k, v, [0], layout), plan.experts, layout))
+        k, v, plan.decide(layer, k, v, [0], layout), plan.experts, layout, layer))
 
 
 @pytest.mark.parametrize("router_input, freeze, group, experts", [
@@ -88,7 +88,7 @@ def test_layer_plan_cache_equals_the_evaluators_layer_plan(passkey_model):
     layout = Layout(260, 32, 1, 4, 2, 64, 64)
     plan = LayerPlan(experts, list(range(4)))
     expected_logits, expected_keys, _ = attention_kv(passkey_model, ids, transform=lambda layer, k, v: apply_plan(
-        k, v, plan.decide(layer, k, v, [0], layout), experts, layout))
+        k, v, plan.decide(layer, k, v, [0], layout), experts, layout, layer))
     assert torch.equal(logits, expected_logits) and all(torch.equal(keys[l], expected_keys[l]) for l in range(4))
 
 
@@ -124,7 +124,7 @@ def test_decoding_crosses_chunk_boundaries_and_never_requantizes(freeze):
             routed = torch.stack(decisions[layout.first: whole], dim=-1) if whole > layout.first else None
             expected = apply_plan(stored[layer][0][:, :, :end], stored[layer][1][:, :, :end],
                                   routed if routed is not None else torch.zeros(1, 2, 0, dtype=torch.long),
-                                  export.experts, layout)
+                                  export.experts, layout, layer)
             assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1]), (start, end, layer)
     for layer in cache.layers:                                   # every unit stored exactly once
         assert layer.expert_map.shape == (4, 2) and int(layer.unit_counts().sum()) == 8

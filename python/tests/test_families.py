@@ -1,20 +1,18 @@
 """Model families, as tiny random models built from the pinned transformers configs (nothing downloaded):
 capturing leaves the logits those of transformers' eager attention, the K and V it sees are the ones the
 model's own cache holds, the pre-RoPE key is the one the model computed before applying RoPE, and
-dump → train → export → eval runs end to end. Sliding windows
-shorter than the windows asked for are refused up front."""
+dump → train → export → eval runs end to end. Windows longer than a sliding window: test_sliding_dump.py."""
 import json
 import os
 import subprocess
-import types
 
 import pytest
 import torch
 
 from conftest import run_moqae, train_on
 from moqae import MoqaeError
-from moqae.capture import KVHook, RouterInputs, captured
-from moqae.model import load_model, model_shape, sliding_window_layers, window_length
+from moqae.capture import KVHook, RouterInputs
+from moqae.model import first_held_chunks, load_model, model_shape, sliding_window_layers, window_length
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -127,29 +125,17 @@ def test_dump_train_export_and_eval(family, family_dir, small_corpus, tmp_path, 
     assert torch.isfinite(torch.tensor(router_row["nll"])) and router_row["bits_with_constants"] <= 16
 
 
-def test_sliding_windows_shorter_than_the_windows_are_refused_up_front(family_dir, small_corpus, tmp_path):
-    directory = family_dir("mistral", sliding_window=64)
+def test_sliding_window_layers_come_from_the_config(family_dir):
+    """Which layers attend through a sliding window (dump, eval and serving hold only their last chunks), and the
+    default window length, which no longer stops at a sliding window."""
     from transformers import AutoConfig
+    directory = family_dir("mistral", sliding_window=64)
     config = AutoConfig.from_pretrained(directory)
     assert sliding_window_layers(config) == {0: 64, 1: 64}
-    assert window_length(config, directory) == 64     # the default fits the window
-    with pytest.raises(MoqaeError, match=r"layer\(s\) \[0, 1\] .* sliding window of 64 tokens .* --seq-len 64 or less"):
-        window_length(config, directory, 128)
-    out = str(tmp_path / "store")
-    dumped = run_moqae("dump", "--model", directory, "--corpus", small_corpus, "--out", out, "--tokenizer", "bytes",
-                       "--seq-len", "128")
-    assert dumped.returncode == 1 and len(dumped.stderr.strip().splitlines()) == 1, dumped.stderr
-    assert "sliding window of 64 tokens" in dumped.stderr and not os.path.exists(out)
-
+    assert window_length(config, directory) == 256 and first_held_chunks(config, 256, 32) == [6, 6]
+    with pytest.raises(MoqaeError, match="--seq-len 512 exceeds the model's max_position_embeddings 256"):
+        window_length(config, directory, 512)
     gemma = AutoConfig.from_pretrained(family_dir("gemma3"))
     assert sliding_window_layers(gemma) == {0: 256, 2: 256}   # only the sliding layers
+    assert first_held_chunks(gemma, 256, 32) == [0, 0, 0]     # a window that fits holds every chunk
     assert sliding_window_layers(AutoConfig.from_pretrained(family_dir("qwen2"))) == {}
-
-
-def test_capture_refuses_a_layer_given_more_than_its_sliding_window():
-    """The backstop behind `window_length`: a layer whose attention gets more tokens than its window caches."""
-    layer, key = types.SimpleNamespace(layer_idx=3), torch.zeros(1, 2, 128, 8)
-    with KVHook(record=True).active() as hook:
-        with pytest.raises(MoqaeError, match="layer 3 attends through a sliding window of 64 tokens but was given 128"):
-            captured(layer, key, key, sliding_window=64)
-        assert captured(layer, key, key, sliding_window=128)[0] is key and hook.keys[3] is key

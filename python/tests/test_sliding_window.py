@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from test_families import family_configs
 from moqae import MoqaeError
 from moqae.capture import EAGER_IMPLEMENTATION, KVHook, attention_implementation
+from moqae.calibrate.sensitivity import mean_nll
 from moqae.evaluate.plans import Layout, LayerPlan, apply_plan
+from moqae.evaluate.scoring import evaluate_plan
 from moqae.experts import parse_expert
-from moqae.model import model_shape, sliding_window_layers
+from moqae.model import first_held_chunks, model_shape, sliding_window_layers
 from moqae.quantizer import at_sixteen_bits
 from moqae.router import random_export
 from moqae.serve.cache import MoQAECache
@@ -55,7 +57,7 @@ def reference_logits(model, ids, prompt_length):
         positions = torch.arange(key.shape[-2])
         waited = (positions >= tail) & ~((positions >= prompt_length) & (positions % CHUNK == CHUNK - 1))
         key, value = (torch.where(waited[:, None], at_sixteen_bits(x), x) for x in (key, value))
-        out_k, out_v = apply_plan(key, value, plan.decide(layer, key, value, [0], layout), experts, layout)
+        out_k, out_v = apply_plan(key, value, plan.decide(layer, key, value, [0], layout), experts, layout, layer)
         if layer in windows and prefill[0]:
             cut = first_seen_chunk(prompt_length, windows[layer]) * CHUNK
             out_k[:, :, :cut], out_v[:, :, :cut] = at_sixteen_bits(key[:, :, :cut]), at_sixteen_bits(value[:, :, :cut])
@@ -64,7 +66,7 @@ def reference_logits(model, ids, prompt_length):
     eager = copy.deepcopy(model)
     eager.set_attn_implementation(EAGER_IMPLEMENTATION)
     cache = DynamicCache()
-    with torch.no_grad(), KVHook(transform=transform, within_sliding_windows=False).active():
+    with torch.no_grad(), KVHook(transform=transform).active():
         logits = [eager(ids[:, :prompt_length], past_key_values=cache, use_cache=True).logits]
         prefill[0] = False
         for position in range(prompt_length, ids.shape[1]):
@@ -132,6 +134,32 @@ def test_a_16_bit_router_generates_dynamic_caches_tokens_on_sliding_layers(famil
     for row, prompt in enumerate(prompts):
         alone = run(prompt, torch.ones_like(prompt), MoQAECache.from_export(export, model)).sequences[0, prompt.shape[1]:]
         assert torch.equal(batch[row, : alone.numel()], alone) and not batch[row, alone.numel():].any(), row   # 0: padding after EOS
+
+
+@pytest.mark.parametrize("family", list(WINDOWS))
+def test_eval_at_four_windows_scores_eager_attention_with_the_same_plan(family):
+    """`eval`'s forward on windows of 4 W: each window's loss is the model's own eager attention's with the layer plan,
+    where a sliding layer's chunks that its cache does not hold at the window's end stay in 16 bits (the reference's
+    cut, written from the serving rule), and only the held chunks are counted."""
+    model = sliding_model(family)
+    layers, heads, head_dim, _ = model_shape(model.config)
+    window, windows = WINDOWS[family], sliding_window_layers(model.config)
+    T = 4 * window
+    ids = torch.randint(3, 256, (2, T), generator=torch.Generator().manual_seed(4))
+    held = first_held_chunks(model.config, T, CHUNK)
+    assert held == [first_seen_chunk(T, window) if layer in windows else 0 for layer in range(layers)] and any(held)
+    layout = Layout(T, CHUNK, 1, layers, heads, head_dim, head_dim, held)
+    result = evaluate_plan(model, ids, LayerPlan(plan_experts(model), list(range(layers))), layout, 2, "tiny", progress=False)
+    expected = torch.stack([mean_nll(reference_logits(model, ids[row: row + 1], T)[0], ids[row: row + 1])[0] for row in range(2)])
+    torch.testing.assert_close(torch.tensor(result.window_nll, dtype=torch.float64), expected.double(), rtol=1e-5, atol=1e-6)
+    for layer in range(layers):
+        assert result.counts[layer].sum() == 2 * heads * (T // CHUNK - max(1, held[layer])), layer
+    # what the caches hold: a sliding layer from its first held chunk, a global layer all but chunk 0 routed
+    held_elements = sum(2 * heads * (T - first * CHUNK) * head_dim for first in held)
+    routed_bits = sum(2 * heads * (T // CHUNK - max(1, held[layer])) * CHUNK * head_dim
+                      * (plan_experts(model)[layer].key_bits + plan_experts(model)[layer].value_bits) / 2 for layer in range(layers))
+    sixteen = held_elements - sum(2 * heads * (T // CHUNK - max(1, first)) * CHUNK * head_dim for first in held)
+    assert result.summary()["payload_bits"] == pytest.approx((routed_bits + 16 * sixteen) / held_elements, rel=1e-12)
 
 
 def test_a_sliding_layer_cannot_crop_back_past_what_it_dropped():

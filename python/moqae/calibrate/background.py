@@ -37,10 +37,11 @@ CHUNKS_PER_PASS = 4
 
 class Background:
     """One expert per layer for chunks `frozen..C-1` (indices into the store's `experts`); earlier chunks
-    and the tail at 16 bits. `spec` is one expert name for every layer or a comma-separated list of one
-    per layer (`int2`, `int4,int2,int2,int2`)."""
+    and the tail at 16 bits, as are a sliding layer's chunks before `first_held[layer]` (not in its cache).
+    `spec` is one expert name for every layer or a comma-separated list of one per layer (`int2`,
+    `int4,int2,int2,int2`)."""
 
-    def __init__(self, spec, experts, num_layers, chunk, value_group, frozen=1):
+    def __init__(self, spec, experts, num_layers, chunk, value_group, frozen=1, first_held=None):
         names = spec.split(",")
         if len(names) == 1:
             names = names * num_layers
@@ -55,6 +56,7 @@ class Background:
             per_layer.append(experts.index(expert))
         self.experts, self.per_layer = experts, per_layer
         self.chunk, self.value_group, self.frozen = chunk, value_group, frozen
+        self.first_held = first_held or [0] * num_layers
 
     @property
     def manifest_field(self):
@@ -66,8 +68,8 @@ class Background:
             quantize_values(x, e.value_bits, self.chunk, self.value_group)
 
     def attended(self, layer, key, value):
-        """K, V (B, H, T, D) as the background stores them: the layer's expert on chunks ≥ frozen."""
-        start = self.frozen * self.chunk
+        """K, V (B, H, T, D) as the background stores them: the layer's expert on the routed chunks."""
+        start = max(self.frozen, self.first_held[layer]) * self.chunk
         out = []
         for x, is_key in ((key, True), (value, False)):
             q = self.quantized(x, self.per_layer[layer], is_key)

@@ -11,7 +11,7 @@ from .. import MoqaeError
 from ..capture import RouterInputs
 from ..corpus import read_texts, tokenizer_for, windows
 from ..experts import parse_experts
-from ..model import check_model_dir, load_model, model_shape, resolve_device, window_length
+from ..model import check_model_dir, first_held_chunks, load_model, model_shape, resolve_device, window_length
 from ..selection import selected, unit_value
 from ..tasks import passkey_windows
 from .distributed import Torchrun
@@ -80,7 +80,8 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     if exact_answers and not (background and passkey):
         raise MoqaeError("--exact-answers measures the answers of pass-key windows around a plan: it needs --passkey "
                          "and --background")
-    plan = Background(background, expert_set, layers, chunk_size, value_group) if background else None
+    held = first_held_chunks(config, seq_len, chunk_size)
+    plan = Background(background, expert_set, layers, chunk_size, value_group, first_held=held) if background else None
     encoder = tokenizer_for(tokenizer, model)
     texts = read_texts(corpus)
     corpus_windows, weights, answer_slots = windows(texts, encoder, seq_len), None, {}
@@ -93,13 +94,14 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     mine = chosen[shard_index:: num_shards]
 
     header = {
-        "format": "moqae-calibration", "version": 2 if plan else 1,
+        "format": "moqae-calibration", "version": 3 if any(held) else 2 if plan else 1,
         "model": {"name": os.path.basename(os.path.normpath(model)), "num_layers": layers,
                   "num_kv_heads": kv_heads, "head_dim": head_dim},
         "router_input": router_input, "chunk_size": chunk_size, "value_group": value_group,
         "experts": [{"name": e.name, "key_bits": e.key_bits, "value_bits": e.value_bits} for e in expert_set],
         "sensitivity": "taylor+exact-answers" if exact_answers else sensitivity,
-        **({"background": plan.manifest_field} if plan else {}), "selection": {"seed": seed, "fraction": fraction},
+        **({"background": plan.manifest_field} if plan else {}),
+        **({"first_held_chunks": held} if any(held) else {}), "selection": {"seed": seed, "fraction": fraction},
         "corpus": {"source": ", ".join(os.path.basename(p) for p in corpus), "tokenizer": encoder.name,
                    "seq_len": seq_len, "num_sequences": int(corpus_windows.shape[0]),
                    **({"passkey": {"fraction": passkey, "seed": passkey_seed, "answer_weight": answer_weight}}
@@ -137,6 +139,8 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
             else:
                 nll, keys, values, delta = weighted_taylor_delta(lm, ids, expert_set, chunk_size, value_group, model,
                                                                  token_weights, rule=sensitivity)
+            for layer, first in enumerate(held):   # a sliding layer's chunks that its cache no longer holds
+                delta[layer, :, :first] = 0
             inputs = torch.stack([router_inputs(k, v, layer=layer).cpu()   # layers may sit on several GPUs (--device-map)
                                   for layer, (k, v) in enumerate(zip(keys, values))])
             if tuple(inputs.shape) != (layers, kv_heads, seq_len, width):

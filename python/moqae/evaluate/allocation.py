@@ -45,6 +45,16 @@ def lagrangian_allocation(costs, bits, budget):
     return choice
 
 
+def held_allocation(costs, held, unit_bits, budget_per_unit):
+    """`lagrangian_allocation` over the units a cache holds: costs (..., M), held (...) bool (a sliding layer's
+    chunks before its first held one are False: they cost nothing, take no bits and get option 0, which no one
+    reads), unit_bits (M,), and a budget of `budget_per_unit` mean bits over the held units → (...) choices."""
+    held = held.expand(costs.shape[:-1]).reshape(-1, 1)
+    flat = costs.reshape(-1, costs.shape[-1]).double() * held
+    bits = unit_bits.expand(flat.shape[0], -1) * held
+    return lagrangian_allocation(flat, bits, budget_per_unit * held.sum().item()).reshape(costs.shape[:-1])
+
+
 def routed_unit_bits(experts, layout):
     return torch.tensor([unit_storage_bits(e, layout.chunk_size, layout.head_dim, layout.value_group) for e in experts],
                         dtype=torch.float64)
@@ -88,9 +98,11 @@ class CalibrationDeltas:
 def layerwise_plan(calibration, layout, budget_per_unit):
     """KVTuner-style: one expert of the store per layer, chosen on the store's calibration split to
     minimise the summed delta_nll under the budget of mean unit bits (with constants)."""
-    cost = calibration.summed[:, :, layout.first: layout.chunks].sum(dim=(1, 2))
-    bits = routed_unit_bits(calibration.experts, layout).expand(layout.num_layers, -1)
-    choice = lagrangian_allocation(cost, bits, budget_per_unit * layout.num_layers)
+    held = layout.held_mask()                                                        # (L, routed)
+    cost = (calibration.summed[:, :, layout.first: layout.chunks] * held[:, None, :, None]).sum(dim=(1, 2))
+    units = held.sum(-1, keepdim=True).double() * layout.num_heads                    # (L, 1) held units per layer
+    bits = routed_unit_bits(calibration.experts, layout)[None] * units
+    choice = lagrangian_allocation(cost, bits, budget_per_unit * units.sum().item())
     return LayerPlan(calibration.experts, choice.tolist())
 
 
@@ -99,10 +111,10 @@ def static_plan(summed, experts, layout, budget_per_unit):
     minimising the calibration split's summed delta_nll `summed` (L, H, C_store, M) under the budget of
     mean unit bits (with constants), by the Lagrangian search. Positions the store's windows do not
     reach (longer evaluation windows) reuse the last fitted position."""
-    fitted = summed[:, :, layout.first: layout.chunks]
-    costs = fitted.reshape(-1, len(experts))
-    choice = lagrangian_allocation(costs, routed_unit_bits(experts, layout).expand(costs.shape[0], -1),
-                                   budget_per_unit * costs.shape[0]).reshape(fitted.shape[:-1])
+    fitted = summed[:, :, layout.first: layout.chunks]                               # (L, H, positions, M)
+    held = layout.held_mask()
+    held = torch.cat([held, held[:, -1:].expand(-1, max(0, fitted.shape[2] - layout.routed))], dim=1)[:, : fitted.shape[2]]
+    choice = held_allocation(fitted, held[:, None], routed_unit_bits(experts, layout), budget_per_unit)
     missing = layout.routed - choice.shape[-1]
     if missing > 0:
         choice = torch.cat([choice, choice[..., -1:].expand(-1, -1, missing)], dim=-1)

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from ..calibrate.sensitivity import forward_with_kv_gradients, taylor_delta
 from ..experts import parse_expert
-from .allocation import lagrangian_allocation, routed_unit_bits
+from .allocation import held_allocation, routed_unit_bits
 from .plans import UnitPlan
 
 
@@ -36,10 +36,7 @@ def prescient_plan(deltas, experts, layout, budget_per_unit):
     themselves, with mean unit bits (with constants) within `budget_per_unit`: it sees the answers, so
     it is a diagnostic. deltas: (windows, L, H, C, M) from `taylor_sensitivities`."""
     deltas = deltas[:, :, :, layout.first:]
-    costs = deltas.reshape(-1, len(experts))
-    choice = lagrangian_allocation(costs, routed_unit_bits(experts, layout).expand(costs.shape[0], -1),
-                                   budget_per_unit * costs.shape[0])
-    decisions = choice.reshape(deltas.shape[:-1])
+    decisions = held_allocation(deltas, layout.held_mask()[:, None], routed_unit_bits(experts, layout), budget_per_unit)
     return UnitPlan(experts, {w: decisions[w] for w in range(deltas.shape[0])},
                     "prescient (gradients of the evaluated text)", note=PRESCIENT_NOTE)
 

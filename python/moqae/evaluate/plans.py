@@ -11,14 +11,37 @@ from ..router import decisions_of_logits, keep_probability, routed_logits
 
 
 class Layout:
-    """Which tokens are routed: chunks `first..C-1` of every window of `tokens` tokens."""
+    """Which tokens are routed: chunks `first..C-1` of every window of `tokens` tokens, where a plan decides
+    (B, H, routed) units per layer. A layer whose cache holds only its last chunks at the window's end (a sliding
+    layer, `first_held[layer]` its first held chunk; docs/FORMATS.md, Sliding-window layers) keeps the decisions
+    of the chunks it holds: the `skipped(layer)` first routed chunks, and every token before its first held
+    chunk, stay at 16 bits and are not counted."""
 
-    def __init__(self, tokens, chunk_size, first, num_layers, num_heads, head_dim, value_group):
+    def __init__(self, tokens, chunk_size, first, num_layers, num_heads, head_dim, value_group, first_held=None):
         self.tokens, self.chunk_size, self.first = tokens, chunk_size, first
         self.chunks = tokens // chunk_size
         self.routed = self.chunks - first
         self.num_layers, self.num_heads, self.head_dim, self.value_group = num_layers, num_heads, head_dim, value_group
-        self.region = slice(first * chunk_size, self.chunks * chunk_size)
+        self.first_held = list(first_held) if first_held is not None else [0] * num_layers
+
+    def skipped(self, layer):
+        """Routed chunks of `layer` (from `first`) that its cache does not hold."""
+        return min(max(0, self.first_held[layer] - self.first), self.routed)
+
+    def region(self, layer):
+        """The tokens of `layer` that are routed and held."""
+        return slice((self.first + self.skipped(layer)) * self.chunk_size, self.chunks * self.chunk_size)
+
+    def held_elements(self):
+        """K and V elements the cache holds at a window's end, over every layer."""
+        return sum(2 * self.num_heads * (self.tokens - first * self.chunk_size) * self.head_dim for first in self.first_held)
+
+    def held_mask(self):
+        """(L, routed) bool: which routed chunks each layer's cache holds."""
+        mask = torch.ones(self.num_layers, self.routed, dtype=torch.bool)
+        for layer in range(self.num_layers):
+            mask[layer, : self.skipped(layer)] = False
+        return mask
 
 
 class Plan:
@@ -96,10 +119,13 @@ class UnitPlan(Plan):
         return torch.stack([self.decisions[w][layer] for w in windows])
 
 
-def apply_plan(key, value, decisions, experts, layout):
-    """Fake-quantizes K, V (B, H, T, D) by per-unit decisions (B, H, routed) (None: all at expert 0)."""
+def apply_plan(key, value, decisions, experts, layout, layer):
+    """Fake-quantizes K, V (B, H, T, D) of `layer` by per-unit decisions (B, H, routed) (None: all at expert 0);
+    the routed chunks the layer's cache does not hold stay at 16 bits, as chunk 0 and the tail do."""
     out_k, out_v = at_sixteen_bits(key), at_sixteen_bits(value)
-    region, N = layout.region, layout.chunk_size
+    region, N = layout.region(layer), layout.chunk_size
+    if decisions is not None:
+        decisions = decisions[..., layout.skipped(layer):]
     for m, expert in enumerate(experts):
         if expert.is_unquantized:
             continue

@@ -10,7 +10,8 @@ from .. import MoqaeError
 from ..capture import RouterInputs
 from ..corpus import tokenizer_for
 from ..experts import parse_expert
-from ..model import check_export_fits, check_model_dir, load_model, model_shape, resolve_device, window_length
+from ..model import (check_export_fits, check_model_dir, first_held_chunks, load_model, model_shape, resolve_device,
+                     window_length)
 from ..router import read_export
 from ..store import Store
 from ..tasks import scored_windows
@@ -32,7 +33,8 @@ class Evaluation:
         self.model, self.windows, self.export, self.model_dir, self.task = model, windows, export, model_dir, task
         self.batch_size, self.progress = batch_size, progress
         self.layout = Layout(windows.shape[1], export.chunk_size, 1 if export.freeze_first_chunk else 0,
-                             layers, heads, head_dim, value_group)
+                             layers, heads, head_dim, value_group,
+                             first_held_chunks(model.config, windows.shape[1], export.chunk_size))
         self.prescient_deltas = None
 
     def score(self, plan):

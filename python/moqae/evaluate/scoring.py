@@ -17,10 +17,11 @@ from .plans import apply_plan
 
 def kv_memory_bits(layout, experts, layer_units, windows):
     """Average bits per K and V element over `windows` windows, as (payload, with quantization constants):
-    `layer_units[m]` routed (layer, head, chunk) units at `experts[m]`, every other element at 16 bits.
+    `layer_units[m]` routed (layer, head, chunk) units at `experts[m]`, every other element the cache holds at
+    16 bits (a sliding layer's chunks before its first held one are not held: `Layout.held_elements`).
     The trainer's `BitsTally.memory` computes the same; python/tests/test_memory_accounting.py checks the two agree."""
     unit_elements = 2 * layout.chunk_size * layout.head_dim
-    total_elements = windows * layout.num_layers * layout.num_heads * layout.tokens * layout.head_dim * 2
+    total_elements = windows * layout.held_elements()
     rest = (total_elements - sum(layer_units) * unit_elements) * 16
     payload = sum(units * unit_elements * (e.key_bits + e.value_bits) / 2 for units, e in zip(layer_units, experts))
     constants = sum(units * unit_storage_bits(e, layout.chunk_size, layout.head_dim, layout.value_group)
@@ -124,25 +125,28 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
 
     def transform(layer, key, value):
         decisions = plan.decide(layer, key, value, state["windows"], layout)
+        skipped = layout.skipped(layer)   # routed chunks the layer's cache does not hold: not counted
+        held = layout.routed - skipped
         if decisions is None:
-            result.counts[layer, 0] += key.shape[0] * key.shape[1] * layout.routed
+            result.counts[layer, 0] += key.shape[0] * key.shape[1] * held
         else:
-            result.counts[layer] += torch.bincount(decisions.flatten().cpu(), minlength=len(plan.experts))
+            result.counts[layer] += torch.bincount(decisions[..., skipped:].flatten().cpu(), minlength=len(plan.experts))
         if task is not None:
-            unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], layout.routed) if decisions is None \
-                else expert_bits[decisions.cpu()]
+            unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], held) if decisions is None \
+                else expert_bits[decisions[..., skipped:].cpu()]
+            scores = getattr(plan, "keep_scores", None)
             for row, window in enumerate(state["windows"]):
                 if task.key_spans[window, 0] < 0:
                     continue
-                first, last = (task.key_spans[window] - torch.tensor([0, 1])) // layout.chunk_size - layout.first
-                routed = unit_bits[row, :, max(first, 0): min(last + 1, layout.routed)]
+                first, last = (task.key_spans[window] - torch.tensor([0, 1])) // layout.chunk_size - layout.first - skipped
+                routed = unit_bits[row, :, max(first, 0): min(last + 1, held)]
                 if routed.numel():
                     result.key_bits[window] = min(result.key_bits[window], routed.min())
-                key_chunks = torch.zeros(layout.routed, dtype=torch.bool)
-                key_chunks[max(first, 0): min(last + 1, layout.routed)] = True
-                scores = getattr(plan, "keep_scores", None)
-                tally_content(result, layer, unit_bits[row], key_chunks, None if scores is None else scores[row])
-        return apply_plan(key, value, decisions, plan.experts, layout)
+                key_chunks = torch.zeros(held, dtype=torch.bool)
+                key_chunks[max(first, 0): min(last + 1, held)] = True
+                tally_content(result, layer, unit_bits[row], key_chunks,
+                              None if scores is None else scores[row][..., skipped:])
+        return apply_plan(key, value, decisions, plan.experts, layout, layer)
 
     hook = KVHook(transform=transform)
     bar = tqdm(total=len(windows), unit="window", desc=plan.name, disable=not progress, dynamic_ncols=True,

@@ -96,7 +96,7 @@ def needle_signal(stores, corpus, *, model=None, tokenizer="bytes", split=(0.0, 
         if model:
             lm = load_model(model, "cpu", None, "float32")
             _, _, head_dim, _ = model_shape(lm.config)
-            layout = Layout(manifest.seq_len, N, frozen, L, H, head_dim, manifest.value_group)
+            layout = Layout(manifest.seq_len, N, frozen, L, H, head_dim, manifest.value_group, manifest.first_held_chunks)
             pair = [parse_expert("int4"), parse_expert("int2")]
             for plan in (UniformPlan(pair[1]), UnitPlan(pair, decisions, "int2, the top chunk of each layer at int4")):
                 result = evaluate_plan(lm, task.ids, plan, layout, 8, model, progress=False, task=task)

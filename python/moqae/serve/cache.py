@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import MoqaeError
 from ..capture import EAGER_IMPLEMENTATION, IMPLEMENTATION, RouterInputs, attention_implementation
 from ..experts import Expert
-from ..model import check_export_fits, model_shape, sliding_window_layers
+from ..model import check_export_fits, first_held_chunk, model_shape, sliding_window_layers
 from ..quantizer import group_codes, sixteen_bit_dtype, unit_storage_bits
 from ..router import read_export, route_chunks
 from .attention import PackedLayer
@@ -271,7 +271,7 @@ class MoQAELayer(GrowingLayer):
 
     def first_seen_chunk(self, position):
         """The first chunk the query at `position` sees (0 without a sliding window)."""
-        return 0 if self.window is None else max(0, position - self.window + 1) // self.cache.chunk_size
+        return first_held_chunk(position, self.window, self.cache.chunk_size)
 
     def held_start(self):
         """The first position this layer's attention reads at its next update: its first held chunk once the chunks
