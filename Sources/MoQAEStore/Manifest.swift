@@ -134,6 +134,9 @@ public struct Manifest: Equatable, Sendable {
     /// Whether some layer's cache holds only its last chunks (version 3).
     public var holdsPartialLayers: Bool { firstHeldChunks.contains { $0 > 0 } }
 
+    /// The lowest version that says what this manifest holds.
+    public var version: Int { holdsPartialLayers ? 3 : background == nil ? 1 : 2 }
+
     /// Width of one router input vector: the last dimension of every `seq.ID.inputs`.
     public var inputWidth: Int { routerInput.width(headDim: model.headDim) }
 
@@ -143,7 +146,7 @@ public struct Manifest: Equatable, Sendable {
     public var json: JSON {
         .object([
             ("format", .string(Manifest.format)),
-            ("version", .int(holdsPartialLayers ? 3 : background == nil ? 1 : 2)),
+            ("version", .int(version)),
             ("model", .object([
                 ("name", .string(model.name)), ("num_layers", .int(model.numLayers)),
                 ("num_kv_heads", .int(model.numKVHeads)), ("head_dim", .int(model.headDim)),

@@ -297,7 +297,7 @@ struct Inspect: ParsableCommand {
         }
         let shards = Set(manifest.sequences.map(\.shard)).count
         print("""
-        \(file): moqae-calibration store version \(manifest.background == nil ? 1 : 2), OK (\(quick ? "structure and delta_nll verified" : "every tensor verified"))
+        \(file): moqae-calibration store version \(manifest.version), OK (\(quick ? "structure and delta_nll verified" : "every tensor verified"))
           model \(manifest.model.name): \(manifest.model.numLayers) layers, \(manifest.model.numKVHeads) KV heads, head_dim \(manifest.model.headDim)
           \(store.sequences.count) sequences of \(manifest.seqLen) tokens in \(shards) shard(s), router input \(manifest.routerInput.rawValue) (\(manifest.inputWidth) dims, \(store.sequences.first.map { $0.inputs.dtype.rawValue } ?? "?"))
           chunk \(manifest.chunkSize), value_group \(manifest.valueGroup), sensitivity \(manifest.sensitivity), experts \(manifest.experts.map(\.description).joined(separator: ", "))
@@ -305,6 +305,10 @@ struct Inspect: ParsableCommand {
           delta_nll measured around \(manifest.background.map { "a background: layers at \($0.experts.map { manifest.experts[$0].name }.joined(separator: ",")), chunks before \($0.frozenChunks) at 16 bits" } ?? "fp16")
           fingerprint \(String(store.fingerprint, radix: 16))
         """)
+        if manifest.holdsPartialLayers {
+            let partial = manifest.firstHeldChunks.enumerated().filter { $0.element > 0 }.map { "layer \($0.offset) from chunk \($0.element)" }
+            print("  sliding layers' caches hold only their last chunks: \(partial.joined(separator: ", ")); the other layers hold every chunk")
+        }
     }
 }
 

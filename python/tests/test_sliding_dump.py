@@ -1,5 +1,5 @@
 """Dump, train and eval on windows longer than a sliding window (tiny random Gemma 3: sliding, global, sliding;
-Mistral: every layer sliding; W = 64 at 4 W = 256 tokens): the store says which chunks each layer's cache holds at
+Gemma 2: sliding, global, with soft-capping; Mistral: every layer sliding; W = 64 at 4 W = 256 tokens): the store says which chunks each layer's cache holds at
 the window's end (version 3), a sliding layer's older chunks have no sensitivity, and the trainer and evaluator
 route and count only what the caches hold, with the same bits on both sides."""
 import json
@@ -38,11 +38,11 @@ def sliding_dir(tmp_path_factory):
 def expected_first_held(family):
     """The serving rule written out: the next query (at T) sees T − W + 1 … T, so a sliding layer holds its chunks
     from (T − W + 1) // N on."""
-    sliding = {"gemma3": [True, False, True], "mistral": [True, True]}[family]
+    sliding = {"gemma3": [True, False, True], "gemma2": [True, False], "mistral": [True, True]}[family]
     return [(T - WINDOW + 1) // CHUNK if is_sliding else 0 for is_sliding in sliding]
 
 
-@pytest.mark.parametrize("family,background", [("gemma3", None), ("mistral", "int2")])
+@pytest.mark.parametrize("family,background", [("gemma3", None), ("gemma2", None), ("mistral", "int2")])
 def test_a_store_past_the_sliding_window_holds_what_the_caches_hold(family, background, sliding_dir, small_corpus,
                                                                      tmp_path, moqae_train):
     directory, store = sliding_dir(family), str(tmp_path / "store")
@@ -63,6 +63,7 @@ def test_a_store_past_the_sliding_window_holds_what_the_caches_hold(family, back
             assert delta[layer, :, max(first, 1):].abs().sum() > 0, layer
     inspected = subprocess.run([moqae_train, "inspect", store], capture_output=True, text=True)
     assert inspected.returncode == 0, inspected.stderr
+    assert "store version 3, OK" in inspected.stdout and "layer 0 from chunk 6" in inspected.stdout, inspected.stdout
 
     run_dir = str(tmp_path / "run")
     trained = train_on(moqae_train, store, run_dir, "router.group_size=1", "data.calibration_fraction=0.05",
@@ -93,6 +94,9 @@ def test_a_store_past_the_sliding_window_holds_what_the_caches_hold(family, back
                        "--seq-len", str(T), "--max-windows", "2", "--store", store, "--json")
     assert scored.returncode == 0, scored.stderr
     rows = {row["name"]: row for row in json.loads(scored.stdout)["results"]}
+    printed = run_moqae("eval", "--model", directory, "--text", small_corpus, "--router", router, "--tokenizer", "bytes",
+                        "--seq-len", str(T), "--max-windows", "1", "--no-baselines")
+    assert printed.returncode == 0 and "layer 0 from chunk 6" in printed.stdout, printed.stderr
     for name in ("router", "uniform int2", "static", "layer-wise"):
         per_layer = [sum(counts) for counts in rows[name]["decisions_per_layer"]]
         assert per_layer == [2 * heads * (T // CHUNK - max(1, first)) for first in held], name

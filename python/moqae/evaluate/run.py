@@ -143,5 +143,9 @@ def evaluate(model: str, text: str, router: str, *, tokenizer: str = "auto", seq
             else f"{task}: {len(text_windows)} records" if task_set else f"{text}: {len(text_windows)} windows")
     heading = (f"{what} of {seq_len} tokens; {router}: "
                f"{export.num_routers} router(s), experts {', '.join(e.name for e in export.experts)}")
+    partial = [f"layer {layer} from chunk {first}" for layer, first in enumerate(evaluation.layout.first_held) if first]
+    if partial:
+        heading += (f"\nsliding layers' caches hold only their last chunks at a window's end ({', '.join(partial)}): "
+                    "only those are routed and counted")
     return EvalReport(heading, len(text_windows), seq_len, [r.summary(bytes_per_token) for r in results], comparison,
                       baselines)

@@ -11,7 +11,7 @@ from ..corpus import read_texts, tokenizer_for
 from ..evaluate.plans import Layout, LayerPlan
 from ..evaluate.scoring import evaluate_plan
 from ..experts import parse_expert
-from ..model import load_model, model_shape
+from ..model import first_held_chunks, load_model, model_shape
 from ..tasks import passkey_windows, wilson_interval
 
 
@@ -31,7 +31,7 @@ def layer_plan_search(model, text, out, *, experts="int4,int2,k4v2,k2v4", window
     layers, heads, head_dim, _ = model_shape(lm.config)
     expert_set = [parse_expert(name) for name in experts.split(",")]   # no 16/16 expert needed: nothing is measured against it
     task = passkey_windows(read_texts([text])[0], tokenizer_for("bytes", model), seq_len, windows, task_seed)
-    layout = Layout(seq_len, 32, 1, layers, heads, head_dim, head_dim)
+    layout = Layout(seq_len, 32, 1, layers, heads, head_dim, head_dim, first_held_chunks(lm.config, seq_len, 32))
     rows = []
     plans = list(itertools.product(range(len(expert_set)), repeat=layers))
     for number, per_layer in enumerate(plans):
