@@ -57,7 +57,7 @@ let package = Package(
 
         .executableTarget(
             name: "moqae-train",
-            dependencies: ["MoQAETraining", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["MoQAERouter", "MoQAEStore", "MoQAETraining", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // MARK: - Tests
@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "MoQAEReferenceTests", dependencies: ["MoQAEExperts", "MoQAERouter", "MoQAEReference", "MoQAETestSupport"]),
         .testTarget(
             name: "MoQAETrainingTests",
-            dependencies: ["MoQAEExperts", "MoQAETraining", "MoQAEReference", "MoQAETestSupport", "moqae-train"],
+            dependencies: ["MoQAEExperts", "MoQAEStore", "MoQAERouter", "MoQAETraining", "MoQAEReference", "MoQAETestSupport", "moqae-train"],
             exclude: ["Golden/make_golden.py"],
             resources: [.copy("Golden/store"), .copy("Golden/golden.safetensors"), .copy("Golden/router-init.bin"), .copy("Golden/router-h5-max.bin")]
         ),

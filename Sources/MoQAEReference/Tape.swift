@@ -26,7 +26,7 @@ public final class Variable {
 /// Records primitive operations eagerly, in order, so reverse order is a topological order for backward.
 ///
 /// Only primitives have backward code; the router and the loss are built from them. Each primitive
-/// pairs a forward kernel and a backward kernel from `Kernels.swift`.
+/// pairs a forward kernel and a backward kernel from `TapeKernels.swift`.
 public final class Tape {
     private var variables: [Variable] = []
 
@@ -59,7 +59,7 @@ public final class Tape {
     private func output(rows: Int, cols: Int, inputs: [Variable], forward: (UnsafeMutablePointer<Float>) -> Void,
                         backward: @escaping (Variable) -> Void) -> Variable {
         var value = [Float](repeating: 0, count: rows * cols)
-        value.withUnsafeMutableBufferPointer { forward($0.baseAddress!) }
+        value.withUnsafeMutableBufferPointer { buffer in buffer.baseAddress.map(forward) }
         let requiresGrad = inputs.contains { $0.requiresGrad }
         return record(Variable(rows: rows, cols: cols, value: value, requiresGrad: requiresGrad, backward: requiresGrad ? backward : nil))
     }
@@ -183,7 +183,7 @@ public final class Tape {
 /// Calls `body` with a pointer to `v.grad`, or with nil when `v` needs no gradient.
 private func withOptionalGrad(_ v: Variable, _ body: (UnsafeMutablePointer<Float>?) -> Void) {
     if v.requiresGrad {
-        v.grad.withUnsafeMutableBufferPointer { body($0.baseAddress!) }
+        v.grad.withUnsafeMutableBufferPointer { buffer in buffer.baseAddress.map(body) }
     } else {
         body(nil)
     }

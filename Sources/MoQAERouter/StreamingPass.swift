@@ -18,7 +18,8 @@ import Darwin
 ///   so the chunk goes back with upstream `e_R` and `c(R)` is applied at the end;
 /// - expected loss: the upstream `λ·D_u[j] + (1−λ)·B_j/(16U)` is known at once, and `c(R) = 1`.
 ///
-/// One instance per worker thread; buffers are allocated once, never per block or token.
+/// One instance per worker thread; its buffers are allocated once, at init, and held for its life
+/// (`PinnedBuffer`), so the kernels take their pointers directly, never per block or token.
 public final class StreamingPass {
     public let layout: RoutingLayout
     public let experts: [Expert]
@@ -38,32 +39,32 @@ public final class StreamingPass {
     /// Whether the kernels use their wide register tiles (this CPU has AVX-512).
     private let wideTiles = moqae_router_wide_tiles()
     /// Per router `(2H, D)`: row j is column j of `[W1 W2]`.
-    private var w12t: [Float]
+    private let w12t: PinnedBuffer<Float>
     /// Per router `(H, M)`.
-    private var w3: [Float]
+    private let w3: PinnedBuffer<Float>
     /// `(blockChunks·N, D)`: the rows of the block being processed; the caller fills it.
-    public var block: [Float]
+    public let block: PinnedBuffer<Float>
     // Per-token values are stored column-major, `(M, rows)`, `(H, rows)` or `(2H, rows)`, so every
     // elementwise loop runs over contiguous tokens and vectorises.
     /// `(2H, rows)`: pre-activations a = x·W1 then b = x·W2.
-    private var preactivations: [Float]
+    private let preactivations: PinnedBuffer<Float>
     /// `(H, rows)` each: σ(a), h = SiLU(a) ⊙ b.
-    private var sigmoids: [Float], hidden: [Float]
+    private let sigmoids: PinnedBuffer<Float>, hidden: PinnedBuffer<Float>
     /// `(M, rows)`: p = softmax(h W3).
-    private var probabilities: [Float]
+    private let probabilities: PinnedBuffer<Float>
     /// `(max(2·rows, (M + 3H + 1)·N))`: the forward's softmax maxima and sums, or a chunk's backward intermediates.
-    private var scratch: [Float]
+    private let scratch: PinnedBuffer<Float>
     /// `(rows)`: each token's argmax expert.
-    private var tokenChoices: [Int32]
+    private let tokenChoices: PinnedBuffer<Int32>
     /// Per router and chosen expert `(2H, D)`: the gradient of `[W1 W2]`, transposed, over the sequence's chunks that chose it.
-    private var partsW12: [Float]
+    private let partsW12: PinnedBuffer<Float>
     /// Per router and chosen expert `(H, M)`: `hᵀ dz` over the sequence's chunks that chose it.
-    private var partsW3: [Float]
+    private let partsW3: PinnedBuffer<Float>
     /// `(M)`: a chunk's `P_u`, and the upstream gradient `dL/dP_u` it goes backward from.
-    private var unitProbabilities: [Float], upstream: [Float]
+    private let unitProbabilities: PinnedBuffer<Float>, upstream: PinnedBuffer<Float>
     /// Pooled chunks (`ChunkPooling.mean`, `.max`): `(M, N)` the chunk's `log p`, then `dL/dz` of its
     /// tokens; `(M)` the token of each expert's maximum.
-    private var chunkLogits: [Float], maxTokens: [Int]
+    private let chunkLogits: PinnedBuffer<Float>, maxTokens: PinnedBuffer<Int>
     /// `[router][unit]` decisions of the current sequence.
     public private(set) var decisions: [[Int]]
     /// Set by `process` when a block's token probabilities are not all finite: its inputs hold a NaN or
@@ -93,24 +94,24 @@ public final class StreamingPass {
                 }
             }
         }
-        (D, M, N, H) = (layout.inputDim, experts.count, layout.chunkSize, hiddenWidth ?? experts.count)
-        rows = self.blockChunks * N
-        let R = layout.routers
-        w12t = [Float](repeating: 0, count: R * 2 * H * D)
-        w3 = [Float](repeating: 0, count: R * H * M)
-        block = [Float](repeating: 0, count: rows * D)
-        preactivations = [Float](repeating: 0, count: 2 * H * rows)
-        sigmoids = [Float](repeating: 0, count: H * rows)
-        hidden = [Float](repeating: 0, count: H * rows)
-        probabilities = [Float](repeating: 0, count: M * rows)
-        scratch = [Float](repeating: 0, count: max(2 * rows, (M + 3 * H + 1) * N))
-        tokenChoices = [Int32](repeating: 0, count: rows)
-        partsW12 = [Float](repeating: 0, count: R * M * 2 * H * D)
-        partsW3 = [Float](repeating: 0, count: R * M * H * M)
-        unitProbabilities = [Float](repeating: 0, count: M)
-        upstream = [Float](repeating: 0, count: M)
-        chunkLogits = [Float](repeating: 0, count: M * N)
-        maxTokens = [Int](repeating: 0, count: M)
+        let (D, M, N, H) = (layout.inputDim, experts.count, layout.chunkSize, hiddenWidth ?? experts.count)
+        let (R, rows) = (layout.routers, blockChunks * N)
+        (self.D, self.M, self.N, self.H, self.rows) = (D, M, N, H, rows)
+        w12t = PinnedBuffer(count: R * 2 * H * D)
+        w3 = PinnedBuffer(count: R * H * M)
+        block = PinnedBuffer(count: rows * D)
+        preactivations = PinnedBuffer(count: 2 * H * rows)
+        sigmoids = PinnedBuffer(count: H * rows)
+        hidden = PinnedBuffer(count: H * rows)
+        probabilities = PinnedBuffer(count: M * rows)
+        scratch = PinnedBuffer(count: max(2 * rows, (M + 3 * H + 1) * N))
+        tokenChoices = PinnedBuffer(count: rows)
+        partsW12 = PinnedBuffer(count: R * M * 2 * H * D)
+        partsW3 = PinnedBuffer(count: R * M * H * M)
+        unitProbabilities = PinnedBuffer(count: M)
+        upstream = PinnedBuffer(count: M)
+        chunkLogits = PinnedBuffer(count: M * N)
+        maxTokens = PinnedBuffer(count: M)
         decisions = (0..<R).map { Array(repeating: 0, count: layout.units(of: $0)) }
     }
 
@@ -131,16 +132,12 @@ public final class StreamingPass {
             }
             for i in 0..<(H * M) { w3[r * H * M + i] = parameters.values[e3.offset + i] }
         }
-        for i in partsW12.indices { partsW12[i] = 0 }
-        for i in partsW3.indices { partsW3[i] = 0 }
+        partsW12.fill(0)
+        partsW3.fill(0)
         modelSum = 0
         bitsSum = 0
     }
 
-    /// Routes the `chunks` chunks in `block` (of router `router`, head `head`, starting at chunk
-    /// `firstChunk`) and, when `backward`, adds their gradient parts (which needs the sensitivity).
-    /// The kernels bring `prefetch` (the next block's stored inputs) into the CPU cache meanwhile:
-    /// the forward the first half, the chunks' backward passes a share each of the rest.
     /// Token probabilities `p (M, stride)` become softmax(z − price · bits) in place, from log p_j − price ·
     /// bits_j, and each token's choice their argmax (the lowest index among equals).
     private func applyBitsPrice(_ p: UnsafeMutablePointer<Float>, stride: Int, rows: Int, tokenChoices: UnsafeMutablePointer<Int32>) {
@@ -159,6 +156,10 @@ public final class StreamingPass {
         }
     }
 
+    /// Routes the `chunks` chunks in `block` (of router `router`, head `head`, starting at chunk
+    /// `firstChunk`) and, when `backward`, adds their gradient parts (which needs the sensitivity).
+    /// The kernels bring `prefetch` (the next block's stored inputs) into the CPU cache meanwhile:
+    /// the forward the first half, the chunks' backward passes a share each of the rest.
     public func process(router: Int, head: Int, firstChunk: Int, chunks: Int, backward: Bool, prefetch: UnsafeRawBufferPointer?) {
         precondition(chunks <= blockChunks && firstChunk >= layout.firstRoutedChunk(of: router) && firstChunk + chunks <= layout.chunks)
         precondition(!backward || sensitivity != nil, "backward needs the sequence's sensitivity")
@@ -166,87 +167,77 @@ public final class StreamingPass {
         let (D, M, N, H, stride) = (self.D, self.M, self.N, self.H, self.rows)
         let rows = chunks * N
         let firstUnit = head * layout.routedChunksPerHead(of: router) + firstChunk - layout.firstRoutedChunk(of: router)
-        block.withUnsafeBufferPointer { x in
-        preactivations.withUnsafeMutableBufferPointer { ab in
-        sigmoids.withUnsafeMutableBufferPointer { s in
-        hidden.withUnsafeMutableBufferPointer { h in
-        probabilities.withUnsafeMutableBufferPointer { p in
-        scratch.withUnsafeMutableBufferPointer { scratch in
-        tokenChoices.withUnsafeMutableBufferPointer { tokenChoices in
-        w12t.withUnsafeBufferPointer { w12t in
-        w3.withUnsafeBufferPointer { w3All in
-        partsW12.withUnsafeMutableBufferPointer { partsW12 in
-        partsW3.withUnsafeMutableBufferPointer { partsW3 in
-        unitProbabilities.withUnsafeMutableBufferPointer { unitP in
-        upstream.withUnsafeMutableBufferPointer { upstream in
-        chunkLogits.withUnsafeMutableBufferPointer { chunkLogits in
-        maxTokens.withUnsafeMutableBufferPointer { maxTokens in
-            let w3 = w3All.baseAddress! + router * H * M
-            let (ab, s, h, p) = (ab.baseAddress!, s.baseAddress!, h.baseAddress!, p.baseAddress!)
-            let prefetchBytes = prefetch?.count ?? 0
-            let forwardPrefetch = backward ? prefetchBytes / 2 : prefetchBytes
-            // Chunk c's share of the bytes after the forward's.
-            func backwardPrefetch(_ c: Int) -> (start: UnsafeRawPointer?, count: Int) {
-                let (first, end) = ((prefetchBytes - forwardPrefetch) * c / chunks, (prefetchBytes - forwardPrefetch) * (c + 1) / chunks)
-                return (prefetch?.baseAddress.map { $0 + forwardPrefetch + first }, end - first)
+        let x = block.pointer                                                   // (rows, D)
+        let (ab, s, h, p) = (preactivations.pointer, sigmoids.pointer, hidden.pointer, probabilities.pointer)
+        let (w12, w3) = (w12t.pointer + router * 2 * H * D, self.w3.pointer + router * H * M)
+        let (unitP, upstream) = (unitProbabilities.pointer, self.upstream.pointer)   // (M) each
+        let prefetchBytes = prefetch?.count ?? 0
+        let forwardPrefetch = backward ? prefetchBytes / 2 : prefetchBytes
+        // Chunk c's share of the bytes after the forward's.
+        func backwardPrefetch(_ c: Int) -> (start: UnsafeRawPointer?, count: Int) {
+            let (first, end) = ((prefetchBytes - forwardPrefetch) * c / chunks, (prefetchBytes - forwardPrefetch) * (c + 1) / chunks)
+            return (prefetch?.baseAddress.map { $0 + forwardPrefetch + first }, end - first)
+        }
+
+        // Forward: a, b = x·W1, x·W2 (2H, rows); h = SiLU(a) ⊙ b; p = softmax(h·W3) (M, rows); each token's argmax.
+        moqae_router_forward(x, rows, D, M, H, w12, w3, stride, ab, s, h, p, tokenChoices.pointer, scratch.pointer, wideTiles,
+                             prefetch?.baseAddress, forwardPrefetch)
+        if !(0..<M).allSatisfy({ j in (0..<rows).allSatisfy { p[j * stride + $0].isFinite } }) { sawNonFiniteInputs = true }
+        if bitsPrice != 0 { applyBitsPrice(p, stride: stride, rows: rows, tokenChoices: tokenChoices.pointer) }
+
+        for c in 0..<chunks {
+            // The chunk's decision R_u and P_u (M) under the layout's pooling.
+            let chunkRows = (c * N)..<((c + 1) * N)
+            let choice: Int
+            if layout.pooling == .vote {
+                choice = chunkChoice(experts: experts) { counts in
+                    for t in chunkRows { counts[Int(tokenChoices[t])] += 1 }
+                }
+            } else {
+                poolChunk(p + chunkRows.lowerBound, stride: stride, logP: chunkLogits.pointer, maxTokens: maxTokens.pointer, unitP: unitP)
+                choice = pooledChoice(UnsafeBufferPointer(start: unitP, count: M), experts: experts)
             }
-            moqae_router_forward(x.baseAddress!, rows, D, M, H, w12t.baseAddress! + router * 2 * H * D, w3, stride,
-                                 ab, s, h, p, tokenChoices.baseAddress!, scratch.baseAddress!, wideTiles, prefetch?.baseAddress, forwardPrefetch)
-            if !(0..<M).allSatisfy({ j in (0..<rows).allSatisfy { p[j * stride + $0].isFinite } }) { sawNonFiniteInputs = true }
-            if bitsPrice != 0 { applyBitsPrice(p, stride: stride, rows: rows, tokenChoices: tokenChoices.baseAddress!) }
-            for c in 0..<chunks {
-                let chunkRows = (c * N)..<((c + 1) * N)
-                let choice: Int
-                if layout.pooling == .vote {
-                    choice = chunkChoice(experts: experts) { counts in
-                        for t in chunkRows { counts[Int(tokenChoices[t])] += 1 }
-                    }
-                } else {
-                    poolChunk(p + chunkRows.lowerBound, stride: stride, logP: chunkLogits.baseAddress!, maxTokens: maxTokens.baseAddress!,
-                              unitP: unitP.baseAddress!)
-                    choice = pooledChoice(UnsafeBufferPointer(unitP), experts: experts)
-                }
-                decisions[router][firstUnit + c] = choice
-                guard backward else { continue }
-                if layout.pooling == .vote {
-                    for j in 0..<M {
-                        var sum: Float = 0
-                        for t in chunkRows { sum += p[j * stride + t] }
-                        unitP[j] = sum / Float(N)
-                    }
-                }
-                switch loss.kind {
-                case .paper:
-                    let bits = experts[choice].bitWidth
-                    modelSum += Double(unitP[choice]) / bits
-                    bitsSum += Double(unitP[choice]) * bits
-                    for j in 0..<M { upstream[j] = j == choice ? 1 : 0 }
-                case .expected:
-                    guard let sensitivity else { preconditionFailure("backward with the expected loss needs the sequence's sensitivity") }
-                    let (unitLayers, chunk, U) = (layout.layers(of: router), firstChunk + c, Double(layout.unitsPerSequence))
-                    for (j, expert) in experts.enumerated() {
-                        let delta = Double(sensitivity.unitDelta(layers: unitLayers, head: head, chunk: chunk, expert: j))
-                        modelSum += Double(unitP[j]) * delta
-                        bitsSum += Double(unitP[j]) * expert.bitWidth
-                        upstream[j] = Float(loss.combined(model: delta, memory: UnitLossWeight.memory(expert: expert, units: U)))
-                    }
-                }
-                let (part, first, share) = (router * M + choice, chunkRows.lowerBound, backwardPrefetch(c))
-                if layout.pooling == .vote {
-                    moqae_router_backward_chunk(x.baseAddress! + first * D, N, D, M, H, w3, stride, ab + first, s + first, h + first, p + first,
-                                                upstream.baseAddress!, scratch.baseAddress!,
-                                                partsW12.baseAddress! + part * 2 * H * D, partsW3.baseAddress! + part * H * M,
-                                                wideTiles, share.start, share.count)
-                } else {
-                    pooledLogitGradient(p + first, stride: stride, unitP: unitP.baseAddress!, upstream: upstream.baseAddress!,
-                                        maxTokens: maxTokens.baseAddress!, logitGradient: chunkLogits.baseAddress!)
-                    moqae_router_backward_chunk_logits(x.baseAddress! + first * D, N, D, M, H, w3, stride, ab + first, s + first, h + first,
-                                                       chunkLogits.baseAddress!, scratch.baseAddress!,
-                                                       partsW12.baseAddress! + part * 2 * H * D, partsW3.baseAddress! + part * H * M,
-                                                       wideTiles, share.start, share.count)
+            decisions[router][firstUnit + c] = choice
+            guard backward else { continue }
+            if layout.pooling == .vote {
+                for j in 0..<M {
+                    var sum: Float = 0
+                    for t in chunkRows { sum += p[j * stride + t] }
+                    unitP[j] = sum / Float(N)
                 }
             }
-        }}}}}}}}}}}}}}}
+
+            // The loss terms and the upstream dL/dP_u (M).
+            switch loss.kind {
+            case .paper:
+                let bits = experts[choice].bitWidth
+                modelSum += Double(unitP[choice]) / bits
+                bitsSum += Double(unitP[choice]) * bits
+                for j in 0..<M { upstream[j] = j == choice ? 1 : 0 }
+            case .expected:
+                guard let sensitivity else { preconditionFailure("backward with the expected loss needs the sequence's sensitivity") }
+                let (unitLayers, chunk, U) = (layout.layers(of: router), firstChunk + c, Double(layout.unitsPerSequence))
+                for (j, expert) in experts.enumerated() {
+                    let delta = Double(sensitivity.unitDelta(layers: unitLayers, head: head, chunk: chunk, expert: j))
+                    modelSum += Double(unitP[j]) * delta
+                    bitsSum += Double(unitP[j]) * expert.bitWidth
+                    upstream[j] = Float(loss.combined(model: delta, memory: UnitLossWeight.memory(expert: expert, units: U)))
+                }
+            }
+
+            // Backward into the gradient part of the chosen expert: (2H, D) and (H, M).
+            let (part, first, share) = (router * M + choice, chunkRows.lowerBound, backwardPrefetch(c))
+            let (part12, part3) = (partsW12.pointer + part * 2 * H * D, partsW3.pointer + part * H * M)
+            if layout.pooling == .vote {
+                moqae_router_backward_chunk(x + first * D, N, D, M, H, w3, stride, ab + first, s + first, h + first, p + first,
+                                            upstream, scratch.pointer, part12, part3, wideTiles, share.start, share.count)
+            } else {
+                pooledLogitGradient(p + first, stride: stride, unitP: unitP, upstream: upstream, maxTokens: maxTokens.pointer,
+                                    logitGradient: chunkLogits.pointer)
+                moqae_router_backward_chunk_logits(x + first * D, N, D, M, H, w3, stride, ab + first, s + first, h + first,
+                                                   chunkLogits.pointer, scratch.pointer, part12, part3, wideTiles, share.start, share.count)
+            }
+        }
     }
 
     /// A pooled chunk's forward: `logP (M, N)` = log p of its tokens (p: the chunk's first token in the
@@ -338,4 +329,29 @@ public final class StreamingPass {
         }
         return (loss.combined(model: modelTerm, memory: memoryTerm), modelTerm, memoryTerm, lNLL)
     }
+}
+
+/// A buffer of `count` elements, allocated once and zeroed, freed with its owner: a pass hands its
+/// pointer to the kernels directly, with no closure around each use.
+public final class PinnedBuffer<Element: AdditiveArithmetic> {
+    public let pointer: UnsafeMutablePointer<Element>
+    public let count: Int
+
+    public init(count: Int) {
+        self.count = count
+        pointer = .allocate(capacity: max(1, count))
+        pointer.initialize(repeating: .zero, count: max(1, count))
+    }
+
+    deinit {
+        pointer.deinitialize(count: max(1, count))
+        pointer.deallocate()
+    }
+
+    public subscript(index: Int) -> Element {
+        get { pointer[index] }
+        set { pointer[index] = newValue }
+    }
+
+    public func fill(_ value: Element) { pointer.update(repeating: value, count: count) }
 }

@@ -116,8 +116,7 @@ public final class CalibrationStore: @unchecked Sendable {
         }
         for (index, header) in headers.enumerated() {
             if let stray = header.tensors.first(where: { !claimed[index].contains($0.name) }) {
-                throw .tensor(path: path + "/" + manifest.sequences.first { shardIndex[$0.shard] == index }!.shard,
-                              tensor: stray.name, reason: "not listed in the manifest")
+                throw .tensor(path: shards[index].path, tensor: stray.name, reason: "not listed in the manifest")
             }
         }
         self.sequences = sequences
@@ -142,25 +141,28 @@ public final class CalibrationStore: @unchecked Sendable {
         return start..<(start + inputLayerBytes(sequence))
     }
 
+    /// Offset in the shard file of the inputs of `tokens` of one head of one layer.
+    private func inputOffset(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>) -> Int {
+        layerRange(sequence, layer: layer).lowerBound + (head * sequence.tokens + tokens.lowerBound) * inputWidth * sequence.inputs.dtype.byteSize
+    }
+
     /// The mapped bytes of the inputs of `tokens` of one head of one layer, `(tokens.count, W)` in the store's dtype.
     public func inputBytes(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>) -> UnsafeRawBufferPointer {
-        let elementBytes = sequence.inputs.dtype.byteSize
-        let firstElement = (head * sequence.tokens + tokens.lowerBound) * inputWidth
-        let start = shards[sequence.shard].bytes.baseAddress! + layerRange(sequence, layer: layer).lowerBound + firstElement * elementBytes
-        return UnsafeRawBufferPointer(start: start, count: tokens.count * inputWidth * elementBytes)
+        UnsafeRawBufferPointer(start: shards[sequence.shard].start + inputOffset(sequence, layer: layer, head: head, tokens: tokens),
+                               count: tokens.count * inputWidth * sequence.inputs.dtype.byteSize)
     }
 
     /// Converts the inputs of `tokens` of one head of one layer to Float32 rows: `out` is `(tokens.count, W)`.
     public func readInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
-        let source = inputBytes(sequence, layer: layer, head: head, tokens: tokens)
+        let source = shards[sequence.shard].start + inputOffset(sequence, layer: layer, head: head, tokens: tokens)
         let count = tokens.count * inputWidth
         switch sequence.inputs.dtype {
         case .f32:
-            UnsafeMutableRawPointer(out).copyMemory(from: source.baseAddress!, byteCount: source.count)
+            UnsafeMutableRawPointer(out).copyMemory(from: source, byteCount: count * 4)
         case .f16:
-            HalfPrecision.decodeF16(source.baseAddress!, count: count, into: out)
+            HalfPrecision.decodeF16(source, count: count, into: out)
         case .bf16:
-            HalfPrecision.decodeBF16(source.baseAddress!, count: count, into: out)
+            HalfPrecision.decodeBF16(source, count: count, into: out)
         default:
             preconditionFailure("input dtype was checked at open")
         }
@@ -169,8 +171,7 @@ public final class CalibrationStore: @unchecked Sendable {
     /// Maps the inputs of `tokens` of one head of one layer into the process ahead of use (see
     /// `MappedFile.populate`) and returns their bytes, as `inputBytes`.
     public func populateInputs(_ sequence: Sequence, layer: Int, head: Int, tokens: Range<Int>) -> UnsafeRawBufferPointer {
-        let bytes = inputBytes(sequence, layer: layer, head: head, tokens: tokens)
-        let start = bytes.baseAddress! - shards[sequence.shard].bytes.baseAddress!
+        let (bytes, start) = (inputBytes(sequence, layer: layer, head: head, tokens: tokens), inputOffset(sequence, layer: layer, head: head, tokens: tokens))
         shards[sequence.shard].populate(start..<(start + bytes.count))
         return bytes
     }
@@ -201,10 +202,12 @@ public final class CalibrationStore: @unchecked Sendable {
     public func checkInputsFinite(_ sequence: Sequence) throws(StoreError) {
         let T = sequence.tokens
         let W = inputWidth
-        var row = [Float](repeating: 0, count: T * W)
+        let buffer = UnsafeMutablePointer<Float>.allocate(capacity: max(1, T * W))
+        defer { buffer.deallocate() }
+        let row = UnsafeBufferPointer(start: buffer, count: T * W)   // (T, W)
         for layer in 0..<model.numLayers {
             for head in 0..<model.numKVHeads {
-                row.withUnsafeMutableBufferPointer { readInputs(sequence, layer: layer, head: head, tokens: 0..<T, into: $0.baseAddress!) }
+                readInputs(sequence, layer: layer, head: head, tokens: 0..<T, into: buffer)
                 if let bad = row.firstIndex(where: { !$0.isFinite }) {
                     throw .tensor(path: shardPath(of: sequence), tensor: "seq.\(sequence.id).inputs",
                                   reason: "non-finite value \(row[bad]) at [\(layer), \(head), \(bad / W), \(bad % W)]")
@@ -244,8 +247,7 @@ public final class CalibrationStore: @unchecked Sendable {
     /// Copies a small F32 tensor out of the mapping and drops its pages from the process.
     private func readFloats(_ shard: Int, _ info: TensorInfo) -> [Float] {
         let offset = shardHeaders[shard].dataOffset + info.dataRange.lowerBound
-        let base = shards[shard].bytes.baseAddress! + offset
-        let values = (0..<info.elementCount).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
+        let values = (0..<info.elementCount).map { shards[shard].bytes.loadUnaligned(fromByteOffset: offset + 4 * $0, as: Float.self) }
         shards[shard].release(offset..<(offset + info.dataRange.count))
         return values
     }

@@ -48,6 +48,9 @@ private func fileKind(_ mode: mode_t) -> String {
 public final class MappedFile: @unchecked Sendable {
     public let path: String
     public let bytes: UnsafeRawBufferPointer
+    /// The first byte of `bytes` (of a one-byte allocation for an empty file): offsets into the file add to it.
+    public let start: UnsafeRawPointer
+    /// The mapping; nil for an empty file.
     private let base: UnsafeMutableRawPointer?
 
     /// Maps a regular file. Opening never blocks (O_NONBLOCK: a FIFO without a writer is refused at once
@@ -69,12 +72,14 @@ public final class MappedFile: @unchecked Sendable {
         }
         if size == 0 {
             base = nil
-            bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+            start = UnsafeRawPointer(UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 16))
+            bytes = UnsafeRawBufferPointer(start: start, count: 0)
             return
         }
         let pointer = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
         guard let pointer, pointer != MAP_FAILED else { throw FileError(path: path, operation: "mmap") }
         base = pointer
+        start = UnsafeRawPointer(pointer)
         bytes = UnsafeRawBufferPointer(start: pointer, count: size)
     }
 
@@ -103,7 +108,7 @@ public final class MappedFile: @unchecked Sendable {
     }
 
     deinit {
-        if let base { munmap(base, bytes.count) }
+        if let base { munmap(base, bytes.count) } else { UnsafeMutableRawPointer(mutating: start).deallocate() }
     }
 }
 
@@ -130,9 +135,10 @@ public struct FileSink {
 
     /// Writes all of `bytes`, retrying short writes.
     public func write(_ bytes: UnsafeRawBufferPointer) throws(FileError) {
+        guard let start = bytes.baseAddress else { return }   // nothing to write
         var written = 0
         while written < bytes.count {
-            let result = Glibc.write(fd, bytes.baseAddress! + written, bytes.count - written)
+            let result = Glibc.write(fd, start + written, bytes.count - written)
             if result < 0 {
                 if errno == EINTR { continue }
                 throw FileError(path: path, operation: "write")

@@ -223,8 +223,8 @@ public struct Checkpoint: Equatable {
                 guard let info = header.tensor(named: name), info.dtype == .f32, info.shape == [entry.rows, entry.cols] else {
                     throw fail(.invalidTensor(name: name, rows: entry.rows, cols: entry.cols))
                 }
-                let base = bytes.baseAddress! + header.dataOffset + info.dataRange.lowerBound
-                let values = (0..<entry.count).map { base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self) }
+                let offset = header.dataOffset + info.dataRange.lowerBound
+                let values = (0..<entry.count).map { bytes.loadUnaligned(fromByteOffset: offset + 4 * $0, as: Float.self) }
                 guard values.allSatisfy(\.isFinite) else { throw fail(.nonFiniteTensor(name: name)) }
                 switch destination {
                 case 0: parameters.values.replaceSubrange(entry.range, with: values)

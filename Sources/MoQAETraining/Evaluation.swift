@@ -239,7 +239,7 @@ func lagrangianAllocation(options: [Double], experts M: Int, unitBits: [Double],
         }
         return (choices, bits)
     }
-    let cheapest = unitBits.indices.min { unitBits[$0] < unitBits[$1] }!
+    let cheapest = unitBits.indices.min { unitBits[$0] < unitBits[$1] } ?? 0
     let first = allocate(0)
     if first.bits <= budget { return first.choices }
     var low = 0.0, high = 1e-12

@@ -51,24 +51,24 @@ public final class SequenceStreamer: @unchecked Sendable {
     public func batchGradient(_ batch: [CalibrationStore.Sequence], upcoming: [CalibrationStore.Sequence] = [],
                               parameters: RouterParameters, loss: LossSettings) throws(StoreError) -> (gradient: [Float], figures: BatchFigures, decisions: [[[Int]]]) {
         let count = parameters.values.count, M = data.experts.count
-        var sequenceGradients = [Float](repeating: 0, count: batch.count * count)  // (batch, parameters)
+        let sequenceGradients = PinnedBuffer<Float>(count: batch.count * count)  // (batch, parameters)
         var results = [(loss: Double, modelTerm: Double, memoryTerm: Double, estimatedNLL: Double)](repeating: (0, 0, 0, 0), count: batch.count)
         var decisions = [[[Int]]](repeating: [], count: batch.count)
         let scale = 1 / Double(batch.count)
-        try sequenceGradients.withUnsafeMutableBufferPointer { (gradients) throws(StoreError) in
         try results.withUnsafeMutableBufferPointer { (results) throws(StoreError) in
         try decisions.withUnsafeMutableBufferPointer { (decisions) throws(StoreError) in
             // Each index is written by one worker only.
-            let (gradients, results, decisions) = (UncheckedSendable(gradients), UncheckedSendable(results), UncheckedSendable(decisions))
+            let (gradients, results, decisions) = (UncheckedSendable(sequenceGradients.pointer), UncheckedSendable(results),
+                                                   UncheckedSendable(decisions))
             try forEachSequence(batch, upcoming: upcoming) { (index, sequence, pass, readahead) throws(StoreError) in
                 pass.begin(parameters: parameters, loss: loss, sensitivity: data.sensitivity(of: sequence))
                 try stream(sequence, through: pass, backward: true, readahead: readahead)
                 try data.store.checkShardIntact(sequence)
                 results.value[index] = pass.finish(nll: data.store.nll(of: sequence), scale: scale,
-                                                   gradient: gradients.value.baseAddress! + index * count)
+                                                   gradient: gradients.value + index * count)
                 decisions.value[index] = pass.decisions
             }
-        }}}
+        }}
         var gradient = [Float](repeating: 0, count: count)
         for index in batch.indices {
             for i in 0..<count { gradient[i] += sequenceGradients[index * count + i] }
@@ -141,9 +141,7 @@ public final class SequenceStreamer: @unchecked Sendable {
             let leader = layout.leaderLayer(of: block.router)
             try data.store.checkShardIntact(sequence)
             if index == 0 || blocks[index - 1].router != block.router { readahead.advance() }
-            pass.block.withUnsafeMutableBufferPointer { rows in
-                data.store.readInputs(sequence, layer: leader, head: block.head, tokens: block.tokens, into: rows.baseAddress!)
-            }
+            data.store.readInputs(sequence, layer: leader, head: block.head, tokens: block.tokens, into: pass.block.pointer)
             let next = index + 1 < blocks.count ? blocks[index + 1] : nil
             // Mapped now, so that the kernels' cache prefetches of the next block are not dropped.
             let prefetch = next.map { data.store.populateInputs(sequence, layer: layout.leaderLayer(of: $0.router), head: $0.head, tokens: $0.tokens) }

@@ -77,7 +77,8 @@ public enum SyntheticStore {
                 lossTensors.append(SequenceLossTensors(id: id, tokens: T, nll: 2 + random.uniform(-0.2, 0.2), deltaNLL: delta))
             }
             try writer.writeShard(lossTensors) { [scales, lossTensors] index, layer, out in
-                let base = UncheckedSendable(out.baseAddress!)
+                guard let start = out.baseAddress else { return }   // an empty layer: nothing to write
+                let base = UncheckedSendable(start)
                 let id = lossTensors[index].id, scales = scales[index]
                 DispatchQueue.concurrentPerform(iterations: H) { head in
                     var random = RandomGenerator(seed: seed ^ (id &* 0xD1B5_4A32_D192_ED03) ^ UInt64(layer * H + head) &* 0x9E37_79B9_7F4A_7C15)

@@ -1,4 +1,4 @@
-"""python -m moqae dump | eval | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | needle-signal | layer-plan-search | soak | merge — see README.md."""
+"""python -m moqae (or `moqae`) dump | eval | calibrate-bits | pareto | generate | serve-passkey | serve-benchmark | plot | benchmark | sensitivity-benchmark | needle-signal | layer-plan-search | length-benchmark | device-check | soak | merge — see README.md."""
 import argparse
 import json
 import os
