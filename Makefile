@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 BIN := .build/release/moqae-train
 CONFIG ?= configs/default.yaml
-STORE ?= stores/wt2-byte-llama
+STORE ?= calibration/wt2-byte-llama
 VENV := python/.venv
 PY := $(VENV)/bin/python
 MOQAE := $(VENV)/bin/moqae
@@ -78,7 +78,7 @@ pareto: build store
 ## of them with a needle (`make passkey-store`); routers under PASSKEY_CONFIG's bits budget; then
 ## pass-key accuracy and bits per byte of every plan on PASSKEY_WINDOWS needle windows of test.txt.
 PASSKEY_MODEL ?= models/passkey-byte-llama
-PASSKEY_STORE ?= stores/passkey-byte-llama
+PASSKEY_STORE ?= calibration/passkey-byte-llama
 PASSKEY_SEQ_LEN ?= 2048
 PASSKEY_CONFIG ?= configs/passkey-3.0.yaml
 PASSKEY_RUN_DIR ?= checkpoints/passkey
@@ -117,7 +117,7 @@ passkey: build passkey-store
 ## The router that reads the needle: sensitivities measured around the deployed int2 plan with the answers'
 ## part exact (half of valid.txt's 2,048-byte windows: 98 minutes on 2 cores), a 2.4-bit budget, then `make
 ## passkey`'s evaluation with the content-blind layer plans near those bits (docs/router-variants.md).
-NEEDLE_STORE ?= stores/passkey-bg-int2
+NEEDLE_STORE ?= calibration/passkey-bg-int2
 NEEDLE_CONFIG ?= configs/passkey-needle-2.4.yaml
 NEEDLE_RUN_DIR ?= checkpoints/passkey-needle
 passkey-needle:

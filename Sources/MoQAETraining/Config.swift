@@ -144,7 +144,7 @@ public struct ConfigKey: Sendable {
 /// The trainer's configuration: every key, typed, with the paper's defaults.
 public struct TrainingConfig: Equatable, Sendable {
     public static let keys: [ConfigKey] = [
-        ConfigKey(path: "store", kind: .string, defaultValue: .string("stores/wt2-byte-llama"),
+        ConfigKey(path: "store", kind: .string, defaultValue: .string("calibration/wt2-byte-llama"),
                   help: "calibration store directory (relative paths are taken from the working directory)"),
         ConfigKey(path: "run_dir", kind: .string, defaultValue: .string("checkpoints/default"),
                   help: "run directory: checkpoints, metrics.jsonl, eval.jsonl"),

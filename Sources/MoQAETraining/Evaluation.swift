@@ -142,6 +142,26 @@ public func staticPlan(data: RoutedStore, budget: Double) -> [Int] {
     return lagrangianAllocation(options: costs, experts: M, unitBits: data.setup.unitBits, budget: budget)
 }
 
+/// What `moqae-train eval` reports: router weights (a checkpoint's, or an export's with its `path`) on the
+/// validation split of `config`'s store; an export's experts are matched to the store's by their bits, and
+/// its routers decide under its bits price. Errors name the store, the export or the config key (`source`).
+public func evaluationReport(parameters: RouterParameters, config: TrainingConfig, source: String,
+                             export: (RouterExport, path: String)?) throws -> ValidationReport {
+    let store = try CalibrationStore(path: config.storePath)
+    let config = try export.map { try config.routing(of: $0.0, path: $0.path, on: store) } ?? config
+    let data = try RoutedStore(store: store, config: config, source: source)
+    guard data.layout.routers == parameters.routers, data.layout.inputDim == parameters.inputDim,
+          data.experts.count == parameters.experts else {
+        throw ExportError(path: export?.path ?? source, reason: .routersDoNotFit(routers: parameters.routers, inputDim: parameters.inputDim,
+                                                                                experts: parameters.experts, store: store.path))
+    }
+    guard let report = try validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters,
+                                            bitsPrice: export?.0.bitsPrice ?? 0) else {
+        throw ConfigError(location: source, key: "data.validation_fraction", reason: .noValidationSequences(store: store.path))
+    }
+    return report
+}
+
 /// Runs the routers over the validation split and compares their decisions with the static plan and
 /// the prescient allocation at the router's bits (with constants), and with every uniform expert; an
 /// export's routers decide under its bits price.

@@ -212,20 +212,8 @@ struct Evaluate: ParsableCommand {
                 source = "\(path) (stored config)"
             }
             reportMappedFileFaults(naming: config.storePath)
-            let store = try CalibrationStore(path: config.storePath)
-            if let export {
-                config = try config.routing(of: export, path: file, on: store)
-            }
-            let data = try RoutedStore(store: store, config: config, source: source)
-            guard data.layout.routers == parameters.routers, data.layout.inputDim == parameters.inputDim,
-                  data.experts.count == parameters.experts else {
-                throw ExportError(path: file, reason: .routersDoNotFit(routers: parameters.routers, inputDim: parameters.inputDim,
-                                                                       experts: parameters.experts, store: store.path))
-            }
-            guard let report = try validationReport(streamer: SequenceStreamer(data: data, workers: config.threads), parameters: parameters,
-                                                    bitsPrice: export?.bitsPrice ?? 0) else {
-                throw ConfigError(location: source, key: "data.validation_fraction", reason: .noValidationSequences(store: store.path))
-            }
+            let report = try evaluationReport(parameters: parameters, config: config, source: source,
+                                              export: export.map { ($0, file) })
             print(json ? report.json.serialized : report.text)
         }
     }

@@ -6,7 +6,7 @@ import re
 import sys
 
 from . import MoqaeError, __version__
-from .router import ROUTER_INPUTS
+from .router_inputs import ROUTER_INPUTS
 
 
 def byte_size(text):
@@ -35,18 +35,36 @@ def numbers(text):
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
 
 
+def shared_options():
+    """Parent parsers of the options several commands take, each said once: (tokenizer, value group, device,
+    device map, model dtype)."""
+    def option(*args, **kwargs):
+        parent = argparse.ArgumentParser(add_help=False)
+        parent.add_argument(*args, **kwargs)
+        return parent
+    return (option("--tokenizer", choices=["auto", "bytes"], default="auto",
+                   help="auto: the model directory's tokenizer; bytes: raw UTF-8 bytes as ids"),
+            option("--value-group", type=positive_int,
+                   help="channels per value quantization group (default: the store's where one is given, else the "
+                        "head dimension; a router is served with the value group of the store it was trained on)"),
+            option("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N"),
+            option("--device-map", help="passed to from_pretrained, e.g. auto for models larger than one GPU"),
+            option("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: float32 on CPU, bfloat16 on CUDA"))
+
+
 def parser():
+    tokenizer, value_group, device, device_map, model_dtype = shared_options()
     root = argparse.ArgumentParser(prog="python -m moqae", description="Calibration stores for moqae-train; evaluating and serving its routers.")
     root.add_argument("--version", action="version", version=__version__)
     commands = root.add_subparsers(dest="command", required=True)
 
-    dump = commands.add_parser("dump", help="dump a store from a local Hugging Face causal LM and a text corpus")
+    dump = commands.add_parser("dump", help="dump a store from a local Hugging Face causal LM and a text corpus",
+                               parents=[tokenizer, value_group, device, device_map, model_dtype])
     dump.add_argument("--model", required=True, help="model directory (config.json and weights); never downloaded")
     dump.add_argument("--corpus", required=True, nargs="+", help=".txt or .jsonl files (jsonl: a \"text\" field per line)")
     dump.add_argument("--out", required=True, help="store directory to create")
-    dump.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto",
-                      help="auto: the model directory's tokenizer; bytes: raw UTF-8 bytes as ids")
-    dump.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096 and the shortest sliding window)")
+    dump.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
     dump.add_argument("--fraction", type=float, default=0.10,
                       help="dump the windows with u(id) < FRACTION (default 0.10: calibration and validation splits)")
     dump.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
@@ -59,7 +77,6 @@ def parser():
                       help="with --passkey: each answer token of a pass-key window counts as this many tokens in the "
                            "loss whose change delta_nll measures (default 1: the plain mean NLL)")
     dump.add_argument("--chunk-size", type=int, default=32, help="tokens per unit (default 32)")
-    dump.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
     dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
                       help="how delta_nll is estimated (exact: the NLL change with each unit quantized alone, one "
@@ -78,22 +95,17 @@ def parser():
                       help="dtype of the stored router inputs (default float16)")
     dump.add_argument("--shard-size", type=byte_size, default=1 << 30, help="bytes per shard at most (default 1G)")
     dump.add_argument("--resume", action="store_true", help="continue an interrupted dump into --out")
-    dump.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    dump.add_argument("--device-map", help="passed to from_pretrained, e.g. auto for models larger than one GPU")
-    dump.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                      help="auto: float32 on CPU, bfloat16 on CUDA")
     dump.add_argument("--num-shards", type=int, default=1, help="parallel dump: number of processes")
     dump.add_argument("--shard-index", type=int, default=0, help="parallel dump: this process's index")
 
-    evaluate = commands.add_parser("eval", help="real perplexity under a router export, beside the baselines")
+    evaluate = commands.add_parser("eval", help="real perplexity under a router export, beside the baselines",
+                                   parents=[tokenizer, value_group, device, device_map, model_dtype])
     evaluate.add_argument("--model", required=True, help="model directory")
     evaluate.add_argument("--text", required=True, help="evaluation text (.txt or .jsonl); every window is scored")
     evaluate.add_argument("--router", required=True, help="MQAE export written by moqae-train export")
-    evaluate.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
-    evaluate.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096 and the shortest sliding window)")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
     evaluate.add_argument("--store", help="calibration store: its value_group, and the layer-wise baseline's search")
     evaluate.add_argument("--calibration-fraction", type=float, default=0.05, help="the store's calibration split")
-    evaluate.add_argument("--value-group", type=int, help="value quantization group (default: the store's, else head dim)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     evaluate.add_argument("--max-windows", type=int,
                           help="score only the first N windows (quick checks); with --task passkey, how many (default 200)")
@@ -107,34 +119,28 @@ def parser():
                           help="also score this content-blind plan: one expert per layer, by name, e.g. int4,int2,int2,int2 "
                                "(repeatable; chunk 0 and the tail as the router's)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--device-map")
-    evaluate.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
 
     budget = commands.add_parser("calibrate-bits",
-                                 help="write a router export whose bits price lands it on a payload-bits target on calibration text")
+                                 help="write a router export whose bits price lands it on a payload-bits target on calibration text",
+                                 parents=[tokenizer, value_group, device, model_dtype])
     budget.add_argument("--model", required=True, help="model directory")
     budget.add_argument("--text", required=True, help="calibration text (valid.txt, never the text you evaluate on)")
     budget.add_argument("--router", required=True, help="MQAE export written by moqae-train export")
     budget.add_argument("--out", required=True, help="the calibrated export to write (must not exist)")
     budget.add_argument("--target-bits", type=float, required=True, help="average payload bits to land on, as eval reports them")
-    budget.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
     budget.add_argument("--seq-len", type=positive_int, help="tokens per window (default as eval's)")
     budget.add_argument("--task", metavar="passkey|FILE.jsonl", help="calibrate on the windows of this task built from --text, as eval does")
     budget.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     budget.add_argument("--max-windows", type=positive_int, help="windows to calibrate on (default all; with --task passkey 200)")
-    budget.add_argument("--value-group", type=positive_int, help="value quantization group (default: head dim)")
     budget.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
-    budget.add_argument("--device", default="auto")
-    budget.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
 
-    pareto = commands.add_parser("pareto", help="routers at several λ against every baseline: table and plot")
+    pareto = commands.add_parser("pareto", help="routers at several λ against every baseline: table and plot",
+                                 parents=[tokenizer, device])
     pareto.add_argument("--moqae-train", required=True, help="path of the moqae-train binary")
     pareto.add_argument("--config", default="configs/default.yaml", help="moqae-train config")
     pareto.add_argument("--store", required=True, help="calibration store to train on")
     pareto.add_argument("--model", required=True)
     pareto.add_argument("--text", required=True, help="evaluation text")
-    pareto.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
     pareto.add_argument("--out", required=True, help="directory for the runs, pareto.json, pareto.md, pareto.png")
     pareto.add_argument("--lambdas", type=numbers, default="0.1,0.3,0.5,0.7,0.9", help="λ of the paper-loss runs (empty: none)")
     pareto.add_argument("--config-run", action="append", metavar="FILE[:KEY=VALUE,...]",
@@ -148,7 +154,6 @@ def parser():
     pareto.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
     pareto.add_argument("--calibration-fraction", type=float, default=0.05)
     pareto.add_argument("--batch-size", type=int, default=8)
-    pareto.add_argument("--device", default="auto")
     pareto.add_argument("--layer-plans", metavar="LAYER-PLANS.JSON",
                         help="also score the frontier of a `layer-plan-search` on a calibration text (its best plan at each bits)")
     pareto.add_argument("--train-arg", action="append", help="extra moqae-train argument (repeatable), e.g. --train-arg=--max-steps=20")
@@ -166,10 +171,10 @@ def parser():
     bench.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
 
     sensitivity = commands.add_parser("sensitivity-benchmark",
-                                      help="seconds per window of Taylor and exact sensitivities, on the same windows")
+                                      help="seconds per window of Taylor and exact sensitivities, on the same windows",
+                                      parents=[tokenizer])
     sensitivity.add_argument("--model", required=True)
     sensitivity.add_argument("--corpus", required=True, help="text file; windows are taken as the dump selects them")
-    sensitivity.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto")
     sensitivity.add_argument("--seq-len", type=int, help="tokens per window (default: max positions)")
     sensitivity.add_argument("--chunk-size", type=int, default=32)
     sensitivity.add_argument("--experts", default="fp16,int4,int2")
@@ -226,21 +231,16 @@ def parser():
     soak.add_argument("--max-seconds", type=float, default=1.0, help="longest life before a random kill")
     soak.add_argument("--seed", type=int, default=0)
 
-    generate = commands.add_parser("generate", help="generate from a prompt with the router's mixed-precision KV cache")
+    generate = commands.add_parser("generate", help="generate from a prompt with the router's mixed-precision KV cache",
+                                   parents=[tokenizer, value_group, device, model_dtype])
     generate.add_argument("--model", required=True, help="model directory (config.json and weights); never downloaded")
     generate.add_argument("--router", help="router export (default: the model directory's moqae-router.bin, as "
                                            "moqae-train export RUN --into MODEL_DIR writes it)")
     generate.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedily (default 64)")
-    generate.add_argument("--tokenizer", choices=["auto", "bytes"], default="auto",
-                          help="auto: the model directory's tokenizer; bytes: raw UTF-8 bytes as ids")
-    generate.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim; "
-                          "use the store's value_group the router was trained on)")
-    generate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    generate.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                          help="auto: float32 on CPU, bfloat16 on CUDA")
 
-    serve_passkey = commands.add_parser("serve-passkey", help="greedy pass-key answers through MoQAECache, by plan")
+    serve_passkey = commands.add_parser("serve-passkey", help="greedy pass-key answers through MoQAECache, by plan",
+                                        parents=[value_group, device])
     serve_passkey.add_argument("--model", required=True, help="byte-level model directory")
     serve_passkey.add_argument("--router", required=True, help="router export")
     serve_passkey.add_argument("--text", required=True, help="haystack text file")
@@ -249,8 +249,6 @@ def parser():
     serve_passkey.add_argument("--seed", type=int, default=0, help="needle seed (default 0, as eval --task passkey)")
     serve_passkey.add_argument("--layer-plan", action="append", default=[],
                                help="also a per-layer plan, experts by layer, e.g. int4,int2,int2,int2 (repeatable)")
-    serve_passkey.add_argument("--value-group", type=int, help="channels per value quantization group (default: head dim)")
-    serve_passkey.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     serve_passkey.add_argument("--dequantized-attention", action="store_true",
                                help="decode by attending to each layer's cache dequantized, not on the packed units")
     serve_passkey.add_argument("--answers", help="also write every plan's generated tokens per window to this JSON file")

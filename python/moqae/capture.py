@@ -17,8 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import MoqaeError
-from .features import CHUNK_FEATURES, key_with_chunk_statistics
-from .router import ROUTER_INPUTS
+from .features import key_with_chunk_statistics
+from .router_inputs import ROUTER_INPUTS, router_input_width
 
 IMPLEMENTATION = "moqae"
 EAGER_IMPLEMENTATION = "moqae-eager"
@@ -155,11 +155,6 @@ class RouterInputs:
         if self.kind == "key+chunk":
             return key_with_chunk_statistics(key, value, self.chunk_size, self.value_group)
         return undo_rope(key, self.rotary, start, None if self.layer_types is None else self.layer_types[layer])
-
-
-def router_input_width(kind, head_dim):
-    """Dimensions of a router input vector of `kind` for heads of `head_dim`."""
-    return {"key+value": 2 * head_dim, "key+chunk": head_dim + len(CHUNK_FEATURES)}.get(kind, head_dim)
 
 
 def undo_rope(key, rotary, start=0, layer_type=None):

@@ -14,9 +14,7 @@ routed) carry zeros.
 import torch
 
 from .quantizer import quantize_keys, quantize_values
-
-CHUNK_FEATURES = ("key error int4", "key error int2", "value error int4", "value error int2",
-                  "log key norm", "log value norm", "key range ratio")
+from .router_inputs import CHUNK_FEATURES
 EPS = 1e-6
 
 

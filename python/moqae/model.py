@@ -5,7 +5,8 @@ import os
 import torch
 
 from . import MoqaeError
-from .capture import attention_implementation, router_input_width
+from .capture import attention_implementation
+from .router_inputs import router_input_width
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

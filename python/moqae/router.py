@@ -19,9 +19,9 @@ import torch
 from . import MoqaeError
 from .experts import Expert, parse_expert
 from .files import read_regular_file
+from .router_inputs import ROUTER_INPUTS
 
 HEADER = struct.Struct("<4sHBBHHHHHHB11s")
-ROUTER_INPUTS = ("key", "key-prerope", "key+value", "key+chunk")    # by their code in bits 1–2 of the flags
 POOLINGS = ("vote", "mean", "max")                      # by their code in header byte 21 (version 2)
 
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from . import MoqaeError
 from .experts import Expert
 from .files import read_json_file
-from .router import ROUTER_INPUTS
+from .router_inputs import ROUTER_INPUTS
 from .selection import unit_value
 
 MANIFEST = "manifest.json"

@@ -1,6 +1,7 @@
 import MoQAEExperts
 import MoQAERouter
 import MoQAEStore
+import MoQAEReference
 import MoQAETraining
 
 extension RoutedStore {

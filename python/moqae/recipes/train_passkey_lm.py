@@ -25,9 +25,9 @@ pass-key accuracy on test.txt (passkey_windows(test, bytes, 2048, 200, seed=0)) 
 with uniform int2 K/V (chunk 0 of 32 tokens kept at 16 bits), and bits/byte on test.txt in 512- and
 2,048-byte windows.
 
-Run from the repository root:
-    PYTHONPATH=python python/.venv/bin/python models/train_passkey_lm.py \
-        --out models/passkey-byte-llama
+Run from the repository root (the full recipe of the shipped model is in its TRAINING.json; it was run as
+models/train_passkey_lm.py before the recipe moved into the package):
+    python/.venv/bin/python -m moqae.recipes.train_passkey_lm --out models/passkey-byte-llama
 """
 import argparse
 import json
@@ -44,8 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))  # for moqae
+MODELS = "models"   # the repository's models/, from its root
 
 from moqae.corpus import ByteTokenizer, read_texts, windows  # noqa: E402
 from moqae.tasks import answer_correct, passkey_windows  # noqa: E402
@@ -224,7 +223,7 @@ def evaluate(model_dir, test_path, log):
     pk = passkey_windows(test_text, tok, 2048, 200, seed=0)
     layout = Layout(2048, 32, 1, layers, kv_heads, head_dim, head_dim)
     int2 = [parse_expert("int2")]
-    hook = KVHook(transform=lambda layer, k, v: apply_plan(k, v, None, int2, layout))
+    hook = KVHook(transform=lambda layer, k, v: apply_plan(k, v, None, int2, layout, layer))
     fp, q = torch.zeros(200, dtype=torch.bool), torch.zeros(200, dtype=torch.bool)
     for i in range(0, 200, 8):
         ids, ans = pk.ids[i:i + 8], pk.answer_positions[i:i + 8]
@@ -248,10 +247,10 @@ def evaluate(model_dir, test_path, log):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ref = os.path.join(HERE, "wikitext-2")
+    ref = os.path.join(MODELS, "wikitext-2")
     p.add_argument("--train", default=os.path.join(ref, "valid.txt"))
     p.add_argument("--test", default=os.path.join(ref, "test.txt"))
-    p.add_argument("--out", default=os.path.join(HERE, "passkey-byte-llama"))
+    p.add_argument("--out", default=os.path.join(MODELS, "passkey-byte-llama"))
     p.add_argument("--work", default=None, help="checkpoint folder (default: OUT/../.. checkpoints not used)")
     p.add_argument("--phases", default="256:32:600,512:16:500,2048:4:500",
                    help="curriculum, comma-separated seq:batch:steps")

@@ -1,0 +1,1 @@
+"""Recipes that made the reference models in models/ (each model's TRAINING.json records its run)."""
