@@ -27,6 +27,23 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def device_name(text):
+    """auto, cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{text}'")
+    return text
+
+
 def numbers(text):
     """A comma-separated list of numbers (empty: none)."""
     try:
@@ -35,11 +52,18 @@ def numbers(text):
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, `error: PROG: what (PROG --help for usage)`, exit status 64, as moqae-train's."""
+
+    def error(self, message):
+        self.exit(64, f"error: {self.prog}: {message} ({self.prog} --help for usage)\n")
+
+
 def shared_options():
     """Parent parsers of the options several commands take, each said once: (tokenizer, value group, device,
     device map, model dtype)."""
     def option(*args, **kwargs):
-        parent = argparse.ArgumentParser(add_help=False)
+        parent = OneLineParser(add_help=False)
         parent.add_argument(*args, **kwargs)
         return parent
     return (option("--tokenizer", choices=["auto", "bytes"], default="auto",
@@ -47,7 +71,7 @@ def shared_options():
             option("--value-group", type=positive_int,
                    help="channels per value quantization group (default: the store's where one is given, else the "
                         "head dimension; a router is served with the value group of the store it was trained on)"),
-            option("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N"),
+            option("--device", type=device_name, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N"),
             option("--device-map", help="passed to from_pretrained, e.g. auto for models larger than one GPU"),
             option("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: float32 on CPU, bfloat16 on CUDA"))
@@ -55,7 +79,7 @@ def shared_options():
 
 def parser():
     tokenizer, value_group, device, device_map, model_dtype = shared_options()
-    root = argparse.ArgumentParser(prog="python -m moqae", description="Calibration stores for moqae-train; evaluating and serving its routers.")
+    root = OneLineParser(prog="python -m moqae", description="Calibration stores for moqae-train; evaluating and serving its routers.")
     root.add_argument("--version", action="version", version=__version__)
     commands = root.add_subparsers(dest="command", required=True)
 
@@ -64,19 +88,19 @@ def parser():
     dump.add_argument("--model", required=True, help="model directory (config.json and weights); never downloaded")
     dump.add_argument("--corpus", required=True, nargs="+", help=".txt or .jsonl files (jsonl: a \"text\" field per line)")
     dump.add_argument("--out", required=True, help="store directory to create")
-    dump.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
+    dump.add_argument("--seq-len", type=positive_int, help="tokens per window (default: max positions, at most 4096)")
     dump.add_argument("--fraction", type=float, default=0.10,
                       help="dump the windows with u(id) < FRACTION (default 0.10: calibration and validation splits)")
-    dump.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    dump.add_argument("--seed", type=non_negative_int, default=0, help="selection seed (default 0)")
     dump.add_argument("--passkey", type=float, default=0.0,
                       help="share of the windows replaced by pass-key windows built from the corpus (default 0), so "
                            "that routers see needles as eval --task passkey asks for them")
-    dump.add_argument("--passkey-seed", type=int, default=1,
+    dump.add_argument("--passkey-seed", type=non_negative_int, default=1,
                       help="seed of the pass-key windows and of which windows get them (default 1; eval uses 0)")
     dump.add_argument("--answer-weight", type=float, default=1.0,
                       help="with --passkey: each answer token of a pass-key window counts as this many tokens in the "
                            "loss whose change delta_nll measures (default 1: the plain mean NLL)")
-    dump.add_argument("--chunk-size", type=int, default=32, help="tokens per unit (default 32)")
+    dump.add_argument("--chunk-size", type=positive_int, default=32, help="tokens per unit (default 32)")
     dump.add_argument("--experts", default="fp16,int4,int2", help="expert set, e.g. fp16,int8,int4,k4v2,int2")
     dump.add_argument("--sensitivity", choices=["taylor", "fisher", "exact"], default="taylor",
                       help="how delta_nll is estimated (exact: the NLL change with each unit quantized alone, one "
@@ -95,25 +119,25 @@ def parser():
                       help="dtype of the stored router inputs (default float16)")
     dump.add_argument("--shard-size", type=byte_size, default=1 << 30, help="bytes per shard at most (default 1G)")
     dump.add_argument("--resume", action="store_true", help="continue an interrupted dump into --out")
-    dump.add_argument("--num-shards", type=int, default=1, help="parallel dump: number of processes")
-    dump.add_argument("--shard-index", type=int, default=0, help="parallel dump: this process's index")
+    dump.add_argument("--num-shards", type=positive_int, default=1, help="parallel dump: number of processes")
+    dump.add_argument("--shard-index", type=non_negative_int, default=0, help="parallel dump: this process's index")
 
     evaluate = commands.add_parser("eval", help="real perplexity under a router export, beside the baselines",
                                    parents=[tokenizer, value_group, device, device_map, model_dtype])
     evaluate.add_argument("--model", required=True, help="model directory")
     evaluate.add_argument("--text", required=True, help="evaluation text (.txt or .jsonl); every window is scored")
     evaluate.add_argument("--router", required=True, help="MQAE export written by moqae-train export")
-    evaluate.add_argument("--seq-len", type=int, help="tokens per window (default: max positions, at most 4096)")
+    evaluate.add_argument("--seq-len", type=positive_int, help="tokens per window (default: max positions, at most 4096)")
     evaluate.add_argument("--store", help="calibration store: its value_group, and the layer-wise baseline's search")
     evaluate.add_argument("--calibration-fraction", type=float, default=0.05, help="the store's calibration split")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    evaluate.add_argument("--max-windows", type=int,
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    evaluate.add_argument("--max-windows", type=positive_int,
                           help="score only the first N windows (quick checks); with --task passkey, how many (default 200)")
     evaluate.add_argument("--task", metavar="passkey|FILE.jsonl",
                           help="passkey: needle windows built from --text (a key hidden at evenly spread depths, asked "
                                "for at the end); FILE.jsonl: records of context, question and answer, each cut to "
                                "--seq-len; scored by exact match of the answer beside bits per byte")
-    evaluate.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
+    evaluate.add_argument("--task-seed", type=non_negative_int, default=0, help="seed of the pass-key windows (default 0)")
     evaluate.add_argument("--no-baselines", action="store_true", help="score the router alone")
     evaluate.add_argument("--layer-plan", action="append", metavar="EXPERT,EXPERT,...",
                           help="also score this content-blind plan: one expert per layer, by name, e.g. int4,int2,int2,int2 "
@@ -130,7 +154,7 @@ def parser():
     budget.add_argument("--target-bits", type=float, required=True, help="average payload bits to land on, as eval reports them")
     budget.add_argument("--seq-len", type=positive_int, help="tokens per window (default as eval's)")
     budget.add_argument("--task", metavar="passkey|FILE.jsonl", help="calibrate on the windows of this task built from --text, as eval does")
-    budget.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
+    budget.add_argument("--task-seed", type=non_negative_int, default=0, help="seed of the pass-key windows (default 0)")
     budget.add_argument("--max-windows", type=positive_int, help="windows to calibrate on (default all; with --task passkey 200)")
     budget.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
 
@@ -148,12 +172,12 @@ def parser():
                              "after a colon, e.g. configs/passkey-3.0.yaml:router.pooling=max (repeatable)")
     pareto.add_argument("--no-diagnostics", action="store_true",
                         help="score only router, static and layer-wise per run (no random or prescient plan): ablations")
-    pareto.add_argument("--max-windows", type=int,
+    pareto.add_argument("--max-windows", type=positive_int,
                         help="score only the first N windows of the text; with --task passkey, how many (default 200)")
     pareto.add_argument("--task", metavar="passkey|FILE.jsonl", help="score task windows instead of plain text (see eval --task)")
-    pareto.add_argument("--task-seed", type=int, default=0, help="seed of the pass-key windows (default 0)")
+    pareto.add_argument("--task-seed", type=non_negative_int, default=0, help="seed of the pass-key windows (default 0)")
     pareto.add_argument("--calibration-fraction", type=float, default=0.05)
-    pareto.add_argument("--batch-size", type=int, default=8)
+    pareto.add_argument("--batch-size", type=positive_int, default=8)
     pareto.add_argument("--layer-plans", metavar="LAYER-PLANS.JSON",
                         help="also score the frontier of a `layer-plan-search` on a calibration text (its best plan at each bits)")
     pareto.add_argument("--train-arg", action="append", help="extra moqae-train argument (repeatable), e.g. --train-arg=--max-steps=20")
@@ -161,9 +185,9 @@ def parser():
     bench = commands.add_parser("benchmark", help="moqae-train against plain reads and a PyTorch step on a synthetic store")
     bench.add_argument("--moqae-train", required=True, help="path of the moqae-train binary (release build)")
     bench.add_argument("--shape", default="llama2-7b", help="synthetic store shape: tiny, llama2-7b, llama3-8b")
-    bench.add_argument("--sequences", type=int, default=16, help="sequences in the store (llama2-7b: 1 GiB each)")
+    bench.add_argument("--sequences", type=positive_int, default=16, help="sequences in the store (llama2-7b: 1 GiB each)")
     bench.add_argument("--work", required=True, help="directory for the store and the run (kept for reuse)")
-    bench.add_argument("--threads", type=int, default=os.cpu_count(), help="moqae-train worker threads")
+    bench.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="moqae-train worker threads")
     bench.add_argument("--cold", action="store_true", help="also measure from disk with the page cache dropped (root)")
     bench.add_argument("--out", help="Markdown report to write")
     bench.add_argument("--disk-only", action="store_true",
@@ -175,10 +199,10 @@ def parser():
                                       parents=[tokenizer])
     sensitivity.add_argument("--model", required=True)
     sensitivity.add_argument("--corpus", required=True, help="text file; windows are taken as the dump selects them")
-    sensitivity.add_argument("--seq-len", type=int, help="tokens per window (default: max positions)")
-    sensitivity.add_argument("--chunk-size", type=int, default=32)
+    sensitivity.add_argument("--seq-len", type=positive_int, help="tokens per window (default: max positions)")
+    sensitivity.add_argument("--chunk-size", type=positive_int, default=32)
     sensitivity.add_argument("--experts", default="fp16,int4,int2")
-    sensitivity.add_argument("--windows", type=int, default=8, help="windows to time")
+    sensitivity.add_argument("--windows", type=positive_int, default=8, help="windows to time")
     sensitivity.add_argument("--out", help="Markdown report whose \"Exact sensitivities\" section to write")
 
     signal = commands.add_parser("needle-signal",
@@ -196,7 +220,7 @@ def parser():
     search.add_argument("--out", required=True, help="directory for layer-plans.json and layer-plans.md")
     search.add_argument("--experts", default="int4,int2,k4v2,k2v4", help="experts each layer may take")
     search.add_argument("--windows", type=positive_int, default=40, help="pass-key windows (default 40)")
-    search.add_argument("--task-seed", type=int, default=5, help="seed of the pass-key windows (default 5)")
+    search.add_argument("--task-seed", type=non_negative_int, default=5, help="seed of the pass-key windows (default 5)")
     search.add_argument("--seq-len", type=positive_int, default=2048)
 
     length = commands.add_parser("length-benchmark", help="dump time and peak memory against the window length")
@@ -205,7 +229,7 @@ def parser():
     length.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=[512, 1024, 2048])
     length.add_argument("--tiny-lengths", type=lambda t: [int(x) for x in t.split(",")], default=[4096, 8192],
                         help="lengths for a tiny random Llama made on the spot")
-    length.add_argument("--windows", type=int, default=4, help="windows per timed dump (at least 2)")
+    length.add_argument("--windows", type=positive_int, default=4, help="windows per timed dump (at least 2)")
     length.add_argument("--out", help="Markdown report whose \"Dumps at length\" section to write")
 
     device_check = commands.add_parser("device-check",
@@ -213,9 +237,9 @@ def parser():
     device_check.add_argument("--corpus", required=True, help="a .txt file of at least WINDOWS × SEQ_LEN bytes")
     device_check.add_argument("--shape", choices=["llama2-7b", "tiny"], default="llama2-7b",
                               help="the random model's shape (tiny: a smoke test that runs anywhere)")
-    device_check.add_argument("--windows", type=int, default=4, help="windows to dump and evaluate (default 4)")
-    device_check.add_argument("--seq-len", type=int, default=4096, help="tokens per window (default 4096)")
-    device_check.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    device_check.add_argument("--windows", type=positive_int, default=4, help="windows to dump and evaluate (default 4)")
+    device_check.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per window (default 4096)")
+    device_check.add_argument("--device", type=device_name, default="cuda", help="cuda (default) or cpu")
     device_check.add_argument("--out", help="Markdown report whose \"On a GPU\" section to write")
 
     soak = commands.add_parser("soak", help="stop moqae-train (SIGKILL, SIGINT, SIGTERM) again and again, resume each time, compare with an uninterrupted run")
@@ -223,13 +247,13 @@ def parser():
     soak.add_argument("--config", required=True, help="training config (the default run's, for example)")
     soak.add_argument("--run-dir", required=True, help="run directory; the reference run is kept beside it as RUN_DIR.reference")
     soak.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable), e.g. store=DIR")
-    soak.add_argument("--kills", type=int, default=20, help="how many times to kill the trainer")
+    soak.add_argument("--kills", type=positive_int, default=20, help="how many times to kill the trainer")
     soak.add_argument("--write-fraction", type=float, default=0.5, help="share of kills aimed at a checkpoint write in progress")
-    soak.add_argument("--rename-delay-ms", type=int, default=100,
+    soak.add_argument("--rename-delay-ms", type=non_negative_int, default=100,
                       help="MOQAE_TEST_DELAY_BEFORE_RENAME_MS for the killed runs: how long a written checkpoint waits before its rename")
     soak.add_argument("--min-seconds", type=float, default=0.05, help="shortest life before a random kill")
     soak.add_argument("--max-seconds", type=float, default=1.0, help="longest life before a random kill")
-    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--seed", type=non_negative_int, default=0)
 
     generate = commands.add_parser("generate", help="generate from a prompt with the router's mixed-precision KV cache",
                                    parents=[tokenizer, value_group, device, model_dtype])
@@ -237,16 +261,16 @@ def parser():
     generate.add_argument("--router", help="router export (default: the model directory's moqae-router.bin, as "
                                            "moqae-train export RUN --into MODEL_DIR writes it)")
     generate.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedily (default 64)")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate, greedily (default 64)")
 
     serve_passkey = commands.add_parser("serve-passkey", help="greedy pass-key answers through MoQAECache, by plan",
                                         parents=[value_group, device])
     serve_passkey.add_argument("--model", required=True, help="byte-level model directory")
     serve_passkey.add_argument("--router", required=True, help="router export")
     serve_passkey.add_argument("--text", required=True, help="haystack text file")
-    serve_passkey.add_argument("--windows", type=int, default=50, help="needle windows (default 50)")
-    serve_passkey.add_argument("--seq-len", type=int, default=2048, help="bytes per window (default 2048)")
-    serve_passkey.add_argument("--seed", type=int, default=0, help="needle seed (default 0, as eval --task passkey)")
+    serve_passkey.add_argument("--windows", type=positive_int, default=50, help="needle windows (default 50)")
+    serve_passkey.add_argument("--seq-len", type=positive_int, default=2048, help="bytes per window (default 2048)")
+    serve_passkey.add_argument("--seed", type=non_negative_int, default=0, help="needle seed (default 0, as eval --task passkey)")
     serve_passkey.add_argument("--layer-plan", action="append", default=[],
                                help="also a per-layer plan, experts by layer, e.g. int4,int2,int2,int2 (repeatable)")
     serve_passkey.add_argument("--dequantized-attention", action="store_true",
@@ -261,8 +285,8 @@ def parser():
                              help="prompt lengths, comma-separated (default 2048,8192)")
     serve_bench.add_argument("--tiny-contexts", type=lambda text: [int(t) for t in text.split(",") if t], default=[32768],
                              help="further prompt lengths for the tiny Llama only, comma-separated (default 32768; empty: none)")
-    serve_bench.add_argument("--decode-tokens", type=int, default=160, help="greedy decode steps (default 160)")
-    serve_bench.add_argument("--rounds", type=int, default=3, help="rounds of every cache, side by side (default 3)")
+    serve_bench.add_argument("--decode-tokens", type=positive_int, default=160, help="greedy decode steps (default 160)")
+    serve_bench.add_argument("--rounds", type=positive_int, default=3, help="rounds of every cache, side by side (default 3)")
     serve_bench.add_argument("--out", help="report to write the Serving section of (e.g. docs/PERFORMANCE.md)")
 
     plot = commands.add_parser("plot", help="a run directory's loss, bits, λ and throughput against step, as a PNG")

@@ -47,6 +47,8 @@ def dump(model: str, corpus: list[str], out: str, *, tokenizer: str = "auto", se
     exact (background.py). Returns (sequences in the store or part, seconds per sequence dumped)."""
     from transformers import AutoConfig
     check_model_dir(model)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MoqaeError(f"{out}: exists and is not a directory (--out names a store directory to create)")
     expert_set = parse_experts(experts)
     config = AutoConfig.from_pretrained(model, local_files_only=True)
     layers, kv_heads, head_dim, _ = model_shape(config)

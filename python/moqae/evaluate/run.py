@@ -116,6 +116,8 @@ def evaluate(model: str, text: str, router: str, *, tokenizer: str = "auto", seq
     text_windows, task_set = scored_windows(text, encoder, seq_len, max_windows, task, task_seed)
     calibration_store = Store(store) if store else None
     value_group = calibration_store.manifest.value_group if calibration_store else value_group or head_dim
+    if head_dim % value_group:
+        raise MoqaeError(f"--value-group {value_group} must divide the head dimension {head_dim} of {model}")
     lm = load_model(model, resolve_device(device), device_map, model_dtype)
     try:
         evaluation = Evaluation(lm, text_windows, export, value_group, model, batch_size, progress=progress, task=task_set)
