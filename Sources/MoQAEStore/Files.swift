@@ -39,6 +39,7 @@ private func fileKind(_ mode: mode_t) -> String {
     case S_IFCHR: "a character device"
     case S_IFBLK: "a block device"
     case S_IFSOCK: "a socket"
+    case S_IFLNK: "a symbolic link"
     default: "not a regular file"
     }
 }
@@ -165,7 +166,13 @@ public enum AtomicFile {
     /// Streams a file to `path` so that a reader sees either the old file or the complete new one:
     /// `produce` writes into a temporary file in the same directory, then fsync, rename over the
     /// target, fsync of the directory. On failure the temporary file is removed and the target is untouched.
+    /// A target that exists and is not a regular file (a device node, a FIFO, a directory, a symbolic link) is
+    /// refused: the rename would replace it.
     public static func write(to path: String, _ produce: (FileSink) throws(FileError) -> Void) throws(FileError) {
+        var info = stat()
+        if lstat(path, &info) == 0, (info.st_mode & S_IFMT) != S_IFREG {
+            throw FileError(path: path, refusal: "is \(fileKind(info.st_mode)), expected a regular file or a new name")
+        }
         let directory = parentDirectory(of: path)
         let temporary = path + ".tmp-\(getpid())"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)

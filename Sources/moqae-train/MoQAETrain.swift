@@ -156,6 +156,10 @@ struct Export: ParsableCommand {
             let (checkpoint, path) = try loadCheckpoint(self.checkpoint)
             try model?.check(checkpoint.setup)
             let out = model?.routerPath ?? self.out ?? "router.bin"
+            // Replace an export, never another file (a checkpoint of the run, say).
+            if let existing = try? MappedFile(path: out), existing.bytes.count > 0, !existing.bytes.starts(with: RouterExport.magic) {
+                throw FileError(path: out, refusal: "exists and is not an MQAE export (a checkpoint, or another file); export replaces only an export")
+            }
             let export = RouterExport(parameters: checkpoint.parameters, setup: checkpoint.setup,
                                       weightType: dtype.weightType)
             let bytes = export.serialized()

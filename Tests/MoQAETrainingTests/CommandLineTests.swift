@@ -234,6 +234,25 @@ import Testing
         #expect(!export.stderr.contains(".tmp-"), "names the temporary file: \(export.stderr)")
     }
 
+    /// `export --out` replaces an export, never a checkpoint of the run, another file, a FIFO or a link; each refusal
+    /// is one line and leaves the file as it was.
+    @Test func exportReplacesOnlyAnExport() throws {
+        #expect(try run(["--config", "config.yaml", "--max-steps", "0"]).status == 0)
+        let checkpoint = try #require(CheckpointDirectory(path: workspace + "/run").candidates().first).path
+        let before = try Data(contentsOf: URL(fileURLWithPath: checkpoint))
+        expectCleanFailure(try run(["export", "run", "--out", checkpoint]), mentions: [checkpoint, "is not an MQAE export"])
+        #expect(try Data(contentsOf: URL(fileURLWithPath: checkpoint)) == before)
+        try "mine".write(toFile: workspace + "/notes.txt", atomically: true, encoding: .utf8)
+        expectCleanFailure(try run(["export", "run", "--out", "notes.txt"]), mentions: ["notes.txt", "is not an MQAE export"])
+        #expect(try String(contentsOfFile: workspace + "/notes.txt", encoding: .utf8) == "mine")
+        #expect(mkfifo(workspace + "/fifo", 0o600) == 0)
+        expectCleanFailure(try run(["export", "run", "--out", "fifo"]), mentions: ["fifo", "is a FIFO, expected a regular file or a new name"])
+        #expect(try run(["export", "run", "--out", "router.bin"]).status == 0)
+        #expect(try run(["export", "run", "--out", "router.bin"]).status == 0, "an export is replaced")
+        #expect(symlink("router.bin", workspace + "/link") == 0)   // an export behind a link: the rename would replace the link
+        expectCleanFailure(try run(["export", "run", "--out", "link"]), mentions: ["link", "is a symbolic link"])
+    }
+
     /// Usage errors are one line with status 64; data and config errors one line with status 1.
     @Test func usageErrorsAreOneLine() throws {
         for arguments in [["--bogus"], ["--max-steps", "-1"], ["--max-steps=-1"], ["export", "run", "--dtype", "f64"],
