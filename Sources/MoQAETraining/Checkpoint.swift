@@ -337,11 +337,31 @@ public struct CheckpointDirectory {
         return names
     }
 
-    /// Deletes all but the newest `keep` checkpoints.
-    public func prune(keep: Int) throws(FileError) {
-        for candidate in candidates().dropFirst(keep) {
-            guard unlink(candidate.path) == 0 else { throw FileError(path: candidate.path, operation: "delete") }
+    /// Deletes the checkpoints that verify, but the newest `keep` of them. A file named like a checkpoint that
+    /// does not verify is neither kept in their place nor deleted (it may be a user's), so it can never cost a
+    /// valid checkpoint; those files are returned, newest first.
+    @discardableResult
+    public func prune(keep: Int) throws(FileError) -> [CheckpointError] {
+        var (kept, skipped) = (0, [CheckpointError]())
+        for candidate in candidates() {
+            do { _ = try Checkpoint.load(path: candidate.path) } catch {
+                skipped.append(error)
+                continue
+            }
+            kept += 1
+            if kept > keep, unlink(candidate.path) != 0 { throw FileError(path: candidate.path, operation: "delete") }
         }
         try AtomicFile.syncDirectory(path)
+        return skipped
+    }
+
+    /// One line for the files that did not verify (newest first), or nil for none: each with its reason when
+    /// there are few, the newest three and a count when there are many.
+    public static func skippedSummary(_ skipped: [CheckpointError]) -> String? {
+        guard let first = skipped.first else { return nil }
+        if skipped.count == 1 { return "skipped damaged checkpoint \(first)" }
+        let named = skipped.prefix(3).map { "\($0)" }.joined(separator: "; ")
+        return "skipped \(skipped.count) damaged checkpoints, newest first: \(named)"
+            + (skipped.count > 3 ? "; and \(skipped.count - 3) more" : "")
     }
 }

@@ -132,7 +132,7 @@ public final class Trainer {
                 guard let found = CheckpointDirectory(path: runDirectory).latest() else {
                     throw .noVerifiedCheckpoint(directory: runDirectory)
                 }
-                for skipped in found.skipped { progress.log("skipped damaged checkpoint \(skipped)") }
+                if let summary = CheckpointDirectory.skippedSummary(found.skipped) { progress.log(summary) }
                 progress.log("resuming from \(found.path) (step \(found.checkpoint.step))")
                 checkpoint = found.checkpoint
             case let .path(path):
@@ -247,7 +247,8 @@ public final class Trainer {
         let path = config.runDirectory + "/" + Checkpoint.fileName(step: state.step)
         do {
             try state.write(to: path)
-            try CheckpointDirectory(path: config.runDirectory).prune(keep: config.keepLast)
+            let skipped = try CheckpointDirectory(path: config.runDirectory).prune(keep: config.keepLast)
+            if let summary = CheckpointDirectory.skippedSummary(skipped) { progress.log(summary + " (left in place, not counted among those kept)") }
         } catch { throw .file(error) }
         return path
     }

@@ -174,7 +174,7 @@ func loadCheckpoint(_ path: String) throws -> (Checkpoint, String) {
     guard isDirectory(path) else { return (try Checkpoint.load(path: path), path) }
     let directory = CheckpointDirectory(path: path)
     guard let found = directory.latest() else { throw CheckpointError(path: path, reason: .noVerifiedCheckpoint) }
-    for skipped in found.skipped { FileHandle.standardError.write(Data("skipped damaged checkpoint \(skipped)\n".utf8)) }
+    if let summary = CheckpointDirectory.skippedSummary(found.skipped) { FileHandle.standardError.write(Data((summary + "\n").utf8)) }
     return (found.checkpoint, found.path)
 }
 

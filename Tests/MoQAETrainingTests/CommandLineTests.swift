@@ -234,6 +234,26 @@ import Testing
         #expect(!export.stderr.contains(".tmp-"), "names the temporary file: \(export.stderr)")
     }
 
+    /// Files named like checkpoints that do not verify never cost a valid one: resuming with `keep_last: 1` beside
+    /// a junk `ckpt-000000900` and 200 more keeps the newest checkpoint that verifies (export still finds it), leaves
+    /// the junk in place, and says so in one line each time, not a line per file.
+    @Test func junkCheckpointsNeverCostAValidOne() throws {
+        #expect(try run(["--config", "config.yaml", "--max-steps", "8"]).status == 0)
+        try "junk".write(toFile: workspace + "/run/ckpt-000000900.safetensors", atomically: true, encoding: .utf8)
+        for step in 1000..<1200 {
+            try "junk".write(toFile: workspace + "/run/" + Checkpoint.fileName(step: step), atomically: true, encoding: .utf8)
+        }
+        let resumed = try run(["--config", "config.yaml", "--set", "checkpoint.keep_last=1", "--resume", "latest", "--max-steps", "12"])
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        let lines = resumed.stderr.split(separator: "\n").filter { $0.contains("skipped") }
+        #expect(!lines.isEmpty && lines.count <= 4, "\(lines.count) lines about skipped files")
+        #expect(lines.allSatisfy { $0.contains("skipped 201 damaged checkpoints, newest first") && $0.contains("and 198 more") })
+        let verified = CheckpointDirectory(path: workspace + "/run").candidates().compactMap { try? Checkpoint.load(path: $0.path) }
+        #expect(verified.map(\.step) == [12], "the newest that verifies, and only it")
+        #expect(FileManager.default.fileExists(atPath: workspace + "/run/ckpt-000000900.safetensors"))
+        #expect(try run(["export", "run", "--out", "router.bin"]).status == 0)
+    }
+
     /// `export --out` replaces an export, never a checkpoint of the run, another file, a FIFO or a link; each refusal
     /// is one line and leaves the file as it was.
     @Test func exportReplacesOnlyAnExport() throws {
