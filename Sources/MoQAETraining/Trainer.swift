@@ -217,28 +217,49 @@ public final class Trainer {
         }
     }
 
-    /// Whether eval.jsonl holds a validation report of `step`.
+    /// Whether eval.jsonl holds a validation report of `step`, reading its tail only.
     private func hasValidationReport(atStep step: Int) throws(TrainingError) -> Bool {
         guard fileExists(evalPath) else { return false }
-        let file: MappedFile
-        do { file = try MappedFile(path: evalPath) } catch { throw .file(error) }
-        return withExtendedLifetime(file) {
-            String(decoding: file.bytes, as: UTF8.self).split(separator: "\n").contains { line in
-                (try? JSON.parse(String(line)))?["step"]?.intValue == step
+        do {
+            return try Trainer.lastLine(of: evalPath) { $0 <= step }.flatMap { $0.step == step } ?? false
+        } catch { throw .file(error) }
+    }
+
+    /// Bytes of a log's tail that resuming reads at most: far more than the lines one checkpoint interval writes.
+    static let logTailLimit = 64 << 20
+
+    /// The last line of a JSON-lines log whose "step" satisfies `accepts`, scanning from the end over at most
+    /// `logTailLimit` bytes (lines without a step, such as a crash's partial last line, are passed over): its step
+    /// and the offset just after it; nil when no line does.
+    static func lastLine(of path: String, where accepts: (Int) -> Bool) throws(FileError) -> (step: Int, end: Int)? {
+        let file = try MappedFile(path: path)
+        return try withExtendedLifetime(file) { () throws(FileError) -> (step: Int, end: Int)? in
+            let bytes = file.bytes
+            var end = bytes.count                                               // the end of a line, before its newline
+            while end > 0, bytes[end - 1] == UInt8(ascii: "\n") { end -= 1 }
+            while end > 0 {
+                guard bytes.count - end <= logTailLimit else {
+                    throw FileError(path: path, refusal: "no line of an earlier step in its last \(logTailLimit >> 20) MiB; not this run's log?")
+                }
+                var start = end - 1
+                while start > 0, bytes[start - 1] != UInt8(ascii: "\n") { start -= 1 }
+                if let lineStep = (try? JSON.parse(Array(bytes[start..<end])))?["step"]?.intValue, accepts(lineStep) {
+                    return (lineStep, end)
+                }
+                end = start
+                while end > 0, bytes[end - 1] == UInt8(ascii: "\n") { end -= 1 }
             }
+            return nil
         }
     }
 
-    /// Keeps the lines of a JSON-lines log whose "step" is at most `step` (drops what a crash left behind).
+    /// Keeps the lines of a JSON-lines log up to its last one whose "step" is at most `step` (drops what a crash
+    /// left behind after it), reading and cutting only the tail.
     static func truncateLog(_ path: String, afterStep step: Int) throws(FileError) {
         guard fileExists(path) else { return }
-        let file = try MappedFile(path: path)
-        let text = withExtendedLifetime(file) { String(decoding: file.bytes, as: UTF8.self) }
-        let kept = text.split(separator: "\n").filter { line in
-            guard let json = try? JSON.parse(String(line)), let lineStep = json["step"]?.intValue else { return false }
-            return lineStep <= step
-        }
-        try AtomicFile.write(Array(kept.map { $0 + "\n" }.joined().utf8), to: path)
+        let keep = (try lastLine(of: path) { $0 <= step })?.end ?? 0        // just before the kept line's newline
+        guard truncate(path, off_t(keep)) == 0 else { throw FileError(path: path, operation: "truncate") }
+        if keep > 0 { try appendLine("", to: path) }                          // its newline again
     }
 
     /// Writes the current state as a checkpoint and prunes old ones.

@@ -254,6 +254,27 @@ import Testing
         #expect(try run(["export", "run", "--out", "router.bin"]).status == 0)
     }
 
+    /// Resuming reads and cuts only the log's tail: the lines a crash left after the checkpoint (and a partial one)
+    /// go, every earlier byte stays; a tail of more than 64 MiB with no earlier step is refused in one line.
+    @Test func resumingCutsOnlyTheLogsTail() throws {
+        #expect(try run(["--config", "config.yaml", "--max-steps", "8"]).status == 0)
+        let metrics = workspace + "/run/metrics.jsonl"
+        let logged = try Data(contentsOf: URL(fileURLWithPath: metrics))
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: metrics))
+        handle.seekToEndOfFile()
+        handle.write(Data("{\"step\":9,\"loss\":1}\n{\"step\":10,\"lo".utf8))   // what a crash after step 8's checkpoint leaves
+        handle.closeFile()
+        #expect(try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "8"]).status == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: metrics)) == logged)
+
+        let garbage = Data(repeating: UInt8(ascii: "x"), count: 65 << 20)
+        try (logged + garbage).write(to: URL(fileURLWithPath: metrics))
+        let refused = try run(["--config", "config.yaml", "--resume", "latest", "--max-steps", "9"])
+        #expect(refused.status == 1 && refused.stderr.split(separator: "\n").last
+                    == "error: run/metrics.jsonl: no line of an earlier step in its last 64 MiB; not this run's log?", "\(refused.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: metrics)).count == logged.count + garbage.count, "the log is left as it was")
+    }
+
     /// `export --out` replaces an export, never a checkpoint of the run, another file, a FIFO or a link; each refusal
     /// is one line and leaves the file as it was.
     @Test func exportReplacesOnlyAnExport() throws {
