@@ -377,14 +377,17 @@ public struct TrainingConfig: Equatable, Sendable {
     /// The YAML tags a config value may carry: the core schema's, which plain values resolve to.
     private static let plainTags = Set(([.implicit, .nonSpecific, .str, .seq, .map, .bool, .int, .float, .null] as [Tag.Name]).map(\.rawValue))
 
-    /// The first explicit tag outside the core schema in a value (for example `!!python/object:…`), if any.
+    /// The first explicit tag outside the core schema (for example `!!python/object:…`) on a value or on its
+    /// direct items, if any. Deeper nodes are never visited: no config value nests (a nested one fails as the
+    /// wrong kind), so nested aliases that expand exponentially (an alias bomb) cost nothing.
     private static func foreignTag(_ node: Node) -> String? {
-        if !plainTags.contains(node.tag.rawValue) { return node.tag.rawValue }
+        let nodes: [Node]
         switch node {
-        case let .sequence(items): return items.lazy.compactMap(foreignTag).first
-        case let .mapping(pairs): return pairs.lazy.compactMap { foreignTag($0.key) ?? foreignTag($0.value) }.first
-        default: return nil
+        case let .sequence(items): nodes = [node] + items
+        case let .mapping(pairs): nodes = [node] + pairs.flatMap { [$0.key, $0.value] }
+        default: nodes = [node]
         }
+        return nodes.lazy.map(\.tag.rawValue).first { !plainTags.contains($0) }
     }
 
     private static func convert(_ node: Node, key: ConfigKey, location: String) throws(ConfigError) -> ConfigValue {

@@ -64,6 +64,18 @@ import Testing
         #expect(throws: expected) { try load(yaml) }
     }
 
+    /// Nested aliases that expand exponentially (2^40 nodes here) inside a known key, in a file or through --set,
+    /// are refused at once as the wrong kind of value: no config value nests, so nothing walks the expansion.
+    @Test func anAliasBombIsRefusedAtOnce() throws {
+        var levels = ["&a0 [0.9, 0.999]"]
+        for level in 1..<40 { levels.append("&a\(level) [*a\(level - 1), *a\(level - 1)]") }
+        let bomb = "[" + levels.joined(separator: ", ") + "]"
+        let expected = ConfigError(location: "test.yaml:2", key: "train.betas",
+                                   reason: .invalidValue(expected: "two numbers in [0.0, 1.0)", got: "a list"))
+        #expect(throws: expected) { try load("train:\n  betas: \(bomb)\n") }
+        #expect(throws: ConfigError.self) { try TrainingConfig.load(yaml: "", source: "test.yaml", overrides: ["train.betas=\(bomb)"]) }
+    }
+
     /// YAML syntax errors carry the parser's message, joined onto one line.
     @Test(arguments: [
         ("seed: 1\nseed: 2\n", "Parser: expected all keys to be unique but found the following duplicated key(s): 'seed'"),
