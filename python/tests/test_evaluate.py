@@ -18,7 +18,7 @@ from moqae.model import load_model
 import itertools
 import math
 
-from moqae.evaluate.allocation import static_plan
+from moqae.evaluate.allocation import layerwise_plan, static_plan
 from moqae.evaluate.oracles import prescient_plan
 from moqae.evaluate.plans import Layout, UniformPlan
 from moqae.evaluate.scoring import Result, evaluate_plan, paired_difference
@@ -160,6 +160,31 @@ def test_static_plan_reuses_its_last_position_past_the_store_windows():
     fp16, int2 = (unit_storage_bits(e, 32, 64, 64) for e in experts)
     plan = static_plan(summed, experts, Layout(128, 32, 0, 1, 1, 64, 64), budget_per_unit=(fp16 + int2) / 2)
     assert plan.per_position.flatten().tolist() == [0, 1, 1, 1]
+
+
+def test_the_static_plan_allocates_over_the_chunks_the_caches_hold():
+    """Layer 0 holds chunks 2-3 only (a sliding layer): the static plan fits the 6 held units under the budget, as a
+    brute force over them alone does; layer 0's unheld positions take no bits. The layer-wise plan fits a store
+    shorter than the windows."""
+    experts = [parse_expert(n) for n in ("fp16", "int4", "int2")]
+    summed = torch.rand(2, 1, 4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    summed[..., 0] = 0
+    layout = Layout(128, 32, 0, 2, 1, 64, 64, first_held=[2, 0])
+    bits = [unit_storage_bits(e, 32, 64, 64) for e in experts]
+    held = [(0, 2), (0, 3)] + [(1, c) for c in range(4)]
+    for budget in (bits[2], (bits[1] + bits[2]) / 2, bits[1], (bits[0] + bits[1]) / 2):
+        plan = static_plan(summed, experts, layout, budget).per_position[:, 0]
+        cost = sum(summed[l, 0, c, plan[l, c]].item() for l, c in held)
+        used = sum(bits[plan[l, c]] for l, c in held)
+        assert used <= budget * len(held) + 1e-9
+        best = min(sum(summed[l, 0, c, e].item() for (l, c), e in zip(held, choice))
+                   for choice in itertools.product(range(3), repeat=len(held))
+                   if sum(bits[e] for e in choice) <= used)
+        assert math.isclose(cost, best, abs_tol=1e-12), budget
+
+    class Calibration:
+        experts, summed = [parse_expert(n) for n in ("fp16", "int4", "int2")], torch.rand(2, 1, 2, 3, dtype=torch.float64)
+    assert len(layerwise_plan(Calibration, layout, bits[1]).per_layer) == 2
 
 
 def test_paired_difference_is_the_mean_of_per_window_differences_with_its_interval():

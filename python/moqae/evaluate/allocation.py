@@ -99,7 +99,8 @@ def layerwise_plan(calibration, layout, budget_per_unit):
     """KVTuner-style: one expert of the store per layer, chosen on the store's calibration split to
     minimise the summed delta_nll under the budget of mean unit bits (with constants)."""
     held = layout.held_mask()                                                        # (L, routed)
-    cost = (calibration.summed[:, :, layout.first: layout.chunks] * held[:, None, :, None]).sum(dim=(1, 2))
+    fitted = calibration.summed[:, :, layout.first: layout.chunks]                   # (L, H, positions ≤ routed, M)
+    cost = (fitted * held[:, None, : fitted.shape[2], None]).sum(dim=(1, 2))
     units = held.sum(-1, keepdim=True).double() * layout.num_heads                    # (L, 1) held units per layer
     bits = routed_unit_bits(calibration.experts, layout)[None] * units
     choice = lagrangian_allocation(cost, bits, budget_per_unit * units.sum().item())
@@ -111,10 +112,9 @@ def static_plan(summed, experts, layout, budget_per_unit):
     minimising the calibration split's summed delta_nll `summed` (L, H, C_store, M) under the budget of
     mean unit bits (with constants), by the Lagrangian search. Positions the store's windows do not
     reach (longer evaluation windows) reuse the last fitted position."""
-    fitted = summed[:, :, layout.first: layout.chunks]                               # (L, H, positions, M)
-    held = layout.held_mask()
-    held = torch.cat([held, held[:, -1:].expand(-1, max(0, fitted.shape[2] - layout.routed))], dim=1)[:, : fitted.shape[2]]
-    choice = held_allocation(fitted, held[:, None], routed_unit_bits(experts, layout), budget_per_unit)
+    fitted = summed[:, :, layout.first: layout.chunks]                               # (L, H, positions ≤ routed, M)
+    held = layout.held_mask()[:, None, : fitted.shape[2]]
+    choice = held_allocation(fitted, held, routed_unit_bits(experts, layout), budget_per_unit)
     missing = layout.routed - choice.shape[-1]
     if missing > 0:
         choice = torch.cat([choice, choice[..., -1:].expand(-1, -1, missing)], dim=-1)
