@@ -89,7 +89,9 @@ struct Train: ParsableCommand {
     @Option(help: ArgumentHelp("Continue a run: 'latest' (newest checkpoint of run_dir that verifies) or a checkpoint file.", valueName: "latest|PATH"))
     var resume: String?
 
-    @Option(help: "Stop after this many steps in all (same as --set train.max_steps=N); 0 writes the initial checkpoint and exits.")
+    // .unconditional: a negative value ("-1") is this option's value, refused by validate(), not a missing one.
+    @Option(parsing: .unconditional,
+            help: "Stop after this many steps in all (same as --set train.max_steps=N); 0 writes the initial checkpoint and exits.")
     var maxSteps: Int?
 
     func validate() throws {
@@ -313,7 +315,7 @@ struct Synth: ParsableCommand {
     @Option(help: "A real model's shape.")
     var shape: SyntheticStore.Shape = SyntheticStore.shapes[0]
 
-    @Option(help: "Number of sequences.")
+    @Option(parsing: .unconditional, help: "Number of sequences.")
     var sequences: Int = 64
 
     @Option(help: "Output store directory (must not exist).")
@@ -329,7 +331,7 @@ struct Synth: ParsableCommand {
     var routerInput: RouterInput = .key
 
     func validate() throws {
-        guard sequences >= 1 else { throw ValidationError("--sequences must be at least 1") }
+        guard sequences >= 1 else { throw ValidationError("--sequences must be at least 1, got \(sequences)") }
     }
 
     func run() throws {

@@ -305,6 +305,9 @@ import Testing
                     "\(arguments): \(result.stderr)")
         }
         #expect(!fileExists(workspace + "/synthetic") && !fileExists(workspace + "/run"))
+        // A negative count is that option's value, named as out of range (it read "Missing value" before).
+        #expect(try run(["--max-steps", "-1"]).stderr.contains("--max-steps must be in 0...2147483647, got -1"))
+        #expect(try run(["synth", "--sequences", "-1", "--out", "synthetic"]).stderr.contains("--sequences must be at least 1, got -1"))
         let help = try run(["train", "--help"])
         #expect(help.status == 0 && help.stdout.contains("USAGE: moqae-train train"))
     }
