@@ -221,7 +221,7 @@ public final class Trainer {
     private func hasValidationReport(atStep step: Int) throws(TrainingError) -> Bool {
         guard fileExists(evalPath) else { return false }
         do {
-            return try Trainer.lastLine(of: evalPath) { $0 <= step }.flatMap { $0.step == step } ?? false
+            return try Trainer.lastLine(of: evalPath) { $0 <= step }?.step == step
         } catch { throw .file(error) }
     }
 

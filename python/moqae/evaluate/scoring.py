@@ -127,13 +127,13 @@ def evaluate_plan(model, windows, plan, layout, batch_size, model_dir, progress=
         decisions = plan.decide(layer, key, value, state["windows"], layout)
         skipped = layout.skipped(layer)   # routed chunks the layer's cache does not hold: not counted
         held = layout.routed - skipped
-        if decisions is None:
+        kept = None if decisions is None else decisions[..., skipped:].cpu()   # (B, H, held)
+        if kept is None:
             result.counts[layer, 0] += key.shape[0] * key.shape[1] * held
         else:
-            result.counts[layer] += torch.bincount(decisions[..., skipped:].flatten().cpu(), minlength=len(plan.experts))
+            result.counts[layer] += torch.bincount(kept.flatten(), minlength=len(plan.experts))
         if task is not None:
-            unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], held) if decisions is None \
-                else expert_bits[decisions[..., skipped:].cpu()]
+            unit_bits = expert_bits[0].expand(key.shape[0], key.shape[1], held) if kept is None else expert_bits[kept]
             scores = getattr(plan, "keep_scores", None)
             for row, window in enumerate(state["windows"]):
                 if task.key_spans[window, 0] < 0:
